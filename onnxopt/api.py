@@ -1,0 +1,59 @@
+"""The public Python API: :func:`optimize`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import onnx
+
+from .errors import PipelineError
+from .io import ModelSource, load_model
+from .manager import PassManager
+from .progress import Progress
+from .registry import PassRegistry
+from .report import Report
+
+DEFAULT_PRESET = "default"
+
+
+def resolve_pipeline(registry: PassRegistry, passes: Sequence[str] | str | None, preset: str | None) -> list[str]:
+    """Pass names from an explicit list (or comma-separated string) or a preset name."""
+    if passes is not None and preset is not None:
+        raise PipelineError("give either passes or a preset, not both")
+    if passes is None:
+        return list(registry.preset(preset or DEFAULT_PRESET).steps)
+    names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else list(passes)
+    if any(not name for name in names):
+        raise PipelineError(f"empty pass name in {passes!r}")
+    return names
+
+
+def optimize(
+    model_or_path: ModelSource,
+    passes: Sequence[str] | str | None = None,
+    preset: str | None = None,
+    *,
+    registry: PassRegistry | None = None,
+    validate: bool = False,
+    max_rounds: int = 1,
+    progress: bool = False,
+    **options: Any,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize a model and return the new ModelProto and the report.
+
+    ``passes`` (names, in order) or ``preset`` (default: ``"default"``, the lossless
+    pipeline) choose the pipeline; ``options`` go to the passes that declare them.
+    ``validate`` runs onnx.checker (full_check) after every pass.  The input is not modified.
+    """
+    if registry is None:
+        from onnxopt.passes import builtin_registry
+
+        registry = builtin_registry()
+    names = resolve_pipeline(registry, passes, preset)
+    pipeline = registry.build(names, options)
+    model = load_model(model_or_path)
+    manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress))
+    report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))
+    optimized, report = manager.run(model, report)
+    return optimized, report

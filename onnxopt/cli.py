@@ -1,0 +1,190 @@
+"""Command line: ``onnxopt model.onnx -o out.onnx`` and friends (``onnxopt --help``).
+
+Exit codes: 0 success, 1 internal error, 2 usage error, 3 input not found, 4 not a valid
+ONNX model, 5 unsupported model, 6 bad output path, 7 bad pipeline or option,
+8 a pass produced an invalid graph, 9 verification failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._version import __version__
+from .errors import OnnxoptError, OutputPathError, PipelineError, VerificationError
+from .io import load_model, same_file, save_model
+from .manager import PassManager
+from .progress import Progress
+from .report import Report
+
+EPILOG = """\
+examples:
+  onnxopt model.onnx -o model.opt.onnx                 lossless default pipeline
+  onnxopt model.onnx -o out.onnx --verify --input-shape input=1,3,224,224
+  onnxopt model.onnx -o out.onnx --passes fold-constants,fold-conv-bn --report report.json
+  onnxopt --demo -o demo.opt.onnx --verify             try it on the bundled example
+  onnxopt --list-passes
+
+exit codes: 0 ok, 2 usage, 3 input not found, 4 invalid ONNX, 5 unsupported model,
+            6 bad output path, 7 bad pipeline/option, 8 invalid result, 9 verification failed
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxopt",
+        description="Optimize an ONNX model with exact graph rewrites and write a model stock ONNX Runtime runs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", help="input .onnx model (never modified)")
+    parser.add_argument("-o", "--output", help="where to write the optimized model (atomically)")
+    parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+
+    pipeline = parser.add_argument_group("pipeline")
+    pipeline.add_argument("--passes", help="comma-separated pass names, run in this order")
+    pipeline.add_argument("--preset", help="named pipeline (default: 'default', lossless)")
+    pipeline.add_argument("--list-passes", action="store_true", help="list passes and presets, then exit")
+    pipeline.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="pass option, e.g. --set max_constant_bytes=1000000"
+    )
+    pipeline.add_argument("--max-rounds", type=int, default=1, help="repeat the pipeline while it changes the graph, at most N times")
+
+    check = parser.add_argument_group("verification")
+    check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
+    check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input)")
+    check.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="shape for random verify inputs with dynamic dims"
+    )
+    check.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of --verify (default 1e-5)")
+    check.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |output| (default 1e-4)")
+    check.add_argument("--validate", action="store_true", help="run onnx.checker (full) after every pass (implied by --verify)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    out.add_argument("--external-data", choices=("auto", "always", "never"), default="auto", help="store tensors in <output>.data")
+    out.add_argument("--dry-run", action="store_true", help="run and report, write no model")
+    out.add_argument("--demo", action="store_true", help="optimize the bundled example model instead of MODEL")
+    out.add_argument("--save-demo", metavar="FILE", help="write the bundled example model to FILE and exit")
+    out.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug); tracebacks on errors")
+    out.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    return parser
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, true, lists)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"bad --set {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="onnxopt: %(levelname)s: %(message)s",
+    )
+    try:
+        return _run(parser, args)
+    except OnnxoptError as exc:
+        if args.verbose:
+            logging.exception("details")
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in onnxopt: one line unless -v  # noqa: BLE001
+        if args.verbose:
+            logging.exception("internal error")
+        print(f"onnxopt: internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from onnxopt.passes import builtin_registry
+
+    from .api import resolve_pipeline
+    from .demo import demo_model
+    from .verify import parse_input_shapes, verify
+
+    registry = builtin_registry()
+    if args.list_passes:
+        print(registry.describe())
+        return 0
+    if args.save_demo:
+        save_model(demo_model(), args.save_demo)
+        _say(args, f"wrote the example model to {args.save_demo}")
+        return 0
+    if args.demo == bool(args.model):
+        parser.error("give one input: MODEL or --demo")
+    if not args.output and not args.dry_run:
+        parser.error("missing -o OUTPUT (or --dry-run to write nothing)")
+    if args.output and args.model and same_file(args.output, args.model):
+        raise OutputPathError(f"refusing to overwrite the input model {args.model}; choose another -o path")
+    if args.output:
+        _check_output_dir(Path(args.output))
+
+    names = resolve_pipeline(registry, args.passes, args.preset)
+    pipeline = registry.build(names, parse_options(args.set))
+    input_shapes = parse_input_shapes(args.input_shape)
+
+    model = demo_model() if args.demo else load_model(args.model)
+    manager = PassManager(
+        pipeline, validate=args.validate or args.verify, max_rounds=args.max_rounds, progress=Progress(enabled=not args.quiet)
+    )
+    report = Report(input_path="<demo>" if args.demo else args.model, output_path=args.output)
+    optimized, report = manager.run(model, report)
+
+    if args.verify or args.inputs:
+        start = time.perf_counter()
+        report.verification = verify(model, optimized, inputs=args.inputs, input_shapes=input_shapes, atol=args.atol, rtol=args.rtol)
+        logging.getLogger(__name__).info("verification took %.2fs", time.perf_counter() - start)
+
+    failed = report.verification is not None and not report.verification.passed and report.lossless
+    if args.output and not args.dry_run and not failed:
+        external = {"auto": None, "always": True, "never": False}[args.external_data]
+        save_model(optimized, args.output, input_path=args.model, external_data=external)
+    if args.report:
+        report.write_json(args.report)
+    if not args.quiet:
+        print(report.format_table(), file=sys.stderr)
+    if failed:
+        raise VerificationError(
+            "lossless pipeline changed the outputs beyond tolerance ("
+            + "; ".join(report.verification.failures)
+            + "); the output was not written"
+        )
+    if args.output and not args.dry_run:
+        _say(args, f"wrote {args.output}")
+    return 0
+
+
+def _check_output_dir(output: Path) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise OutputPathError(f"output path {output} is a directory")
+    if not parent.is_dir():
+        raise OutputPathError(f"output directory {parent} does not exist")
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"onnxopt: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Graph helpers on onnx-graphsurgeon, shared by every pass.
+
+Passes work on a :class:`onnx_graphsurgeon.Graph`.  The helpers here cover the hazards the
+pass contract lists: producers/consumers and graph-output checks, constant access that
+copies an initializer shared with nodes outside the match before editing it, per-channel
+broadcasting on a chosen axis, unique name generation, and cleanup + toposort.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
+# --------------------------------------------------------------------------- import/export
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` into a graphsurgeon graph (tensor payloads stay lazy)."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping the template model's IR version, opsets and metadata."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    exported_domains = {entry.domain for entry in model.opset_import}
+    for entry in template.opset_import:
+        if entry.domain not in exported_domains and entry.domain not in DEFAULT_DOMAINS:
+            model.opset_import.append(entry)
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """Drop dead nodes/tensors (graph inputs are kept) and restore topological order."""
+    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+# --------------------------------------------------------------------------- structure
+def is_default_domain(node: gs.Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that computes ``tensor`` (None for graph inputs and constants)."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """Every node (subgraph nodes included) that reads ``tensor``."""
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(inp is tensor for inp in graph.inputs)
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(value, gs.Graph) for value in node.attrs.values())
+
+
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """Input ``index`` of ``node``, or None when absent or given as the empty name."""
+    if index >= len(node.inputs):
+        return None
+    tensor = node.inputs[index]
+    return None if tensor.is_empty() else tensor
+
+
+def constant_values(node: gs.Node, index: int) -> np.ndarray | None:
+    """Values of input ``index`` if it is a constant (initializer), else None."""
+    tensor = optional_input(node, index)
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def substitute(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:
+    """Replace ``old`` by ``new`` in a node's inputs/outputs list, element by element
+    (graphsurgeon's synchronized lists keep producer/consumer links only that way)."""
+    for index, tensor in enumerate(tensors):
+        if tensor is old:
+            tensors[index] = new
+
+
+def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` read ``new`` instead (graph outputs included)."""
+    for node in consumers(old):
+        substitute(node.inputs, old, new)
+    substitute(graph.outputs, old, new)
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect ``node`` so that the next cleanup removes it."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+# --------------------------------------------------------------------------- names
+class NameFactory:
+    """Generates names unused by any node or tensor of a graph (subgraphs included)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self._taken: set[str] = set()
+        self._collect(graph)
+
+    def _collect(self, graph: gs.Graph) -> None:
+        self._taken.update(graph.tensors(check_duplicates=False).keys())
+        for node in graph.nodes:
+            self._taken.add(node.name)
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    self._collect(value)
+
+    def new(self, base: str) -> str:
+        """A fresh name starting with ``base`` (``base`` itself if unused)."""
+        candidates = itertools.chain([base], (f"{base}_{i}" for i in itertools.count(1)))
+        name = next(c for c in candidates if c not in self._taken)
+        self._taken.add(name)
+        return name
+
+
+# --------------------------------------------------------------------------- constants
+def set_constant_input(
+    graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, names: NameFactory, base_name: str | None = None
+) -> gs.Constant:
+    """Give input ``index`` of ``node`` the new ``values``.
+
+    The existing Constant is updated in place only if ``node`` is its single reader and it is
+    not a graph output; otherwise (a shared initializer) a fresh Constant is created for
+    ``node`` so the other readers keep the old values.  A missing optional input is created.
+    """
+    values = np.ascontiguousarray(values)
+    current = optional_input(node, index)
+    exclusive = (
+        isinstance(current, gs.Constant)
+        and all(reader is node for reader in current.outputs)
+        and sum(tensor is current for tensor in node.inputs) == 1
+        and not is_graph_output(graph, current)
+    )
+    if exclusive:
+        current.values = values
+        return current
+    name = names.new(base_name or (current.name if current is not None else f"{node.name or node.op}_input{index}"))
+    fresh = gs.Constant(name, values)
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = fresh
+    return fresh
+
+
+# --------------------------------------------------------------------------- channels
+def per_channel(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of a rank-``rank`` array."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return np.reshape(vector, shape)
+
+
+def conv_output_axis(op: str) -> int:
+    """Axis of a Conv/ConvTranspose weight that indexes output channels (per group)."""
+    return 1 if op == "ConvTranspose" else 0
+
+
+def count_ops(nodes: Iterable[gs.Node]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+def node_label(node: gs.Node) -> str:
+    """Readable identity for reports: the node's name, else op and first output."""
+    if node.name:
+        return node.name
+    first = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op}->{first}"
+
+
+def static_shape(tensor: gs.Tensor) -> Sequence[int] | None:
+    """The tensor's shape if every dimension is a known integer, else None."""
+    shape = tensor.shape
+    if shape is None or any(not isinstance(dim, (int, np.integer)) or dim < 0 for dim in shape):
+        return None
+    return [int(dim) for dim in shape]

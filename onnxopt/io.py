@@ -1,0 +1,197 @@
+"""Model I/O: load from a path or a ModelProto, save atomically, external data.
+
+Loading turns every failure into an :class:`~onnxopt.errors.OnnxoptError` subclass with a
+one-line message (missing file, not ONNX, truncated, failed checker, unsupported opset).
+Saving never overwrites the input model, writes into a temporary file in the target
+directory and renames it into place (so a crash never leaves a half-written model), and
+switches to external data automatically when the tensors would break protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InputNotFoundError, InvalidModelError, OutputPathError, UnsupportedModelError
+
+ModelSource = Union[str, os.PathLike, onnx.ModelProto]
+
+#: Oldest default-domain opset whose BatchNormalization/Conv semantics the passes assume.
+MIN_OPSET = 9
+#: Tensors above this many bytes in total are saved as external data (protobuf caps at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """Version of the default ("" or "ai.onnx") domain the model imports, if any."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def check_opset(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedModelError when the default-domain opset is outside what we handle."""
+    version = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if version is None:
+        raise UnsupportedModelError("model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= version <= newest:
+        raise UnsupportedModelError(
+            f"unsupported opset {version}: onnxopt handles ai.onnx opsets {MIN_OPSET}..{newest} "
+            f"(convert with onnx.version_converter first)"
+        )
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model from a path (external data included) or return the given ModelProto.
+
+    With ``check`` the model must pass ``onnx.checker`` and use a supported opset.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        if check:
+            _check(model, None)
+        return model
+
+    path = Path(source)
+    if not path.exists():
+        raise InputNotFoundError(f"input model not found: {path}")
+    if not path.is_file():
+        raise InputNotFoundError(f"input model is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path} is empty, not an ONNX model")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(f"{path} is not a valid ONNX model (truncated or corrupt?): {exc}") from exc
+    if not model.HasField("graph") or not model.opset_import:
+        raise InvalidModelError(f"{path} is not a valid ONNX model: no graph or no opset_import (truncated?)")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"{path}: cannot read its external data: {exc}") from exc
+    if check:
+        _check(model, path)
+    return model
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    check_opset(model)
+    try:
+        if path is not None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"{path}: " if path else ""
+        raise InvalidModelError(f"{where}model fails the ONNX checker: {first_line}") from exc
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializer payloads (an estimate of the serialized size's bulk)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        total += len(tensor.raw_data) if tensor.HasField("raw_data") else _field_bytes(tensor)
+    return total
+
+
+def _field_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * 8 if tensor.data_type in (onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64) else count * 4
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True if both paths name the same file (following symlinks); False if either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path written.
+
+    ``input_path`` is the model it came from: writing over it is refused.  ``external_data``
+    None means "only when needed" (tensors above :data:`EXTERNAL_DATA_THRESHOLD`); the data
+    then goes to ``<name>.data`` beside the model.  ``model`` is left unchanged.
+    """
+    path = Path(path)
+    if input_path is not None and same_file(path, input_path):
+        raise OutputPathError(f"refusing to overwrite the input model {input_path}; choose another -o path")
+    if path.is_dir():
+        raise OutputPathError(f"output path {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output directory {parent} is not writable")
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+    data_name = path.name + ".data"
+    if input_path is not None and external_data:
+        if any(same_file(parent / data_name, used) for used in external_data_files(input_path)):
+            raise OutputPathError(f"output external data {parent / data_name} would overwrite the input's data")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write into {parent}: {exc}") from exc
+    try:
+        staged_model = staging / path.name
+        if external_data:
+            _save_external(model, staged_model, data_name)
+            os.replace(staging / data_name, parent / data_name)
+        else:
+            onnx.save_model(model, str(staged_model))
+        os.replace(staged_model, path)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {path}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def external_data_files(model_path: str | os.PathLike) -> set[Path]:
+    """The external data files a model file refers to (empty if it has none or is unreadable)."""
+    try:
+        proto = onnx.load_model(str(model_path), load_external_data=False)
+    except (OSError, DecodeError, RuntimeError, ValueError):
+        return set()
+    base = Path(model_path).parent
+    return {
+        base / info.location
+        for tensor in proto.graph.initializer
+        if external_data_helper.uses_external_data(tensor)
+        for info in [external_data_helper.ExternalDataInfo(tensor)]
+    }
+
+
+def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -> None:
+    """Save with all tensors in one external file, then restore the in-memory payloads."""
+    onnx.save_model(
+        model,
+        str(staged_model),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    # onnx moved the payloads out of ``model``: read them back so the caller's proto is intact.
+    external_data_helper.load_external_data_for_model(model, str(staged_model.parent))

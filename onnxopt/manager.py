@@ -1,0 +1,108 @@
+"""The PassManager: validate ordering, run passes, validate the graph, collect the report.
+
+Running a pipeline:
+
+1. the declared ordering constraints are checked before anything runs;
+2. the model is imported once into a graphsurgeon graph that every pass rewrites in place;
+3. after each pass the graph is exported and measured (nodes, parameters, MACs, size); in
+   validate mode the export must pass ``onnx.checker`` with ``full_check`` (strict shape
+   inference), have unique node names and be topologically sorted, or the run stops with a
+   ValidationError naming the pass;
+4. with ``max_rounds > 1`` the pipeline is repeated while some pass still modifies the
+   graph, at most ``max_rounds`` times (a bounded fixed point).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import onnx
+
+from .errors import PipelineError, ValidationError
+from .graph import export_model, import_graph
+from .metrics import measure
+from .pass_base import Pass, PassContext
+from .progress import Progress
+from .report import PassReport, Report
+
+logger = logging.getLogger(__name__)
+
+
+def check_ordering(passes: Sequence[Pass]) -> None:
+    """Raise PipelineError if a pass is scheduled against a declared ordering constraint."""
+    for i, early in enumerate(passes):
+        for late in passes[i + 1 :]:
+            if early.runs_after & late.all_tags():
+                raise PipelineError(f"pass {early.name} must run after {late.name}, but is scheduled before it")
+            if late.runs_before & early.all_tags():
+                raise PipelineError(f"pass {late.name} must run before {early.name}, but is scheduled after it")
+
+
+def validate_model(model: onnx.ModelProto, after_pass: str) -> None:
+    """onnx.checker full_check + unique node names; raises ValidationError naming the pass."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValidationError(f"pass {after_pass} produced an invalid model: {first}") from exc
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise ValidationError(f"pass {after_pass} produced a duplicate node name {node.name!r}")
+        seen.add(node.name)
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        validate: bool = False,
+        max_rounds: int = 1,
+        progress: Progress | None = None,
+    ) -> None:
+        if max_rounds < 1:
+            raise PipelineError("max_rounds must be at least 1")
+        check_ordering(passes)
+        self.passes = list(passes)
+        self.validate = validate
+        self.max_rounds = max_rounds
+        self.progress = progress or Progress(enabled=False)
+
+    @property
+    def lossless(self) -> bool:
+        return all(p.lossless for p in self.passes)
+
+    def run(self, model: onnx.ModelProto, report: Report | None = None) -> tuple[onnx.ModelProto, Report]:
+        """Run the pipeline on ``model`` (left unchanged) and return the result and report."""
+        report = report or Report()
+        report.lossless = self.lossless
+        start = time.perf_counter()
+        graph = import_graph(model)
+        current = model
+        metrics = report.before = measure(model)
+        shared: dict[str, Any] = {}
+        for round_index in range(self.max_rounds):
+            changed = False
+            for pass_ in self.passes:
+                ctx = PassContext(pass_.name, progress=self.progress, shared=shared)
+                logger.info("running pass %s", pass_.name)
+                result, seconds = pass_.run(graph, ctx)
+                if result.modified:
+                    current = export_model(graph, model)
+                    if self.validate:
+                        validate_model(current, pass_.name)
+                    after = measure(current)
+                else:
+                    after = metrics
+                name = pass_.name if round_index == 0 else f"{pass_.name}#{round_index + 1}"
+                report.passes.append(PassReport(name, seconds, result.modified, result.stats, ctx.refusals, metrics, after))
+                metrics = after
+                changed |= result.modified
+            if not changed:
+                break
+        report.after = metrics
+        report.total_seconds = time.perf_counter() - start
+        return current, report

@@ -1,0 +1,134 @@
+"""Model size figures for the report: parameters, MACs, node counts, serialized size.
+
+MACs (multiply-accumulates) are counted per sample for the compute nodes, from shapes given
+by ONNX shape inference; symbolic dimensions count as 1 (a batch of one):
+
+* Conv:            N · C_out · ∏ spatial_out · (C_in / group) · ∏ kernel
+* ConvTranspose:   N · C_in · ∏ spatial_in · (C_out / group) · ∏ kernel
+* Gemm / MatMul:   ∏ output · K       (K = the reduced dimension)
+
+Nodes whose shapes cannot be inferred are counted as 0 and listed in ``unknown_macs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+
+
+@dataclass
+class ModelMetrics:
+    nodes: int
+    op_counts: dict[str, int]
+    parameters: int
+    macs: int
+    size_bytes: int
+    unknown_macs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "nodes": self.nodes,
+            "op_counts": dict(sorted(self.op_counts.items())),
+            "parameters": self.parameters,
+            "macs": self.macs,
+            "size_bytes": self.size_bytes,
+            "unknown_macs": self.unknown_macs,
+        }
+
+
+def measure(model: onnx.ModelProto) -> ModelMetrics:
+    """Compute the metrics of ``model`` (its main graph)."""
+    op_counts: dict[str, int] = {}
+    for node in model.graph.node:
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    macs, unknown = count_macs(model)
+    bulk = tensor_bytes(model)
+    size = bulk if bulk > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
+    return ModelMetrics(
+        nodes=len(model.graph.node),
+        op_counts=op_counts,
+        parameters=count_parameters(model),
+        macs=macs,
+        size_bytes=size,
+        unknown_macs=unknown,
+    )
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements held in initializers and Constant nodes."""
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+    return total
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static-ish shapes of every known tensor (symbolic dims -> 1)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is best effort for metrics  # noqa: BLE001
+        inferred = model
+    graph = inferred.graph
+    shapes: dict[str, list[int]] = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = [dim.dim_value if dim.HasField("dim_value") else 1 for dim in tensor_type.shape.dim]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.i
+    return default
+
+
+def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
+    if not any(node.op_type in MAC_OPS for node in model.graph.node):
+        return 0, []
+    shapes = _shapes(model)
+    total, unknown = 0, []
+    for node in model.graph.node:
+        if node.op_type not in MAC_OPS:
+            continue
+        macs = _node_macs(node, shapes)
+        if macs is None:
+            unknown.append(node.name or f"{node.op_type}->{node.output[0]}")
+        else:
+            total += macs
+    return total, unknown
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    op = node.op_type
+    weight_index = 3 if op in ("QLinearConv", "QLinearMatMul") else 1
+    data_index = 0
+    names = list(node.input)
+    if len(names) <= weight_index:
+        return None
+    x, w = shapes.get(names[data_index]), shapes.get(names[weight_index])
+    y = shapes.get(node.output[0])
+    if x is None or w is None or y is None:
+        return None
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        return int(np.prod(y, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        return int(np.prod(x, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    if op == "Gemm":
+        k = x[0] if _attr(node, "transA", 0) else x[-1]
+        return int(np.prod(y, dtype=np.int64) * k)
+    # MatMul family: the reduced dimension is the last axis of the first input.
+    return int(np.prod(y, dtype=np.int64) * x[-1])
+

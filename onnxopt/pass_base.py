@@ -1,0 +1,118 @@
+"""The pass contract.
+
+A pass is a small class with a ``name``, a one-line ``summary``, declared ordering
+constraints and ``call(graph, ctx) -> PassResult``.  ``requires`` runs before ``call`` and
+refuses the whole pass (raising :class:`PreconditionFailed` with the reason) when the graph
+does not meet its preconditions; ``ensures`` checks the postcondition afterwards.
+
+Inside ``call`` a pass separates *match*, *check* and *rewrite*: it never mutates the graph
+before all checks of a match passed, and records every refusal with ``ctx.refuse(subject,
+reason)`` (logged and kept in the report).
+
+Ordering: ``tags`` name what a pass is (its own name is always a tag); ``runs_after`` lists
+tags that, when present in the same pipeline, must be scheduled earlier, ``runs_before``
+tags that must be scheduled later.  The PassManager validates this before running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+
+import onnx_graphsurgeon as gs
+
+from .errors import PipelineError
+from .progress import Progress
+
+T = TypeVar("T")
+
+
+class PreconditionFailed(Exception):
+    """Raised by ``Pass.requires`` to refuse running the pass, with the reason as message."""
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it modified the graph and its own counters."""
+
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Refusal:
+    """A rewrite the pass did not apply, and why."""
+
+    subject: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"subject": self.subject, "reason": self.reason}
+
+
+class PassContext:
+    """Per-pass services: options, logging, refusal recording, progress."""
+
+    def __init__(self, pass_name: str, *, progress: Progress | None = None, shared: dict[str, Any] | None = None) -> None:
+        self.pass_name = pass_name
+        self.logger = logging.getLogger(f"onnxopt.passes.{pass_name}")
+        self.refusals: list[Refusal] = []
+        self._progress = progress or Progress(enabled=False)
+        #: State shared by all passes of one pipeline run (e.g. statistics kept for later passes).
+        self.shared: dict[str, Any] = shared if shared is not None else {}
+
+    def refuse(self, subject: str, reason: str) -> None:
+        """Record that ``subject`` was left unchanged because of ``reason``."""
+        self.refusals.append(Refusal(subject, reason))
+        self.logger.info("%s: %s not rewritten: %s", self.pass_name, subject, reason)
+
+    def progress(self, items: Iterable[T], total: int | None = None, label: str = "") -> Iterator[T]:
+        """Iterate over ``items`` while reporting progress for long passes."""
+        return self._progress.track(items, total=total, label=f"{self.pass_name} {label}".strip())
+
+
+class Pass:
+    """Base class of all passes.  Subclasses set the class attributes and implement call."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: A lossless pass keeps outputs equal up to float rounding (verified with tolerances).
+    lossless: ClassVar[bool] = True
+    tags: ClassVar[frozenset[str]] = frozenset()
+    runs_after: ClassVar[frozenset[str]] = frozenset()
+    runs_before: ClassVar[frozenset[str]] = frozenset()
+    #: Option name -> default value.  Options given to the pipeline reach passes declaring them.
+    options_spec: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.options_spec)
+        if unknown:
+            raise PipelineError(f"pass {self.name} has no option(s) {', '.join(sorted(unknown))}")
+        self.options: dict[str, Any] = {**self.options_spec, **options}
+
+    @classmethod
+    def all_tags(cls) -> frozenset[str]:
+        return cls.tags | {cls.name}
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Raise PreconditionFailed(reason) if the pass cannot run on ``graph``."""
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {self.name} does not implement call()")
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Raise an exception if the postcondition of the pass does not hold."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> tuple[PassResult, float]:
+        """requires → call → ensures, timed.  A failed precondition becomes a refusal."""
+        start = time.perf_counter()
+        try:
+            self.requires(graph, ctx)
+        except PreconditionFailed as reason:
+            ctx.refuse("graph", f"pass not run: {reason}")
+            return PassResult(False), time.perf_counter() - start
+        result = self.call(graph, ctx)
+        self.ensures(graph, ctx)
+        return result, time.perf_counter() - start

@@ -1,0 +1,157 @@
+"""The optimization report: what each pass changed, how long it took, what it refused.
+
+``Report.format_table()`` gives the human-readable summary printed to stderr by the CLI;
+``Report.to_dict()`` / ``write_json()`` give the machine-readable form (``--report``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._version import __version__
+from .metrics import ModelMetrics
+from .pass_base import Refusal
+
+
+@dataclass
+class PassReport:
+    name: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+    refusals: list[Refusal]
+    before: ModelMetrics
+    after: ModelMetrics
+
+    @property
+    def ops_removed(self) -> dict[str, int]:
+        return _positive_diff(self.before.op_counts, self.after.op_counts)
+
+    @property
+    def ops_added(self) -> dict[str, int]:
+        return _positive_diff(self.after.op_counts, self.before.op_counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": round(self.seconds, 6),
+            "modified": self.modified,
+            "stats": self.stats,
+            "ops_removed": self.ops_removed,
+            "ops_added": self.ops_added,
+            "refusals": [r.to_dict() for r in self.refusals],
+            "before": _brief(self.before),
+            "after": _brief(self.after),
+        }
+
+
+def _positive_diff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {op: a[op] - b.get(op, 0) for op in sorted(a) if a[op] > b.get(op, 0)}
+
+
+def _brief(m: ModelMetrics) -> dict[str, int]:
+    return {"nodes": m.nodes, "parameters": m.parameters, "macs": m.macs, "size_bytes": m.size_bytes}
+
+
+@dataclass
+class Report:
+    """Everything one optimization run did, ready to print or serialize."""
+
+    passes: list[PassReport] = field(default_factory=list)
+    before: ModelMetrics | None = None
+    after: ModelMetrics | None = None
+    input_path: str | None = None
+    output_path: str | None = None
+    total_seconds: float = 0.0
+    #: True when every pass of the pipeline is lossless (outputs equal up to float rounding).
+    lossless: bool = True
+    verification: Any = None  # onnxopt.verify.VerifyResult, kept loose to avoid an import cycle
+
+    @property
+    def refusals(self) -> list[tuple[str, Refusal]]:
+        return [(p.name, r) for p in self.passes for r in p.refusals]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "onnxopt_version": __version__,
+            "input": self.input_path,
+            "output": self.output_path,
+            "total_seconds": round(self.total_seconds, 6),
+            "lossless": self.lossless,
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+            "passes": [p.to_dict() for p in self.passes],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the JSON report atomically."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+
+    def format_table(self, max_refusals: int = 20) -> str:
+        """Human-readable summary: one row per pass, totals, refusals, verification."""
+        header = f"{'pass':<22} {'time':>8} {'nodes':>13} {'params':>21} {'MACs':>21}  changes"
+        lines = [header, "-" * len(header)]
+        for p in self.passes:
+            changes = _changes(p)
+            lines.append(
+                f"{p.name:<22} {_seconds(p.seconds):>8} {_arrow(p.before.nodes, p.after.nodes):>13} "
+                f"{_arrow(p.before.parameters, p.after.parameters, _si):>21} "
+                f"{_arrow(p.before.macs, p.after.macs, _si):>21}  {changes}"
+            )
+        if self.before and self.after:
+            lines.append("-" * len(header))
+            lines.append(
+                f"{'total':<22} {_seconds(self.total_seconds):>8} {_arrow(self.before.nodes, self.after.nodes):>13} "
+                f"{_arrow(self.before.parameters, self.after.parameters, _si):>21} "
+                f"{_arrow(self.before.macs, self.after.macs, _si):>21}  "
+                f"size {_bytes(self.before.size_bytes)} -> {_bytes(self.after.size_bytes)}"
+            )
+        refusals = self.refusals
+        if refusals:
+            lines.append("")
+            lines.append(f"not rewritten ({len(refusals)}):")
+            for name, refusal in refusals[:max_refusals]:
+                lines.append(f"  [{name}] {refusal.subject}: {refusal.reason}")
+            if len(refusals) > max_refusals:
+                lines.append(f"  ... {len(refusals) - max_refusals} more (see the JSON report)")
+        if self.verification is not None:
+            lines.append("")
+            lines.append(self.verification.format())
+        return "\n".join(lines)
+
+
+def _changes(p: PassReport) -> str:
+    parts = [f"-{n} {op}" for op, n in p.ops_removed.items()]
+    parts += [f"+{n} {op}" for op, n in p.ops_added.items()]
+    parts += [f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, (list, dict))]
+    return ", ".join(parts) if parts else "no change"
+
+
+def _arrow(a: int, b: int, fmt: Any = str) -> str:
+    return fmt(a) if a == b else f"{fmt(a)}->{fmt(b)}"
+
+
+def _si(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _bytes(value: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} B"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"

@@ -1,0 +1,229 @@
+"""Verification: run the original and the optimized model in ONNX Runtime and compare.
+
+Both sessions run with ORT graph optimizations disabled, so the comparison measures what
+onnxopt changed and nothing ORT would fuse on its own.  Inputs are either the user's
+(``.npz`` with one array per graph input name) or random: standard normal for float inputs,
+small non-negative integers for integer inputs, with symbolic dimensions taken from
+``input_shapes`` (name → shape) or set to 1.
+
+Per output the result gives the max absolute error, the max error relative to the largest
+reference magnitude (``max|a−b| / max|b|``, robust to near-zero entries), the cosine
+similarity of the flattened outputs and, for outputs of rank ≥ 2, the top-1 agreement of
+the argmax over the last axis.  ``passed`` means every output satisfies
+``max|a−b| ≤ atol + rtol·max|b|``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import VerificationError
+from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float | None
+
+    def within(self, atol: float, rtol: float, reference_max: float) -> bool:
+        return self.max_abs <= atol + rtol * reference_max
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+@dataclass
+class VerifyResult:
+    outputs: list[OutputComparison]
+    passed: bool
+    atol: float
+    rtol: float
+    input_source: str
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "inputs": self.input_source,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "failures": self.failures,
+        }
+
+    def format(self) -> str:
+        status = "PASSED" if self.passed else "FAILED"
+        lines = [f"verify ({self.input_source}; tolerance atol={self.atol:g} rtol={self.rtol:g}): {status}"]
+        for o in self.outputs:
+            top1 = "" if o.top1_agreement is None else f"  top-1 agreement {o.top1_agreement:.1%}"
+            lines.append(
+                f"  {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}  max rel {o.max_rel:.3g}  cosine {o.cosine:.6f}{top1}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inputs
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    """Parse ``name=1,3,224,224`` strings (the CLI's --input-shape)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise VerificationError(f"bad --input-shape {spec!r}: expected name=d0,d1,... (e.g. input=1,3,224,224)") from None
+    return shapes
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def random_inputs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random feeds for every graph input (see the module docstring)."""
+    input_shapes = dict(input_shapes or {})
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    inputs = _graph_inputs(model)
+    unknown = set(input_shapes) - {i.name for i in inputs}
+    if unknown:
+        raise VerificationError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {[i.name for i in inputs]}")
+    for info in inputs:
+        tensor_type = info.type.tensor_type
+        if not tensor_type.elem_type:
+            raise VerificationError(f"input {info.name} is not a tensor; give inputs with --inputs x.npz")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        shape = input_shapes.get(info.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim]
+        if np.issubdtype(dtype, np.floating):
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[info.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            feeds[info.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of inputs and check it names every graph input with a fitting rank/dtype."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise VerificationError(f"cannot read inputs {path}: {exc}") from exc
+    expected = {i.name: i for i in _graph_inputs(model)}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise VerificationError(f"inputs {path}: missing {missing}, unexpected {extra}; model inputs are {sorted(expected)}")
+    for name, info in expected.items():
+        tensor_type = info.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dims = tensor_type.shape.dim
+        array = feeds[name]
+        if array.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, array.shape)):
+            raise VerificationError(f"inputs {path}: {name} has shape {list(array.shape)}, model expects {_dims(dims)}")
+        feeds[name] = array.astype(dtype, copy=False)
+    return feeds
+
+
+def _dims(dims: Sequence[onnx.TensorShapeProto.Dimension]) -> list[object]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+# --------------------------------------------------------------------------- running
+def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+    """An ORT CPU session for ``model`` (graph optimizations disabled unless ``optimize``)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise VerificationError(f"output {name}: shape {list(cand.shape)} differs from the original's {list(ref.shape)}")
+    diff = np.abs(ref - cand)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    ref_max = float(np.abs(ref).max()) if ref.size else 0.0
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    norms = np.linalg.norm(ref) * np.linalg.norm(cand)
+    cosine = float(np.dot(ref.ravel(), cand.ravel()) / norms) if norms > 0 else float(max_abs == 0)
+    top1 = None
+    if ref.ndim >= 2 and ref.shape[-1] > 1:
+        top1 = float(np.mean(ref.argmax(-1) == cand.argmax(-1)))
+    return OutputComparison(name, tuple(ref.shape), max_abs, max_rel, cosine, top1)
+
+
+def verify(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    *,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> VerifyResult:
+    """Compare ``optimized`` with ``original`` in ORT on the same inputs."""
+    if inputs is None:
+        feeds, source = random_inputs(original, input_shapes, seed), f"random inputs, seed {seed}"
+    elif isinstance(inputs, (str, os.PathLike)):
+        feeds, source = load_inputs(inputs, original), f"inputs from {inputs}"
+    else:
+        feeds, source = dict(inputs), "given inputs"
+    try:
+        reference = run(original, feeds)
+        candidate = run(optimized, feeds)
+    except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
+        raise VerificationError(f"ONNX Runtime failed to run the models: {str(exc).strip().splitlines()[0]}") from exc
+    missing = sorted(set(reference) - set(candidate))
+    if missing:
+        raise VerificationError(f"optimized model lost output(s) {missing}")
+    outputs, failures = [], []
+    for name, ref in reference.items():
+        comparison = compare_outputs(name, ref, candidate[name])
+        outputs.append(comparison)
+        ref_max = float(np.abs(np.asarray(ref, dtype=np.float64)).max()) if np.size(ref) else 0.0
+        if not comparison.within(atol, rtol, ref_max):
+            failures.append(f"{name}: max abs error {comparison.max_abs:.3g} > {atol:g} + {rtol:g}·{ref_max:.3g}")
+    return VerifyResult(outputs, not failures, atol, rtol, source, failures)

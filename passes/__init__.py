@@ -1,0 +1,37 @@
+"""onnxopt.passes: the built-in passes, one module per pass family.
+
+:func:`builtin_registry` returns a fresh :class:`~onnxopt.registry.PassRegistry` holding them
+and the presets; nothing is registered at import time.
+"""
+
+from __future__ import annotations
+
+from onnxopt.registry import PassRegistry, Preset
+
+from .cleanup import EliminateDead, EliminateIdentity
+from .constant_folding import FoldConstants
+from .conv_bn_fold import FoldConvBn
+
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldConvBn, EliminateDead)
+
+BUILTIN_PRESETS = (
+    Preset(
+        "default",
+        "lossless: remove no-ops, fold constants, fold Conv→BN, remove dead code",
+        ("eliminate-identity", "fold-constants", "fold-conv-bn", "eliminate-dead"),
+    ),
+    Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
+    Preset("none", "run no pass (measure, verify or re-save a model)", ()),
+)
+
+
+def builtin_registry() -> PassRegistry:
+    registry = PassRegistry()
+    for pass_cls in BUILTIN_PASSES:
+        registry.register(pass_cls)
+    for preset in BUILTIN_PRESETS:
+        registry.add_preset(preset)
+    return registry
+
+
+__all__ = ["builtin_registry", "BUILTIN_PASSES", "BUILTIN_PRESETS"]
