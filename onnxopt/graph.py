@@ -20,12 +20,39 @@ DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 # --------------------------------------------------------------------------- import/export
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import ``model`` into a graphsurgeon graph (tensor payloads stay lazy)."""
-    return gs.import_onnx(model)
+    """Import a copy of ``model`` into a graphsurgeon graph (tensor payloads stay lazy).
+
+    The copy matters: graphsurgeon's exporter reuses the TensorProtos behind lazy constants
+    and renames them in place, which would otherwise edit the caller's model (e.g. the value
+    of every lowered Constant node).
+    """
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    return gs.import_onnx(working)
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping the template model's IR version, opsets and metadata."""
+def tensor_names(graph: gs.Graph) -> set[str]:
+    """Names of every tensor the graph references (subgraphs included)."""
+    names = set(graph.tensors(check_duplicates=False).keys())
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                names |= tensor_names(value)
+    return names
+
+
+def unused_initializers(model: onnx.ModelProto, graph: gs.Graph) -> list[str]:
+    """Initializers of ``model`` that no node of its imported ``graph`` reads.
+
+    graphsurgeon drops them on import, so they vanish at the first export whatever the pass.
+    """
+    used = tensor_names(graph)
+    return sorted(t.name for t in model.graph.initializer if t.name not in used)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Export ``graph`` keeping the template model's IR version and opsets; the metadata
+    properties are ``metadata`` when given, else the template's."""
     model = gs.export_onnx(graph, do_type_check=True)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
@@ -38,8 +65,20 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         if entry.domain not in exported_domains and entry.domain not in DEFAULT_DOMAINS:
             model.opset_import.append(entry)
     del model.metadata_props[:]
-    model.metadata_props.extend(template.metadata_props)
+    if metadata is None:
+        model.metadata_props.extend(template.metadata_props)
+    else:
+        onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with ONNX shape inference's value_info added (passes need channel counts);
+    the model itself when inference fails (e.g. > 2 GB or unknown custom ops)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # best effort: passes refuse what needs a missing shape  # noqa: BLE001
+        return model
 
 
 def cleanup(graph: gs.Graph) -> gs.Graph:

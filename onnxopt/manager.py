@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import onnx
 
 from .errors import PipelineError, ValidationError
-from .graph import export_model, import_graph
+from .graph import export_model, import_graph, unused_initializers, with_inferred_shapes
 from .metrics import measure
 from .pass_base import Pass, PassContext
 from .progress import Progress
@@ -80,10 +80,15 @@ class PassManager:
         report = report or Report()
         report.lossless = self.lossless
         start = time.perf_counter()
-        graph = import_graph(model)
+        graph = import_graph(with_inferred_shapes(model))
         current = model
         metrics = report.before = measure(model)
-        shared: dict[str, Any] = {}
+        shared: dict[str, Any] = {
+            # eliminate-dead reports (and so exports) the initializers the import already dropped.
+            "unused_initializers": unused_initializers(model, graph),
+            # the model's metadata_props; passes may add entries (e.g. kept BN statistics).
+            "metadata": {p.key: p.value for p in model.metadata_props},
+        }
         for round_index in range(self.max_rounds):
             changed = False
             for pass_ in self.passes:
@@ -91,7 +96,7 @@ class PassManager:
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
                 if result.modified:
-                    current = export_model(graph, model)
+                    current = export_model(graph, model, shared["metadata"])
                     if self.validate:
                         validate_model(current, pass_.name)
                     after = measure(current)

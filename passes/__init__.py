@@ -8,16 +8,22 @@ from __future__ import annotations
 
 from onnxopt.registry import PassRegistry, Preset
 
+from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
 from .conv_bn_fold import FoldConvBn
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldConvBn, EliminateDead)
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, EliminateDead)
 
 BUILTIN_PRESETS = (
     Preset(
         "default",
-        "lossless: remove no-ops, fold constants, fold Conv→BN, remove dead code",
+        "lossless: remove no-ops, fold constants, fold every foldable BN exactly, remove dead code",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "eliminate-dead"),
+    ),
+    Preset(
+        "classic",
+        "lossless baseline: like default but only the adjacent Conv→BN fold other tools do",
         ("eliminate-identity", "fold-constants", "fold-conv-bn", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),

@@ -1,0 +1,237 @@
+"""Channel bookkeeping for the nodes a per-channel affine map can cross.
+
+A per-channel affine map on a tensor is ``(axis, scale, shift)``: the new tensor equals
+``scale·old + shift`` broadcast along ``axis``.  A *transparent* node commutes with such a
+map: given the map on its data inputs, the map on its outputs is again per-channel (maybe on
+another axis, maybe a sub-vector or a concatenation).  This module says, per op type:
+
+* which inputs carry the map (``data_inputs``; the rest are parameters, never mapped);
+* where the channel axis goes and which channels survive (``forward``), and the inverse
+  relation from an output back to the inputs (``backward``);
+* what the op requires of the map to stay exact (``requirement``): the shift must be 0
+  through zero padding (Pad, padded AveragePool counting the pad) and through a gate
+  (``Mul``: (s·x)·g = s·(x·g) but (s·x + t)·g ≠ s·(x·g) + t), the scale must be positive
+  through a max (max(s·x) = s·max(x) only for s > 0).
+
+Vectors use NaN for channels nothing constrains yet (e.g. channels a Slice drops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import constant_values, is_default_domain, optional_input
+
+SAME_VECTOR_OPS = frozenset(
+    {
+        "Identity",
+        "Dropout",
+        "Resize",
+        "AveragePool",
+        "GlobalAveragePool",
+        "MaxPool",
+        "GlobalMaxPool",
+        "Pad",
+        "Flatten",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "ReduceMean",
+        "Mul",
+    }
+)
+JOIN_OPS = frozenset({"Add", "Sub"})
+CHANNEL_SPLITTING_OPS = frozenset({"Concat", "Split", "Slice"})
+TRANSPARENT_OPS = SAME_VECTOR_OPS | JOIN_OPS | CHANNEL_SPLITTING_OPS
+
+
+@dataclass
+class ChannelMap:
+    """``new = scale·old + shift`` along ``axis`` (vectors of the channel count)."""
+
+    axis: int
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @staticmethod
+    def unknown(axis: int, channels: int) -> "ChannelMap":
+        return ChannelMap(axis, np.full(channels, np.nan), np.full(channels, np.nan))
+
+
+class NotTransparent(Exception):
+    """The node cannot carry the map; the message says why."""
+
+
+# --------------------------------------------------------------------------- which inputs
+def is_transparent_op(node: gs.Node) -> bool:
+    if node.op not in TRANSPARENT_OPS or not is_default_domain(node):
+        return False
+    if node.op == "Dropout":
+        mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+        training = constant_values(node, 2)
+        return not mask_used and (training is None or not bool(training.reshape(-1)[0]))
+    if node.op == "MaxPool":
+        return len([t for t in node.outputs if not t.is_empty()]) == 1
+    if node.op == "Resize":
+        mode = node.attrs.get("mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        transform = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+        transform = transform.decode() if isinstance(transform, bytes) else transform
+        return mode in ("nearest", "linear") and transform != "tf_crop_and_resize"
+    if node.op == "Pad":
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        value = constant_values(node, 2)
+        return mode in ("constant", "reflect", "edge") and (value is None or not np.any(value))
+    return True
+
+
+def data_inputs(node: gs.Node, via: gs.Tensor | None) -> list[int]:
+    """Indices of the inputs of ``node`` that carry the map, knowing it was reached through
+    tensor ``via`` (an input, or None/an output when reached from downstream)."""
+    if node.op in JOIN_OPS or node.op == "Concat":
+        return list(range(len(node.inputs)))
+    if node.op == "Mul":
+        indices = [i for i, t in enumerate(node.inputs) if t is via]
+        if indices:
+            return indices[:1]
+        variables = [i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant)]
+        if len(variables) == 1:
+            return variables
+        raise NotTransparent("Mul of two computed tensors reached from its output: cannot tell the gate")
+    return [0]
+
+
+# --------------------------------------------------------------------------- axis moves
+def _decoded(value: object) -> object:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def output_axis(node: gs.Node, axis: int) -> int:
+    """Where the channel axis ``axis`` of the data input lands in the output."""
+    op = node.op
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        if perm is None:
+            rank = _rank(node.inputs[0])
+            perm = list(range(rank))[::-1]
+        return list(perm).index(axis)
+    if op == "ReduceMean":
+        axes = _reduce_axes(node)
+        if axis in axes:
+            raise NotTransparent("ReduceMean reduces the channel axis")
+        if node.attrs.get("keepdims", 1):
+            return axis
+        return axis - sum(1 for a in axes if a < axis)
+    if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+        return _reshaped_axis(node, axis)
+    return axis
+
+
+def _rank(tensor: gs.Tensor) -> int:
+    if tensor.shape is None:
+        raise NotTransparent(f"rank of {tensor.name} unknown")
+    return len(tensor.shape)
+
+
+def _reduce_axes(node: gs.Node) -> list[int]:
+    rank = _rank(node.inputs[0])
+    axes = node.attrs.get("axes")
+    if axes is None:
+        values = constant_values(node, 1)
+        if values is None:
+            if optional_input(node, 1) is not None:
+                raise NotTransparent("ReduceMean axes are not constant")
+            raise NotTransparent("ReduceMean over all axes reduces the channel axis")
+        axes = values.tolist()
+    return [a % rank for a in axes]
+
+
+def _reshaped_axis(node: gs.Node, axis: int) -> int:
+    """The output axis holding the whole channel dimension, from static shapes: the channel
+    dimension survives a reshape iff some output axis has its size and the same product of
+    trailing dimensions."""
+    in_shape, out_shape = node.inputs[0].shape, node.outputs[0].shape
+    if in_shape is None or out_shape is None:
+        raise NotTransparent(f"{node.op} without known shapes")
+    channels = in_shape[axis]
+    trailing = in_shape[axis + 1 :]
+    if not isinstance(channels, int) or not all(isinstance(d, int) for d in trailing):
+        raise NotTransparent(f"{node.op}: channel or trailing dimensions are not static")
+    inner = int(np.prod(trailing, dtype=np.int64))
+    for out_axis, size in enumerate(out_shape):
+        out_trailing = out_shape[out_axis + 1 :]
+        if size == channels and all(isinstance(d, int) for d in out_trailing):
+            if int(np.prod(out_trailing, dtype=np.int64)) == inner:
+                return out_axis
+    raise NotTransparent(f"{node.op} mixes the channel axis with other dimensions")
+
+
+# --------------------------------------------------------------------------- channel selection
+def concat_axis(node: gs.Node) -> int:
+    rank = _rank(node.outputs[0])
+    return int(node.attrs.get("axis", 0)) % rank
+
+
+def channel_sizes(node: gs.Node, axis: int) -> list[int]:
+    """Channel counts of the Concat inputs along ``axis`` (static shapes required)."""
+    sizes = []
+    for tensor in node.inputs:
+        dim = tensor.shape[axis] if tensor.shape is not None else None
+        if not isinstance(dim, int):
+            raise NotTransparent(f"Concat input {tensor.name} has no static channel count")
+        sizes.append(dim)
+    return sizes
+
+
+def split_sizes(node: gs.Node, axis: int) -> list[int]:
+    """Sizes of the Split outputs along ``axis``."""
+    sizes = []
+    for tensor in node.outputs:
+        dim = tensor.shape[axis] if tensor.shape is not None else None
+        if not isinstance(dim, int):
+            raise NotTransparent(f"Split output {tensor.name} has no static channel count")
+        sizes.append(dim)
+    return sizes
+
+
+def slice_indices(node: gs.Node, axis: int, channels: int) -> np.ndarray | None:
+    """Channel indices a Slice keeps along ``axis`` (None when it does not slice that axis)."""
+    starts, ends = constant_values(node, 1), constant_values(node, 2)
+    if starts is None or ends is None:
+        raise NotTransparent("Slice bounds are not constant")
+    rank = _rank(node.inputs[0])
+    axes = constant_values(node, 3)
+    axes = list(range(len(starts))) if axes is None else [a % rank for a in axes.tolist()]
+    steps = constant_values(node, 4)
+    steps = [1] * len(starts) if steps is None else steps.tolist()
+    if optional_input(node, 3) is not None and constant_values(node, 3) is None:
+        raise NotTransparent("Slice axes are not constant")
+    if axis not in axes:
+        return None
+    k = axes.index(axis)
+    return np.arange(channels)[slice(*slice(int(starts[k]), int(ends[k]), int(steps[k])).indices(channels))]
+
+
+# --------------------------------------------------------------------------- requirements
+def requirement(node: gs.Node) -> str | None:
+    """'zero-shift', 'positive-scale' or None: what the op needs of the map to stay exact."""
+    op = node.op
+    if op == "Mul":
+        return "zero-shift"
+    if op == "Pad" and _decoded(node.attrs.get("mode", "constant")) == "constant":
+        return "zero-shift"
+    if op == "AveragePool" and node.attrs.get("count_include_pad", 0) and _pooling_pads(node):
+        return "zero-shift"
+    if op in ("MaxPool", "GlobalMaxPool"):
+        return "positive-scale"
+    return None
+
+
+def _pooling_pads(node: gs.Node) -> bool:
+    auto_pad = _decoded(node.attrs.get("auto_pad", "NOTSET"))
+    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(node.attrs.get("pads", []))
+

@@ -1,0 +1,344 @@
+"""fold-batchnorm: one test per folding rule on small text-format graphs.
+
+Every positive test checks what was folded (direction, roots, leaves, BN count) and that
+ORT (graph optimizations disabled) computes the same outputs; every negative test checks
+the BN is still there and the refusal reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxopt.passes.bn_fold import STATISTICS_KEY, read_bn_statistics
+from tests.conftest import assert_equivalent, ops, run_passes
+
+RNG = np.random.default_rng(1234)
+
+
+def weights(*shape: int, scale: float = 0.4) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def bn_params(prefix: str, channels: int, gamma: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Non-trivial statistics: negative scales included, shifts far from 0."""
+    if gamma is None:
+        gamma = (RNG.uniform(0.5, 1.5, channels) * RNG.choice([-1, 1], channels)).astype(np.float32)
+    return {
+        f"{prefix}_g": gamma.astype(np.float32),
+        f"{prefix}_b": RNG.normal(0, 1, channels).astype(np.float32),
+        f"{prefix}_m": RNG.normal(0, 1, channels).astype(np.float32),
+        f"{prefix}_v": RNG.uniform(0.5, 2.0, channels).astype(np.float32),
+    }
+
+
+def positive_bn(prefix: str, channels: int) -> dict[str, np.ndarray]:
+    return bn_params(prefix, channels, RNG.uniform(0.5, 1.5, channels).astype(np.float32))
+
+
+def bn(prefix: str, x: str, y: str, **attrs: str) -> str:
+    extra = "".join(f", {k} = {v}" for k, v in attrs.items())
+    return f"{y} = BatchNormalization <epsilon = 0.001{extra}> ({x}, {prefix}_g, {prefix}_b, {prefix}_m, {prefix}_v)"
+
+
+def model(signature: str, body: list[str], arrays: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    text = f'<ir_version: 8, opset_import: ["" : {opset}]>\nagraph {signature} {{\n' + "\n".join(body) + "\n}"
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def fold(proto: onnx.ModelProto):
+    optimized, report = run_passes(proto, "fold-batchnorm")
+    return optimized, report.passes[0]
+
+
+def single_fold(result) -> dict:
+    folds = result.stats["folds"]
+    assert len(folds) == 1, folds
+    return folds[0]
+
+
+# --------------------------------------------------------------------------- backward
+def test_conv_bn_with_shared_conv_output_makes_the_other_reader_a_leaf() -> None:
+    arrays = {"w1": weights(6, 3, 3, 3), "b1": weights(6), "w2": weights(4, 6, 1, 1), **bn_params("bn", 6)}
+    proto = model(
+        "(float[1,3,8,8] x) => (float[1,6,8,8] r, float[1,4,8,8] y2)",
+        ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn("bn", "c", "z"), "r = Relu(z)", "y2 = Conv(c, w2)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    record = single_fold(result)
+    assert record["direction"] == "backward"
+    assert len(record["roots"]) == 1 and len(record["leaves"]) == 1
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_after_add_of_two_convs_adds_the_shift_once() -> None:
+    arrays = {"w1": weights(4, 3, 3, 3), "w2": weights(4, 3, 1, 1), "b2": weights(4), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv <pads = [1,1,1,1]> (x, w1)", "b = Conv(x, w2, b2)", "s = Add(a, b)", bn("bn", "s", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    record = single_fold(result)
+    assert record["direction"] == "backward" and len(record["roots"]) == 2
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_after_concat_splits_the_map_across_inputs() -> None:
+    arrays = {"w1": weights(3, 3, 1, 1), "w2": weights(5, 3, 3, 3), **bn_params("bn", 8)}
+    proto = model(
+        "(float[1,3,8,8] x) => (float[1,8,8,8] y)",
+        ["a = Conv(x, w1)", "b = Conv <pads = [1,1,1,1]> (x, w2)", "c = Concat <axis = 1> (a, b)", bn("bn", "c", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_after_matmul_gets_a_bias_add() -> None:
+    arrays = {"w": weights(16, 6), **bn_params("bn", 6)}
+    proto = model("(float[4,16] x) => (float[4,6] y)", ["m = MatMul(x, w)", bn("bn", "m", "z"), "y = Relu(z)"], arrays)
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert ops(optimized) == {"MatMul": 1, "Add": 1, "Relu": 1}
+    assert_equivalent(proto, optimized)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_after_gemm(trans_b: int) -> None:
+    w = weights(6, 10) if trans_b else weights(10, 6)
+    arrays = {"w": w, "c": weights(6), **bn_params("bn", 6)}
+    proto = model(
+        "(float[3,10] x) => (float[3,6] y)",
+        [f"g = Gemm <transB = {trans_b}, alpha = 0.7, beta = 0.5> (x, w, c)", bn("bn", "g", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+def test_conv_transpose_with_groups_then_bn() -> None:
+    arrays = {"w": weights(4, 3, 3, 3), "b": weights(6), **bn_params("bn", 6)}
+    proto = model(
+        "(float[1,4,5,5] x) => (float[1,6,11,11] y)",
+        ["t = ConvTranspose <group = 2, strides = [2,2]> (x, w, b)", bn("bn", "t", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+def test_depthwise_conv_then_bn() -> None:
+    arrays = {"w": weights(6, 1, 3, 3), **bn_params("bn", 6)}
+    proto = model(
+        "(float[1,6,8,8] x) => (float[1,6,8,8] y)",
+        ["d = Conv <group = 6, pads = [1,1,1,1]> (x, w)", bn("bn", "d", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+def test_backward_through_pooling_slice_and_reshape() -> None:
+    arrays = {"w": weights(8, 3, 1, 1), "starts": np.array([2], np.int64), "ends": np.array([8], np.int64), "axes": np.array([1], np.int64)}
+    arrays |= positive_bn("bn", 6)
+    proto = model(
+        "(float[1,3,8,8] x) => (float[1,6,4,4] y)",
+        [
+            "c = Conv(x, w)",
+            "p = MaxPool <kernel_shape = [2,2], strides = [2,2]> (c)",
+            "s = Slice(p, starts, ends, axes)",
+            bn("bn", "s", "z"),
+            "y = Relu(z)",
+        ],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+# --------------------------------------------------------------------------- forward
+def test_bn_pool_flatten_gemm_folds_forward() -> None:
+    arrays = {"w": weights(10, 6), "c": weights(10), **bn_params("bn", 6)}
+    proto = model(
+        "(float[2,6,5,5] x) => (float[2,10] y)",
+        ["r = Relu(x)", bn("bn", "r", "z"), "p = GlobalAveragePool(z)", "f = Flatten(p)", "y = Gemm <transB = 1> (f, w, c)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    record = single_fold(result)
+    assert record["direction"] == "forward" and len(record["leaves"]) == 1
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_before_unpadded_conv_folds_forward() -> None:
+    arrays = {"w": weights(5, 4, 3, 3), "b": weights(5), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,4,7,7] x) => (float[1,5,5,5] y)",
+        ["r = Relu(x)", bn("bn", "r", "z"), "y = Conv(z, w, b)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "forward"
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_before_grouped_unpadded_conv_folds_forward() -> None:
+    arrays = {"w": weights(6, 2, 1, 1), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,4,7,7] x) => (float[1,6,7,7] y)",
+        ["r = Relu(x)", bn("bn", "r", "z"), "y = Conv <group = 2> (z, w)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "forward"
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_then_bn_folds_the_first_into_the_second() -> None:
+    arrays = {**bn_params("bn1", 4), **bn_params("bn2", 4)}
+    proto = model(
+        "(float[1,4,6,6] x) => (float[1,4,6,6] y)",
+        ["r = Relu(x)", bn("bn1", "r", "z1"), bn("bn2", "z1", "z2"), "y = Relu(z2)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert result.stats["bn_folded"] == 1 and result.stats["bn_kept"] == 1
+    assert ops(optimized)["BatchNormalization"] == 1
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_before_matmul_in_channels_last_layout() -> None:
+    arrays = {"w": weights(6, 3), "perm_dummy": np.zeros(1, np.float32), **bn_params("bn", 6)}
+    del arrays["perm_dummy"]
+    proto = model(
+        "(float[2,6,5] x) => (float[2,5,3] y)",
+        ["r = Relu(x)", bn("bn", "r", "z"), "t = Transpose <perm = [0,2,1]> (z)", "y = MatMul(t, w)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "forward"
+    assert_equivalent(proto, optimized)
+
+
+# --------------------------------------------------------------------------- refusals
+def refusal_reason(result) -> str:
+    assert result.stats["bn_folded"] == 0
+    assert len(result.refusals) == 1
+    return result.refusals[0].reason
+
+
+def test_bn_after_relu_before_padded_conv_is_refused() -> None:
+    arrays = {"w": weights(5, 4, 3, 3), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,4,7,7] x) => (float[1,5,7,7] y)",
+        ["r = Relu(x)", bn("bn", "r", "z"), "y = Conv <pads = [1,1,1,1]> (z, w)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    reason = refusal_reason(result)
+    assert "backward: path to Relu" in reason and "zero padding" in reason
+    assert ops(optimized)["BatchNormalization"] == 1
+
+
+def test_bn_feeding_a_graph_output_is_refused() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4)}
+    proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] z)", ["c = Conv(x, w)", bn("bn", "c", "z")], arrays)
+    optimized, result = fold(proto)
+    assert "graph output" in refusal_reason(result)
+    assert ops(optimized)["BatchNormalization"] == 1
+
+
+def test_gamma_zero_is_refused() -> None:
+    gamma = np.array([1.0, 0.0, 0.5, 2.0], np.float32)
+    arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4, gamma)}
+    proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] y)", ["c = Conv(x, w)", bn("bn", "c", "z"), "y = Relu(z)"], arrays)
+    optimized, result = fold(proto)
+    assert "γ = 0" in refusal_reason(result)
+    assert ops(optimized)["BatchNormalization"] == 1
+
+
+def test_training_mode_bn_is_refused() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,3,4,4] x) => (float[1,4,4,4] y)",
+        ["c = Conv(x, w)", bn("bn", "c", "z, running_mean, running_var", training_mode="1"), "y = Relu(z)"],
+        arrays,
+        opset=15,
+    )
+    _, result = fold(proto)
+    assert "training mode" in refusal_reason(result)
+
+
+def test_negative_scale_through_maxpool_is_refused() -> None:
+    gamma = np.array([1.0, -1.0, 0.5], np.float32)
+    arrays = {"w": weights(3, 3, 1, 1), **bn_params("bn", 3, gamma)}
+    proto = model(
+        "(float[1,3,8,8] x) => (float[1,3,4,4] y)",
+        ["c = Conv(x, w)", "p = MaxPool <kernel_shape = [2,2], strides = [2,2]> (c)", bn("bn", "p", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    _, result = fold(proto)
+    assert "negative scale" in refusal_reason(result)
+
+
+def test_shift_through_zero_pad_is_refused_but_scale_only_folds() -> None:
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    arrays = {"w": weights(3, 3, 1, 1), "pads": pads, **bn_params("bn", 3)}
+    proto = model(
+        "(float[1,3,4,4] x) => (float[1,3,6,6] y)",
+        ["c = Conv(x, w)", "p = Pad(c, pads)", bn("bn", "p", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    _, result = fold(proto)
+    assert "shift cannot pass Pad" in refusal_reason(result)
+
+    arrays = {"w": weights(3, 3, 1, 1), "pads": pads, "bn_g": np.float32([1, 2, 3]), "bn_b": np.zeros(3, np.float32)}
+    arrays |= {"bn_m": np.zeros(3, np.float32), "bn_v": np.ones(3, np.float32)}
+    proto = model(
+        "(float[1,3,4,4] x) => (float[1,3,6,6] y)",
+        ["c = Conv(x, w)", "p = Pad(c, pads)", bn("bn", "p", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+def test_shared_weight_is_copied_before_editing() -> None:
+    arrays = {"w": weights(4, 4, 1, 1), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,4,4,4] x) => (float[1,4,4,4] y, float[1,4,4,4] y2)",
+        ["c = Conv(x, w)", bn("bn", "c", "z"), "y = Relu(z)", "y2 = Conv(x, w)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert_equivalent(proto, optimized)
+
+
+# --------------------------------------------------------------------------- statistics
+def test_folded_bn_statistics_are_kept_in_metadata() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4)}
+    proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] y)", ["c = Conv(x, w)", bn("bn", "c", "z"), "y = Relu(z)"], arrays)
+    optimized, _ = fold(proto)
+    stats = read_bn_statistics(optimized)
+    assert list(stats) == ["c"]
+    np.testing.assert_allclose(stats["c"]["mean"], arrays["bn_b"], rtol=1e-6)
+    np.testing.assert_allclose(stats["c"]["std"], np.abs(arrays["bn_g"]), rtol=1e-6)
+    assert any(p.key == STATISTICS_KEY for p in optimized.metadata_props)
