@@ -224,8 +224,8 @@ def requirement(node: gs.Node) -> str | None:
         return "zero-shift"
     if op == "Pad" and _decoded(node.attrs.get("mode", "constant")) == "constant":
         return "zero-shift"
-    if op == "AveragePool" and node.attrs.get("count_include_pad", 0) and _pooling_pads(node):
-        return "zero-shift"
+    if op == "AveragePool" and node.attrs.get("count_include_pad", 0) and (_pooling_pads(node) or node.attrs.get("ceil_mode", 0)):
+        return "zero-shift"  # windows counting padding (explicit, or past the border with ceil_mode)
     if op in ("MaxPool", "GlobalMaxPool"):
         return "positive-scale"
     return None
