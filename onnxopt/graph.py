@@ -113,6 +113,17 @@ def has_subgraph(node: gs.Node) -> bool:
     return any(isinstance(value, gs.Graph) for value in node.attrs.values())
 
 
+def string_attr(node: gs.Node, name: str, default: str) -> str:
+    """A string attribute as ``str`` (graphsurgeon may hand back bytes)."""
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def has_padding(node: gs.Node) -> bool:
+    """True if a Conv/pooling node pads its input (explicit pads or SAME auto-padding)."""
+    return string_attr(node, "auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") or any(node.attrs.get("pads", []))
+
+
 def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
     """Input ``index`` of ``node``, or None when absent or given as the empty name."""
     if index >= len(node.inputs):

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import (
     NameFactory,
     constant_values,
+    has_padding,
     is_default_domain,
     optional_input,
     per_channel,
@@ -38,10 +39,6 @@ from onnxopt.graph import (
 )
 
 EXPRESSIVE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
-
-
-def _decoded(value: object) -> object:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def expressive_refusal(node: gs.Node) -> str | None:
@@ -85,10 +82,8 @@ def leaf_shift_refusal(node: gs.Node) -> str | None:
     """Why ``node`` cannot absorb a non-zero input shift, or None."""
     if node.op == "ConvTranspose":
         return "a ConvTranspose cannot absorb an input shift exactly"
-    if node.op == "Conv":
-        auto_pad = _decoded(node.attrs.get("auto_pad", "NOTSET"))
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(node.attrs.get("pads", [])):
-            return "zero padding: the shift is not exact at the borders"
+    if node.op == "Conv" and has_padding(node):
+        return "zero padding: the shift is not exact at the borders"
     return None
 
 

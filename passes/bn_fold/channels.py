@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_values, is_default_domain, optional_input
+from onnxopt.graph import constant_values, has_padding, is_default_domain, optional_input, string_attr
 
 SAME_VECTOR_OPS = frozenset(
     {
@@ -76,16 +76,11 @@ def is_transparent_op(node: gs.Node) -> bool:
     if node.op == "MaxPool":
         return len([t for t in node.outputs if not t.is_empty()]) == 1
     if node.op == "Resize":
-        mode = node.attrs.get("mode", "nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        transform = node.attrs.get("coordinate_transformation_mode", "half_pixel")
-        transform = transform.decode() if isinstance(transform, bytes) else transform
-        return mode in ("nearest", "linear") and transform != "tf_crop_and_resize"
+        transform = string_attr(node, "coordinate_transformation_mode", "half_pixel")
+        return string_attr(node, "mode", "nearest") in ("nearest", "linear") and transform != "tf_crop_and_resize"
     if node.op == "Pad":
-        mode = node.attrs.get("mode", "constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
         value = constant_values(node, 2)
-        return mode in ("constant", "reflect", "edge") and (value is None or not np.any(value))
+        return string_attr(node, "mode", "constant") in ("constant", "reflect", "edge") and (value is None or not np.any(value))
     return True
 
 
@@ -106,10 +101,6 @@ def data_inputs(node: gs.Node, via: gs.Tensor | None) -> list[int]:
 
 
 # --------------------------------------------------------------------------- axis moves
-def _decoded(value: object) -> object:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def output_axis(node: gs.Node, axis: int) -> int:
     """Where the channel axis ``axis`` of the data input lands in the output."""
     op = node.op
@@ -222,16 +213,11 @@ def requirement(node: gs.Node) -> str | None:
     op = node.op
     if op == "Mul":
         return "zero-shift"
-    if op == "Pad" and _decoded(node.attrs.get("mode", "constant")) == "constant":
+    if op == "Pad" and string_attr(node, "mode", "constant") == "constant":
         return "zero-shift"
-    if op == "AveragePool" and node.attrs.get("count_include_pad", 0) and (_pooling_pads(node) or node.attrs.get("ceil_mode", 0)):
+    if op == "AveragePool" and node.attrs.get("count_include_pad", 0) and (has_padding(node) or node.attrs.get("ceil_mode", 0)):
         return "zero-shift"  # windows counting padding (explicit, or past the border with ceil_mode)
     if op in ("MaxPool", "GlobalMaxPool"):
         return "positive-scale"
     return None
-
-
-def _pooling_pads(node: gs.Node) -> bool:
-    auto_pad = _decoded(node.attrs.get("auto_pad", "NOTSET"))
-    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(node.attrs.get("pads", []))
 
