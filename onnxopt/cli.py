@@ -137,6 +137,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise OutputPathError(f"refusing to overwrite the input model {args.model}; choose another -o path")
     if args.output:
         _check_output_dir(Path(args.output))
+    if args.report:
+        for other, what in ((args.model, "input model"), (args.output, "output model")):
+            if other and same_file(args.report, other):
+                raise OutputPathError(f"--report {args.report} would overwrite the {what}; choose another path")
+        _check_output_dir(Path(args.report))
 
     names = resolve_pipeline(registry, args.passes, args.preset)
     pipeline = registry.build(names, parse_options(args.set))

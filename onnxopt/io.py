@@ -76,7 +76,7 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
         raise InvalidModelError(f"{path} is not a valid ONNX model: no graph or no opset_import (truncated?)")
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # a missing data file is a ValidationError
         raise InvalidModelError(f"{path}: cannot read its external data: {exc}") from exc
     if check:
         _check(model, path)
@@ -184,14 +184,18 @@ def external_data_files(model_path: str | os.PathLike) -> set[Path]:
 
 
 def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -> None:
-    """Save with all tensors in one external file, then restore the in-memory payloads."""
+    """Save with all tensors in one external file.
+
+    onnx.save_model moves the payloads out of the proto it writes (and marks them external),
+    so it writes a copy: the caller's model stays exactly as it was, even if the save fails.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     onnx.save_model(
-        model,
+        copy,
         str(staged_model),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_name,
         size_threshold=1024,
     )
-    # onnx moved the payloads out of ``model``: read them back so the caller's proto is intact.
-    external_data_helper.load_external_data_for_model(model, str(staged_model.parent))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
+from .errors import OutputPathError
 from .metrics import ModelMetrics
 from .pass_base import Refusal
 
@@ -90,10 +91,16 @@ class Report:
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON report atomically."""
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(self.to_dict(), handle, indent=2)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputPathError(f"cannot write the report {path}: {exc}") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def format_table(self, max_refusals: int = 20) -> str:
         """Human-readable summary: one row per pass, totals, refusals, verification."""

@@ -63,6 +63,8 @@ class EliminateDead(Pass):
         nodes_after = count_ops(graph.nodes)
         removed_nodes = sum(nodes_before.values()) - sum(nodes_after.values())
         removed_constants = len(constants_before - _constant_names(graph))
+        # Initializers nothing reads never reach the graphsurgeon graph (the manager lists them).
+        removed_constants += len(ctx.shared.pop("unused_initializers", ()))
         modified = bool(removed_nodes or removed_constants)
         return PassResult(modified, {"nodes_removed": removed_nodes, "initializers_removed": removed_constants})
 
@@ -170,6 +172,8 @@ class EliminateIdentity(Pass):
             rule = NO_OP_RULES.get(node.op)
             if rule is None or not is_default_domain(node) or not node.outputs:
                 continue
+            if any(is_graph_output(graph, extra) for extra in node.outputs[1:]):
+                continue  # an extra output (Dropout's mask) is part of the interface: not a no-op
             kept = rule(node)
             if kept is None:
                 continue

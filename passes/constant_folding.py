@@ -24,9 +24,14 @@ When ORT cannot evaluate the constant subgraph the pass changes nothing and reco
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
+import contextlib
+from typing import Iterator
 
-from onnxopt.graph import cleanup, count_ops, is_default_domain
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from onnxopt.graph import cleanup, count_ops, detach, is_default_domain, is_graph_output, static_shape
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 NEVER_FOLDED = frozenset(
@@ -48,6 +53,42 @@ def excluded_from_folding(node: gs.Node) -> bool:
     return node.op in NEVER_FOLDED or not is_default_domain(node)
 
 
+def fold_static_shapes(graph: gs.Graph) -> int:
+    """Turn ``Shape(x)`` into a constant when x's shape is fully static; return how many.
+
+    Done here rather than with graphsurgeon's ``fold_shapes``, which also runs a "shape tensor
+    cast elision" that rewrites Cast(int→float) → Mul/Add/... → Cast(float→int) into integer
+    arithmetic by casting the float constants to int (x·0.5 becomes x·0): not exact.
+    """
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "Shape" or not is_default_domain(node) or len(node.outputs) != 1 or not node.inputs:
+            continue
+        shape, result = static_shape(node.inputs[0]), node.outputs[0]
+        if shape is None or is_graph_output(graph, result):
+            continue
+        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+        values = np.array(shape, dtype=np.int64)[start : None if end is None else int(end)]
+        detach(node)
+        result.to_constant(values)
+        folded += 1
+    return folded
+
+
+@contextlib.contextmanager
+def _quiet_folder() -> Iterator[None]:
+    """Silence graphsurgeon's and ORT's warnings while graphsurgeon evaluates constants (ORT
+    warns about its own optimizations on the temporary model; they say nothing about ours)."""
+    previous = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        gs.logger.G_LOGGER.severity = previous
+        ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
+
+
 class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate pure-constant subgraphs (Q/DQ and random ops excluded) into initializers"
@@ -57,18 +98,24 @@ class FoldConstants(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         before = count_ops(graph.nodes)
+        # graphsurgeon edits the graph in place before evaluating (it lowers Constant nodes):
+        # keep a copy to put back when the evaluation fails.
+        snapshot = graph.copy()
         try:
-            graph.fold_constants(
-                fold_shapes=True,
-                partitioning="basic",
-                error_ok=False,
-                flatten_subgraphs=False,
-                size_threshold=self.options["max_constant_bytes"],
-                should_exclude_node=excluded_from_folding,
-            )
+            fold_static_shapes(graph)
+            with _quiet_folder():
+                graph.fold_constants(
+                    fold_shapes=False,
+                    partitioning="basic",
+                    error_ok=False,
+                    flatten_subgraphs=False,
+                    size_threshold=self.options["max_constant_bytes"],
+                    should_exclude_node=excluded_from_folding,
+                )
         except Exception as exc:  # ORT could not evaluate the constant subgraph  # noqa: BLE001
-            ctx.refuse("graph", f"constant folding failed in ONNX Runtime, graph left as is: {exc}")
-            cleanup(graph)
+            graph.nodes, graph.inputs, graph.outputs = snapshot.nodes, snapshot.inputs, snapshot.outputs
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            ctx.refuse("graph", f"constant folding failed in ONNX Runtime, graph left as is: {first_line}")
             return PassResult(False)
         cleanup(graph)
         after = count_ops(graph.nodes)

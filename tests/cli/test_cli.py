@@ -1,0 +1,366 @@
+"""The onnxopt command: outputs, report, flags, and one clear line + exit code per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt.cli import main
+from onnxopt.demo import demo_model
+from onnxopt.io import load_model
+from onnxopt.passes import builtin_registry
+from tests.conftest import CLASSIC, assert_equivalent, ops
+
+PASSES = ",".join(CLASSIC)
+ONNXOPT = Path(sys.executable).with_name("onnxopt")
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxopt: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- happy paths
+def test_optimize_writes_the_model_and_prints_the_table(capsys, tmp_path, demo, demo_path):
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(capsys, demo_path, "-o", out, "--passes", PASSES)
+    assert code == 0 and stdout == ""
+    optimized = load_model(out)
+    assert ops(optimized)["BatchNormalization"] == 0 and ops(optimized)["Identity"] == 0
+    assert_equivalent(demo, optimized)
+    lines = err.splitlines()
+    assert lines[0].split()[:2] == ["pass", "time"]
+    for name in CLASSIC:
+        assert any(line.startswith(name) for line in lines), name
+    assert any(line.startswith("total") and "18->10" in line for line in lines)
+    assert "-3 BatchNormalization" in err
+    assert lines[-1] == f"onnxopt: wrote {out}"
+
+
+def test_quiet_prints_nothing(capsys, tmp_path, demo_path):
+    code, stdout, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "-q")
+    assert code == 0 and stdout == "" and err == ""
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_report_json(capsys, tmp_path, demo_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, _, _ = cli(capsys, demo_path, "-o", out, "--passes", PASSES, "--report", report)
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["input"] == str(demo_path) and data["output"] == str(out)
+    assert [p["name"] for p in data["passes"]] == list(CLASSIC)
+    assert data["before"]["nodes"] == 18 and data["after"]["nodes"] == 10
+    assert data["after"]["nodes"] == len(load_model(out).graph.node)
+    folded = {p["name"]: p for p in data["passes"]}["fold-conv-bn"]
+    assert folded["stats"] == {"bn_folded": 3, "bn_kept": 0} and folded["modified"] is True
+    assert data["verification"] is None and data["lossless"] is True
+
+
+def test_report_with_verify(capsys, tmp_path, demo_path):
+    report = tmp_path / "report.json"
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--verify", "--report", report)
+    assert code == 0
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["passed"] is True and verification["failures"] == []
+    (logits,) = verification["outputs"]
+    assert logits["name"] == "logits" and logits["shape"] == [1, 10]
+    assert logits["max_rel"] < 1e-5 and logits["top1_agreement"] == 1.0
+    assert "PASSED" in err
+
+
+def test_list_passes(capsys):
+    code, stdout, _ = cli(capsys, "--list-passes")
+    assert code == 0
+    registry = builtin_registry()
+    for cls in registry.passes():
+        (line,) = [line for line in stdout.splitlines() if line.split() and line.split()[0] == cls.name]
+        assert cls.summary in line
+    for preset in registry.presets():
+        assert preset.description in stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"onnxopt {onnxopt.__version__}"
+
+
+def test_demo(capsys, tmp_path):
+    out = tmp_path / "demo.opt.onnx"
+    code, _, err = cli(capsys, "--demo", "-o", out, "--passes", PASSES, "--verify")
+    assert code == 0
+    assert "verify (random inputs, seed 0" in err and "PASSED" in err
+    assert ops(load_model(out))["BatchNormalization"] == 0
+    assert_equivalent(demo_model(), load_model(out))
+
+
+def test_save_demo(capsys, tmp_path):
+    path = tmp_path / "example.onnx"
+    code, _, err = cli(capsys, "--save-demo", path)
+    assert code == 0 and f"wrote the example model to {path}" in err
+    assert load_model(path).SerializeToString() == demo_model().SerializeToString()
+
+
+def test_dry_run_writes_nothing(capsys, tmp_path, demo_path):
+    out, before = tmp_path / "out.onnx", sorted(os.listdir(tmp_path))
+    code, _, err = cli(capsys, demo_path, "-o", out, "--passes", PASSES, "--dry-run")
+    assert code == 0 and "fold-conv-bn" in err and "wrote" not in err
+    assert sorted(os.listdir(tmp_path)) == before
+    code, _, err = cli(capsys, demo_path, "--dry-run", "--passes", PASSES)  # -o is optional then
+    assert code == 0 and sorted(os.listdir(tmp_path)) == before
+
+
+def test_verify_with_input_shape(capsys, tmp_path, demo_path):
+    report = tmp_path / "r.json"
+    code, _, err = cli(
+        capsys, demo_path, "--dry-run", "--passes", PASSES, "--verify", "--input-shape", "input=3,3,16,16", "--report", report
+    )
+    assert code == 0, err
+    (logits,) = json.loads(report.read_text())["verification"]["outputs"]
+    assert logits["shape"] == [3, 10]
+    assert "logits [3, 10]" in err
+
+
+def test_verify_with_npz_inputs(capsys, tmp_path, demo_path):
+    inputs, report = tmp_path / "in.npz", tmp_path / "r.json"
+    np.savez(inputs, input=np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    code, _, err = cli(capsys, demo_path, "--dry-run", "--passes", PASSES, "--inputs", inputs, "--report", report)
+    assert code == 0, err
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["inputs"] == f"inputs from {inputs}"
+    assert verification["outputs"][0]["shape"] == [2, 10] and verification["passed"] is True
+
+
+def test_failed_lossless_verification_writes_no_model(capsys, tmp_path, demo_path):
+    # Folding BN moves float rounding (~1e-7); zero tolerance makes that a failure.
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--passes", PASSES, "--verify", "--atol", "0", "--rtol", "0")
+    assert code == 9
+    assert "FAILED" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("onnxopt: error: lossless pipeline changed the outputs beyond tolerance (logits:")
+    assert "the output was not written" in err
+    assert not out.exists()
+
+
+def test_external_data_always(capsys, tmp_path, demo, demo_path):
+    out = tmp_path / "out.onnx"
+    code, _, _ = cli(capsys, demo_path, "-o", out, "--passes", "eliminate-identity", "--external-data", "always")
+    assert code == 0 and (tmp_path / "out.onnx.data").exists()
+    assert_equivalent(demo, load_model(out))
+
+
+def test_set_option_reaches_the_pass(capsys, tmp_path, demo_path):
+    report = tmp_path / "r.json"
+    # Folding the Reshape target would create a 16-byte constant: a 1-byte limit keeps it.
+    code, _, _ = cli(capsys, demo_path, "--dry-run", "--passes", "fold-constants", "--set", "max_constant_bytes=1", "--report", report)
+    assert code == 0
+    (entry,) = json.loads(report.read_text())["passes"]
+    assert entry["ops_removed"].get("Concat", 0) == 0
+    code, _, _ = cli(capsys, demo_path, "--dry-run", "--passes", "fold-constants", "--report", report)
+    (entry,) = json.loads(report.read_text())["passes"]
+    assert entry["ops_removed"]["Concat"] == 1
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_missing_file_exit_3(capsys, tmp_path):
+    code, _, err = cli(capsys, tmp_path / "nope.onnx", "-o", tmp_path / "out.onnx")
+    assert code == 3
+    assert_one_error_line(err, "input model not found", "nope.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not an ONNX model\n", demo_model().SerializeToString()[: len(demo_model().SerializeToString()) // 2]],
+    ids=["not-onnx", "truncated"],
+)
+def test_invalid_model_exit_4(capsys, tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    code, _, err = cli(capsys, bad, "-o", tmp_path / "out.onnx")
+    assert code == 4
+    assert_one_error_line(err, "is not a valid ONNX model")
+
+
+def test_unsupported_opset_exit_5(capsys, tmp_path):
+    model = demo_model()
+    model.opset_import[0].version = 5
+    onnx.save_model(model, str(tmp_path / "old.onnx"))
+    code, _, err = cli(capsys, tmp_path / "old.onnx", "-o", tmp_path / "out.onnx")
+    assert code == 5
+    assert_one_error_line(err, "unsupported opset 5")
+
+
+def test_output_is_the_input_exit_6(capsys, demo_path):
+    before = demo_path.read_bytes()
+    code, _, err = cli(capsys, demo_path, "-o", demo_path, "--passes", PASSES)
+    assert code == 6
+    assert_one_error_line(err, "refusing to overwrite the input model")
+    assert demo_path.read_bytes() == before
+
+
+def test_output_is_a_symlink_to_the_input_exit_6(capsys, tmp_path, demo_path):
+    before = demo_path.read_bytes()
+    (tmp_path / "alias.onnx").symlink_to(demo_path)
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "alias.onnx", "--passes", PASSES)
+    assert code == 6
+    assert_one_error_line(err, "refusing to overwrite the input model")
+    assert demo_path.read_bytes() == before
+
+
+def test_missing_output_dir_exit_6(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "no" / "such" / "out.onnx")
+    assert code == 6
+    assert_one_error_line(err, "output directory", "does not exist")
+
+
+def test_output_is_a_directory_exit_6(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path)
+    assert code == 6
+    assert_one_error_line(err, "is a directory")
+
+
+def test_unwritable_output_dir_exit_6(capsys):
+    """Needs a directory the process cannot write: as root, run the CLI as nobody."""
+    as_root = os.geteuid() == 0
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if as_root:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: no unwritable directory available")
+        probe = subprocess.run([*as_nobody, str(ONNXOPT), "--version"], capture_output=True, text=True, timeout=60, cwd="/")
+        if probe.returncode != 0:
+            pytest.skip(f"user nobody cannot run {ONNXOPT}: {probe.stderr.strip()[:200]}")
+    base = Path(tempfile.mkdtemp(prefix="onnxopt-ro-"))
+    try:
+        base.chmod(0o755)
+        model = base / "in.onnx"
+        onnx.save_model(demo_model(), str(model))
+        model.chmod(0o644)
+        locked = base / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        args = [str(model), "-o", str(locked / "out.onnx"), "--passes", PASSES]
+        if as_root:
+            proc = subprocess.run(
+                [*as_nobody, str(ONNXOPT), *args],
+                capture_output=True, text=True, timeout=120, cwd=base,
+            )
+            code, err = proc.returncode, proc.stderr
+            err = "\n".join(line for line in err.splitlines() if "onnxruntime" not in line)  # ORT's own notices
+        else:
+            code, _, err = cli(capsys, *args)
+        assert code == 6, err
+        assert "onnxopt: error: output directory" in err and "is not writable" in err
+        assert "Traceback" not in err
+        assert os.listdir(locked) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_report_over_the_input_exit_6(capsys, tmp_path, demo_path):
+    before = demo_path.read_bytes()
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--report", demo_path)
+    assert code == 6
+    assert_one_error_line(err, f"--report {demo_path} would overwrite the input model")
+    assert demo_path.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_in_a_missing_dir_exit_6(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--report", tmp_path / "no" / "r.json")
+    assert code == 6
+    assert_one_error_line(err, "output directory", "does not exist")
+    assert not (tmp_path / "out.onnx").exists()  # checked before anything runs
+
+
+def test_unknown_pass_exit_7(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", "eliminate-identity,fold-constant")
+    assert code == 7
+    assert_one_error_line(err, "unknown pass 'fold-constant'", "did you mean 'fold-constants'")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unknown_preset_exit_7(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--preset", "cleanpu")
+    assert code == 7
+    assert_one_error_line(err, "unknown preset 'cleanpu'", "did you mean 'cleanup'")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [("max_constant_bytes", "bad --set 'max_constant_bytes': expected KEY=VALUE"), ("colour=red", "option(s) colour not used")],
+    ids=["no-equals", "unknown-option"],
+)
+def test_bad_set_exit_7(capsys, tmp_path, demo_path, setting, message):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--set", setting)
+    assert code == 7
+    assert_one_error_line(err, message)
+
+
+def test_bad_verify_inputs_exit_9(capsys, tmp_path, demo_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 16, 16), np.float32))
+    code, _, err = cli(capsys, demo_path, "--dry-run", "--passes", PASSES, "--inputs", tmp_path / "in.npz", "-q")
+    assert code == 9
+    assert_one_error_line(err, "missing ['input'], unexpected ['x']")
+    code, _, err = cli(capsys, demo_path, "--dry-run", "--verify", "--input-shape", "input:1,3,16,16")
+    assert code == 9
+    assert_one_error_line(err, "bad --input-shape 'input:1,3,16,16'")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [([], "give one input: MODEL or --demo"), (["--demo", "m.onnx", "-o", "x.onnx"], "give one input"), (["m.onnx"], "missing -o OUTPUT")],
+    ids=["nothing", "model-and-demo", "no-output"],
+)
+def test_usage_errors_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- real processes
+def test_console_script_end_to_end(tmp_path, demo, demo_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    proc = subprocess.run(
+        [str(ONNXOPT), str(demo_path), "-o", str(out), "--passes", PASSES, "--verify", "--report", str(report)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fold-conv-bn" in proc.stderr and "PASSED" in proc.stderr
+    assert json.loads(report.read_text())["verification"]["passed"] is True
+    assert_equivalent(demo, load_model(out))
+
+
+def test_python_m_bad_input_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+    args = [sys.executable, "-m", "onnxopt", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == f"onnxopt: error: input model not found: {tmp_path / 'missing.onnx'}"
+    verbose = subprocess.run([*args, "-v"], capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 3
+    assert "Traceback" in verbose.stderr and "InputNotFoundError" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == f"onnxopt: error: input model not found: {tmp_path / 'missing.onnx'}"

@@ -1,0 +1,209 @@
+"""onnxopt.graph: the helpers every pass relies on (shared constants, names, rewiring)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxopt.graph import (
+    NameFactory,
+    export_model,
+    import_graph,
+    per_channel,
+    replace_all_uses,
+    set_constant_input,
+    static_shape,
+    unused_initializers,
+)
+from onnxopt.verify import run
+from tests.conftest import initializers, parse
+
+SHARED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,3] x) => (float[2,3] a, float[2,3] b) <float[3] w = {1.0, 2.0, 3.0}> {
+  a = Mul(x, w)
+  b = Add(x, w)
+}
+"""
+
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def _node(graph: gs.Graph, op: str) -> gs.Node:
+    (node,) = [n for n in graph.nodes if n.op == op]
+    return node
+
+
+def test_set_constant_input_copies_a_shared_initializer():
+    model = parse(SHARED)
+    graph = import_graph(model)
+    mul, add = _node(graph, "Mul"), _node(graph, "Add")
+    shared = mul.inputs[1]
+    assert shared is add.inputs[1]
+
+    fresh = set_constant_input(graph, mul, 1, np.array([10, 20, 30], np.float32), NameFactory(graph))
+
+    assert fresh is not shared and fresh.name == "w_1"
+    assert mul.inputs[1] is fresh and add.inputs[1] is shared
+    np.testing.assert_array_equal(shared.values, [1, 2, 3])
+    out = export_model(graph, model)
+    assert initializers(out).keys() == {"w", "w_1"}
+    result = run(out, {"x": X})
+    np.testing.assert_allclose(result["a"], X * [10, 20, 30], rtol=1e-6)
+    np.testing.assert_allclose(result["b"], X + [1, 2, 3], rtol=1e-6)
+
+
+def test_set_constant_input_edits_an_exclusive_initializer_in_place():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] a) <float[3] w = {1.0, 2.0, 3.0}> {
+          a = Mul(x, w)
+        }
+        """
+    )
+    graph = import_graph(model)
+    mul = _node(graph, "Mul")
+    original = mul.inputs[1]
+
+    result = set_constant_input(graph, mul, 1, np.array([4, 5, 6], np.float32), NameFactory(graph))
+
+    assert result is original and result.name == "w"
+    out = export_model(graph, model)
+    assert list(initializers(out)) == ["w"]
+    np.testing.assert_array_equal(initializers(out)["w"], [4, 5, 6])
+    np.testing.assert_allclose(run(out, {"x": X})["a"], X * [4, 5, 6], rtol=1e-6)
+    # The caller's model is untouched.
+    np.testing.assert_array_equal(initializers(model)["w"], [1, 2, 3])
+
+
+def test_set_constant_input_copies_when_the_node_reads_the_constant_twice():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3] x) => (float[3] y) <float[3] w = {1.0, 2.0, 3.0}> {
+          s = Add(w, w)
+          y = Mul(x, s)
+        }
+        """
+    )
+    graph = import_graph(model)
+    add = _node(graph, "Add")
+    fresh = set_constant_input(graph, add, 1, np.array([0, 0, 0], np.float32), NameFactory(graph))
+    assert add.inputs[0] is not fresh
+    np.testing.assert_array_equal(add.inputs[0].values, [1, 2, 3])
+    out = export_model(graph, model)
+    np.testing.assert_allclose(run(out, {"x": np.ones(3, np.float32)})["y"], [1, 2, 3])
+
+
+def test_set_constant_input_creates_a_missing_optional_input():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,2,3,3] x) => (float[1,2,1,1] y) <float[2,2,3,3] w = {1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+            1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+            1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0}> {
+          y = Conv(x, w)
+        }
+        """
+    )
+    graph = import_graph(model)
+    conv = _node(graph, "Conv")
+    bias = set_constant_input(graph, conv, 2, np.array([0.5, -1], np.float32), NameFactory(graph), base_name="w")
+    assert bias.name == "w_1" and conv.inputs[2] is bias
+    out = export_model(graph, model)
+    x = np.ones((1, 2, 3, 3), np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})["y"].ravel(), [18.5, 17.0], rtol=1e-6)
+
+
+def test_name_factory_never_repeats_a_name():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, float[2] x) => (float[2] y) {
+          y = If(c) <then_branch = t () => (float[2] inner) { inner = Neg(x) },
+                     else_branch = e () => (float[2] other) { other = Abs(x) }>
+        }
+        """
+    )
+    graph = import_graph(model)
+    graph.nodes[0].name = "the_if"
+    names = NameFactory(graph)
+    assert names.new("fresh") == "fresh"
+    assert names.new("fresh") == "fresh_1"
+    assert names.new("fresh") == "fresh_2"
+    assert names.new("x") == "x_1"  # a graph input
+    assert names.new("the_if") == "the_if_1"  # a node name
+    assert names.new("inner") == "inner_1"  # a tensor of a subgraph
+    generated = [names.new("y") for _ in range(50)]
+    assert len(set(generated)) == 50 and "y" not in generated
+
+
+def test_replace_all_uses_rewires_consumers_and_graph_outputs():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] a, float[2,3] b) <float[2,3] c> {
+          a = Relu(x)
+          b = Neg(a)
+          c = Abs(x)
+        }
+        """,
+        check=False,  # c is dead until rewired
+    )
+    graph = import_graph(model)
+    relu, neg, abs_ = _node(graph, "Relu"), _node(graph, "Neg"), _node(graph, "Abs")
+    old, new = relu.outputs[0], abs_.outputs[0]
+
+    replace_all_uses(graph, old, new)
+
+    assert neg.inputs[0] is new
+    assert graph.outputs[0] is new
+    assert old.outputs == [] and old not in graph.outputs
+    out = export_model(graph.cleanup().toposort(), model)
+    assert [o.name for o in out.graph.output] == ["c", "b"]
+    assert "Relu" not in {n.op_type for n in out.graph.node}
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    result = run(out, {"x": x})
+    np.testing.assert_array_equal(result["c"], np.abs(x))
+    np.testing.assert_array_equal(result["b"], -np.abs(x))
+
+
+def test_unused_initializers_sees_subgraph_reads():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, float[2] x) => (float[2] y) <float[2] inside = {1.0, 2.0}, float[2] nobody = {3.0, 4.0}> {
+          y = If(c) <then_branch = t () => (float[2] p) { p = Add(x, inside) },
+                     else_branch = e () => (float[2] q) { q = Neg(x) }>
+        }
+        """
+    )
+    assert unused_initializers(model, import_graph(model)) == ["nobody"]
+
+
+def test_per_channel_and_static_shape():
+    assert per_channel(np.arange(3), 1, 4).shape == (1, 3, 1, 1)
+    assert per_channel(np.arange(3), 0, 2).shape == (3, 1)
+    assert static_shape(gs.Variable("v", np.float32, [1, 3, 4])) == [1, 3, 4]
+    assert static_shape(gs.Variable("v", np.float32, ["batch", 3])) is None
+    assert static_shape(gs.Variable("v", np.float32, None)) is None
+
+
+@pytest.mark.parametrize("template_opset", [13, 17])
+def test_export_keeps_the_template_metadata(template_opset):
+    model = parse(
+        f"""
+        <ir_version: 8, opset_import: ["" : {template_opset}, "com.example" : 1], producer_name: "me", model_version: 3>
+        g (float[2] x) => (float[2] y) {{
+          y = Relu(x)
+        }}
+        """
+    )
+    onnx_meta = model.metadata_props.add()
+    onnx_meta.key, onnx_meta.value = "author", "test"
+    out = export_model(import_graph(model), model)
+    assert (out.ir_version, out.producer_name, out.model_version) == (8, "me", 3)
+    assert {(o.domain, o.version) for o in out.opset_import} >= {("", template_opset), ("com.example", 1)}
+    assert [(p.key, p.value) for p in out.metadata_props] == [("author", "test")]

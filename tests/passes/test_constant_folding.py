@@ -1,0 +1,240 @@
+"""fold-constants: what is folded, what never is, the size limit, and ORT failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxopt import optimize
+from onnxopt.pass_base import PassContext
+from onnxopt.passes.constant_folding import FoldConstants
+from onnxopt.verify import run
+from tests.conftest import assert_equivalent, initializers, ops, parse, run_passes
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+def model(signature: str, body: str, *, check: bool = True, opsets: str = HEADER):
+    return parse(f"{opsets}\n{signature} {{\n{body}\n}}", check=check)
+
+
+def fold(m, **options):
+    out, report = run_passes(m, "fold-constants", **options)
+    return out, report.passes[0]
+
+
+def test_constant_concat_reshape_target_is_folded():
+    m = model(
+        "g (float[2,3,4] x) => (float[2,12] y)",
+        """
+        a = Constant <value = int64[1] {2}> ()
+        b = Constant <value = int64[1] {12}> ()
+        shape = Concat <axis = 0> (a, b)
+        y = Reshape(x, shape)
+        """,
+    )
+    out, entry = fold(m)
+    assert ops(out) == {"Reshape": 1}
+    (target,) = initializers(out).values()
+    np.testing.assert_array_equal(target, [2, 12])
+    assert entry.stats == {"nodes_folded": 3} and entry.ops_removed == {"Concat": 1, "Constant": 2}
+    assert_equivalent(m, out)
+
+
+def test_constant_weight_arithmetic_is_folded():
+    m = model(
+        "g (float[1,2,4,4] x) => (float[1,3,4,4] y)",
+        """
+        w = Constant <value = float[3,2,1,1] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}> ()
+        s = Constant <value = float[3,1,1,1] {0.5, -1.0, 2.0}> ()
+        ws = Mul(w, s)
+        y = Conv(x, ws)
+        """,
+    )
+    out, _ = fold(m)
+    assert ops(out) == {"Conv": 1}
+    (weight,) = initializers(out).values()
+    np.testing.assert_allclose(weight.ravel(), [0.5, 1.0, -3.0, -4.0, 10.0, 12.0])
+    assert_equivalent(m, out)
+
+
+def test_shape_of_a_static_tensor_is_folded():
+    m = model(
+        "g (float[2,3,4] x) => (float[24] y, float[2,12] z)",
+        """
+        s = Shape(x)
+        n = ReduceProd <keepdims = 1> (s)
+        y = Reshape(x, n)
+        tail = Shape <start = -2> (x)
+        m = ReduceProd <keepdims = 1> (tail)
+        minus_one = Constant <value = int64[1] {-1}> ()
+        k = Concat <axis = 0> (minus_one, m)
+        z = Reshape(x, k)
+        """,
+    )
+    out, entry = fold(m)
+    assert ops(out) == {"Reshape": 2}
+    assert sorted(v.tolist() for v in initializers(out).values()) == [[-1, 12], [24]]
+    assert entry.ops_removed == {"Shape": 2, "ReduceProd": 2, "Constant": 1, "Concat": 1}
+    # The x input stays an input; the reshapes are not folded (x is not constant).
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert_equivalent(m, out)
+
+
+@pytest.mark.parametrize(
+    "attrs, expected",
+    [("", [2, 3, 4]), ("<start = 1>", [3, 4]), ("<start = -2>", [3, 4]), ("<start = 0, end = -1>", [2, 3]), ("<start = 1, end = 2>", [3])],
+)
+def test_shape_start_and_end_are_honoured(attrs, expected):
+    m = model(
+        f"g (float[2,3,4] x) => (float[{len(expected)}] y)",
+        f"""
+        s = Shape {attrs} (x)
+        y = Cast <to = 1> (s)
+        """,
+    )
+    out, _ = fold(m)
+    assert "Shape" not in ops(out)
+    assert_equivalent(m, out)
+    np.testing.assert_array_equal(run(out, {"x": np.zeros((2, 3, 4), np.float32)})["y"], expected)
+
+
+def test_shape_of_a_dynamic_tensor_is_kept():
+    m = model(
+        "g (float[N,3] x) => (float[M] y)",
+        """
+        s = Shape(x)
+        n = ReduceProd <keepdims = 1> (s)
+        y = Reshape(x, n)
+        """,
+    )
+    out, entry = fold(m)
+    assert ops(out) == ops(m)
+    assert not entry.modified
+    assert_equivalent(m, out, input_shapes={"x": [5, 3]})
+
+
+def test_integer_arithmetic_through_float_casts_is_not_changed():
+    # Cast(int→float) · 0.5 → Cast(float→int) truncates; doing the Mul in integers with the
+    # constant cast to int (0.5 → 0) would give 0 everywhere.
+    m = model(
+        "g (int64[8] x) => (int64[8] y)",
+        """
+        half = Constant <value = float {0.5}> ()
+        xf = Cast <to = 1> (x)
+        p = Mul(xf, half)
+        y = Cast <to = 7> (p)
+        """,
+    )
+    out, _ = fold(m)
+    assert ops(out) == {"Cast": 2, "Mul": 1}
+    x = np.arange(8, dtype=np.int64)
+    assert_equivalent(m, out, inputs={"x": x})
+
+
+def test_dequantize_linear_of_a_constant_weight_is_not_folded():
+    m = model(
+        "g (float[2,3] x) => (float[2,2] y, float[3] z) <int8[3,2] wq = {10, -20, 30, -40, 50, -60}, float scale = {0.1}, int8 zp = {0}>",
+        """
+        w = DequantizeLinear(wq, scale, zp)
+        y = MatMul(x, w)
+        c = Constant <value = float[3] {1.0, 2.0, 3.0}> ()
+        nc = Neg(c)
+        z = Add(nc, nc)
+        """,
+    )
+    out, entry = fold(m)
+    assert ops(out)["DequantizeLinear"] == 1 and ops(out)["MatMul"] == 1
+    assert "Neg" not in ops(out)  # the pass did run: the float constant subgraph was folded
+    assert "wq" in initializers(out) and initializers(out)["wq"].dtype == np.int8
+    assert entry.modified
+    assert_equivalent(m, out)
+
+
+def test_random_generators_are_not_folded():
+    m = model(
+        "g (float[2,3] x) => (float[2,3] y)",
+        """
+        r = RandomNormal <shape = [2, 3], dtype = 1> ()
+        a = Abs(r)
+        c = Constant <value = float {2.0}> ()
+        n = Neg(c)
+        xn = Mul(x, n)
+        y = Add(xn, a)
+        """,
+    )
+    out, entry = fold(m)
+    # The constant branch was folded (the pass ran); the random one and its consumer were not.
+    assert ops(out) == {"RandomNormal": 1, "Abs": 1, "Mul": 1, "Add": 1}
+    assert entry.ops_removed == {"Constant": 1, "Neg": 1}
+
+
+def test_custom_domain_nodes_are_not_folded():
+    m = model(
+        "g (float[3] x) => (float[3] y)",
+        """
+        c = Constant <value = float[3] {1.0, 2.0, 3.0}> ()
+        d = com.example.Double(c)
+        y = Add(x, d)
+        """,
+        opsets='<ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>',
+    )
+    out, _ = fold(m)
+    assert ops(out)["Double"] == 1 and ops(out)["Add"] == 1
+
+
+EXPAND = """
+one = Constant <value = float {1.0}> ()
+shape = Constant <value = int64[2] {100, 100}> ()
+big = Expand(one, shape)
+y = Add(x, big)
+"""
+
+
+def test_size_threshold_keeps_large_results_unfolded():
+    m = model("g (float[100,100] x) => (float[100,100] y)", EXPAND)
+    limited, entry = fold(m, max_constant_bytes=1000)
+    assert ops(limited)["Expand"] == 1
+    assert all(v.nbytes <= 1000 for v in initializers(limited).values())
+    assert_equivalent(m, limited)
+
+    unlimited, entry = fold(m)
+    assert "Expand" not in ops(unlimited)
+    assert max(v.nbytes for v in initializers(unlimited).values()) == 100 * 100 * 4
+    assert_equivalent(m, unlimited)
+
+
+# Evaluating this constant subgraph fails in ORT (6 values reshaped to 4).
+BROKEN = """
+c = Constant <value = float[6] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}> ()
+s = Constant <value = int64[1] {4}> ()
+r = Reshape(c, s)
+z = ReduceSum(r)
+h = Identity(x)
+y = Add(h, z)
+"""
+
+
+def test_ort_failure_is_refused_and_the_model_unchanged():
+    m = model("g (float[2,3] x) => (float[2,3] y)", BROKEN, check=False)
+    out, entry = fold(m)
+    assert not entry.modified and out.SerializeToString() == m.SerializeToString()
+    (refusal,) = entry.refusals
+    assert refusal.subject == "graph"
+    assert refusal.reason.startswith("constant folding failed in ONNX Runtime, graph left as is: ")
+    assert "Reshape" in refusal.reason and "\n" not in refusal.reason
+
+
+def test_ort_failure_leaves_the_graph_as_it_was_for_later_passes():
+    m = model("g (float[2,3] x) => (float[2,3] y)", BROKEN, check=False)
+    # The graph itself, not just the exported model, must be left as is.
+    graph = gs.import_onnx(m)
+    ctx = PassContext("fold-constants")
+    result = FoldConstants().call(graph, ctx)
+    assert not result.modified and len(ctx.refusals) == 1
+    assert sorted(n.op for n in graph.nodes) == sorted(n.op_type for n in m.graph.node)
+    # A later pass that does change the graph exports the Constant nodes untouched.
+    out, report = optimize(m, passes=["fold-constants", "eliminate-identity"])
+    assert ops(out) == {"Constant": 2, "Reshape": 1, "ReduceSum": 1, "Add": 1}
+    assert report.passes[1].ops_removed == {"Identity": 1}
