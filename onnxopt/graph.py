@@ -64,12 +64,24 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str,
     for entry in template.opset_import:
         if entry.domain not in exported_domains and entry.domain not in DEFAULT_DOMAINS:
             model.opset_import.append(entry)
+    _keep_overridable_initializers(model, template)
     del model.metadata_props[:]
     if metadata is None:
         model.metadata_props.extend(template.metadata_props)
     else:
         onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def _keep_overridable_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Initializers the template also lists as graph inputs (overridable defaults, the pre-IR-4
+    style) stay graph inputs when they survive: graphsurgeon's export drops them from inputs."""
+    initializers = {t.name for t in template.graph.initializer}
+    kept = {t.name for t in model.graph.initializer}
+    present = {i.name for i in model.graph.input}
+    for value_info in template.graph.input:
+        if value_info.name in initializers and value_info.name in kept and value_info.name not in present:
+            model.graph.input.append(value_info)
 
 
 def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -207,3 +207,27 @@ def test_export_keeps_the_template_metadata(template_opset):
     assert (out.ir_version, out.producer_name, out.model_version) == (8, "me", 3)
     assert {(o.domain, o.version) for o in out.opset_import} >= {("", template_opset), ("com.example", 1)}
     assert [(p.key, p.value) for p in out.metadata_props] == [("author", "test")]
+
+
+def test_initializers_listed_as_graph_inputs_stay_inputs():
+    """Old-style models list overridable initializers as inputs: optimizing keeps the interface."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxopt
+
+    weight = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(2, 2), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    optimized, report = onnxopt.optimize(model, passes=["eliminate-identity"], validate=True)
+    assert report.passes[0].modified
+    assert [i.name for i in optimized.graph.input] == ["x", "w"]
+    assert "Identity" not in {n.op_type for n in optimized.graph.node}
+    onnx.checker.check_model(optimized, full_check=True)
