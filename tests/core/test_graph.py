@@ -231,3 +231,14 @@ def test_initializers_listed_as_graph_inputs_stay_inputs():
     assert [i.name for i in optimized.graph.input] == ["x", "w"]
     assert "Identity" not in {n.op_type for n in optimized.graph.node}
     onnx.checker.check_model(optimized, full_check=True)
+
+
+def test_inferred_shapes_are_not_shipped_in_the_output(demo):
+    """Passes see inferred shapes, but the output keeps only the input's value_info (shipping
+    the inferred ones changes which fusions ORT applies)."""
+    import onnxopt
+
+    assert not demo.graph.value_info
+    optimized, report = onnxopt.optimize(demo)
+    assert any(p.modified for p in report.passes)
+    assert not optimized.graph.value_info
