@@ -1,0 +1,1 @@
+"""Benchmarks of onnxopt (not tests): ``python -m bench.<name>``; see bench/README.md."""
