@@ -1,11 +1,11 @@
 """The bundled example model, so a new user can see onnxopt work with nothing of their own.
 
 A small residual CNN as a PyTorch export would give it, with unfused BatchNormalization
-nodes, a residual Add, an Identity, a Dropout and a constant subgraph computing a Reshape
+nodes (one after the residual Add, which only the exact N&S folding removes), a residual Add, an Identity, a Dropout and a constant subgraph computing a Reshape
 target — one thing for every pass of the default pipeline::
 
-    x[1,3,16,16] ─ Conv ─ BN ─ Relu ─┬─ Conv ─ BN ─ Relu ─ Conv ─ BN ─ Add ─ Relu ─ Identity
-                                     └──────────────────────────────┘
+    x[1,3,16,16] ─ Conv ─ BN ─ Relu ─┬─ Conv ─ BN ─ Relu ─ Conv ─ BN ─ Add ─ BN ─ Relu ─ Identity
+                                     └──────────── Conv 1×1 ────────┘
     ─ GlobalAveragePool ─ Reshape(Concat(Constant, Constant)) ─ Dropout ─ Gemm ─ logits[1,10]
 
 The weights are drawn from a fixed seed, so the model is identical on every machine.
@@ -55,8 +55,22 @@ def demo_model(seed: int = 0) -> onnx.ModelProto:
     branch = conv_bn("block.0", "stem.relu", 8, 8)
     nodes.append(helper.make_node("Relu", [branch], ["block.0.relu"], name="block.0/relu"))
     branch = conv_bn("block.1", "block.0.relu", 8, 8)
-    nodes.append(helper.make_node("Add", [branch, "stem.relu"], ["block.add"], name="block/add"))
-    nodes.append(helper.make_node("Relu", ["block.add"], ["block.relu"], name="block/relu"))
+    initializers.append(numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), "shortcut.weight"))
+    nodes.append(helper.make_node("Conv", ["stem.relu", "shortcut.weight"], ["shortcut"], name="block/shortcut", kernel_shape=[1, 1]))
+    nodes.append(helper.make_node("Add", [branch, "shortcut"], ["block.add"], name="block/add"))
+    # A BN after the residual Add: no Conv directly before it, yet foldable backward into the
+    # Convs of both branches (one of them takes the shift, the other only the scale).
+    initializers.extend(_conv_bn_parameters(rng, "post", 8, 8)[1:])
+    nodes.append(
+        helper.make_node(
+            "BatchNormalization",
+            ["block.add", "post.bn.weight", "post.bn.bias", "post.bn.running_mean", "post.bn.running_var"],
+            ["block.bn_out"],
+            name="block/post_bn",
+            epsilon=1e-5,
+        )
+    )
+    nodes.append(helper.make_node("Relu", ["block.bn_out"], ["block.relu"], name="block/relu"))
     nodes.append(helper.make_node("Identity", ["block.relu"], ["features"], name="features/identity"))
     nodes.append(helper.make_node("GlobalAveragePool", ["features"], ["pooled"], name="head/pool"))
     nodes.append(helper.make_node("Constant", [], ["batch_dim"], name="head/batch_dim", value=numpy_helper.from_array(np.array([-1], np.int64))))
