@@ -88,6 +88,8 @@ class PassManager:
             "unused_initializers": unused_initializers(model, graph),
             # the model's metadata_props; passes may add entries (e.g. kept BN statistics).
             "metadata": {p.key: p.value for p in model.metadata_props},
+            # the input model, as the template for passes that export the graph mid-pass.
+            "model": model,
         }
         for round_index in range(self.max_rounds):
             changed = False

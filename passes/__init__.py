@@ -11,9 +11,10 @@ from onnxopt.registry import PassRegistry, Preset
 from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
+from .quantize import Quantize
 from .conv_bn_fold import FoldConvBn
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, EliminateDead)
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, Quantize, EliminateDead)
 
 BUILTIN_PRESETS = (
     Preset(
@@ -25,6 +26,11 @@ BUILTIN_PRESETS = (
         "classic",
         "lossless baseline: like default but only the adjacent Conv→BN fold other tools do",
         ("eliminate-identity", "fold-constants", "fold-conv-bn", "eliminate-dead"),
+    ),
+    Preset(
+        "quantize",
+        "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "quantize", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),

@@ -1,0 +1,258 @@
+"""quantize: data-free static quantization to standard ONNX QDQ, with per-channel SPIQ scales.
+
+Before::   x ── Conv(W, b) ── Relu ── Conv(W2, b2) ── y
+After::    x ── Conv(W, b)' ── Relu ── Q ── DQ ── Conv(DQ(W2_int8), DQ(b2_int32)) ── Q ── DQ ── y
+
+Steps (METHODS.md §3):
+
+1. **Ranges** of every tensor a quantizable layer (Conv, ConvTranspose, Gemm, MatMul with
+   constant weights) reads: data-free from BN statistics (``act_ranges="bn"``, λ = 9 at
+   8 bits, 4 at ≤ 6 bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on
+   calibration data (``"minmax"`` / ``"percentile"``).  The graph input has no statistics:
+   the first layer stays float unless ``input_range`` or calibration data is given.
+2. **SPIQ** (``spiq=True``): per-channel steps s_c become per-tensor by folding
+   ``r_c = s_c / max s`` into the producer (÷) and the readers (×), see :mod:`.spiq`.  Where
+   no producer can absorb them the tensor is quantized per tensor and the report says why;
+   ``spiq_coverage`` is the share of quantized inputs with per-channel scales.
+3. **Weights** symmetric per output channel (``per_channel=True``) at ``weight_bits`` (2–8,
+   stored as int8), **bias correction** (eq. 3.8, ``bias_correction=True``):
+   ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
+4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
+   int8 elsewhere), shared by all readers; also on the output of every quantized layer
+   (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
+
+Refused (reported per layer): non-constant or non-float weights, Gemm with transA or
+alpha/beta ≠ 1, inputs without statistics.  With no statistics at all and no calibration
+data the pass stops with an error saying how to provide them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import PipelineError
+from onnxopt.graph import NameFactory, cleanup, constant_values, export_model, is_default_domain, node_label, optional_input, set_constant_input
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
+
+from . import spiq as spiq_rewrite
+from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
+from .numerics import ActivationQuant, activation_quant
+from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
+RANGE_MODES = ("bn", "minmax", "percentile")
+
+
+class Quantize(Pass):
+    name = "quantize"
+    summary = "data-free static quantization to QDQ with per-channel SPIQ scales folded into weights (wNaM)"
+    lossless = False
+    tags = frozenset({"quantize"})
+    runs_after = frozenset({"bn-fold"})
+    options_spec = {
+        "weight_bits": 8,
+        "act_bits": 8,
+        "per_channel": True,
+        "spiq": True,
+        "act_ranges": "bn",
+        "calibration_data": None,
+        "lam": None,
+        "bias_correction": True,
+        "input_range": None,
+    }
+
+    # ------------------------------------------------------------------ checks
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        for key in ("weight_bits", "act_bits"):
+            if not isinstance(o[key], int) or not 2 <= o[key] <= 8:
+                raise PipelineError(f"quantize: {key} must be an integer in 2..8, got {o[key]!r}")
+        if o["act_ranges"] not in RANGE_MODES:
+            raise PipelineError(f"quantize: act_ranges must be one of {', '.join(RANGE_MODES)}, got {o['act_ranges']!r}")
+        if o["act_ranges"] != "bn" and not o["calibration_data"]:
+            raise PipelineError(f"quantize: act_ranges={o['act_ranges']!r} needs calibration data (--calibration-data x.npz)")
+        if graph.opset < 13:
+            raise PreconditionFailed(f"opset {graph.opset} < 13: per-axis DequantizeLinear needs opset 13")
+
+    # ------------------------------------------------------------------ main
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cleanup(graph)
+        names = NameFactory(graph)
+        layers = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        layers = [n for n in layers if self._layer_ok(n, ctx)]
+        if not layers:
+            return PassResult(False, {"layers_quantized": 0})
+        ranges = self._ranges(graph, ctx, layers)
+        readers_of: dict[str, list[gs.Node]] = defaultdict(list)
+        for layer in layers:
+            readers_of[layer.inputs[0].name].append(layer)
+
+        quants: dict[str, ActivationQuant] = {}
+        means: dict[str, np.ndarray | None] = {}
+        records: list[dict[str, Any]] = []
+        for tensor_name, readers in readers_of.items():
+            tensor = readers[0].inputs[0]
+            channel_range = ranges.get(tensor_name)
+            if channel_range is None:
+                for reader in readers:
+                    ctx.refuse(f"layer {node_label(reader)}", f"no statistics for its input {tensor_name}: kept in float")
+                continue
+            quant, mean, mode = self._input_quantizer(graph, ctx, tensor, readers, channel_range, names)
+            quants[tensor_name], means[tensor_name] = quant, mean
+            records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
+
+        quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
+        self._quantize_weights(graph, quantized_layers, quants, means, names)
+        dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
+        outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, dq_of, names)
+        cleanup(graph)
+
+        spiq_count = sum(1 for r in records if r["mode"] == "spiq")
+        return PassResult(
+            bool(quantized_layers),
+            {
+                "layers_quantized": len(quantized_layers),
+                "layers_float": len(layers) - len(quantized_layers),
+                "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
+                "outputs_quantized": outputs_quantized,
+                "layers": records,
+            },
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
+        weight = constant_values(node, 1)
+        reason = None
+        if weight is None or not np.issubdtype(weight.dtype, np.floating):
+            reason = "weight is not a float initializer"
+        elif optional_input(node, 2) is not None and constant_values(node, 2) is None:
+            reason = "bias is not an initializer"
+        elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+            reason = "Gemm with transA or alpha/beta ≠ 1"
+        elif node.op == "MatMul" and (weight.ndim != 2 or node.inputs[0].shape is None or len(node.inputs[0].shape) != 2):
+            reason = "MatMul other than matrix × constant matrix (transformer layers: not yet)"
+        if reason:
+            ctx.refuse(f"layer {node_label(node)}", reason)
+        return reason is None
+
+    def _ranges(self, graph: gs.Graph, ctx: PassContext, layers: list[gs.Node]) -> dict[str, ChannelRange]:
+        """Per-channel ranges of the layers' inputs and of their output chain ends."""
+        wanted = [layer.inputs[0] for layer in layers] + [_chain_end(layer.outputs[0]) for layer in layers]
+        result: dict[str, ChannelRange] = {}
+        mode = self.options["act_ranges"]
+        if mode == "bn":
+            stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
+            if not stats and self.options["input_range"] is None:
+                raise PipelineError(
+                    "quantize: the model has no BatchNormalization statistics (no BN nodes, no onnxopt.bn_statistics "
+                    "metadata) and no calibration data: export with BN preserved (onnxopt.export_torch) or give "
+                    "calibration samples (--calibration-data x.npz --act-ranges minmax)"
+                )
+            lam = self.options["lam"] or default_lambda(self.options["act_bits"])
+            estimator = RangeEstimator(stats, lam)
+            for tensor in wanted:
+                channel_range = estimator.range(tensor)
+                if channel_range is not None:
+                    result[tensor.name] = channel_range
+        else:
+            result.update(self._calibrate(graph, ctx, wanted))
+        if self.options["input_range"] is not None:
+            low, high = (float(v) for v in self.options["input_range"])
+            for tensor in graph.inputs:
+                if tensor.name not in result and tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
+                    c = tensor.shape[1]
+                    result[tensor.name] = ChannelRange(np.full(c, low), np.full(c, high), np.full(c, (low + high) / 2))
+        return result
+
+    def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
+        from onnxopt.verify import load_inputs
+
+        template = ctx.shared.get("model")
+        model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
+        samples = load_inputs(self.options["calibration_data"], model)
+        names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
+        return calibrated_ranges(model, names, samples, self.options["act_ranges"])
+
+    def _input_quantizer(
+        self, graph: gs.Graph, ctx: PassContext, tensor: gs.Tensor, readers: list[gs.Node], r: ChannelRange, names: NameFactory
+    ) -> tuple[ActivationQuant, np.ndarray | None, str]:
+        """The per-tensor quantizer of ``tensor`` (after SPIQ when possible), its per-channel
+        mean as the readers will see it, and the mode ("spiq" or "per-tensor")."""
+        bits = self.options["act_bits"]
+        unsigned = bool(np.all(r.lo >= 0))
+        if self.options["spiq"]:
+            plan = spiq_rewrite.plan(graph, tensor, readers)
+            if isinstance(plan, str):
+                ctx.refuse(f"SPIQ on {tensor.name}", f"per-tensor fallback: {plan}")
+            else:
+                high = np.minimum(r.hi, plan.clip_high)
+                levels = 2**bits - 1 if unsigned else 2 ** (bits - 1) - 1
+                step = np.maximum(high if unsigned else np.maximum(np.abs(r.lo), np.abs(r.hi)), 1e-12) / levels
+                ratio, top = spiq_rewrite.ratios(step)
+                spiq_rewrite.apply(graph, plan, ratio, readers, names)
+                return ActivationQuant(np.float32(top), not unsigned, bits), r.mean / ratio, "spiq"
+        low = 0.0 if unsigned else float(r.lo.min())
+        return activation_quant(low, float(r.hi.max()), bits), r.mean, "per-tensor"
+
+    def _quantize_weights(
+        self, graph: gs.Graph, layers: list[gs.Node], quants: dict[str, ActivationQuant], means: dict[str, np.ndarray | None], names: NameFactory
+    ) -> None:
+        for layer in layers:
+            weight = constant_values(layer, 1).astype(np.float64)
+            dequantized, scales, _ = quantize_layer_weight(graph, layer, self.options["weight_bits"], self.options["per_channel"], names)
+            mean = means.get(layer.inputs[0].name)
+            if self.options["bias_correction"] and mean is not None and layer.op in ("Conv", "Gemm"):
+                correction = _mean_shift(layer, weight - dequantized, mean)
+                if correction is not None:
+                    bias = constant_values(layer, 2)
+                    base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
+                    set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
+            quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
+
+    def _quantize_outputs(
+        self, graph: gs.Graph, ctx: PassContext, layers: list[gs.Node], ranges: dict[str, ChannelRange], dq_of: dict[str, gs.Variable], names: NameFactory
+    ) -> int:
+        """Q→DQ after each quantized layer (after its Relu/Clip) so ORT can fuse it."""
+        count = 0
+        for layer in layers:
+            end = _chain_end(layer.outputs[0])
+            if end.name in dq_of or any(n.op == "QuantizeLinear" for n in end.outputs):
+                continue
+            channel_range = ranges.get(end.name)
+            if channel_range is None:
+                ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, ORT will not fuse this layer")
+                continue
+            unsigned = bool(np.all(channel_range.lo >= 0))
+            low = 0.0 if unsigned else float(channel_range.lo.min())
+            dq_of[end.name] = quantize_activation(graph, end, activation_quant(low, float(channel_range.hi.max()), self.options["act_bits"]), names)
+            count += 1
+        return count
+
+
+def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
+    """Follow single-reader Relu/Clip nodes after a layer output (the tensor ORT quantizes)."""
+    current = tensor
+    while len(current.outputs) == 1 and current.outputs[0].op in FOLLOWING_ACTIVATIONS and current.outputs[0].outputs:
+        current = current.outputs[0].outputs[0]
+    return current
+
+
+def _mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """(W − Ŵ)·E[X] per output channel (summed over kernel positions); None if shapes differ."""
+    if layer.op == "Conv":
+        groups = int(layer.attrs.get("group", 1))
+        out, per_group = delta.shape[0], delta.shape[1]
+        if len(mean) != groups * per_group:
+            return None
+        grouped = delta.reshape(groups, out // groups, per_group, -1)
+        return np.einsum("gojk,gj->go", grouped, mean.reshape(groups, per_group)).reshape(out)
+    k_by_n = delta.T if layer.attrs.get("transB", 0) else delta
+    return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
+
+
+__all__ = ["Quantize"]

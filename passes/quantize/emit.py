@@ -1,0 +1,97 @@
+"""Emission of standard ONNX QDQ nodes in the form ONNX Runtime fuses into integer kernels.
+
+For a quantized layer (Conv/ConvTranspose/Gemm/MatMul)::
+
+    X ── QuantizeLinear(S_x, 0) ── DequantizeLinear ──┐
+    W_int8 ── DequantizeLinear(s_w per channel) ──────┼── Conv ── Y
+    b_int32 ── DequantizeLinear(S_x·s_w) ─────────────┘
+
+Activation QDQ is per tensor (uint8 with zero point 0 after a ReLU, symmetric uint8 with
+zero point 128 elsewhere) and shared: once a tensor is quantized every reader reads the DequantizeLinear output, so
+ORT also fuses the Add/pooling between layers.  Activations below 8 bits get an explicit
+Clip to the b-bit range before the 8-bit QuantizeLinear (ORT runs that Clip in float).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import NameFactory, constant_values
+
+from .numerics import ActivationQuant, bias_codes, dequantize_weight, quantize_weight
+
+
+def weight_axis(node: gs.Node) -> int | None:
+    """Axis of the weight holding output channels (None: per-tensor only)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1  # MatMul: B is [K, N]
+
+
+def quantize_activation(graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQuant, names: NameFactory) -> gs.Variable:
+    """Insert Q→DQ on ``tensor``; every former reader reads the DequantizeLinear output."""
+    base = tensor.name
+    scale = gs.Constant(names.new(f"{base}_scale"), np.array(quant.scale, dtype=np.float32))
+    zero = gs.Constant(names.new(f"{base}_zero_point"), np.array(quant.zero_point, dtype=quant.dtype))
+    source: gs.Tensor = tensor
+    readers = list(tensor.outputs)
+    nodes = []
+    if quant.restricted:
+        low = -quant.max_code * quant.scale if quant.signed else 0.0
+        bounds = [gs.Constant(names.new(f"{base}_clip_{k}"), np.array(v, np.float32)) for k, v in (("min", low), ("max", quant.max_code * quant.scale))]
+        clipped = gs.Variable(names.new(f"{base}_clipped"), dtype=np.float32, shape=tensor.shape)
+        nodes.append(gs.Node("Clip", names.new(f"{base}_clip"), inputs=[tensor, *bounds], outputs=[clipped]))
+        source = clipped
+    codes = gs.Variable(names.new(f"{base}_quantized"), dtype=quant.dtype, shape=tensor.shape)
+    result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
+    nodes.append(gs.Node("QuantizeLinear", names.new(f"{base}_QuantizeLinear"), inputs=[source, scale, zero], outputs=[codes]))
+    nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), inputs=[codes, scale, zero], outputs=[result]))
+    for reader in readers:
+        for index, value in enumerate(reader.inputs):
+            if value is tensor:
+                reader.inputs[index] = result
+    graph.nodes.extend(nodes)  # a graph output keeps its float value: only readers change
+    return result
+
+
+def quantize_layer_weight(graph: gs.Graph, node: gs.Node, bits: int, per_channel: bool, names: NameFactory) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Replace the layer's float weight by DequantizeLinear(int8 codes); return the
+    dequantized weight, the scales and the axis they run along (None: per tensor)."""
+    weight = constant_values(node, 1).astype(np.float32)
+    axis = weight_axis(node) if per_channel else None
+    codes, scales = quantize_weight(weight, bits, axis)
+    label = node.name or node.outputs[0].name
+    node.inputs[1] = _dequantized(graph, f"{label}_weight", codes, scales, np.zeros(scales.shape, np.int8), axis, names)
+    return dequantize_weight(codes, scales, axis), scales, axis
+
+
+def quantize_layer_bias(graph: gs.Graph, node: gs.Node, input_scale: np.float32, weight_scales: np.ndarray, names: NameFactory) -> bool:
+    """Replace a 1-D float bias by DequantizeLinear(int32 codes, S_x·s_w); False if it has none
+    (or one ORT's QDQ form cannot express, e.g. a 2-D Gemm C)."""
+    bias = constant_values(node, 2) if node.op != "MatMul" else None
+    if bias is None or bias.ndim != 1:
+        return False
+    codes, scales = bias_codes(bias, input_scale, np.broadcast_to(weight_scales, bias.shape))
+    label = node.name or node.outputs[0].name
+    node.inputs[2] = _dequantized(graph, f"{label}_bias", codes, scales, np.zeros(scales.shape, np.int32), 0, names)
+    return True
+
+
+def _dequantized(
+    graph: gs.Graph, base: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, axis: int | None, names: NameFactory
+) -> gs.Variable:
+    inputs = [
+        gs.Constant(names.new(f"{base}_quantized"), codes),
+        gs.Constant(names.new(f"{base}_scale"), np.asarray(scales, np.float32)),
+        gs.Constant(names.new(f"{base}_zero_point"), zeros),
+    ]
+    result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(codes.shape))
+    attrs = {"axis": axis} if axis is not None and np.ndim(scales) > 0 else {}
+    graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), attrs=attrs, inputs=inputs, outputs=[result]))
+    return result
+

@@ -1,0 +1,181 @@
+"""Activation ranges per channel: data-free from BN statistics, or from calibration data.
+
+Data-free (METHODS.md §3.1.1): the output of a BN is N(β_c, γ_c²) per channel, so its range
+is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
+come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
+fold-batchnorm keeps for the BNs it removed.  They are propagated **[derived]** to the
+tensors the quantized layers actually read:
+
+* Relu: range clipped at 0; mean of the rectified Gaussian
+  ``E[ReLU(Y)] = β·Φ(β/σ) + σ·φ(β/σ)`` when the input is a BN output, else max(mean, 0);
+* Clip(a, b) (ReLU6): range clipped to [a, b];
+* Max/Average/GlobalAverage pooling, Identity, Dropout, Flatten of a pooled tensor: the
+  per-channel range is kept (a conservative bound for averages);
+* Concat on the channel axis: the per-channel vectors are concatenated;
+* Add: means add and the range is the sum of the ranges (a sure bound; it ignores that
+  independent branches rarely peak together — the tighter √(σ_a² + σ_b²) estimate is not
+  used, see the pass notes);
+* anything else, and graph inputs: unknown (the reading layer stays float unless
+  calibration data or an input range is given).
+
+Calibration: the tensors are computed by ONNX Runtime on the user's samples; per channel
+(axis 1) either min/max or the 0.01 / 99.99 percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from scipy.stats import norm
+
+from onnxopt.graph import constant_values, is_default_domain, producer
+
+STATISTICS_KEY = "onnxopt.bn_statistics"
+PASS_THROUGH_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout", "Flatten"})
+
+
+@dataclass
+class ChannelRange:
+    lo: np.ndarray
+    hi: np.ndarray
+    mean: np.ndarray
+    #: (μ, σ) when the values are a BN output N(μ, σ²), used for the exact ReLU mean.
+    gaussian: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def channels(self) -> int:
+        return len(self.lo)
+
+
+def default_lambda(act_bits: int) -> float:
+    """λ of METHODS.md §3: 9 at 8-bit activations, 4 at ≤ 6 bits (linear in between)."""
+    if act_bits >= 8:
+        return 9.0
+    if act_bits <= 6:
+        return 4.0
+    return 6.5
+
+
+def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """tensor name → (mean, std) per channel (axis 1) from kept metadata and remaining BNs."""
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, entry in json.loads(metadata.get(STATISTICS_KEY, "{}")).items():
+        if entry.get("axis", 1) == 1:
+            stats[name] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64))
+    for node in graph.nodes:
+        if node.op == "BatchNormalization" and is_default_domain(node):
+            gamma, beta = constant_values(node, 1), constant_values(node, 2)
+            if gamma is not None and beta is not None:
+                stats[node.outputs[0].name] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
+    return stats
+
+
+class RangeEstimator:
+    """Per-channel ranges of tensors, from BN statistics propagated through the graph."""
+
+    def __init__(self, stats: Mapping[str, tuple[np.ndarray, np.ndarray]], lam: float) -> None:
+        self.stats = stats
+        self.lam = lam
+        self._memo: dict[str, ChannelRange | None] = {}
+
+    def range(self, tensor: gs.Tensor) -> ChannelRange | None:
+        if tensor.name not in self._memo:
+            self._memo[tensor.name] = None  # cycles are impossible in a DAG; this guards re-entry
+            self._memo[tensor.name] = self._compute(tensor)
+        return self._memo[tensor.name]
+
+    def _compute(self, tensor: gs.Tensor) -> ChannelRange | None:
+        if tensor.name in self.stats:
+            mean, std = self.stats[tensor.name]
+            return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std))
+        node = producer(tensor)
+        if node is None or not is_default_domain(node):
+            return None
+        if node.op == "Relu":
+            return _relu(self.range(node.inputs[0]))
+        if node.op == "Clip":
+            return _clip(self.range(node.inputs[0]), *_clip_bounds(node))
+        if node.op in PASS_THROUGH_OPS:
+            return self.range(node.inputs[0])
+        if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (1, -3) and tensor.shape is not None and len(tensor.shape) == 4:
+            parts = [self.range(t) for t in node.inputs]
+            if any(p is None for p in parts):
+                return None
+            return ChannelRange(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("lo", "hi", "mean")))
+        if node.op == "Add" and len(node.inputs) == 2:
+            a, b = self.range(node.inputs[0]), self.range(node.inputs[1])
+            if a is None or b is None or a.channels != b.channels:
+                return None
+            return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
+        return None
+
+
+def _relu(r: ChannelRange | None) -> ChannelRange | None:
+    if r is None:
+        return None
+    if r.gaussian is not None:
+        mu, sigma = r.gaussian
+        safe = np.maximum(sigma, 1e-12)
+        mean = mu * norm.cdf(mu / safe) + sigma * norm.pdf(mu / safe)
+    else:
+        mean = np.maximum(r.mean, 0.0)
+    return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean)
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float]:
+    low = constant_values(node, 1)
+    high = constant_values(node, 2)
+    low_value = float(low) if low is not None else float(node.attrs.get("min", -np.inf))
+    high_value = float(high) if high is not None else float(node.attrs.get("max", np.inf))
+    return low_value, high_value
+
+
+def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | None:
+    if r is None:
+        return None
+    base = _relu(r) if low == 0.0 else r
+    return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high))
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrated_ranges(
+    model: onnx.ModelProto, tensors: list[str], samples: Mapping[str, np.ndarray], method: str
+) -> dict[str, ChannelRange]:
+    """Per-channel ranges (axis 1) of ``tensors`` over the calibration ``samples``."""
+    from onnxopt.verify import session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = session(probe)
+    names = list(dict.fromkeys(tensors))
+    count = len(next(iter(samples.values())))
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for index in range(count):
+        feeds = {key: value[index : index + 1] for key, value in samples.items()}
+        for name, value in zip(names, sess.run(names, feeds)):
+            collected[name].append(_channels_last(np.asarray(value, np.float64)))
+    ranges = {}
+    for name, chunks in collected.items():
+        values = np.concatenate(chunks, axis=0)
+        if method == "percentile":
+            lo, hi = np.percentile(values, 0.01, axis=0), np.percentile(values, 99.99, axis=0)
+        else:
+            lo, hi = values.min(axis=0), values.max(axis=0)
+        ranges[name] = ChannelRange(lo, hi, values.mean(axis=0))
+    return ranges
+
+
+def _channels_last(value: np.ndarray) -> np.ndarray:
+    """Rows of samples × channels (channel = axis 1)."""
+    if value.ndim < 2:
+        return value.reshape(-1, 1)
+    return np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])

@@ -1,0 +1,102 @@
+"""SPIQ: per-channel activation scales folded into the graph (METHODS.md §3, eqs. 3.10–3.11).
+
+A layer reading X with per-channel quantization steps s_c quantizes ``X/r`` per tensor
+instead, with ``r_c = s_c / S`` and ``S = max_c s_c``: every channel of ``X/r`` then spans the
+same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
+
+* the division by r is folded into the producer's output channels (rows and bias ÷ r_c),
+  which passes through ReLU and MaxPool (positively homogeneous, r > 0);
+* a ReLU6 (Clip(0, 6)) on the way becomes a Relu: with ``s_c = min(6, hi_c)/(2^b − 1)`` the
+  per-tensor quantizer's clip at (2^b − 1)·S reproduces the 6 on every channel;
+* the reading layers take the multiplication (input columns × r_c), before their own
+  per-output-channel weight quantization.
+
+Before rounding the rewritten float graph computes the same function (ReLU6 aside, whose
+clip moves into the quantizer).  Refused, with the tensor left per-tensor: graph inputs,
+tensors with readers other than quantized layers, producers that cannot absorb a per-channel
+scale (a residual Add, a Concat, an unknown op), and intermediate tensors with other readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer
+
+from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
+
+#: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
+MIN_RATIO = 1e-3
+HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "Identity"})
+PRODUCER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+@dataclass
+class SpiqPlan:
+    producer: gs.Node
+    chain: list[gs.Node]
+    #: upper clip of a ReLU6-like Clip on the way (inf when none)
+    clip_high: float
+
+
+def clip_high(node: gs.Node) -> float | None:
+    """The upper bound of a Clip(0, m) node, or None if it is not such a clip."""
+    low = constant_values(node, 1) if len(node.inputs) > 1 else None
+    high = constant_values(node, 2) if len(node.inputs) > 2 else None
+    low_value = float(low) if low is not None else float(node.attrs.get("min", -np.inf))
+    high_value = float(high) if high is not None else float(node.attrs.get("max", np.inf))
+    return high_value if low_value == 0.0 and high_value > 0 else None
+
+
+def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan | str:
+    """How ``tensor``'s per-channel scales can be folded, or why they cannot."""
+    others = [n for n in tensor.outputs if not any(n is r for r in readers)]
+    if others:
+        return f"also read by {others[0].op} {node_label(others[0])}"
+    chain: list[gs.Node] = []
+    high = np.inf
+    current = tensor
+    while True:
+        if is_graph_output(graph, current):
+            return f"{current.name} is a graph output"
+        node = producer(current)
+        if node is None:
+            return "graph input (no producer to absorb the scales)"
+        if node.op in HOMOGENEOUS_OPS or (node.op == "Clip" and clip_high(node) is not None):
+            if node.op == "Clip":
+                high = min(high, clip_high(node))
+            chain.append(node)
+            source = node.inputs[0]
+            if len(source.outputs) != 1:
+                return f"{source.name} feeds other nodes too (residual join)"
+            current = source
+            continue
+        if node.op in PRODUCER_OPS and expressive_refusal(node) is None and node.outputs[0] is current:
+            if node.op == "MatMul" and (current.shape is None or len(current.shape) != 2):
+                return f"{node.op} {node_label(node)} output is not a matrix"
+            return SpiqPlan(node, chain, high)
+        return f"{node.op} {node_label(node)} cannot absorb per-channel scales"
+
+
+def apply(graph: gs.Graph, spiq: SpiqPlan, ratio: np.ndarray, readers: list[gs.Node], names: NameFactory) -> None:
+    """Divide the producer's output channels by ``ratio`` and multiply the readers' inputs."""
+    inverse = 1.0 / ratio
+    zero = np.zeros_like(ratio)
+    absorb_output(graph, spiq.producer, inverse, zero, names)
+    for node in spiq.chain:
+        if node.op == "Clip":  # the quantizer's clip reproduces the upper bound (see module doc)
+            node.op = "Relu"
+            while len(node.inputs) > 1:  # graphsurgeon's synchronized lists: pop one by one
+                node.inputs.pop()
+            node.attrs.clear()
+    for reader in readers:
+        absorb_input(graph, reader, inverse, zero, names)
+
+
+def ratios(step: np.ndarray) -> tuple[np.ndarray, float]:
+    """(r, S) for per-channel steps ``step``: S = max step, r = step / S floored at MIN_RATIO."""
+    top = float(step.max())
+    return np.maximum(step / top, MIN_RATIO), top
