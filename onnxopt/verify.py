@@ -60,10 +60,13 @@ class VerifyResult:
     rtol: float
     input_source: str
     failures: list[str] = field(default_factory=list)
+    #: False for a lossy pipeline: the figures measure fidelity, the tolerance does not apply.
+    judged: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {
             "passed": self.passed,
+            "judged": self.judged,
             "atol": self.atol,
             "rtol": self.rtol,
             "inputs": self.input_source,
@@ -72,8 +75,11 @@ class VerifyResult:
         }
 
     def format(self) -> str:
-        status = "PASSED" if self.passed else "FAILED"
-        lines = [f"verify ({self.input_source}; tolerance atol={self.atol:g} rtol={self.rtol:g}): {status}"]
+        if self.judged:
+            status = "PASSED" if self.passed else "FAILED"
+            lines = [f"verify ({self.input_source}; tolerance atol={self.atol:g} rtol={self.rtol:g}): {status}"]
+        else:
+            lines = [f"verify ({self.input_source}; lossy pipeline: fidelity figures, no tolerance)"]
         for o in self.outputs:
             top1 = "" if o.top1_agreement is None else f"  top-1 agreement {o.top1_agreement:.1%}"
             lines.append(

@@ -5,7 +5,8 @@ instead, with ``r_c = s_c / S`` and ``S = max_c s_c``: every channel of ``X/r`` 
 same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
 
 * the division by r is folded into the producer's output channels (rows and bias ÷ r_c),
-  which passes through ReLU and MaxPool (positively homogeneous, r > 0);
+  which passes through ReLU, Max/Average pooling and a Flatten of a pooled tensor (they
+  commute with a positive per-channel scale);
 * a ReLU6 (Clip(0, 6)) on the way becomes a Relu: with ``s_c = min(6, hi_c)/(2^b − 1)`` the
   per-tensor quantizer's clip at (2^b − 1)·S reproduces the 6 on every channel;
 * the reading layers take the multiplication (input columns × r_c), before their own
@@ -30,7 +31,8 @@ from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
-HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "Identity"})
+#: Ops that commute with a positive per-channel scale: (x/r) ↦ op(x)/r.
+HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Identity"})
 PRODUCER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
@@ -65,7 +67,7 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
         node = producer(current)
         if node is None:
             return "graph input (no producer to absorb the scales)"
-        if node.op in HOMOGENEOUS_OPS or (node.op == "Clip" and clip_high(node) is not None):
+        if node.op in HOMOGENEOUS_OPS or (node.op == "Clip" and clip_high(node) is not None) or _channel_flatten(node):
             if node.op == "Clip":
                 high = min(high, clip_high(node))
             chain.append(node)
@@ -79,6 +81,12 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
                 return f"{node.op} {node_label(node)} output is not a matrix"
             return SpiqPlan(node, chain, high)
         return f"{node.op} {node_label(node)} cannot absorb per-channel scales"
+
+
+def _channel_flatten(node: gs.Node) -> bool:
+    """A Flatten of an [N, C, 1, …, 1] tensor: channel c becomes feature c."""
+    shape = node.inputs[0].shape if node.op == "Flatten" else None
+    return shape is not None and int(node.attrs.get("axis", 1)) == 1 and len(shape) > 2 and all(d == 1 for d in shape[2:])
 
 
 def apply(graph: gs.Graph, spiq: SpiqPlan, ratio: np.ndarray, readers: list[gs.Node], names: NameFactory) -> None:
