@@ -64,6 +64,7 @@ class Quantize(Pass):
         "lam": None,
         "bias_correction": True,
         "input_range": None,
+        "add_range": "sum",
     }
 
     # ------------------------------------------------------------------ checks
@@ -154,7 +155,7 @@ class Quantize(Pass):
                     "calibration samples (--calibration-data x.npz --act-ranges minmax)"
                 )
             lam = self.options["lam"] or default_lambda(self.options["act_bits"])
-            estimator = RangeEstimator(stats, lam)
+            estimator = RangeEstimator(stats, lam, self.options["add_range"])
             for tensor in wanted:
                 channel_range = estimator.range(tensor)
                 if channel_range is not None:

@@ -12,9 +12,9 @@ tensors the quantized layers actually read:
 * Max/Average/GlobalAverage pooling, Identity, Dropout, Flatten of a pooled tensor: the
   per-channel range is kept (a conservative bound for averages);
 * Concat on the channel axis: the per-channel vectors are concatenated;
-* Add: means add and the range is the sum of the ranges (a sure bound; it ignores that
-  independent branches rarely peak together — the tighter √(σ_a² + σ_b²) estimate is not
-  used, see the pass notes);
+* Add: means add; the range is either the sum of the ranges (``add_range="sum"``, a sure
+  bound) or, for two Gaussian branches assumed independent, ``μ ± λ·√(σ_a² + σ_b²)``
+  (``add_range="independent"``);
 * anything else, and graph inputs: unknown (the reading layer stays float unless
   calibration data or an input range is given).
 
@@ -78,9 +78,12 @@ def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tup
 class RangeEstimator:
     """Per-channel ranges of tensors, from BN statistics propagated through the graph."""
 
-    def __init__(self, stats: Mapping[str, tuple[np.ndarray, np.ndarray]], lam: float) -> None:
+    def __init__(self, stats: Mapping[str, tuple[np.ndarray, np.ndarray]], lam: float, add_range: str = "sum") -> None:
         self.stats = stats
         self.lam = lam
+        #: "sum": the range of a + b is the sum of the ranges (a sure bound); "independent":
+        #: Gaussian branches assumed independent, σ = √(σ_a² + σ_b²), range μ ± λσ.
+        self.add_range = add_range
         self._memo: dict[str, ChannelRange | None] = {}
 
     def range(self, tensor: gs.Tensor) -> ChannelRange | None:
@@ -111,6 +114,9 @@ class RangeEstimator:
             a, b = self.range(node.inputs[0]), self.range(node.inputs[1])
             if a is None or b is None or a.channels != b.channels:
                 return None
+            if self.add_range == "independent" and a.gaussian is not None and b.gaussian is not None:
+                mean, std = a.gaussian[0] + b.gaussian[0], np.hypot(a.gaussian[1], b.gaussian[1])
+                return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean, (mean, std))
             return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
         return None
 
