@@ -11,7 +11,8 @@ tensors the quantized layers actually read:
 * Clip(a, b) (ReLU6): range clipped to [a, b];
 * Max/Average/GlobalAverage pooling, Identity, Dropout, Flatten of a pooled tensor: the
   per-channel range is kept (a conservative bound for averages);
-* Concat on the channel axis: the per-channel vectors are concatenated;
+* Concat on the channel axis: the per-channel vectors are concatenated; a Slice of other
+  axes keeps them; zero Pad adds [0, 0] channels and widens every range to include 0;
 * Add: means add; the range is either the sum of the ranges (``add_range="sum"``, a sure
   bound) or, for two Gaussian branches assumed independent, ``μ ± λ·√(σ_a² + σ_b²)``
   (``add_range="independent"``);
@@ -110,6 +111,10 @@ class RangeEstimator:
             if any(p is None for p in parts):
                 return None
             return ChannelRange(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("lo", "hi", "mean")))
+        if node.op == "Slice":
+            return self._slice(node)
+        if node.op == "Pad":
+            return self._pad(node)
         if node.op == "Add" and len(node.inputs) == 2:
             a, b = self.range(node.inputs[0]), self.range(node.inputs[1])
             if a is None or b is None or a.channels != b.channels:
@@ -119,6 +124,30 @@ class RangeEstimator:
                 return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean, (mean, std))
             return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
         return None
+
+
+    def _slice(self, node: gs.Node) -> ChannelRange | None:
+        """A Slice that leaves the channel axis alone keeps the per-channel range."""
+        axes = constant_values(node, 3) if len(node.inputs) > 3 else None
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if axes is None or rank is None or 1 in [int(a) % rank for a in axes]:
+            return None
+        return self.range(node.inputs[0])
+
+    def _pad(self, node: gs.Node) -> ChannelRange | None:
+        """Zero padding: new channels span [0, 0]; padded positions add 0 to every range."""
+        r = self.range(node.inputs[0])
+        pads = constant_values(node, 1)
+        value = constant_values(node, 2) if len(node.inputs) > 2 else None
+        mode = node.attrs.get("mode", "constant")
+        if r is None or pads is None or (value is not None and np.any(value)) or mode not in ("constant", b"constant"):
+            return None
+        rank = len(pads) // 2
+        before, after = int(pads[1]), int(pads[1 + rank])
+        zeros = np.zeros
+        lo = np.concatenate([zeros(before), np.minimum(r.lo, 0.0), zeros(after)])
+        hi = np.concatenate([zeros(before), np.maximum(r.hi, 0.0), zeros(after)])
+        return ChannelRange(lo, hi, np.concatenate([zeros(before), r.mean, zeros(after)]))
 
 
 def _relu(r: ChannelRange | None) -> ChannelRange | None:
