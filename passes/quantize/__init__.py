@@ -46,6 +46,8 @@ from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_rang
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 RANGE_MODES = ("bn", "minmax", "percentile")
+#: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
+MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
 
 
 class Quantize(Pass):
@@ -110,7 +112,7 @@ class Quantize(Pass):
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
         self._quantize_weights(graph, quantized_layers, quants, means, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
-        outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, dq_of, names)
+        outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
         cleanup(graph)
 
         spiq_count = sum(1 for r in records if r["mode"] == "spiq")
@@ -145,6 +147,7 @@ class Quantize(Pass):
         """Per-channel ranges of the layers' inputs and of their output chain ends."""
         wanted = [layer.inputs[0] for layer in layers] + [_chain_end(layer.outputs[0]) for layer in layers]
         result: dict[str, ChannelRange] = {}
+        given = self._input_ranges(graph)
         mode = self.options["act_ranges"]
         if mode == "bn":
             stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
@@ -155,20 +158,27 @@ class Quantize(Pass):
                     "calibration samples (--calibration-data x.npz --act-ranges minmax)"
                 )
             lam = self.options["lam"] or default_lambda(self.options["act_bits"])
-            estimator = RangeEstimator(stats, lam, self.options["add_range"])
+            estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             for tensor in wanted:
                 channel_range = estimator.range(tensor)
                 if channel_range is not None:
                     result[tensor.name] = channel_range
         else:
+            result.update(given)
             result.update(self._calibrate(graph, ctx, wanted))
-        if self.options["input_range"] is not None:
-            low, high = (float(v) for v in self.options["input_range"])
-            for tensor in graph.inputs:
-                if tensor.name not in result and tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
-                    c = tensor.shape[1]
-                    result[tensor.name] = ChannelRange(np.full(c, low), np.full(c, high), np.full(c, (low + high) / 2))
         return result
+
+    def _input_ranges(self, graph: gs.Graph) -> dict[str, ChannelRange]:
+        """The user's ``input_range`` for every graph input with a static channel count."""
+        if self.options["input_range"] is None:
+            return {}
+        low, high = (float(v) for v in self.options["input_range"])
+        ranges = {}
+        for tensor in graph.inputs:
+            if tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
+                c = tensor.shape[1]
+                ranges[tensor.name] = ChannelRange(np.full(c, low), np.full(c, high), np.full(c, (low + high) / 2))
+        return ranges
 
     def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
         from onnxopt.verify import load_inputs
@@ -216,23 +226,45 @@ class Quantize(Pass):
             quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
 
     def _quantize_outputs(
-        self, graph: gs.Graph, ctx: PassContext, layers: list[gs.Node], ranges: dict[str, ChannelRange], dq_of: dict[str, gs.Variable], names: NameFactory
+        self,
+        graph: gs.Graph,
+        ctx: PassContext,
+        layers: list[gs.Node],
+        ranges: dict[str, ChannelRange],
+        quants: dict[str, ActivationQuant],
+        dq_of: dict[str, gs.Variable],
+        names: NameFactory,
     ) -> int:
-        """Q→DQ after each quantized layer (after its Relu/Clip) so ORT can fuse it."""
+        """Q→DQ after each quantized layer (after its Relu/Clip) so ORT can fuse it.  Before a
+        data-movement op (Pad, MaxPool, Reshape, …) whose output is quantized the same
+        quantizer is used, so ORT can drop the DQ→op→Q pair around it."""
         count = 0
         for layer in layers:
             end = _chain_end(layer.outputs[0])
             if end.name in dq_of or any(n.op == "QuantizeLinear" for n in end.outputs):
                 continue
-            channel_range = ranges.get(end.name)
-            if channel_range is None:
-                ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, ORT will not fuse this layer")
-                continue
-            unsigned = bool(np.all(channel_range.lo >= 0))
-            low = 0.0 if unsigned else float(channel_range.lo.min())
-            dq_of[end.name] = quantize_activation(graph, end, activation_quant(low, float(channel_range.hi.max()), self.options["act_bits"]), names)
+            quant = _downstream_quant(end, quants)
+            if quant is None:
+                channel_range = ranges.get(end.name)
+                if channel_range is None:
+                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, ORT will not fuse this layer")
+                    continue
+                unsigned = bool(np.all(channel_range.lo >= 0))
+                low = 0.0 if unsigned else float(channel_range.lo.min())
+                quant = activation_quant(low, float(channel_range.hi.max()), self.options["act_bits"])
+            dq_of[end.name] = quantize_activation(graph, end, quant, names)
             count += 1
         return count
+
+
+def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> ActivationQuant | None:
+    """The quantizer of the output of the single data-movement op reading ``tensor``, if any."""
+    if len(tensor.outputs) != 1:
+        return None
+    node = tensor.outputs[0]
+    if node.op not in MOVEMENT_OPS or not node.outputs or node.inputs[0] is not tensor:
+        return None
+    return quants.get(node.outputs[0].name)
 
 
 def _chain_end(tensor: gs.Tensor) -> gs.Tensor:

@@ -79,8 +79,16 @@ def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tup
 class RangeEstimator:
     """Per-channel ranges of tensors, from BN statistics propagated through the graph."""
 
-    def __init__(self, stats: Mapping[str, tuple[np.ndarray, np.ndarray]], lam: float, add_range: str = "sum") -> None:
+    def __init__(
+        self,
+        stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        lam: float,
+        add_range: str = "sum",
+        known: Mapping[str, ChannelRange] | None = None,
+    ) -> None:
         self.stats = stats
+        #: ranges given outright (e.g. the graph input's from the user), propagated like the rest
+        self.known = dict(known or {})
         self.lam = lam
         #: "sum": the range of a + b is the sum of the ranges (a sure bound); "independent":
         #: Gaussian branches assumed independent, σ = √(σ_a² + σ_b²), range μ ± λσ.
@@ -94,6 +102,8 @@ class RangeEstimator:
         return self._memo[tensor.name]
 
     def _compute(self, tensor: gs.Tensor) -> ChannelRange | None:
+        if tensor.name in self.known:
+            return self.known[tensor.name]
         if tensor.name in self.stats:
             mean, std = self.stats[tensor.name]
             return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std))
