@@ -134,8 +134,12 @@ def random_inputs(
     return feeds
 
 
-def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of inputs and check it names every graph input with a fitting rank/dtype."""
+def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto, *, batched: bool = False) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of inputs and check it names every graph input with a fitting rank/dtype.
+
+    ``batched``: the arrays stack samples on axis 0 (calibration data), so a fixed batch
+    dimension of the model is not compared with it.
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {name: data[name] for name in data.files}
@@ -151,7 +155,8 @@ def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[st
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         dims = tensor_type.shape.dim
         array = feeds[name]
-        if array.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, array.shape)):
+        compared = list(zip(dims, array.shape))[1 if batched else 0 :]
+        if array.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in compared):
             raise VerificationError(f"inputs {path}: {name} has shape {list(array.shape)}, model expects {_dims(dims)}")
         feeds[name] = array.astype(dtype, copy=False)
     return feeds

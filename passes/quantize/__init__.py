@@ -185,7 +185,7 @@ class Quantize(Pass):
 
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_inputs(self.options["calibration_data"], model)
+        samples = load_inputs(self.options["calibration_data"], model, batched=True)
         names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
         return calibrated_ranges(model, names, samples, self.options["act_ranges"])
 
@@ -241,8 +241,8 @@ class Quantize(Pass):
         count = 0
         for layer in layers:
             end = _chain_end(layer.outputs[0])
-            if end.name in dq_of or any(n.op == "QuantizeLinear" for n in end.outputs):
-                continue
+            if not end.outputs or end.name in dq_of or any(n.op == "QuantizeLinear" for n in end.outputs):
+                continue  # nobody reads it (a graph output only), or already quantized
             quant = _downstream_quant(end, quants)
             if quant is None:
                 channel_range = ranges.get(end.name)

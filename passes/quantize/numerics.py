@@ -90,7 +90,9 @@ def activation_quant(lo: float, hi: float, bits: int) -> ActivationQuant:
 
 def fake_quantize(x: np.ndarray, quant: ActivationQuant) -> np.ndarray:
     """Reference of Q then DQ (with the b-bit clip) on float values."""
-    low = -quant.max_code if quant.signed else 0
+    # below the zero point: b < 8 bits are clipped symmetric by the emitted Clip; 8 bits
+    # saturate at code 0, i.e. −zero_point (−128) like ONNX QuantizeLinear on uint8
+    low = -(quant.max_code if quant.restricted else quant.zero_point) if quant.signed else 0
     return np.clip(np.round(x / quant.scale), low, quant.max_code) * quant.scale  # zero point cancels
 
 

@@ -34,6 +34,7 @@ MIN_RATIO = 1e-3
 #: Ops that commute with a positive per-channel scale: (x/r) ↦ op(x)/r.
 HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Identity"})
 PRODUCER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+AVERAGING_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
 
 
 @dataclass
@@ -60,6 +61,7 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
         return f"also read by {others[0].op} {node_label(others[0])}"
     chain: list[gs.Node] = []
     high = np.inf
+    averaged = False  # an averaging op lies between this point and ``tensor``
     current = tensor
     while True:
         if is_graph_output(graph, current):
@@ -69,7 +71,10 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
             return "graph input (no producer to absorb the scales)"
         if node.op in HOMOGENEOUS_OPS or (node.op == "Clip" and clip_high(node) is not None) or _channel_flatten(node):
             if node.op == "Clip":
+                if averaged:  # the average of clipped values is not the clip of the average
+                    return f"Clip {node_label(node)} is followed by an average: its bound cannot move into the quantizer"
                 high = min(high, clip_high(node))
+            averaged |= node.op in AVERAGING_OPS
             chain.append(node)
             source = node.inputs[0]
             if len(source.outputs) != 1:
