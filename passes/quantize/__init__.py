@@ -15,7 +15,8 @@ Steps (METHODS.md §3):
    no producer can absorb them the tensor is quantized per tensor and the report says why;
    ``spiq_coverage`` is the share of quantized inputs with per-channel scales.
 3. **Weights** symmetric per output channel (``per_channel=True``) at ``weight_bits`` (2–8,
-   stored as int8), **bias correction** (eq. 3.8, ``bias_correction=True``):
+   stored as int8; the first and last layer keep at least ``first_last_bits`` = 8, the
+   common practice for low bit-widths — None quantizes them like the others), **bias correction** (eq. 3.8, ``bias_correction=True``):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
 4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
@@ -67,6 +68,7 @@ class Quantize(Pass):
         "bias_correction": True,
         "input_range": None,
         "add_range": "sum",
+        "first_last_bits": 8,
     }
 
     # ------------------------------------------------------------------ checks
@@ -79,6 +81,21 @@ class Quantize(Pass):
             raise PipelineError(f"quantize: act_ranges must be one of {', '.join(RANGE_MODES)}, got {o['act_ranges']!r}")
         if o["act_ranges"] != "bn" and not o["calibration_data"]:
             raise PipelineError(f"quantize: act_ranges={o['act_ranges']!r} needs calibration data (--calibration-data x.npz)")
+        if o["act_ranges"] == "bn" and o["calibration_data"]:
+            raise PipelineError("quantize: calibration_data is only used with act_ranges='minmax' or 'percentile'")
+        if o["add_range"] not in ("sum", "independent"):
+            raise PipelineError(f"quantize: add_range must be 'sum' or 'independent', got {o['add_range']!r}")
+        if o["lam"] is not None and not (isinstance(o["lam"], (int, float)) and o["lam"] > 0):
+            raise PipelineError(f"quantize: lam must be a positive number of standard deviations, got {o['lam']!r}")
+        if o["first_last_bits"] is not None and o["first_last_bits"] not in range(2, 9):
+            raise PipelineError(f"quantize: first_last_bits must be None or an integer in 2..8, got {o['first_last_bits']!r}")
+        if o["input_range"] is not None:
+            try:
+                low, high = (float(v) for v in o["input_range"])
+            except (TypeError, ValueError):
+                raise PipelineError(f"quantize: input_range must be a pair (low, high), got {o['input_range']!r}") from None
+            if not low < high:
+                raise PipelineError(f"quantize: input_range needs low < high, got {o['input_range']!r}")
         if graph.opset < 13:
             raise PreconditionFailed(f"opset {graph.opset} < 13: per-axis DequantizeLinear needs opset 13")
 
@@ -110,7 +127,7 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        self._quantize_weights(graph, quantized_layers, quants, means, names)
+        self._quantize_weights(graph, quantized_layers, quants, means, (layers[0], layers[-1]), names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
         cleanup(graph)
@@ -157,7 +174,7 @@ class Quantize(Pass):
                     "metadata) and no calibration data: export with BN preserved (onnxopt.export_torch) or give "
                     "calibration samples (--calibration-data x.npz --act-ranges minmax)"
                 )
-            lam = self.options["lam"] or default_lambda(self.options["act_bits"])
+            lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             for tensor in wanted:
                 channel_range = estimator.range(tensor)
@@ -210,12 +227,26 @@ class Quantize(Pass):
         low = 0.0 if unsigned else float(r.lo.min())
         return activation_quant(low, float(r.hi.max()), bits), r.mean, "per-tensor"
 
+    def _weight_bits(self, layer: gs.Node, edges: tuple[gs.Node, ...]) -> int:
+        """``weight_bits``, raised to ``first_last_bits`` for the first and last layer."""
+        first_last = self.options["first_last_bits"]
+        if first_last is not None and any(layer is edge for edge in edges):
+            return max(self.options["weight_bits"], int(first_last))
+        return self.options["weight_bits"]
+
     def _quantize_weights(
-        self, graph: gs.Graph, layers: list[gs.Node], quants: dict[str, ActivationQuant], means: dict[str, np.ndarray | None], names: NameFactory
+        self,
+        graph: gs.Graph,
+        layers: list[gs.Node],
+        quants: dict[str, ActivationQuant],
+        means: dict[str, np.ndarray | None],
+        edges: tuple[gs.Node, ...],
+        names: NameFactory,
     ) -> None:
         for layer in layers:
             weight = constant_values(layer, 1).astype(np.float64)
-            dequantized, scales, _ = quantize_layer_weight(graph, layer, self.options["weight_bits"], self.options["per_channel"], names)
+            bits = self._weight_bits(layer, edges)
+            dequantized, scales, _ = quantize_layer_weight(graph, layer, bits, self.options["per_channel"], names)
             mean = means.get(layer.inputs[0].name)
             if self.options["bias_correction"] and mean is not None and layer.op in ("Conv", "Gemm"):
                 correction = _mean_shift(layer, weight - dequantized, mean)
