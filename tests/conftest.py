@@ -32,6 +32,21 @@ def parse(text: str, *, check: bool = True) -> onnx.ModelProto:
     return model
 
 
+def text_model(signature: str, body: list[str], arrays: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """A model from a text-format signature and node lines, with ``arrays`` as initializers."""
+    text = f'<ir_version: 8, opset_import: ["" : {opset}]>\nagraph {signature} {{\n' + "\n".join(body) + "\n}"
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def bn_line(prefix: str, x: str, y: str, **attrs: str) -> str:
+    """A BatchNormalization node line reading ``{prefix}_g/_b/_m/_v`` (ε = 1e-3)."""
+    extra = "".join(f", {k} = {v}" for k, v in attrs.items())
+    return f"{y} = BatchNormalization <epsilon = 0.001{extra}> ({x}, {prefix}_g, {prefix}_b, {prefix}_m, {prefix}_v)"
+
+
 def ops(model: onnx.ModelProto) -> Counter:
     """Op type -> count in the main graph."""
     return Counter(node.op_type for node in model.graph.node)

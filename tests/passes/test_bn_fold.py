@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxopt.passes.bn_fold import STATISTICS_KEY, read_bn_statistics
-from tests.conftest import assert_equivalent, ops, run_passes
+from tests.conftest import bn_line as bn, text_model as model, assert_equivalent, ops, run_passes
 
 RNG = np.random.default_rng(1234)
 
@@ -38,17 +38,8 @@ def positive_bn(prefix: str, channels: int) -> dict[str, np.ndarray]:
     return bn_params(prefix, channels, RNG.uniform(0.5, 1.5, channels).astype(np.float32))
 
 
-def bn(prefix: str, x: str, y: str, **attrs: str) -> str:
-    extra = "".join(f", {k} = {v}" for k, v in attrs.items())
-    return f"{y} = BatchNormalization <epsilon = 0.001{extra}> ({x}, {prefix}_g, {prefix}_b, {prefix}_m, {prefix}_v)"
 
 
-def model(signature: str, body: list[str], arrays: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    text = f'<ir_version: 8, opset_import: ["" : {opset}]>\nagraph {signature} {{\n' + "\n".join(body) + "\n}"
-    proto = onnx.parser.parse_model(text)
-    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 def fold(proto: onnx.ModelProto):

@@ -39,7 +39,7 @@ from onnxopt.graph import (
     with_inferred_shapes,
 )
 from onnxopt.verify import run, verify
-from tests.conftest import ops, run_passes
+from tests.conftest import text_model as model, ops, run_passes
 
 RNG = np.random.default_rng(20240607)
 QUANTIZE = ("fold-batchnorm", "quantize")
@@ -47,12 +47,6 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 # --------------------------------------------------------------------------- builders
-def model(signature: str, body: list[str], arrays: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    text = f'<ir_version: 8, opset_import: ["" : {opset}]>\nagraph {signature} {{\n' + "\n".join(body) + "\n}"
-    proto = onnx.parser.parse_model(text)
-    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 def weights(*shape: int, scale: float = 0.4) -> np.ndarray:
@@ -66,6 +60,8 @@ def bn_params(prefix: str, channels: int, *, gamma: tuple[float, float] = (0.5, 
         f"{prefix}_m": RNG.normal(0, 1, channels).astype(np.float32),
         f"{prefix}_v": RNG.uniform(0.5, 2.0, channels).astype(np.float32),
     }
+
+
 
 
 def bn(prefix: str, x: str, y: str) -> str:
