@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = parser.add_argument_group("quantization (lossy; emits standard QDQ that ONNX Runtime fuses)")
     quant.add_argument("--quantize", metavar="wNaM", help="quantize weights to N bits and activations to M bits (2..8), e.g. w8a8, w4a8")
-    quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights (default on)")
+    quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
     quant.add_argument("--act-ranges", choices=("bn", "minmax", "percentile"), help="activation ranges: from BN statistics (default, data-free) or calibration data")
     quant.add_argument("--calibration-data", metavar="X.npz", help="calibration samples, one array per graph input (batch on axis 0)")
     quant.add_argument("--lambda", dest="lam", type=float, help="BN range width in standard deviations (default 9 at 8 bits, 4 at <= 6 bits)")

@@ -10,8 +10,11 @@ Steps (METHODS.md §3):
    8 bits, 4 at ≤ 6 bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on
    calibration data (``"minmax"`` / ``"percentile"``).  The graph input has no statistics:
    the first layer stays float unless ``input_range`` or calibration data is given.
-2. **SPIQ** (``spiq=True``): per-channel steps s_c become per-tensor by folding
-   ``r_c = s_c / max s`` into the producer (÷) and the readers (×), see :mod:`.spiq`.  Where
+2. **SPIQ** (``spiq="auto"``, the default; ``True`` forces it where possible, ``False``
+   never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
+   the producer (÷) and the readers (×), see :mod:`.spiq`.  ``auto`` applies it where the
+   estimated output error (weight noise + activation noise, :func:`.spiq.estimated_errors`)
+   is lower than per tensor.  Where
    no producer can absorb them the tensor is quantized per tensor and the report says why;
    ``spiq_coverage`` is the share of quantized inputs with per-channel scales.
 3. **Weights** symmetric per output channel (``per_channel=True``) at ``weight_bits`` (2–8,
@@ -61,7 +64,7 @@ class Quantize(Pass):
         "weight_bits": 8,
         "act_bits": 8,
         "per_channel": True,
-        "spiq": True,
+        "spiq": "auto",
         "act_ranges": "bn",
         "calibration_data": None,
         "lam": None,
@@ -77,6 +80,8 @@ class Quantize(Pass):
         for key in ("weight_bits", "act_bits"):
             if not isinstance(o[key], int) or not 2 <= o[key] <= 8:
                 raise PipelineError(f"quantize: {key} must be an integer in 2..8, got {o[key]!r}")
+        if o["spiq"] not in (True, False, "auto"):
+            raise PipelineError(f"quantize: spiq must be true, false or 'auto', got {o['spiq']!r}")
         if o["act_ranges"] not in RANGE_MODES:
             raise PipelineError(f"quantize: act_ranges must be one of {', '.join(RANGE_MODES)}, got {o['act_ranges']!r}")
         if o["act_ranges"] != "bn" and not o["calibration_data"]:
@@ -108,6 +113,7 @@ class Quantize(Pass):
         if not layers:
             return PassResult(False, {"layers_quantized": 0})
         ranges = self._ranges(graph, ctx, layers)
+        self._edges = (layers[0], layers[-1])
         readers_of: dict[str, list[gs.Node]] = defaultdict(list)
         for layer in layers:
             readers_of[layer.inputs[0].name].append(layer)
@@ -127,7 +133,7 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        self._quantize_weights(graph, quantized_layers, quants, means, (layers[0], layers[-1]), names)
+        self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
         cleanup(graph)
@@ -213,6 +219,8 @@ class Quantize(Pass):
         mean as the readers will see it, and the mode ("spiq" or "per-tensor")."""
         bits = self.options["act_bits"]
         unsigned = bool(np.all(r.lo >= 0))
+        low = 0.0 if unsigned else float(r.lo.min())
+        per_tensor = activation_quant(low, float(r.hi.max()), bits)
         if self.options["spiq"]:
             plan = spiq_rewrite.plan(graph, tensor, readers)
             if isinstance(plan, str):
@@ -221,11 +229,27 @@ class Quantize(Pass):
                 high = np.minimum(r.hi, plan.clip_high)
                 levels = 2**bits - 1 if unsigned else 2 ** (bits - 1) - 1
                 step = np.maximum(high if unsigned else np.maximum(np.abs(r.lo), np.abs(r.hi)), 1e-12) / levels
-                ratio, top = spiq_rewrite.ratios(step)
-                spiq_rewrite.apply(graph, plan, ratio, readers, names)
-                return ActivationQuant(np.float32(top), not unsigned, bits), r.mean / ratio, "spiq"
-        low = 0.0 if unsigned else float(r.lo.min())
-        return activation_quant(low, float(r.hi.max()), bits), r.mean, "per-tensor"
+                if self._spiq_pays(ctx, tensor, readers, r, step, float(per_tensor.scale)):
+                    ratio, top = spiq_rewrite.ratios(step)
+                    spiq_rewrite.apply(graph, plan, ratio, readers, names)
+                    return ActivationQuant(np.float32(top), not unsigned, bits), r.mean / ratio, "spiq"
+        return per_tensor, r.mean, "per-tensor"
+
+    def _spiq_pays(
+        self, ctx: PassContext, tensor: gs.Tensor, readers: list[gs.Node], r: ChannelRange, step: np.ndarray, tensor_step: float
+    ) -> bool:
+        """With ``spiq="auto"``, SPIQ only where the estimated output error is lower than
+        per tensor (folding the scales moves the channel spread into the readers' weights)."""
+        if self.options["spiq"] != "auto":
+            return True
+        lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
+        spread = r.gaussian[1] if r.gaussian is not None else (r.hi - r.lo) / (2 * lam)
+        bits = max(self._weight_bits(reader, self._edges) for reader in readers)
+        errors = spiq_rewrite.estimated_errors(readers, r.mean**2 + spread**2, step, tensor_step, bits, self.options["per_channel"])
+        if errors is None or errors[0] <= errors[1]:
+            return True
+        ctx.refuse(f"SPIQ on {tensor.name}", f"per-tensor chosen: lower estimated error ({errors[1]:.3g} vs {errors[0]:.3g} with SPIQ)")
+        return False
 
     def _weight_bits(self, layer: gs.Node, edges: tuple[gs.Node, ...]) -> int:
         """``weight_bits``, raised to ``first_last_bits`` for the first and last layer."""

@@ -113,3 +113,55 @@ def ratios(step: np.ndarray) -> tuple[np.ndarray, float]:
     """(r, S) for per-channel steps ``step``: S = max step, r = step / S floored at MIN_RATIO."""
     top = float(step.max())
     return np.maximum(step / top, MIN_RATIO), top
+
+
+# --------------------------------------------------------------------------- SPIQ or not
+def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """The reader's weight as rows = output channels, plus the input channel of every entry
+    (None for layers the estimate does not model, e.g. ConvTranspose)."""
+    weight = constant_values(reader, 1).astype(np.float64)
+    if reader.op == "Conv":
+        groups = int(reader.attrs.get("group", 1))
+        out, per_group = weight.shape[0], weight.shape[1]
+        rows = weight.reshape(out, -1)
+        kernel = rows.shape[1] // per_group
+        group_of_row = np.arange(out) // (out // groups)
+        channel = group_of_row[:, None] * per_group + np.repeat(np.arange(per_group), kernel)[None, :]
+        return rows, channel
+    if reader.op in ("Gemm", "MatMul"):
+        rows = weight if reader.op == "Gemm" and reader.attrs.get("transB", 0) else weight.T
+        return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
+    return None
+
+
+def estimated_errors(
+    readers: list[gs.Node],
+    second_moment: np.ndarray,
+    spiq_step: np.ndarray,
+    tensor_step: float,
+    weight_bits: int,
+    per_channel: bool,
+) -> tuple[float, float] | None:
+    """Expected squared output error summed over the readers, (with SPIQ, per tensor).
+
+    Each reader's error is the weight-quantization noise ``Σ ΔW²·E[x²]`` plus the activation
+    noise ``Σ W²·Δ²/12``.  With SPIQ the reader quantizes ``W·r`` per output channel, so its
+    weight noise, brought back to the original coordinates, is ``ΔW'/r``; its activation
+    steps are the per-channel ``s_c``.  Per tensor: ``ΔW`` of W itself and one step.
+    """
+    from .numerics import dequantize_weight, quantize_weight
+
+    axis = 0 if per_channel else None
+    ratio = spiq_step / spiq_step.max()
+    with_spiq = per_tensor = 0.0
+    for reader in readers:
+        columns = reader_columns(reader)
+        if columns is None:
+            return None
+        rows, channel = columns
+        scaled = rows * ratio[channel]
+        delta_scaled = (scaled - dequantize_weight(*quantize_weight(scaled, weight_bits, axis), axis)) / ratio[channel]
+        delta = rows - dequantize_weight(*quantize_weight(rows, weight_bits, axis), axis)
+        with_spiq += float(np.sum(delta_scaled**2 * second_moment[channel]) + np.sum(rows**2 * spiq_step[channel] ** 2) / 12)
+        per_tensor += float(np.sum(delta**2 * second_moment[channel]) + np.sum(rows**2) * tensor_step**2 / 12)
+    return with_spiq, per_tensor

@@ -933,3 +933,57 @@ def test_first_and_last_layer_keep_8_bit_weights_by_default(first_last_bits, exp
         dq = next(n for n in optimized.graph.node if n.output[0] == node.input[1])
         conv_codes.append(int(np.abs(codes[dq.input[0]]).max()))
     assert conv_codes == expected
+
+
+def _gemm_reader(weight: np.ndarray) -> gs.Node:
+    graph = gs.Graph()
+    x, y = gs.Variable("x", np.float32, (1, weight.shape[1])), gs.Variable("y", np.float32, (1, weight.shape[0]))
+    node = gs.Node("Gemm", inputs=[x, gs.Constant("w", weight.astype(np.float32))], outputs=[y], attrs={"transB": 1})
+    graph.nodes.append(node)
+    return node
+
+
+def _measured_errors(weight: np.ndarray, spread: np.ndarray, bits: int, n: int = 20000) -> tuple[float, float]:
+    """Monte-Carlo output error of a quantized x @ W.T with x ~ N(0, spread²) per channel:
+    (SPIQ: per-channel steps, W·r quantized per row; per tensor: one step, W quantized)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, len(spread))) * spread
+    levels = 2 ** (bits - 1) - 1
+    steps, step = 4 * spread / levels, 4 * spread.max() / levels  # ±4σ signed ranges
+    ratio = steps / steps.max()
+    codes, scales = quantize_weight(weight * ratio, 8, 0)
+    spiq_weight = dequantize_weight(codes, scales, 0) / ratio
+    codes, scales = quantize_weight(weight, 8, 0)
+    plain_weight = dequantize_weight(codes, scales, 0)
+    exact = x @ weight.T
+    spiq_out = (np.clip(np.round(x / steps), -levels, levels) * steps) @ spiq_weight.T
+    plain_out = (np.clip(np.round(x / step), -levels, levels) * step) @ plain_weight.T
+    return float(np.mean(np.sum((spiq_out - exact) ** 2, 1))), float(np.mean(np.sum((plain_out - exact) ** 2, 1)))
+
+
+@pytest.mark.parametrize("decades", [0.0, 1.0, 2.0])
+def test_spiq_error_estimate_matches_a_monte_carlo_measurement(decades: float) -> None:
+    """The data-free estimate used by spiq='auto' predicts the measured errors (±25 %) and
+    therefore picks the same winner; with equal ranges both are the same."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    spread = np.geomspace(10 ** -decades, 1.0, 8) if decades else np.full(8, 0.5)
+    reader = _gemm_reader(weight)
+    levels = 2**7 - 1
+    estimate = spiq.estimated_errors([reader], spread**2, 4 * spread / levels, 4 * spread.max() / levels, 8, True)
+    measured = _measured_errors(weight.astype(np.float64), spread, 8)
+    np.testing.assert_allclose(estimate, measured, rtol=0.25)
+    if decades == 0.0:
+        assert estimate[0] == pytest.approx(estimate[1], rel=1e-9)
+    else:
+        assert (estimate[0] < estimate[1]) == (measured[0] < measured[1])
+
+
+def test_spiq_auto_records_why_it_kept_a_tensor_per_tensor() -> None:
+    """spiq='auto' (the default) either folds the scales or says which estimate won."""
+    chain = BnChain()
+    _, report = run_passes(chain.model, *QUANTIZE, weight_bits=2, first_last_bits=None)
+    reasons = [r.reason for p in report.passes if p.name == "quantize" for r in p.refusals]
+    stats = quantize_stats(report)[0]
+    chosen = [r for r in reasons if r.startswith("per-tensor chosen: lower estimated error")]
+    assert (stats["spiq_coverage"] > 0) != bool(chosen)
