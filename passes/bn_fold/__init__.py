@@ -40,13 +40,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import NameFactory, cleanup, detach, is_default_domain, is_graph_output, node_label, replace_all_uses
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    constant_values,
+    detach,
+    is_default_domain,
+    is_graph_output,
+    node_label,
+    replace_all_uses,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from ..conv_bn_fold import bn_refusal, bn_scale_shift
@@ -127,15 +136,15 @@ def apply_fold(graph: gs.Graph, bn: gs.Node, plan: FoldPlan, names: NameFactory)
 # --------------------------------------------------------------------------- statistics
 def read_bn_statistics(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
     """The statistics kept by fold-batchnorm: tensor name → {axis, mean, std, source}."""
-    for prop in model.metadata_props:
-        if prop.key == STATISTICS_KEY:
-            return json.loads(prop.value)
-    return {}
+    return statistics_from_metadata({prop.key: prop.value for prop in model.metadata_props})
+
+
+def statistics_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Same as :func:`read_bn_statistics`, from a metadata_props mapping (a pass's view)."""
+    return json.loads(metadata.get(STATISTICS_KEY, "{}"))
 
 
 def _bn_output_statistics(bn: gs.Node, direction: str) -> dict[str, Any]:
-    from onnxopt.graph import constant_values
-
     if direction == "backward":  # the BN input now holds the BN output: N(β, γ²)
         mean, std = constant_values(bn, 2), np.abs(constant_values(bn, 1))
     else:  # the BN input itself, described by the running statistics
@@ -167,7 +176,7 @@ class FoldBatchNorm(Pass):
         cleanup(graph)
         names = NameFactory(graph)
         metadata = ctx.shared.setdefault("metadata", {})
-        statistics = json.loads(metadata.get(STATISTICS_KEY, "{}"))
+        statistics = statistics_from_metadata(metadata)
         folded: list[dict[str, Any]] = []
         candidates = [n for n in graph.nodes if n.op == "BatchNormalization" and is_default_domain(n)]
         for bn in ctx.progress(candidates, label="BatchNormalization"):
@@ -204,4 +213,4 @@ class FoldBatchNorm(Pass):
         )
 
 
-__all__ = ["FoldBatchNorm", "plan_fold", "apply_fold", "read_bn_statistics", "STATISTICS_KEY"]
+__all__ = ["FoldBatchNorm", "plan_fold", "apply_fold", "read_bn_statistics", "statistics_from_metadata", "STATISTICS_KEY"]

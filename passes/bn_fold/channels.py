@@ -19,6 +19,7 @@ Vectors use NaN for channels nothing constrains yet (e.g. channels a Slice drops
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 

@@ -39,7 +39,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
-from onnxopt.graph import NameFactory, cleanup, constant_values, export_model, is_default_domain, node_label, optional_input, set_constant_input
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    constant_values,
+    export_model,
+    is_default_domain,
+    node_label,
+    optional_input,
+    set_constant_input,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 
 from . import spiq as spiq_rewrite

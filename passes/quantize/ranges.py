@@ -25,7 +25,6 @@ Calibration: the tensors are computed by ONNX Runtime on the user's samples; per
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -36,7 +35,8 @@ from scipy.stats import norm
 
 from onnxopt.graph import constant_values, is_default_domain, producer
 
-STATISTICS_KEY = "onnxopt.bn_statistics"
+from ..bn_fold import statistics_from_metadata
+
 PASS_THROUGH_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout", "Flatten"})
 
 
@@ -65,7 +65,7 @@ def default_lambda(act_bits: int) -> float:
 def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """tensor name → (mean, std) per channel (axis 1) from kept metadata and remaining BNs."""
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, entry in json.loads(metadata.get(STATISTICS_KEY, "{}")).items():
+    for name, entry in statistics_from_metadata(metadata).items():
         if entry.get("axis", 1) == 1:
             stats[name] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64))
     for node in graph.nodes:

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer
 
 from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
+from .numerics import dequantize_weight, quantize_weight
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
@@ -149,8 +150,6 @@ def estimated_errors(
     weight noise, brought back to the original coordinates, is ``ΔW'/r``; its activation
     steps are the per-channel ``s_c``.  Per tensor: ``ΔW`` of W itself and one step.
     """
-    from .numerics import dequantize_weight, quantize_weight
-
     axis = 0 if per_channel else None
     ratio = spiq_step / spiq_step.max()
     with_spiq = per_tensor = 0.0
