@@ -19,16 +19,18 @@ DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 
 # --------------------------------------------------------------------------- import/export
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, *, copy: bool = True) -> gs.Graph:
     """Import a copy of ``model`` into a graphsurgeon graph (tensor payloads stay lazy).
 
     The copy matters: graphsurgeon's exporter reuses the TensorProtos behind lazy constants
     and renames them in place, which would otherwise edit the caller's model (e.g. the value
-    of every lowered Constant node).
+    of every lowered Constant node).  ``copy=False`` only for a proto nobody else holds.
     """
-    working = onnx.ModelProto()
-    working.CopyFrom(model)
-    return gs.import_onnx(working)
+    if copy:
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        model = working
+    return gs.import_onnx(model)
 
 
 def tensor_names(graph: gs.Graph) -> set[str]:

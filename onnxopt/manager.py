@@ -80,7 +80,8 @@ class PassManager:
         report = report or Report()
         report.lossless = self.lossless
         start = time.perf_counter()
-        graph = import_graph(with_inferred_shapes(model))
+        inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
+        graph = import_graph(inferred, copy=inferred is model)
         current = model
         metrics = report.before = measure(model)
         shared: dict[str, Any] = {
