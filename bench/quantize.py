@@ -20,9 +20,10 @@ Configurations (each one an ONNX file, all run by ONNX Runtime on the CPU):
   as asked; ``ort_dynamic_uint8``: the same with uint8 weights, ORT's fastest dynamic form
   on CPU (ConvInteger with int8 weights is several times slower, METHODS.md §7), so the
   dynamic-quantization latency goal is checked against the faster of the two.
-* ``onnxopt_{spiq,pt}_w{8,6,4}a8``: ``onnxopt.optimize(fp32_path, preset="quantize",
+* ``onnxopt_{spiq,auto,pt}_w{8,6,4}a8``: ``onnxopt.optimize(fp32_path, preset="quantize",
   weight_bits=W, act_bits=8, spiq=S)`` on the original (BN-carrying) model, data-free;
-  ``spiq=False`` is per-tensor static data-free quantization.  When the ``quantize``
+  ``spiq=True`` forces SPIQ wherever possible, ``"auto"`` (the pass default) applies it
+  where its error estimate wins, ``spiq=False`` is per-tensor static data-free quantization.  When the ``quantize``
   preset is not in ``onnxopt.passes.builtin_registry()`` these are recorded as
   "absent (pass not landed)"; when the call raises, as "error" with the message.  Nothing
   else ever stands in for them.
@@ -118,15 +119,18 @@ class Config:
     title: str
     family: str  # "fp32", "ort" or "onnxopt"
     weight_bits: int | None = None
-    spiq: bool | None = None
+    spiq: bool | str | None = None  # True (forced), "auto" (the pass default) or False
     input_range: bool = False  # also pass the input range implied by the model's normalisation
 
 
 INPUT_RANGE_KEY = f"onnxopt_spiq_w8a{ACT_BITS}_input_range"
 
 
-def onnxopt_key(bits: int, spiq: bool) -> str:
-    return f"onnxopt_{'spiq' if spiq else 'pt'}_w{bits}a{ACT_BITS}"
+SPIQ_MODES = {True: ("spiq", "SPIQ"), "auto": ("auto", "SPIQ-auto (default)"), False: ("pt", "per-tensor")}
+
+
+def onnxopt_key(bits: int, spiq: bool | str) -> str:
+    return f"onnxopt_{SPIQ_MODES[spiq][0]}_w{bits}a{ACT_BITS}"
 
 
 CONFIGS = [
@@ -137,8 +141,8 @@ CONFIGS = [
     Config("ort_dynamic_int8", "ORT quantize_dynamic int8 weights", "ort"),
     Config("ort_dynamic_uint8", "ORT quantize_dynamic uint8 weights", "ort"),
     *(
-        Config(onnxopt_key(bits, spiq), f"onnxopt {'SPIQ' if spiq else 'per-tensor'} W{bits}A{ACT_BITS}", "onnxopt", bits, spiq)
-        for bits in WEIGHT_BITS for spiq in (True, False)
+        Config(onnxopt_key(bits, spiq), f"onnxopt {SPIQ_MODES[spiq][1]} W{bits}A{ACT_BITS}", "onnxopt", bits, spiq)
+        for bits in WEIGHT_BITS for spiq in (True, "auto", False)
     ),
     Config(INPUT_RANGE_KEY, f"onnxopt SPIQ W8A{ACT_BITS} + input_range (extra)", "onnxopt", 8, True, input_range=True),
 ]
@@ -621,12 +625,12 @@ def agreement_goal(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return goal(text, agreement >= GOALS["agreement"], f"{agreement:.1%} of {rec['fidelity']['inputs']} inputs")
 
 
-def spiq_vs_pt_goal(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    text = "SPIQ better (lower mean KL vs FP32) than per-tensor at every weight bit-width"
+def spiq_vs_pt_goal(results: dict[str, dict[str, Any]], mode: bool | str = True) -> dict[str, Any]:
+    text = f"{SPIQ_MODES[mode][1]} better (lower mean KL vs FP32) than per-tensor at every weight bit-width"
     verdicts, parts = [], []
     for name, result in results.items():
         for bits in WEIGHT_BITS:
-            spiq, pt = kl_of(result, onnxopt_key(bits, True)), kl_of(result, onnxopt_key(bits, False))
+            spiq, pt = kl_of(result, onnxopt_key(bits, mode)), kl_of(result, onnxopt_key(bits, False))
             if spiq is None or pt is None:
                 continue
             verdicts.append(spiq < pt)
@@ -678,6 +682,7 @@ def evaluate_goals(results: dict[str, dict[str, Any]], resnet50: dict[str, Any])
     return [
         agreement_goal(results),
         spiq_vs_pt_goal(results),
+        spiq_vs_pt_goal(results, "auto"),
         vs_static_goal(results, onnxopt_key(8, True), "SPIQ W8A8"),
         speedup_goal(results, ("ort_dynamic_int8", "ort_dynamic_uint8"), "vs_dynamic", "quantize_dynamic (int8 and uint8 weights)"),
         speedup_goal(results, ("fp32_folded", "fp32_original"), "vs_fp32", "FP32 (BN folded and original)"),
