@@ -11,16 +11,17 @@ from onnxopt.registry import PassRegistry, Preset
 from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
+from .pad_fusion import FusePadConv
 from .quantize import Quantize
 from .conv_bn_fold import FoldConvBn
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, Quantize, EliminateDead)
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead)
 
 BUILTIN_PRESETS = (
     Preset(
         "default",
-        "lossless: remove no-ops, fold constants, fold every foldable BN exactly, remove dead code",
-        ("eliminate-identity", "fold-constants", "fold-batchnorm", "eliminate-dead"),
+        "lossless: remove no-ops, fold constants, fold every foldable BN exactly, fuse zero Pads into Convs, remove dead code",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "eliminate-dead"),
     ),
     Preset(
         "classic",
@@ -30,7 +31,7 @@ BUILTIN_PRESETS = (
     Preset(
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
-        ("eliminate-identity", "fold-constants", "fold-batchnorm", "quantize", "eliminate-dead"),
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),
