@@ -54,7 +54,9 @@ from onnxopt.graph import (
     is_default_domain,
     is_graph_output,
     node_label,
+    per_channel,
     replace_all_uses,
+    set_constant_input,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
@@ -102,11 +104,17 @@ def _plan(graph: gs.Graph, bn: gs.Node, backward: bool, scale: np.ndarray, shift
         for key, root in region.roots.items():
             out = region.maps[root.outputs[0].name]
             sources[root.outputs[0].name] = ChannelMap(out.axis, out.scale, root_shifts.get(key, np.zeros_like(out.scale)))
+        for key, (node, _) in region.constants.items():
+            out = region.maps[node.outputs[0].name]
+            sources[key] = ChannelMap(out.axis, out.scale, root_shifts.get(key, np.zeros_like(out.scale)))
     else:
         sources = {region.seed.name: ChannelMap(1, 1.0 / scale, -shift / scale)}
         for root in region.roots.values():
             out = region.maps[root.outputs[0].name]
             sources[root.outputs[0].name] = ChannelMap(out.axis, out.scale, np.zeros_like(out.scale))
+        for key, (node, _) in region.constants.items():
+            out = region.maps[node.outputs[0].name]
+            sources[key] = ChannelMap(out.axis, out.scale, np.zeros_like(out.scale))
     values = recompute(region, list(graph.nodes), sources)
     if backward and not np.allclose(values[region.seed.name].shift, shift, rtol=1e-9, atol=1e-12):
         raise FoldImpossible("the shift cannot be distributed exactly over the roots")
@@ -128,9 +136,20 @@ def apply_fold(graph: gs.Graph, bn: gs.Node, plan: FoldPlan, names: NameFactory)
     for leaf in plan.region.leaves.values():
         value = plan.values[leaf.inputs[0].name]
         absorb_input(graph, leaf, value.scale, value.shift, names)
+    for key, (node, index) in plan.region.constants.items():
+        value = plan.values[key]
+        set_constant_input(graph, node, index, mapped_constant(constant_values(node, index), value, len(node.outputs[0].shape)), names)
     data, result = bn.inputs[0], bn.outputs[0]
     detach(bn)
     replace_all_uses(graph, result, data)
+
+
+def mapped_constant(values: np.ndarray, channel_map: ChannelMap, rank: int) -> np.ndarray:
+    """``scale·c + shift`` along the map's axis for a constant operand broadcast to ``rank``
+    dimensions; the result only grows dimensions the Add output already has."""
+    expanded = values.astype(np.float64).reshape((1,) * (rank - values.ndim) + values.shape)
+    mapped = per_channel(channel_map.scale, channel_map.axis, rank) * expanded + per_channel(channel_map.shift, channel_map.axis, rank)
+    return mapped.astype(values.dtype)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -50,11 +50,29 @@ class Region:
     roots: dict[str, gs.Node] = field(default_factory=dict)
     leaves: dict[str, gs.Node] = field(default_factory=dict)
     transparent: dict[str, gs.Node] = field(default_factory=dict)
+    #: constant operands of mapped Add/Sub nodes: they absorb the map like roots
+    constants: dict[str, tuple[gs.Node, int]] = field(default_factory=dict)
     maps: dict[str, ChannelMap] = field(default_factory=dict)
 
 
 def _key(node: gs.Node) -> str:
     return f"{id(node)}"
+
+
+def constant_key(node: gs.Node, index: int) -> str:
+    return f"{id(node)}:{index}"
+
+
+def _enqueue_data_inputs(region: Region, node: gs.Node, indices: list[int], work: deque[gs.Tensor]) -> None:
+    """Mapped inputs go on the worklist; a constant operand of an Add/Sub becomes a root."""
+    for index in indices:
+        tensor = node.inputs[index]
+        if isinstance(tensor, gs.Constant):
+            if node.op not in ch.JOIN_OPS:
+                raise FoldImpossible(f"{node.op} {node_label(node)} has a constant operand")
+            region.constants[constant_key(node, index)] = (node, index)
+        else:
+            work.append(tensor)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -96,10 +114,7 @@ def _visit_producer(region: Region, tensor: gs.Tensor, work: deque[gs.Tensor]) -
         except NotTransparent as exc:
             raise FoldImpossible(str(exc)) from None
         region.transparent[_key(node)] = node
-        for index in indices:
-            if isinstance(node.inputs[index], gs.Constant):
-                raise FoldImpossible(f"{node.op} {node_label(node)} has a constant operand")
-            work.append(node.inputs[index])
+        _enqueue_data_inputs(region, node, indices, work)
         work.extend(t for t in node.outputs if not t.is_empty())
         return
     refusal = expressive_refusal(node)
@@ -122,8 +137,7 @@ def _visit_consumer(region: Region, node: gs.Node, tensor: gs.Tensor, work: dequ
         if not set(positions) <= set(indices):
             raise FoldImpossible(f"{tensor.name} is a parameter of {node.op} {node_label(node)}")
         region.transparent[_key(node)] = node
-        for index in indices:
-            work.append(node.inputs[index])
+        _enqueue_data_inputs(region, node, indices, work)
         work.extend(t for t in node.outputs if not t.is_empty())
         return
     refusal = expressive_refusal(node)
@@ -190,7 +204,7 @@ def _spread_through(region: Region, node: gs.Node) -> bool:
     if node.op in ch.JOIN_OPS:
         source = next((m for m in known_in + known_out if m is not None), None)
         if source is not None:
-            for tensor in inputs + outputs:
+            for tensor in [t for t in inputs if not isinstance(t, gs.Constant)] + outputs:
                 changed |= _merge(region, tensor, source.axis, source.scale)
         return changed
     if node.op == "Concat":
@@ -285,7 +299,12 @@ def push_shift(region: Region, tensor: gs.Tensor, need: np.ndarray, root_shifts:
         root_shifts[key] = root_shifts.get(key, 0.0) + need
         return
     indices = ch.data_inputs(node, next((t for t in node.inputs if t.name in region.tensors), None))
-    if node.op == "Add":
+    constant = next((i for i in indices if constant_key(node, i) in region.constants), None)
+    if node.op in ch.JOIN_OPS and constant is not None:  # the cheapest root: a constant operand
+        sign = -1.0 if node.op == "Sub" and constant == 1 else 1.0
+        key = constant_key(node, constant)
+        root_shifts[key] = root_shifts.get(key, 0.0) + sign * need
+    elif node.op == "Add":
         push_shift(region, node.inputs[indices[0]], need, root_shifts)
     elif node.op == "Sub":
         push_shift(region, node.inputs[0], need, root_shifts)
@@ -319,7 +338,7 @@ def recompute(region: Region, ordered_nodes: list[gs.Node], sources: dict[str, C
         if _key(node) not in region.transparent:
             continue
         indices = ch.data_inputs(node, next((t for t in node.inputs if t.name in region.tensors), None))
-        inputs = [values[node.inputs[i].name] for i in indices]
+        inputs = [values[constant_key(node, i)] if constant_key(node, i) in region.constants else values[node.inputs[i].name] for i in indices]
         requirement = ch.requirement(node)
         if requirement == "zero-shift" and any(np.any(m.shift) for m in inputs):
             raise FoldImpossible(f"the shift cannot pass {node.op} {node_label(node)} (zero padding or gate)")

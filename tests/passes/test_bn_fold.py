@@ -333,3 +333,61 @@ def test_folded_bn_statistics_are_kept_in_metadata() -> None:
     np.testing.assert_allclose(stats["c"]["mean"], arrays["bn_b"], rtol=1e-6)
     np.testing.assert_allclose(stats["c"]["std"], np.abs(arrays["bn_g"]), rtol=1e-6)
     assert any(p.key == STATISTICS_KEY for p in optimized.metadata_props)
+
+
+# --------------------------------------------------------------------------- constant operands
+def test_bn_after_linear_on_3d_input_folds_into_matmul_and_its_bias_constant() -> None:
+    """torch's Linear on a [B, T, C] input exports MatMul + Add(bias); BatchNorm1d then
+    works on [B, C, T] through a Transpose."""
+    arrays = {"w": weights(8, 6), "bias": weights(6), "perm_dummy": np.zeros(1, np.float32), **bn_params("bn", 6)}
+    del arrays["perm_dummy"]
+    proto = model(
+        "(float[2,5,8] x) => (float[2,6,5] y)",
+        ["m = MatMul(x, w)", "a = Add(m, bias)", "t = Transpose <perm = [0,2,1]> (a)", bn("bn", "t", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    record = single_fold(result)
+    assert record["direction"] == "backward" and len(record["roots"]) == 1
+    assert ops(optimized) == {"MatMul": 1, "Add": 1, "Transpose": 1, "Relu": 1}  # the shift went into the bias
+    assert_equivalent(proto, optimized)
+
+
+@pytest.mark.parametrize("expression", ["a = Add(c, k)", "a = Add(k, c)", "a = Sub(c, k)", "a = Sub(k, c)"])
+def test_constant_operand_of_add_or_sub_takes_the_shift(expression: str) -> None:
+    arrays = {"w": weights(4, 3, 1, 1), "k": weights(1, 4, 1, 1), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,3,5,5] x) => (float[1,4,5,5] y)",
+        ["c = Conv(x, w)", expression, bn("bn", "a", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_scalar_constant_operand_becomes_per_channel() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), "k": np.array(0.7, np.float32), **bn_params("bn", 4)}
+    proto = model(
+        "(float[1,3,5,5] x) => (float[1,4,5,5] y)",
+        ["c = Conv(x, w)", "a = Add(c, k)", bn("bn", "a", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert single_fold(result)["direction"] == "backward"
+    add = next(n for n in optimized.graph.node if n.op_type == "Add")
+    constant = next(t for t in optimized.graph.initializer if t.name in add.input)
+    assert list(constant.dims) == [1, 4, 1, 1]
+    assert_equivalent(proto, optimized)
+
+
+def test_constant_operand_of_concat_is_still_refused() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), "k": weights(1, 2, 5, 5), **bn_params("bn", 6)}
+    proto = model(
+        "(float[1,3,5,5] x) => (float[1,6,5,5] y)",
+        ["c = Conv(x, w)", "a = Concat <axis = 1> (c, k)", bn("bn", "a", "z"), "y = Relu(z)"],
+        arrays,
+    )
+    _, result = fold(proto)
+    assert "Concat" in refusal_reason(result) and "constant operand" in refusal_reason(result)

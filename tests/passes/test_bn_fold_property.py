@@ -1,7 +1,7 @@
 """Property test of fold-batchnorm on random DAGs.
 
 Hypothesis builds random graphs from Conv (1×1 unpadded, 3×3 padded, grouped), BN (with
-negative scales), Relu, Add, Concat, Max/Average pooling (with and without counting the
+negative scales), Relu, Add, Add/Sub of a constant (scalar or per channel), Concat, Max/Average pooling (with and without counting the
 padding), Identity and a Gemm head, sometimes exposing an inner tensor as a second graph
 output.  For every graph: onnx.checker (full) accepts the result, ORT outputs match the
 original within 1e-5 relative, every BN the report calls folded is gone and the BNs left
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.conftest import assert_equivalent, run_passes
 
 SPATIAL = 6
-OPS = ("conv1", "conv3", "gconv", "bn", "bn", "bn", "relu", "add", "concat", "maxpool", "avgpool", "identity")
+OPS = ("conv1", "conv3", "gconv", "bn", "bn", "bn", "relu", "add", "concat", "maxpool", "avgpool", "identity", "bias", "subconst")
 
 
 class GraphBuilder:
@@ -73,6 +73,11 @@ class GraphBuilder:
             self.node("MaxPool", [name], c, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
         elif kind == "avgpool":
             self.node("AveragePool", [name], c, kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=int(rng.integers(0, 2)))
+        elif kind in ("bias", "subconst"):
+            shape = (1, c, 1, 1) if rng.random() < 0.7 else ()
+            k = self.const(f"k{i}", rng.standard_normal(shape))
+            inputs = [name, k] if kind == "bias" or rng.random() < 0.5 else [k, name]
+            self.node("Add" if kind == "bias" else "Sub", inputs, c)
         elif kind == "add":
             same = [t for t in self.tensors if t[1] == c and t[0] != name]
             if not same:
