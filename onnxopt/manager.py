@@ -83,7 +83,7 @@ class PassManager:
         inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
         graph = import_graph(inferred, copy=inferred is model)
         current = model
-        metrics = report.before = measure(model)
+        metrics = report.before = measure(model, inferred=inferred)
         shared: dict[str, Any] = {
             # eliminate-dead reports (and so exports) the initializers the import already dropped.
             "unused_initializers": unused_initializers(model, graph),

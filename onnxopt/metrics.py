@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .graph import with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
@@ -42,12 +43,13 @@ class ModelMetrics:
         }
 
 
-def measure(model: onnx.ModelProto) -> ModelMetrics:
-    """Compute the metrics of ``model`` (its main graph)."""
+def measure(model: onnx.ModelProto, *, inferred: onnx.ModelProto | None = None) -> ModelMetrics:
+    """Compute the metrics of ``model`` (its main graph); ``inferred`` is the same model with
+    shape inference already run (saves running it again)."""
     op_counts: dict[str, int] = {}
     for node in model.graph.node:
         op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
-    macs, unknown = count_macs(model)
+    macs, unknown = count_macs(model, inferred=inferred)
     bulk = tensor_bytes(model)
     size = bulk if bulk > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
     return ModelMetrics(
@@ -71,12 +73,8 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static-ish shapes of every known tensor (symbolic dims -> 1)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is best effort for metrics  # noqa: BLE001
-        inferred = model
+def _shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static-ish shapes of every tensor of a shape-inferred model (symbolic dims -> 1)."""
     graph = inferred.graph
     shapes: dict[str, list[int]] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -95,10 +93,10 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
+def count_macs(model: onnx.ModelProto, *, inferred: onnx.ModelProto | None = None) -> tuple[int, list[str]]:
     if not any(node.op_type in MAC_OPS for node in model.graph.node):
         return 0, []
-    shapes = _shapes(model)
+    shapes = _shapes(inferred if inferred is not None else with_inferred_shapes(model))
     total, unknown = 0, []
     for node in model.graph.node:
         if node.op_type not in MAC_OPS:
