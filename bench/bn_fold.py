@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 import tempfile
 import time
@@ -54,10 +52,12 @@ import onnx
 
 import onnxopt
 from bench.common import (
-    IsolatedRunner,
+    compact_number_lists,
     count_bn,
     count_bn_as_nchwc_conv,
     environment,
+    IsolatedRunner,
+    json_safe,
     load_average,
     onnxoptimizer_optimize,
     op_counts,
@@ -67,6 +67,7 @@ from bench.common import (
     random_feeds,
     slower_beyond_noise,
     summarize,
+    table,
     time_interleaved,
 )
 
@@ -446,11 +447,6 @@ def fmt_ms(stats: dict[str, Any] | None) -> str:
     return f"{stats['median_ms']:.4g} ({stats['iqr_ms']:.2g})"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def bn_verdict(result: dict[str, Any]) -> str:
     mine = bn_left(result["tools"]["onnxopt"], False)
     computed, _ = best_peer(result, True)
@@ -592,23 +588,6 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (not valid JSON) with strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def compact_number_lists(text: str) -> str:
-    """Put JSON arrays of plain numbers on one line (the latency samples)."""
-    number_list = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
-    return number_list.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-
-
 def write_results(data: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "bn_fold.json", out_dir / "bn_fold.md"

@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import subprocess
 import time
 from collections import Counter
@@ -251,3 +252,27 @@ def onnxoptimizer_optimize(src: str, dst: str, passes: Sequence[str] | None) -> 
     optimized = onnxoptimizer.optimize(model, list(passes)) if passes else onnxoptimizer.optimize(model)
     onnx.save(optimized, dst)
     return getattr(onnxoptimizer, "__version__", "") or (package_version("onnxoptimizer") or "")
+
+
+# --------------------------------------------------------------------------- result files
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) with strings; keys become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def compact_number_lists(text: str) -> str:
+    """Put JSON arrays of plain numbers on one line (the latency samples)."""
+    number_list = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+    return number_list.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)

@@ -68,7 +68,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -83,12 +82,15 @@ import onnx
 
 import onnxopt
 from bench.common import (
+    compact_number_lists,
     environment,
+    json_safe,
     load_average,
     op_counts,
     ort_optimized_model,
     ort_session,
     summarize,
+    table,
     time_interleaved,
 )
 
@@ -692,11 +694,6 @@ def evaluate_goals(results: dict[str, dict[str, Any]], resnet50: dict[str, Any])
 
 
 # --------------------------------------------------------------------------- markdown
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def quant_seconds(rec: dict[str, Any]) -> str:
     if "report_total_seconds" in rec and isinstance(rec["report_total_seconds"], list):
         return f"{median(rec['report_total_seconds']):.2f}"
@@ -888,19 +885,7 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_results(data: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    from bench.bn_fold import compact_number_lists
-
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "quantize.json", out_dir / "quantize.md"
     text = json.dumps(json_safe(json.loads(json.dumps(data, default=json_default))), indent=1)
