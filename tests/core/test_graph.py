@@ -242,3 +242,32 @@ def test_inferred_shapes_are_not_shipped_in_the_output(demo):
     optimized, report = onnxopt.optimize(demo)
     assert any(p.modified for p in report.passes)
     assert not optimized.graph.value_info
+
+
+def test_inferred_shapes_on_the_skeleton_equal_full_inference():
+    """Large initializers are stood in by typed inputs; small ones (a Reshape target) keep
+    their data so data propagation still gives the reshaped dimensions."""
+    import onnx
+
+    from onnxopt.graph import with_inferred_shapes
+
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((16, 8, 3, 3), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 4, -1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    fast = with_inferred_shapes(model)
+    assert {v.name: v for v in fast.graph.value_info} == {v.name: v for v in full.graph.value_info}
+    assert [d.dim_value for d in {v.name: v for v in fast.graph.value_info}["r"].type.tensor_type.shape.dim] == [1, 4, 400]
+    assert len(fast.graph.initializer) == 2 and fast.graph.initializer[0].dims == [16, 8, 3, 3]
+    assert not model.graph.value_info  # the input model is left alone

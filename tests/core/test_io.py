@@ -250,3 +250,12 @@ def test_tensor_bytes_counts_raw_and_typed_fields():
     )
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(5, np.float32), "c"))
     assert io.tensor_bytes(model) == 3 * 4 + 2 * 8 + 5 * 4
+
+
+def test_serialized_size_equals_bytesize(demo):
+    model = onnx.ModelProto()
+    model.CopyFrom(demo)
+    helper.set_model_props(model, {"k": "v" * 300})
+    model.graph.doc_string = "d" * 200
+    assert io.serialized_size(model) == model.ByteSize()
+    assert io.serialized_size(onnx.ModelProto()) == 0
