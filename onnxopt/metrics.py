@@ -1,7 +1,9 @@
 """Model size figures for the report: parameters, MACs, node counts, serialized size.
 
 MACs (multiply-accumulates) are counted per sample for the compute nodes, from shapes given
-by ONNX shape inference; symbolic dimensions count as 1 (a batch of one):
+by ONNX shape inference; the batch dimension and the symbolic dimensions the model declares
+(e.g. a sequence length) count as 1.  A dimension shape inference could not determine (its
+made-up ``unk__N`` names) makes the node's count unknown rather than a wrong number:
 
 * Conv:            N · C_out · ∏ spatial_out · (C_in / group) · ∏ kernel
 * ConvTranspose:   N · C_in · ∏ spatial_in · (C_out / group) · ∏ kernel
@@ -73,17 +75,29 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static-ish shapes of every tensor of a shape-inferred model (symbolic dims -> 1)."""
+def _shapes(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes of every tensor of a shape-inferred model: declared symbolic dims and the batch
+    axis -> 1, dims inference could not determine -> None."""
     graph = inferred.graph
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, list[int | None]] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
-            shapes[info.name] = [dim.dim_value if dim.HasField("dim_value") else 1 for dim in tensor_type.shape.dim]
+            shapes[info.name] = [_dim(dim, axis) for axis, dim in enumerate(tensor_type.shape.dim)]
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension, axis: int) -> int | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if axis == 0 or (dim.dim_param and not dim.dim_param.startswith(UNDETERMINED_DIM_PREFIX)):
+        return 1
+    return None
+
+
+UNDETERMINED_DIM_PREFIX = "unk__"  # what ONNX shape inference names the dims it cannot determine
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -118,7 +132,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None
         return None
     x, w = shapes.get(names[data_index]), shapes.get(names[weight_index])
     y = shapes.get(node.output[0])
-    if x is None or w is None or y is None:
+    if x is None or w is None or y is None or None in x or None in w or None in y:
         return None
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         return int(np.prod(y, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))

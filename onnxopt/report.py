@@ -121,6 +121,9 @@ class Report:
                 f"{_arrow(self.before.macs, self.after.macs, _si):>21}  "
                 f"size {_bytes(self.before.size_bytes)} -> {_bytes(self.after.size_bytes)}"
             )
+            for label, metrics in (("input", self.before), ("output", self.after)):
+                if metrics.unknown_macs:
+                    lines.append(f"note: MACs of the {label} model exclude {len(metrics.unknown_macs)} node(s) whose shapes ONNX shape inference could not determine")
         refusals = self.refusals
         if refusals:
             lines.append("")

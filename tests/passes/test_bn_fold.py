@@ -7,12 +7,14 @@ the BN is still there and the refusal reason.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxopt.passes.bn_fold import STATISTICS_KEY, read_bn_statistics
+from onnxopt.passes.bn_fold import STATISTICS_KEY, read_bn_statistics, statistics_from_metadata, statistics_to_metadata
 from tests.conftest import bn_line as bn, text_model as model, assert_equivalent, ops, run_passes
 
 RNG = np.random.default_rng(1234)
@@ -333,6 +335,18 @@ def test_folded_bn_statistics_are_kept_in_metadata() -> None:
     np.testing.assert_allclose(stats["c"]["mean"], arrays["bn_b"], rtol=1e-6)
     np.testing.assert_allclose(stats["c"]["std"], np.abs(arrays["bn_g"]), rtol=1e-6)
     assert any(p.key == STATISTICS_KEY for p in optimized.metadata_props)
+
+
+def test_statistics_metadata_round_trips_and_reads_plain_json() -> None:
+    statistics = {"t": {"axis": 1, "mean": [0.5, -1.25, 3e-8], "std": [1.0, 2.0, 0.1], "source": "bn"}}
+    text = statistics_to_metadata(statistics)
+    assert "0.5" not in text  # vectors are stored as base64 float32, not decimal text
+    decoded = statistics_from_metadata({STATISTICS_KEY: text})
+    np.testing.assert_allclose(decoded["t"]["mean"], statistics["t"]["mean"], rtol=1e-7)
+    np.testing.assert_allclose(decoded["t"]["std"], statistics["t"]["std"], rtol=1e-7)
+    assert decoded["t"]["source"] == "bn" and decoded["t"]["axis"] == 1
+    legacy = statistics_from_metadata({STATISTICS_KEY: json.dumps(statistics)})  # written by 0.1 before the encoding
+    assert legacy == statistics
 
 
 # --------------------------------------------------------------------------- constant operands
