@@ -1,0 +1,228 @@
+"""RED / RED++ passes: hash-weights, merge-neurons, decompose-depthwise (METHODS.md §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt.cli import main as cli_main
+from onnxopt.passes.red.hashing import hash_values
+from onnxopt.verify import verify
+from tests.conftest import assert_equivalent, bn_line, initializers, ops, run_passes, text_model
+
+RNG = np.random.default_rng(7)
+
+
+def _stats(report, name):
+    entry = next(p for p in report.to_dict()["passes"] if p["name"] == name)
+    return entry["stats"], [r["reason"] for r in entry.get("refusals", [])]
+
+
+def _conv(n_o, n_i, k=1):
+    return RNG.standard_normal((n_o, n_i, k, k)).astype(np.float32)
+
+
+def _bias(n):
+    return RNG.standard_normal(n).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- hashing
+def test_hashing_lands_on_density_maxima_and_respects_bound():
+    centers = np.array([-0.3, -0.1, 0.05, 0.2])
+    weights = (RNG.choice(centers, 4000) + RNG.standard_normal(4000) * 2e-3).astype(np.float32)
+    result = hash_values(weights)
+    assert result.distinct_after < result.distinct_before / 2
+    # every hashed value stays in the cluster its weight came from (the density maxima of a cluster lie inside it)
+    assert np.max(np.abs(result.values - weights)) < 0.02
+    assert result.mean_abs_error <= result.bound
+    again = hash_values(result.values)
+    assert again.distinct_after <= result.distinct_after
+
+
+def test_hash_weights_pass_on_zoo_bound_holds(zoo_cache):
+    from onnxopt.models.build import build_zoo_model
+
+    model = onnx.load(str(build_zoo_model("resnet20", zoo_cache)))
+    hashed, report = run_passes(model, "fold-batchnorm", "hash-weights")
+    stats, _ = _stats(report, "hash-weights")
+    assert stats["layers_hashed"] == 20 and stats["distinct_after"] < stats["distinct_before"]
+    for layer in stats["layers"]:
+        assert layer["mean_abs_error"] <= layer["bound"], layer
+    result = verify(model, hashed, atol=1e-6, rtol=1e-5)
+    assert not result.passed  # lossy: weights really changed
+    assert stats["layers_with_bn_statistics"] > 0 and stats["network_bound"] is not None
+
+
+# --------------------------------------------------------------------------- merge: graph cases
+def _duplicate_rows(weight, bias, pairs, scale=1.0):
+    for i, j in pairs:
+        weight[j] = scale * weight[i]
+        bias[j] = scale * bias[i]
+    return weight, bias
+
+
+def test_conv_relu_conv_exact_merge():
+    w1, b1 = _duplicate_rows(_conv(6, 3, 3), _bias(6), [(0, 3), (1, 5)])
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv <pads = [1,1,1,1]> (x, w1, b1)", "r = Relu (a)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "w2": _conv(4, 6), "b2": _bias(4)},
+    )
+    out, report = run_passes(model, "merge-neurons")
+    assert initializers(out)["w1"].shape[0] == 4 and initializers(out)["w2"].shape[1] == 4
+    assert _stats(report, "merge-neurons")[0]["exact"] == 2
+    assert_equivalent(model, out)
+
+
+def test_conv_bn_relu_conv_merges_only_identical_bn_rows():
+    w1, b1 = _duplicate_rows(_conv(6, 3), _bias(6), [(0, 3), (1, 5)])
+    g, b, m, v = _bias(6), _bias(6), _bias(6), np.abs(_bias(6)) + 0.5
+    for arr in (g, b, m, v):
+        arr[3] = arr[0]  # pair (0, 3) identical through the BN; pair (1, 5) is not
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv (x, w1, b1)", bn_line("bn", "a", "n"), "r = Relu (n)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "bn_g": g, "bn_b": b, "bn_m": m, "bn_v": v, "w2": _conv(4, 6), "b2": _bias(4)},
+    )
+    out, _ = run_passes(model, "merge-neurons")
+    assert initializers(out)["w1"].shape[0] == 5 and initializers(out)["bn_g"].shape == (5,)
+    assert_equivalent(model, out)
+
+
+def test_gemm_chain_exact_and_angular_merge():
+    w1 = RNG.standard_normal((8, 10)).astype(np.float32)  # transB: rows are neurons
+    b1 = _bias(8)
+    w1[3], b1[3] = w1[0], b1[0]
+    w1[5], b1[5] = 2.0 * w1[1], 2.0 * b1[1]  # collinear, λ = 2 > 0
+    model = text_model(
+        "(float[2,10] x) => (float[2,4] y)",
+        ["a = Gemm <transB = 1> (x, w1, b1)", "r = Relu (a)", "y = Gemm (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "w2": RNG.standard_normal((8, 4)).astype(np.float32), "b2": _bias(4)},
+    )
+    out, report = run_passes(model, "merge-neurons")
+    stats, _ = _stats(report, "merge-neurons")
+    assert (stats["exact"], stats["angular"]) == (1, 1)
+    assert initializers(out)["w1"].shape == (6, 10) and initializers(out)["w2"].shape == (6, 4)
+    assert_equivalent(model, out)
+
+
+def test_relu6_path_refuses_angular_merge_but_keeps_exact():
+    w1, b1 = _conv(6, 3), _bias(6)
+    w1[3], b1[3] = w1[0], b1[0]
+    w1[5], b1[5] = 2.0 * w1[1], 2.0 * b1[1]
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv (x, w1, b1)", "r = Clip (a, lo, hi)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32), "w2": _conv(4, 6), "b2": _bias(4)},
+    )
+    out, report = run_passes(model, "merge-neurons")
+    stats, _ = _stats(report, "merge-neurons")
+    assert (stats["exact"], stats["angular"]) == (1, 0)
+    assert initializers(out)["w1"].shape[0] == 5
+    assert_equivalent(model, out)
+
+
+def _refusal_for(model, text):
+    out, report = run_passes(model, "merge-neurons")
+    stats, reasons = _stats(report, "merge-neurons")
+    assert stats["neurons_removed"] == 0 and any(text in r for r in reasons), reasons
+    assert ops(out) == ops(model)
+
+
+def test_residual_block_is_skipped_with_reason():
+    w1, b1 = _duplicate_rows(_conv(3, 3), _bias(3), [(0, 1)])
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,3,8,8] y)",
+        ["a = Conv (x, w1, b1)", "s = Add (a, x)", "r = Relu (s)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "w2": _conv(3, 3), "b2": _bias(3)},
+    )
+    _refusal_for(model, "residual")
+
+
+def test_concat_block_is_skipped_with_reason():
+    w1, b1 = _duplicate_rows(_conv(4, 3), _bias(4), [(0, 1)])
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv (x, w1, b1)", "c = Concat <axis = 1> (a, x)", "y = Conv (c, w2, b2)"],
+        {"w1": w1, "b1": b1, "w2": _conv(4, 7), "b2": _bias(4)},
+    )
+    _refusal_for(model, "Concat")
+
+
+def test_merged_channel_feeding_graph_output_is_refused():
+    w1, b1 = _duplicate_rows(_conv(4, 3), _bias(4), [(0, 1)])
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] r)",
+        ["a = Conv (x, w1, b1)", "r = Relu (a)"],
+        {"w1": w1, "b1": b1},
+    )
+    _refusal_for(model, "graph output")
+
+
+def test_depthwise_channel_pruned_in_mobilenet_block():
+    w1, b1 = _duplicate_rows(_conv(8, 4), _bias(8), [(0, 5)])
+    dw, dwb = _conv(8, 1, 3), _bias(8)
+    dw[5], dwb[5] = dw[0], dwb[0]
+    model = text_model(
+        "(float[1,4,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv (x, w1, b1)", "r = Relu (a)", "d = Conv <group = 8, pads = [1,1,1,1]> (r, dw, dwb)", "e = Clip (d, lo, hi)", "y = Conv (e, w2, b2)"],
+        {"w1": w1, "b1": b1, "dw": dw, "dwb": dwb, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32), "w2": _conv(4, 8), "b2": _bias(4)},
+    )
+    out, _ = run_passes(model, "merge-neurons")
+    assert initializers(out)["dw"].shape[0] == 7
+    group = next(a.i for n in out.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+    assert group == 7
+    assert_equivalent(model, out)
+
+
+# --------------------------------------------------------------------------- decomposition
+def test_decompose_low_rank_conv_exact():
+    n_o, n_i = 16, 4
+    basis = RNG.standard_normal((n_i, 2, 9))
+    coeff = RNG.standard_normal((n_i, n_o, 2))
+    weight = np.einsum("iot,itk->oik", coeff, basis).reshape(n_o, n_i, 3, 3).astype(np.float32)
+    model = text_model(
+        "(float[1,4,10,10] x) => (float[1,16,5,5] y)",
+        ["y = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w, b)"],
+        {"w": weight, "b": _bias(16)},
+    )
+    out, report = run_passes(model, "decompose-depthwise")
+    stats, _ = _stats(report, "decompose-depthwise")
+    assert stats["convs_decomposed"] == 1 and stats["layers"][0]["rank_sum"] == 8
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    assert stats["params_after"] < stats["params_before"]
+    assert_equivalent(model, out)
+
+
+def test_full_rank_conv_not_decomposed():
+    model = text_model("(float[1,4,6,6] x) => (float[1,16,4,4] y)", ["y = Conv (x, w)"], {"w": _conv(16, 4, 3)})
+    out, report = run_passes(model, "decompose-depthwise")
+    assert ops(out)["Conv"] == 1 and "eq. 2.11" in _stats(report, "decompose-depthwise")[1][0]
+
+
+# --------------------------------------------------------------------------- zoo + presets
+@pytest.mark.zoo
+def test_red_preset_exact_after_hashing_on_zoo_and_alpha(zoo_cache):
+    from onnxopt.models.build import build_zoo_model
+
+    model = onnx.load(str(build_zoo_model("resnet20", zoo_cache)))
+    hashed, _ = onnxopt.optimize(model, passes=["eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "hash-weights"])
+    strict, _ = run_passes(hashed, "merge-neurons", "decompose-depthwise", "eliminate-dead")
+    assert_equivalent(hashed, strict)
+    relaxed, report = onnxopt.optimize(hashed, passes=["merge-neurons", "eliminate-dead"], alpha=0.25)
+    stats, _ = _stats(report, "merge-neurons")
+    assert stats["alpha_merged"] > 0 and stats["alpha_relative_change_max"] > 0
+    result = verify(hashed, relaxed, atol=1e-6, rtol=1e-5)
+    assert not result.passed and result.outputs[0].max_abs > 0
+    through_preset, _ = onnxopt.optimize(model, preset="red", alpha=0.25)
+    assert sum(t.dims[0] for t in through_preset.graph.initializer if len(t.dims) == 4) < sum(t.dims[0] for t in model.graph.initializer if len(t.dims) == 4)
+
+
+def test_cli_prune_red(tmp_path, demo_path):
+    out = tmp_path / "out.onnx"
+    assert cli_main([str(demo_path), "-o", str(out), "--prune", "red", "--prune-alpha", "0.1", "-q"]) == 0
+    assert out.exists()
+    assert cli_main([str(demo_path), "-o", str(out), "--prune-alpha", "0.1", "-q"]) != 0
