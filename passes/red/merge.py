@@ -22,12 +22,14 @@ Maths (METHODS.md §2, thesis eqs. 2.2 and 2.5):
 The producer is a Conv (group 1), a Gemm (transA 0, alpha = beta = 1) or a MatMul with a
 constant weight; the path to the single consumer (Conv group 1 / Gemm / MatMul reading the
 tensor as its data input, constant weight) may cross element-wise activations, BN, Max/
-AveragePool (global too), per-channel constant Add/Sub/Mul, Flatten of a 1×1 map and
-depthwise Convs (their channel is pruned too and ``group`` updated).
+AveragePool (global too), per-channel constant Add/Sub/Mul, Flatten of a 1×1 map,
+Concat on the channel axis (the channels are tracked at their offset; the other inputs are
+untouched) and depthwise Convs (their channel is pruned too and ``group`` updated).
 
 Refused (with the reason): a path tensor that is a graph output ("merged channel reaches
-a graph output"), fan-out (several readers: residual Adds and Concats share the channel
-with other branches, so such layers are skipped), any other op on the path, grouped (non
+a graph output"), fan-out (several readers: residual Adds share the channel
+with other branches, so such layers are skipped: merging across a residual Add would need
+every producer of the residual stream to merge the same channels), any other op on the path, grouped (non
 depthwise) Convs, non-constant weights.  Nothing is mutated before a layer's checks pass;
 shared initializers are copied on write.
 """
@@ -59,10 +61,11 @@ class Refused(Exception):
 
 @dataclass
 class Component:
-    """Per-channel parameters (n × d) and how to write back the kept rows."""
+    """Per-channel parameters (n × d rows of the producer's channels) and how to write back:
+    ``write(rows of the kept channels, kept indices, dropped indices)``."""
 
     rows: np.ndarray
-    write: Callable[[np.ndarray], None]
+    write: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass
@@ -70,11 +73,21 @@ class LayerMatch:
     producer: gs.Node
     channels: int
     components: list[Component]
-    consumer: gs.Node
-    consumer_write: Callable[[np.ndarray], None]  # takes the (n × n_keep) combination matrix
-    path_tensors: list[tuple[gs.Tensor, int]] = field(default_factory=list)  # (tensor, channel axis)
-    path_writes: list[Callable[[int], None]] = field(default_factory=list)  # attribute updates (group)
+    consumer: gs.Node | None = None
+    consumer_write: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None  # (n × n_keep combination, keep, drop)
+    path_tensors: list[tuple[gs.Tensor, int, int]] = field(default_factory=list)  # (tensor, channel axis, channel count)
+    path_writes: list[Callable[[int], None]] = field(default_factory=list)  # group updates, given the dropped count
     homogeneous: bool = True
+
+
+@dataclass
+class Channels:
+    """Where the producer's channels are in the current tensor: indices ``idx`` on ``axis``
+    of a channel dimension of size ``total`` (offsets after a Concat)."""
+
+    axis: int
+    idx: np.ndarray
+    total: int
 
 
 # --------------------------------------------------------------------------- match
@@ -88,146 +101,186 @@ def _float_constant(node: gs.Node, index: int, what: str) -> np.ndarray:
     return values
 
 
-def _producer(graph: gs.Graph, node: gs.Node, names: NameFactory) -> tuple[int, list[Component], int]:
-    """(channels, components, channel axis of the output) of a producer layer."""
+def _rows(graph, node, index, values, dim, where: Channels, names) -> Component:
+    """Rows ``where.idx`` of input ``index`` whose dimension ``dim`` indexes the channels."""
+    if values.shape[dim] != where.total:
+        raise Refused(f"{node.op} {node_label(node)} parameter has {values.shape[dim]} channels, expected {where.total}")
+    moved = np.moveaxis(values, dim, 0)
+    idx = where.idx
+
+    def write(rows: np.ndarray, keep: np.ndarray, drop: np.ndarray) -> None:
+        full = moved.reshape(where.total, -1).copy()
+        full[idx[keep]] = rows
+        full = np.delete(full, idx[drop], axis=0).reshape(where.total - drop.size, *moved.shape[1:])
+        set_constant_input(graph, node, index, np.moveaxis(full, 0, dim).astype(values.dtype), names)
+
+    return Component(moved.reshape(where.total, -1)[idx], write)
+
+
+def _columns(graph, node, values, dim, where: Channels, names) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """The consumer's input columns (dimension ``dim`` of its weight): kept ones combined."""
+    moved = np.moveaxis(values, dim, 0).astype(np.float64)
+    idx = where.idx
+
+    def write(combination: np.ndarray, keep: np.ndarray, drop: np.ndarray) -> None:
+        full = moved.copy()
+        full[idx[keep]] = np.tensordot(combination.T, moved[idx], axes=1)
+        full = np.delete(full, idx[drop], axis=0)
+        set_constant_input(graph, node, 1, np.moveaxis(full, 0, dim).astype(values.dtype), names)
+
+    return write
+
+
+def _producer(graph: gs.Graph, node: gs.Node, names: NameFactory) -> tuple[list[Component], Channels]:
+    """Components and channel position of a producer layer's output."""
     if node.op == "Conv":
         if node.attrs.get("group", 1) != 1:
             raise Refused("grouped Conv producer")
         weight = _float_constant(node, 1, "weight")
-        n = weight.shape[0]
-        comps = [Component(weight.reshape(n, -1), lambda r, s=weight.shape: set_constant_input(graph, node, 1, r.reshape(len(r), *s[1:]).astype(weight.dtype), names))]
-        bias = constant_values(node, 2)
+        where = Channels(1, np.arange(weight.shape[0]), weight.shape[0])
+        comps = [_rows(graph, node, 1, weight, 0, where, names)]
         if optional_input(node, 2) is not None:
-            bias = _float_constant(node, 2, "bias")
-            comps.append(Component(bias.reshape(n, 1), lambda r: set_constant_input(graph, node, 2, r.reshape(-1).astype(bias.dtype), names)))
-        return n, comps, 1
+            comps.append(_rows(graph, node, 2, _float_constant(node, 2, "bias"), 0, where, names))
+        return comps, where
     if node.op == "Gemm":
         if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
             raise Refused("Gemm with transA or alpha/beta ≠ 1")
         weight = _float_constant(node, 1, "weight")
-        trans = bool(node.attrs.get("transB", 0))
-        rows = weight if trans else weight.T
-        n = rows.shape[0]
-        comps = [Component(rows, lambda r: set_constant_input(graph, node, 1, (r if trans else r.T).astype(weight.dtype), names))]
+        dim = 0 if node.attrs.get("transB", 0) else 1
+        where = Channels(1, np.arange(weight.shape[dim]), weight.shape[dim])
+        comps = [_rows(graph, node, 1, weight, dim, where, names)]
         if optional_input(node, 2) is not None:
             bias = _float_constant(node, 2, "bias")
-            if bias.size != n or bias.shape[-1] != n:
+            if bias.size != where.total or bias.shape[-1] != where.total:
                 raise Refused("Gemm bias is not per output neuron")
-            comps.append(Component(bias.reshape(n, 1), lambda r, s=bias.shape: set_constant_input(graph, node, 2, r.reshape(*s[:-1], len(r)).astype(bias.dtype), names)))
-        return n, comps, 1
+            comps.append(_rows(graph, node, 2, bias, bias.ndim - 1, where, names))
+        return comps, where
     if node.op == "MatMul":
         weight = _float_constant(node, 1, "weight")
         if weight.ndim != 2:
             raise Refused("MatMul weight is not 2-D")
-        rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
-        if rank is None:
+        if node.outputs[0].shape is None:
             raise Refused("MatMul output rank unknown")
-        return weight.shape[1], [Component(weight.T, lambda r: set_constant_input(graph, node, 1, r.T.astype(weight.dtype), names))], rank - 1
+        where = Channels(len(node.outputs[0].shape) - 1, np.arange(weight.shape[1]), weight.shape[1])
+        return [_rows(graph, node, 1, weight, 1, where, names)], where
     raise Refused(f"{node.op} is not a mat-vec layer")
 
 
-def _per_channel_constant(values: np.ndarray, axis: int, rank: int, n: int) -> bool:
-    shape = (1,) * (rank - values.ndim) + values.shape
-    return len(shape) == rank and shape[axis] == n and all(d == 1 for i, d in enumerate(shape) if i != axis)
-
-
-def _path_node(graph, node, tensor, axis, n, names, match: LayerMatch) -> int:
-    """Add the per-channel parameters of path node ``node``; return the new channel axis."""
+def _path_node(graph, node, tensor, where: Channels, names, match: LayerMatch) -> Channels:
+    """Add the per-channel parameters of path node ``node``; return where the channels go."""
     op = node.op
+    match.homogeneous &= op in HOMOGENEOUS_OPS
+    if op == "Concat":
+        return _through_concat(node, tensor, where)
     if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
         raise Refused(f"{op} {node_label(node)} reads the channel tensor as a parameter")
-    match.homogeneous &= op in HOMOGENEOUS_OPS
     if op in ELEMENTWISE_OPS:
         if op == "PRelu":
             raise Refused("PRelu on the path (per-channel slope)")
-        return axis
+        return where
     if op in POOL_OPS:
-        if axis != 1:
+        if where.axis != 1:
             raise Refused(f"{op} on a non-channel-first tensor")
         if op == "MaxPool" and len([t for t in node.outputs if not t.is_empty()]) > 1:
             raise Refused("MaxPool with an indices output")
-        return axis
+        return where
     if op == "Flatten":
         shape = node.inputs[0].shape
-        if axis != 1 or node.attrs.get("axis", 1) != 1 or shape is None or any(d != 1 for d in shape[2:]):
+        if where.axis != 1 or node.attrs.get("axis", 1) != 1 or shape is None or any(d != 1 for d in shape[2:]):
             raise Refused("Flatten of a map larger than 1×1")
-        return 1
+        return where
     if op == "BatchNormalization":
-        if axis != 1 or len([t for t in node.outputs if not t.is_empty()]) > 1:
+        if where.axis != 1 or len([t for t in node.outputs if not t.is_empty()]) > 1:
             raise Refused("BN not on the channel axis 1 / in training mode")
-        params = [_float_constant(node, i, "BN parameter") for i in range(1, 5)]
-        for index, values in enumerate(params, start=1):
-            match.components.append(Component(values.reshape(n, 1), lambda r, i=index, v=values: set_constant_input(graph, node, i, r.reshape(-1).astype(v.dtype), names)))
-        return axis
+        for index in range(1, 5):
+            match.components.append(_rows(graph, node, index, _float_constant(node, index, "BN parameter"), 0, where, names))
+        return where
     if op in CONSTANT_ARITHMETIC:
         const = constant_values(node, 1)
         if const is None or node.outputs[0].shape is None:
             raise Refused(f"{op} of two computed tensors (residual branch) on the path")
-        rank = len(node.outputs[0].shape)
         if const.size == 1:
-            return axis
-        if not _per_channel_constant(const, axis, rank, n):
+            return where
+        rank = len(node.outputs[0].shape)
+        dim = where.axis - (rank - const.ndim)
+        if dim < 0 or not _per_channel_constant(const, dim, where.total):
             raise Refused(f"{op} constant is not per channel")
-        shape = const.shape
-        match.components.append(
-            Component(const.reshape(n, 1), lambda r, s=shape: set_constant_input(graph, node, 1, r.reshape(tuple(len(r) if d == n else d for d in s)).astype(const.dtype), names))
-        )
-        return axis
+        match.components.append(_rows(graph, node, 1, const, dim, where, names))
+        return where
     if op == "Conv":
         weight = _float_constant(node, 1, "weight")
-        if axis != 1 or node.attrs.get("group", 1) != n or weight.shape[0] != n:
+        if where.axis != 1 or node.attrs.get("group", 1) != where.total or weight.shape[0] != where.total:
             raise Refused("grouped Conv (not depthwise with multiplier 1) on the path")
-        match.components.append(Component(weight.reshape(n, -1), lambda r, s=weight.shape: set_constant_input(graph, node, 1, r.reshape(len(r), *s[1:]).astype(weight.dtype), names)))
+        match.components.append(_rows(graph, node, 1, weight, 0, where, names))
         if optional_input(node, 2) is not None:
-            bias = _float_constant(node, 2, "bias")
-            match.components.append(Component(bias.reshape(n, 1), lambda r: set_constant_input(graph, node, 2, r.reshape(-1).astype(bias.dtype), names)))
-        match.path_writes.append(lambda keep, c=node: c.attrs.__setitem__("group", keep))
+            match.components.append(_rows(graph, node, 2, _float_constant(node, 2, "bias"), 0, where, names))
+        match.path_writes.append(lambda dropped, c=node, total=where.total: c.attrs.__setitem__("group", total - dropped))
         match.homogeneous = False
-        return axis
+        return where
     raise Refused(f"{op} {node_label(node)} between producer and consumer")
 
 
-def _consumer_writer(graph, node: gs.Node, tensor: gs.Tensor, axis: int, n: int, names: NameFactory) -> Callable[[np.ndarray], None] | None:
+def _per_channel_constant(values: np.ndarray, dim: int, total: int) -> bool:
+    return values.shape[dim] == total and all(d == 1 for i, d in enumerate(values.shape) if i != dim)
+
+
+def _through_concat(node: gs.Node, tensor: gs.Tensor, where: Channels) -> Channels:
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    if rank is None or int(node.attrs.get("axis", 0)) % rank != where.axis:
+        raise Refused("Concat not on the channel axis (or of unknown rank)")
+    positions = [i for i, t in enumerate(node.inputs) if t is tensor]
+    if len(positions) != 1:
+        raise Refused("Concat reads the channel tensor more than once")
+    sizes = []
+    for t in node.inputs:
+        dim = t.shape[where.axis] if t.shape is not None else None
+        if not isinstance(dim, (int, np.integer)):
+            raise Refused(f"Concat input {t.name} has no static channel count")
+        sizes.append(int(dim))
+    offset = sum(sizes[: positions[0]])
+    return Channels(where.axis, where.idx + offset, sum(sizes))
+
+
+def _consumer_writer(graph, node: gs.Node, tensor: gs.Tensor, where: Channels, names: NameFactory):
     """How to combine the consumer's input columns, or None if ``node`` is not a consumer layer."""
     if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]) or not isinstance(optional_input(node, 1), gs.Constant):
         return None
     weight = np.asarray(node.inputs[1].values)
     if weight.dtype.kind != "f":
         return None
-    if node.op == "Conv" and node.attrs.get("group", 1) == 1 and axis == 1 and weight.shape[1] == n:
-        return lambda m: set_constant_input(graph, node, 1, np.einsum("onx,nk->okx", weight.reshape(*weight.shape[:2], -1), m).reshape(weight.shape[0], m.shape[1], *weight.shape[2:]).astype(weight.dtype), names)
-    if node.op == "Gemm" and not node.attrs.get("transA", 0) and axis == 1:
-        if node.attrs.get("transB", 0) and weight.shape[1] == n:
-            return lambda m: set_constant_input(graph, node, 1, (weight @ m).astype(weight.dtype), names)
-        if not node.attrs.get("transB", 0) and weight.shape[0] == n:
-            return lambda m: set_constant_input(graph, node, 1, (m.T @ weight).astype(weight.dtype), names)
+    if node.op == "Conv" and node.attrs.get("group", 1) == 1 and where.axis == 1 and weight.shape[1] == where.total:
+        return _columns(graph, node, weight, 1, where, names)
+    if node.op == "Gemm" and not node.attrs.get("transA", 0) and where.axis == 1:
+        dim = 1 if node.attrs.get("transB", 0) else 0
+        if weight.shape[dim] == where.total:
+            return _columns(graph, node, weight, dim, where, names)
     rank = len(tensor.shape) if tensor.shape is not None else None
-    if node.op == "MatMul" and weight.ndim == 2 and weight.shape[0] == n and rank is not None and axis == rank - 1:
-        return lambda m: set_constant_input(graph, node, 1, (m.T @ weight).astype(weight.dtype), names)
+    if node.op == "MatMul" and weight.ndim == 2 and weight.shape[0] == where.total and rank is not None and where.axis == rank - 1:
+        return _columns(graph, node, weight, 0, where, names)
     return None
 
 
 def match_layer(graph: gs.Graph, producer: gs.Node, names: NameFactory) -> LayerMatch:
-    n, components, axis = _producer(graph, producer, names)
+    components, where = _producer(graph, producer, names)
     tensor = producer.outputs[0]
-    match = LayerMatch(producer, n, components, producer, lambda m: None)
+    match = LayerMatch(producer, where.idx.size, components)
     for _ in range(64):  # paths are short; bounded walk
         if is_graph_output(graph, tensor):
             raise Refused("merged channel reaches a graph output")
-        match.path_tensors.append((tensor, axis))
+        match.path_tensors.append((tensor, where.axis, where.total))
         readers = list(tensor.outputs)
         if len(readers) != 1:
             raise Refused(f"{tensor.name} has {len(readers)} readers (residual Add / fan-out: channels shared with other branches)")
         node = readers[0]
         if not is_default_domain(node):
             raise Refused(f"custom-domain node {node_label(node)} on the path")
-        if node.op == "Concat":
-            raise Refused("Concat on the path (channels of a Concat are not merged)")
-        writer = _consumer_writer(graph, node, tensor, axis, n, names) if node.op in ("Conv", "Gemm", "MatMul") and (node.op != "Conv" or node.attrs.get("group", 1) == 1) else None
-        if writer is not None:
+        if node.op in ("Conv", "Gemm", "MatMul") and (node.op != "Conv" or node.attrs.get("group", 1) == 1):
+            writer = _consumer_writer(graph, node, tensor, where, names)
+            if writer is None:
+                raise Refused(f"{node.op} {node_label(node)} reads the channels but cannot absorb the merge")
             match.consumer, match.consumer_write = node, writer
             return match
-        axis = _path_node(graph, node, tensor, axis, n, names, match)
+        where = _path_node(graph, node, tensor, where, names, match)
         tensor = node.outputs[0]
     raise Refused("path too long")
 
@@ -310,6 +363,7 @@ def relaxed_groups(signature: np.ndarray, grouping: Grouping, alpha: float) -> n
 def apply(match: LayerMatch, signature: np.ndarray, grouping: Grouping) -> int:
     n = match.channels
     keep = np.flatnonzero(grouping.target == np.arange(n))
+    drop = np.flatnonzero(grouping.target != np.arange(n))
     position = np.full(n, -1)
     position[keep] = np.arange(keep.size)
     combination = np.zeros((n, keep.size))
@@ -317,15 +371,15 @@ def apply(match: LayerMatch, signature: np.ndarray, grouping: Grouping) -> int:
     offset = 0
     for component in match.components:
         width = component.rows.shape[1]
-        component.write(signature[keep, offset : offset + width])
+        component.write(signature[keep, offset : offset + width], keep, drop)
         offset += width
-    match.consumer_write(combination)
+    match.consumer_write(combination, keep, drop)
     for write in match.path_writes:
-        write(int(keep.size))
-    for tensor, axis in match.path_tensors:
+        write(int(drop.size))
+    for tensor, axis, total in match.path_tensors:
         if tensor.shape is not None and len(tensor.shape) > axis:
             shape = list(tensor.shape)
-            shape[axis] = int(keep.size)
+            shape[axis] = total - int(drop.size)
             tensor.shape = shape
     return int(keep.size)
 

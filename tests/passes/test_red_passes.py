@@ -141,14 +141,21 @@ def test_residual_block_is_skipped_with_reason():
     _refusal_for(model, "residual")
 
 
-def test_concat_block_is_skipped_with_reason():
+def test_concat_block_merges_at_the_channel_offset():
     w1, b1 = _duplicate_rows(_conv(4, 3), _bias(4), [(0, 1)])
+    g, b, m, v = _bias(7), _bias(7), _bias(7), np.abs(_bias(7)) + 0.5
+    for arr in (g, b, m, v):
+        arr[4] = arr[3]  # the producer's channels 0 and 1 sit at offsets 3 and 4 of the Concat
     model = text_model(
         "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
-        ["a = Conv (x, w1, b1)", "c = Concat <axis = 1> (a, x)", "y = Conv (c, w2, b2)"],
-        {"w1": w1, "b1": b1, "w2": _conv(4, 7), "b2": _bias(4)},
+        ["a = Conv (x, w1, b1)", "c = Concat <axis = 1> (x, a)", bn_line("bn", "c", "n"), "r = Relu (n)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "bn_g": g, "bn_b": b, "bn_m": m, "bn_v": v, "w2": _conv(4, 7), "b2": _bias(4)},
     )
-    _refusal_for(model, "Concat")
+    out, _ = run_passes(model, "merge-neurons")
+    inits = initializers(out)
+    assert inits["w1"].shape[0] == 3 and inits["bn_g"].shape == (6,) and inits["w2"].shape[1] == 6
+    np.testing.assert_array_equal(inits["bn_g"][:3], g[:3])  # the other Concat input keeps its rows
+    assert_equivalent(model, out)
 
 
 def test_merged_channel_feeding_graph_output_is_refused():
