@@ -11,8 +11,9 @@ Maths (thesis eqs. 2.3–2.4):
 * the local minima m_k of the density partition the real line; every weight in
   [m_k, m_{k+1}] is replaced by the density's local maximum M_k of that interval (eq. 2.4).
 
-The KDE is binned: a histogram on a grid of step Δ/4 (at most ``max_bins`` bins, the step
-grows beyond) convolved with the sampled Gaussian (directly for the usual short kernel —
+The KDE is binned: a histogram on a grid of step Δ/4 (at most ``max_bins`` = 2²² bins:
+for the largest layers, whose Δ is tiny next to their range, the step grows to
+range/max_bins and the density is resolved at that step — reported as ``grid_step``) convolved with the sampled Gaussian (directly for the usual short kernel —
 faster than FFT there — else ``scipy.signal.fftconvolve``), so the cost is linear in the
 grid, not O(#W · grid).  Extrema are read on the grid (plateaus
 continue the previous trend).
@@ -57,6 +58,7 @@ class HashResult:
 
     values: np.ndarray
     bandwidth: float
+    grid_step: float
     distinct_before: int
     distinct_after: int
     bound: float  # U of eq. 2.8
@@ -76,35 +78,29 @@ def bandwidth(sorted_distinct: np.ndarray) -> float:
 
 
 def _segment_ids(density: np.ndarray) -> np.ndarray:
-    """Interval index per grid point: a new interval starts at each local minimum."""
-    slope = np.sign(np.diff(density))
-    # plateaus continue the previous trend (forward fill of the last non-zero slope)
-    nonzero = np.flatnonzero(slope)
-    if nonzero.size == 0:
-        return np.zeros(density.size, dtype=np.int64)
-    last = np.maximum.accumulate(np.where(slope != 0, np.arange(slope.size), -1))
-    filled = np.where(last >= 0, slope[np.maximum(last, 0)], slope[nonzero[0]])
-    # grid point i (1..n-2) is a local minimum when the slope before is < 0 and after > 0
-    minima = np.zeros(density.size, dtype=bool)
-    minima[1:-1] = (filled[:-1] < 0) & (filled[1:] > 0)
-    return np.cumsum(minima)
+    """Interval index per grid point: a new interval starts at each local minimum (the last
+    point of a descent or plateau before an ascent; zero-density gaps therefore separate)."""
+    minima = np.zeros(density.size, dtype=np.int32)
+    minima[1:-1] = (density[1:-1] <= density[:-2]) & (density[1:-1] < density[2:])
+    return np.cumsum(minima, dtype=np.int32)
 
 
-def hash_values(weights: np.ndarray, max_bins: int = 1 << 24) -> HashResult:
+def hash_values(weights: np.ndarray, max_bins: int = 1 << 22) -> HashResult:
     """Adaptive KDE hashing of one layer's weights (eqs. 2.3, 2.4, 2.8)."""
-    flat = np.asarray(weights, dtype=np.float64).reshape(-1)
-    distinct = np.unique(flat)
+    flat = np.asarray(weights).reshape(-1)
+    ordered = np.sort(flat)
+    distinct = ordered[np.r_[True, ordered[1:] != ordered[:-1]]].astype(np.float64)
     delta = bandwidth(distinct)
     if distinct.size < 3 or delta <= 0.0:
-        return HashResult(np.asarray(weights).copy(), delta, distinct.size, distinct.size, 0.0, 0.0)
-    low, high = distinct[0] - KERNEL_HALF_WIDTH * delta, distinct[-1] + KERNEL_HALF_WIDTH * delta
+        return HashResult(np.asarray(weights).copy(), delta, 0.0, distinct.size, distinct.size, 0.0, 0.0)
+    low, high = float(distinct[0]) - KERNEL_HALF_WIDTH * delta, float(distinct[-1]) + KERNEL_HALF_WIDTH * delta
     step = max(delta / BINS_PER_BANDWIDTH, (high - low) / max_bins)
     bins = int(math.ceil((high - low) / step)) + 1
     index = np.minimum(((flat - low) / step).astype(np.int64), bins - 1)
-    histogram = np.bincount(index, minlength=bins).astype(np.float64)
+    histogram = np.bincount(index, minlength=bins).astype(np.float32)
     half = int(math.ceil(KERNEL_HALF_WIDTH * delta / step))
     offsets = np.arange(-half, half + 1) * step
-    kernel = np.exp(-0.5 * (offsets / delta) ** 2)
+    kernel = np.exp(-0.5 * (offsets / delta) ** 2).astype(np.float32)
     # short kernels (the usual case: 2·4·BINS_PER_BANDWIDTH + 1 taps) convolve fastest directly
     density = np.convolve(histogram, kernel, mode="same") if kernel.size <= 65 else fftconvolve(histogram, kernel, mode="same")
     density = np.maximum(density, 0.0)  # FFT round-off
@@ -123,13 +119,14 @@ def hash_values(weights: np.ndarray, max_bins: int = 1 << 24) -> HashResult:
     edges = np.r_[low, low + starts[1:] * step, high]
     mass = np.bincount(segment[index], minlength=seg_max.size) / flat.size
     u_part = float(np.sum(np.diff(edges) * mass))
-    u_mono = MONOMODAL_FACTOR * delta
+    u_mono = MONOMODAL_FACTOR * max(delta, step)  # the grid resolves the density at max(Δ, step)
     values = hashed.astype(np.asarray(weights).dtype).reshape(np.shape(weights))
     return HashResult(
         values,
         delta,
+        step,
         int(distinct.size),
-        int(np.unique(values).size),
+        int(np.count_nonzero(mass)),  # one value per occupied interval
         min(u_mono, u_part),
         float(np.mean(np.abs(values.reshape(-1).astype(np.float64) - flat))),
     )
@@ -163,7 +160,7 @@ class HashWeights(Pass):
     tags = frozenset({"prune", "red"})
     runs_after = frozenset({"bn-fold"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"max_bins": 1 << 24}
+    options_spec = {"max_bins": 1 << 22}
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         names = NameFactory(graph)
@@ -184,6 +181,7 @@ class HashWeights(Pass):
                 "distinct_before": result.distinct_before,
                 "distinct_after": result.distinct_after,
                 "bandwidth": result.bandwidth,
+                "grid_step": result.grid_step,
                 "bound": result.bound,
                 "mean_abs_error": result.mean_abs_error,
                 "fan_in": _fan_in(node, values),

@@ -101,7 +101,7 @@ def test_gemm_chain_exact_and_angular_merge():
         ["a = Gemm <transB = 1> (x, w1, b1)", "r = Relu (a)", "y = Gemm (r, w2, b2)"],
         {"w1": w1, "b1": b1, "w2": RNG.standard_normal((8, 4)).astype(np.float32), "b2": _bias(4)},
     )
-    out, report = run_passes(model, "merge-neurons")
+    out, report = run_passes(model, "merge-neurons", channel_multiple=1)
     stats, _ = _stats(report, "merge-neurons")
     assert (stats["exact"], stats["angular"]) == (1, 1)
     assert initializers(out)["w1"].shape == (6, 10) and initializers(out)["w2"].shape == (6, 4)
@@ -177,10 +177,25 @@ def test_depthwise_channel_pruned_in_mobilenet_block():
         ["a = Conv (x, w1, b1)", "r = Relu (a)", "d = Conv <group = 8, pads = [1,1,1,1]> (r, dw, dwb)", "e = Clip (d, lo, hi)", "y = Conv (e, w2, b2)"],
         {"w1": w1, "b1": b1, "dw": dw, "dwb": dwb, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32), "w2": _conv(4, 8), "b2": _bias(4)},
     )
-    out, _ = run_passes(model, "merge-neurons")
+    out, _ = run_passes(model, "merge-neurons", channel_multiple=1)
     assert initializers(out)["dw"].shape[0] == 7
     group = next(a.i for n in out.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group")
     assert group == 7
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("pairs, kept", [(8, 8), (2, 16)])
+def test_channel_counts_stay_multiples_of_8(pairs, kept):
+    w1, b1 = _duplicate_rows(_conv(16, 3), _bias(16), [(i, i + 8) for i in range(pairs)])
+    model = text_model(
+        "(float[1,3,8,8] x) => (float[1,4,8,8] y)",
+        ["a = Conv (x, w1, b1)", "r = Relu (a)", "y = Conv (r, w2, b2)"],
+        {"w1": w1, "b1": b1, "w2": _conv(4, 16), "b2": _bias(4)},
+    )
+    out, report = run_passes(model, "merge-neurons")
+    assert initializers(out)["w1"].shape[0] == kept
+    if kept == 16:
+        assert ops(out) == ops(model)
     assert_equivalent(model, out)
 
 
