@@ -168,6 +168,12 @@ def markdown(result: dict[str, Any]) -> str:
             lat = r["latency"][threads]
             rows.append([r["model"], threads.replace("_", " "), *[f"{v['median_ms']:.2f}" for v in lat.values()]])
     lines += table(["model", "threads", "BN-folded", "red (strict)", f"red α={result['alpha']}"], rows)
+    layout = RESULTS / "red_layout.json"
+    if layout.exists():
+        data = json.loads(layout.read_text())
+        lines += ["", f"## Depthwise layout (one layer, 64→64 channels 3×3 at 56×56, ranks 1–4, Σr = {data['ranks_sum']}; `python -m bench.red_layout`)", ""]
+        lines += table(["threads", "padded (median ms)", "bucketed (median ms)"],
+                       [[k.replace("_", " "), f"{v['padded']['median_ms']:.2f}", f"{v['bucketed']['median_ms']:.2f}"] for k, v in data["latency"].items()])
     lines += ["", "## Notes", "", *result["notes"], ""]
     return "\n".join(lines)
 
@@ -175,7 +181,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet20,resnet50,mobilenet_v2,efficientnet_lite0")
-    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args()
     records = []
     for name in args.models.split(","):
@@ -192,7 +198,10 @@ def main() -> None:
             "* Thesis references: Table 2.1 reports ≥ 96 % of distinct weight values removed by hashing (99.9 % on ImageNet ResNet-50, 61–97 % on MobileNetV2); Table 2.4 reports 65–91 % parameters removed on CIFAR ResNets with the decomposition.",
             "* The zoo ResNet-20 and ResNet-50 have random (untrained) weights: no trained CIFAR ResNet is available offline, so their merge/decomposition figures say nothing about the thesis numbers (random kernels are full rank and never identical).",
             "* The bandwidth is the median consecutive difference of the sorted distinct weights, as eq. 2.3 prescribes; on millions of weights that is ~1e-7 and the KDE has very many modes, which is why the reduction in distinct values is far below the thesis' ≥ 96 %.",
-            "* decompose-depthwise emits the padded form (uneven ranks padded to the largest with zero kernels); the bucketed Split/Concat form was not implemented, so no padded-vs-bucketed latency comparison was measured.",
+            "* Layout of the uneven depthwise decomposition: see the table above (`python -m bench.red_layout`, one synthetic layer); `layout=auto` buckets when padding would add > 25 % depthwise channels.",
+            "* The network bound of eq. 2.9 (`network_bound` in the json) multiplies one term per layer and subtracts the product of the mean BN shifts β; with ~50 layers both products vanish (1e-35 … 1e-159, even negative): as implemented from the thesis formula it is not a usable figure, only the per-layer bound U (eq. 2.8) is checked.",
+            "* Where E|w − w̃| > U for some layer, it is the monomodal term of eq. 2.8 (Δ/√(2π)·(√(2/π)+√3)) that fails, not the partition bound U_part (eq. 2.6), which holds by construction.",
+            "* merge-neurons keeps channel counts multiples of 8 (`channel_multiple`): a first run without it made the α-merged MobileNetV2 2.2× slower at 1 thread (131.9 vs 58.8 ms) — ragged channel counts lose ORT's NCHWc kernels.",
         ],
     }
     RESULTS.mkdir(exist_ok=True)

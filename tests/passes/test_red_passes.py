@@ -200,21 +200,22 @@ def test_channel_counts_stay_multiples_of_8(pairs, kept):
 
 
 # --------------------------------------------------------------------------- decomposition
-def test_decompose_low_rank_conv_exact():
-    n_o, n_i = 16, 4
-    basis = RNG.standard_normal((n_i, 2, 9))
-    coeff = RNG.standard_normal((n_i, n_o, 2))
+@pytest.mark.parametrize("layout, expected", [("padded", {"Conv": 2}), ("bucketed", {"Conv": 4, "Gather": 3, "Concat": 1}), ("auto", {"Conv": 4, "Gather": 3, "Concat": 1})])
+def test_decompose_uneven_ranks_exact(layout, expected):
+    n_o, n_i = 16, 6
+    ranks = np.array([1, 3, 0, 1, 3, 2])  # a rank-0 (all-zero) channel disappears when bucketed
+    basis = RNG.standard_normal((n_i, 3, 9)) * (np.arange(3)[None, :, None] < ranks[:, None, None])
+    coeff = RNG.standard_normal((n_i, n_o, 3))
     weight = np.einsum("iot,itk->oik", coeff, basis).reshape(n_o, n_i, 3, 3).astype(np.float32)
     model = text_model(
-        "(float[1,4,10,10] x) => (float[1,16,5,5] y)",
-        ["y = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w, b)"],
+        "(float[1,6,10,10] x) => (float[1,16,5,5] y)",
+        ["y = Conv <strides = [2,2], pads = [1,1,1,1], dilations = [1,1]> (x, w, b)"],
         {"w": weight, "b": _bias(16)},
     )
-    out, report = run_passes(model, "decompose-depthwise")
+    out, report = run_passes(model, "decompose-depthwise", layout=layout)
     stats, _ = _stats(report, "decompose-depthwise")
-    assert stats["convs_decomposed"] == 1 and stats["layers"][0]["rank_sum"] == 8
-    convs = [n for n in out.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 2
+    assert stats["convs_decomposed"] == 1 and stats["layers"][0]["rank_sum"] == 10
+    assert {op: ops(out)[op] for op in expected} == expected
     assert stats["params_after"] < stats["params_before"]
     assert_equivalent(model, out)
 
