@@ -338,11 +338,13 @@ def _redirect(grouping: Grouping, sources: np.ndarray, targets: np.ndarray, lam:
 def relaxed_groups(signature: np.ndarray, grouping: Grouping, alpha: float, multiple: int = 1) -> np.ndarray:
     """α relaxation: merge the closest pairs of kept channels into their barycenter; returns
     the updated signature.  With ``multiple`` > 1 the budget is rounded so that the kept
-    count lands on a multiple (when the layer had one)."""
+    count lands on the nearest multiple (when the layer had one)."""
     kept = np.flatnonzero(grouping.target == np.arange(len(signature)))
     budget = int(np.floor(alpha * len(kept)))
     if multiple > 1 and len(signature) % multiple == 0 and budget > 0:
-        budget = kept.size - max((kept.size - budget) // multiple * multiple, multiple)
+        # the nearest multiple (not the lower one: for a 32-channel layer α = 5 % would become 25 %)
+        target = max(int(round((kept.size - budget) / multiple)) * multiple, multiple)
+        budget = max(kept.size - target, 0)
     if budget == 0 or kept.size < 2:
         return signature
     distance, neighbour = cKDTree(signature[kept]).query(signature[kept], k=2)
