@@ -26,7 +26,15 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import environment, json_safe, load_average, ort_session, summarize, table, time_interleaved
+from bench.common import (
+    environment,
+    json_safe,
+    load_average,
+    ort_session,
+    summarize,
+    table,
+    time_interleaved,
+)
 from bench.quantize import log_softmax
 from onnxopt.metrics import measure
 

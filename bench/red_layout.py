@@ -20,7 +20,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.common import json_safe, load_average, ort_session, summarize, time_interleaved
+from bench.common import (
+    json_safe,
+    load_average,
+    ort_session,
+    summarize,
+    time_interleaved,
+)
 
 N_I = N_O = 64
 SIZE = 56

@@ -16,4 +16,4 @@ from .merge import MergeNeurons
 
 RED_PASSES = ("hash-weights", "merge-neurons", "decompose-depthwise")
 
-__all__ = ["HashWeights", "MergeNeurons", "DecomposeDepthwise", "RED_PASSES"]
+__all__ = ["RED_PASSES", "DecomposeDepthwise", "HashWeights", "MergeNeurons"]

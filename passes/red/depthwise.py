@@ -34,7 +34,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
-from onnxopt.graph import NameFactory, cleanup, is_default_domain, is_graph_output, node_label, optional_input, string_attr
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    is_default_domain,
+    is_graph_output,
+    node_label,
+    optional_input,
+    string_attr,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 LAYOUTS = ("auto", "padded", "bucketed")

@@ -40,7 +40,14 @@ import onnx_graphsurgeon as gs
 from scipy.signal import fftconvolve
 from scipy.special import erf
 
-from onnxopt.graph import NameFactory, is_default_domain, is_graph_output, node_label, optional_input, set_constant_input
+from onnxopt.graph import (
+    NameFactory,
+    is_default_domain,
+    is_graph_output,
+    node_label,
+    optional_input,
+    set_constant_input,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from ..quantize.ranges import bn_statistics

@@ -40,14 +40,23 @@ shared initializers are copied on write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from scipy.spatial import cKDTree
 
-from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_domain, is_graph_output, node_label, optional_input, set_constant_input
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    constant_values,
+    is_default_domain,
+    is_graph_output,
+    node_label,
+    optional_input,
+    set_constant_input,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 ELEMENTWISE_OPS = frozenset(

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxopt.passes.red.hashing import hash_values
 
 import onnxopt
 from onnxopt.cli import main as cli_main
-from onnxopt.passes.red.hashing import hash_values
 from onnxopt.verify import verify
-from tests.conftest import assert_equivalent, bn_line, initializers, ops, run_passes, text_model
+from tests.conftest import (
+    assert_equivalent,
+    bn_line,
+    initializers,
+    ops,
+    run_passes,
+    text_model,
+)
 
 RNG = np.random.default_rng(7)
 
@@ -192,7 +199,7 @@ def test_channel_counts_stay_multiples_of_8(pairs, kept):
         ["a = Conv (x, w1, b1)", "r = Relu (a)", "y = Conv (r, w2, b2)"],
         {"w1": w1, "b1": b1, "w2": _conv(4, 16), "b2": _bias(4)},
     )
-    out, report = run_passes(model, "merge-neurons")
+    out, _ = run_passes(model, "merge-neurons")
     assert initializers(out)["w1"].shape[0] == kept
     if kept == 16:
         assert ops(out) == ops(model)
