@@ -11,12 +11,14 @@ Maths (thesis eqs. 2.3–2.4):
 * the local minima m_k of the density partition the real line; every weight in
   [m_k, m_{k+1}] is replaced by the density's local maximum M_k of that interval (eq. 2.4).
 
-The KDE is binned: a histogram on a grid of step Δ/4 (at most ``max_bins`` = 2²² bins:
-for the largest layers, whose Δ is tiny next to their range, the step grows to
-range/max_bins and the density is resolved at that step — reported as ``grid_step``) convolved with the sampled Gaussian (directly for the usual short kernel —
-faster than FFT there — else ``scipy.signal.fftconvolve``), so the cost is linear in the
-grid, not O(#W · grid).  Extrema are read on the grid (plateaus
-continue the previous trend).
+The KDE is binned: a histogram on a grid of step Δ/2 convolved with the sampled Gaussian
+(directly for the usual short kernel — faster than FFT there — else
+``scipy.signal.fftconvolve``), so the cost is linear in the grid, not O(#W · grid).  The
+grid has at most ``max_bins`` = 2²² points: for the largest layers, whose Δ is tiny next to
+their range, the step grows to range/max_bins and the density is resolved at that step
+(reported as ``grid_step``; U then uses max(Δ, step)).  Extrema are read on the grid: a
+local minimum is the last point of a descent or plateau before an ascent, so zero-density
+gaps separate intervals.
 
 Error bound reported per layer (eq. 2.8): ``U = min(Δ/√(2π)·(√(2/π)+√3),
 Σ_k (m_{k+1}−m_k)·P(w ∈ [m_k, m_{k+1}]))`` bounds E_{|x|≤1}|wx − w̃x|; the measured
@@ -55,7 +57,7 @@ from ..quantize.ranges import bn_statistics
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MONOMODAL_FACTOR = (math.sqrt(2.0 / math.pi) + math.sqrt(3.0)) / math.sqrt(2.0 * math.pi)
 #: grid points per bandwidth and kernel half-width (in bandwidths) of the binned KDE
-BINS_PER_BANDWIDTH = 4
+BINS_PER_BANDWIDTH = 2
 KERNEL_HALF_WIDTH = 4.0
 
 
@@ -108,23 +110,23 @@ def hash_values(weights: np.ndarray, max_bins: int = 1 << 22) -> HashResult:
     half = int(math.ceil(KERNEL_HALF_WIDTH * delta / step))
     offsets = np.arange(-half, half + 1) * step
     kernel = np.exp(-0.5 * (offsets / delta) ** 2).astype(np.float32)
-    # short kernels (the usual case: 2·4·BINS_PER_BANDWIDTH + 1 taps) convolve fastest directly
-    density = np.convolve(histogram, kernel, mode="same") if kernel.size <= 65 else fftconvolve(histogram, kernel, mode="same")
-    density = np.maximum(density, 0.0)  # FFT round-off
-    # FFT noise in the near-zero tails would create spurious extrema: flatten it
-    density[density < 1e-9 * density.max()] = 0.0
+    if kernel.size <= 65:  # the usual short kernel: direct convolution is faster than FFT and exact-zero in gaps
+        density = np.convolve(histogram, kernel, mode="same")
+    else:
+        density = fftconvolve(histogram, kernel, mode="same")
+        density[density < 1e-9 * density.max()] = 0.0  # FFT round-off in the tails would create spurious extrema
     segment = _segment_ids(density)
     starts = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]])
     seg_max = np.maximum.reduceat(density, starts)
     at_max = np.flatnonzero(density == seg_max[segment])
     first_seg, first_pos = np.unique(segment[at_max], return_index=True)
-    centers = low + (np.arange(bins) + 0.5) * step
     maxima = np.empty(seg_max.size)
-    maxima[first_seg] = centers[at_max[first_pos]]
-    hashed = maxima[segment[index]]
+    maxima[first_seg] = low + (at_max[first_pos] + 0.5) * step  # grid-point centres of the maxima
+    weight_segment = segment[index]
+    hashed = maxima[weight_segment]
     # U_part (eq. 2.6): interval widths weighted by their probability mass
     edges = np.r_[low, low + starts[1:] * step, high]
-    mass = np.bincount(segment[index], minlength=seg_max.size) / flat.size
+    mass = np.bincount(weight_segment, minlength=seg_max.size) / flat.size
     u_part = float(np.sum(np.diff(edges) * mass))
     u_mono = MONOMODAL_FACTOR * max(delta, step)  # the grid resolves the density at max(Δ, step)
     values = hashed.astype(np.asarray(weights).dtype).reshape(np.shape(weights))
