@@ -256,3 +256,62 @@ def test_cli_prune_red(tmp_path, demo_path):
     assert cli_main([str(demo_path), "-o", str(out), "--prune", "red", "--prune-alpha", "0.1", "-q"]) == 0
     assert out.exists()
     assert cli_main([str(demo_path), "-o", str(out), "--prune-alpha", "0.1", "-q"]) != 0
+
+
+def _edit(model: onnx.ModelProto, node_name: str, edit) -> None:
+    """Apply ``edit(weight, bias) -> (weight, bias)`` to a Conv's initializers in place."""
+    from onnx import numpy_helper
+
+    node = next(n for n in model.graph.node if n.name == node_name)
+    tensors = {t.name: t for t in model.graph.initializer}
+    weight, bias = (numpy_helper.to_array(tensors[name]).copy() for name in node.input[1:3])
+    weight, bias = edit(weight, bias)
+    for name, value in zip(node.input[1:3], (weight, bias)):
+        tensors[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _hashed_zoo(zoo_cache, name):
+    from onnxopt.models.build import build_zoo_model
+
+    model = onnx.load(str(build_zoo_model(name, zoo_cache)))
+    hashed, _ = onnxopt.optimize(model, passes=["eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "hash-weights"])
+    return hashed
+
+
+def _copy_rows(half):
+    def edit(weight, bias):
+        weight[half:], bias[half:] = weight[:half], bias[:half]
+        return weight, bias
+
+    return edit
+
+
+@pytest.mark.zoo
+def test_injected_redundancy_in_resnet20_is_removed_exactly(zoo_cache):
+    hashed = _hashed_zoo(zoo_cache, "resnet20")
+    _edit(hashed, "/layer1/layer1.0/conv1/Conv", _copy_rows(8))  # 8 duplicate neurons: Conv → Relu → Conv
+
+    def rank_one(weight, bias):  # every input channel's 16 kernels are multiples of one kernel
+        return weight[:, :, :1, :1] * weight[:1, :, :, :], bias
+
+    _edit(hashed, "/layer1/layer1.1/conv1/Conv", rank_one)
+    out, report = run_passes(hashed, "merge-neurons", "decompose-depthwise", "eliminate-dead")
+    merge, _ = _stats(report, "merge-neurons")
+    decompose, _ = _stats(report, "decompose-depthwise")
+    assert merge["exact"] == 8 and merge["layers"][0]["neurons_after"] == 8
+    assert decompose["convs_decomposed"] == 1 and decompose["layers"][0]["rank_sum"] == 16
+    assert ops(out)["Conv"] == ops(hashed)["Conv"] + 1
+    assert_equivalent(hashed, out)
+
+
+@pytest.mark.zoo
+def test_injected_redundancy_in_mobilenet_v2_block_prunes_the_depthwise_channel(zoo_cache):
+    hashed = _hashed_zoo(zoo_cache, "mobilenet_v2")
+    _edit(hashed, "/features/features.2/conv/conv.0/conv.0.0/Conv", _copy_rows(48))  # expand 1×1: 96 → 48 distinct
+    _edit(hashed, "/features/features.2/conv/conv.1/conv.1.0/Conv", _copy_rows(48))  # and the same depthwise kernels
+    out, report = run_passes(hashed, "merge-neurons", "eliminate-dead")
+    merge, _ = _stats(report, "merge-neurons")
+    assert merge["exact"] == 48  # through Clip (ReLU6): exact merge only, no angular
+    dw = next(n for n in out.graph.node if n.name == "/features/features.2/conv/conv.1/conv.1.0/Conv")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 48
+    assert_equivalent(hashed, out)
