@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
     quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
 
+    prune = parser.add_argument_group("pruning (lossy, data-free RED/RED++: weight hashing, neuron merging, depthwise decomposition)")
+    prune.add_argument("--prune", choices=("red",), help="prune with RED: the 'red' preset, or its passes added to --passes/--preset")
+    prune.add_argument("--prune-alpha", type=float, metavar="A", help="merge-neurons alpha in [0,1]: also merge this fraction of the closest neurons (lossy)")
+
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
     check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input)")
@@ -128,6 +132,26 @@ def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.calibration_data and "act_ranges" not in options:
         options["act_ranges"] = "minmax"
     return options
+
+
+def pruning_pipeline(args: argparse.Namespace, names: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """(pipeline names, options) after the pruning flags: with --prune the RED passes missing
+    from ``names`` are inserted before quantize / eliminate-dead."""
+    from onnxopt.passes.red import RED_PASSES
+
+    options: dict[str, Any] = {}
+    if args.prune_alpha is not None:
+        if not args.prune:
+            raise PipelineError("--prune-alpha needs --prune red")
+        if not 0.0 <= args.prune_alpha <= 1.0:
+            raise PipelineError(f"--prune-alpha must be in [0, 1], got {args.prune_alpha}")
+        options["alpha"] = args.prune_alpha
+    if not args.prune:
+        return names, options
+    missing = [name for name in RED_PASSES if name not in names]
+    tail = [i for i, name in enumerate(names) if name in ("quantize", "eliminate-dead")]
+    at = tail[0] if tail else len(names)
+    return names[:at] + missing + names[at:], options
 
 
 def _pair(spec: str) -> tuple[float, float]:
@@ -198,7 +222,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         options.update(quant_options)
         if args.passes is None and preset is None:
             preset = "quantize"
-    names = resolve_pipeline(registry, args.passes, preset)
+    if args.prune and args.passes is None and preset is None:
+        preset = "red"
+        names = resolve_pipeline(registry, None, preset)
+    else:
+        names = resolve_pipeline(registry, args.passes, preset)
+    names, prune_options = pruning_pipeline(args, list(names))
+    options.update(prune_options)
     if quant_options and "quantize" not in names:
         raise PipelineError("quantization flags given but the pipeline has no 'quantize' pass")
     pipeline = registry.build(names, options)

@@ -14,8 +14,10 @@ from .constant_folding import FoldConstants
 from .pad_fusion import FusePadConv
 from .quantize import Quantize
 from .conv_bn_fold import FoldConvBn
+from .red import DecomposeDepthwise, HashWeights, MergeNeurons
 
 BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead)
+BUILTIN_PASSES += (HashWeights, MergeNeurons, DecomposeDepthwise)
 
 BUILTIN_PRESETS = (
     Preset(
@@ -32,6 +34,11 @@ BUILTIN_PRESETS = (
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
         ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "eliminate-dead"),
+    ),
+    Preset(
+        "red",
+        "lossy data-free pruning (RED/RED++): default, then weight hashing, neuron merging (option alpha), uneven depthwise decomposition",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "hash-weights", "merge-neurons", "decompose-depthwise", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),
