@@ -14,8 +14,10 @@ from .constant_folding import FoldConstants
 from .pad_fusion import FusePadConv
 from .quantize import Quantize
 from .conv_bn_fold import FoldConvBn
+from .modular import ModularAccumulator
+from .power_quant import PowerQuant
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead)
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead, PowerQuant, ModularAccumulator)
 
 BUILTIN_PRESETS = (
     Preset(
@@ -32,6 +34,11 @@ BUILTIN_PRESETS = (
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
         ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "eliminate-dead"),
+    ),
+    Preset(
+        "power-quant",
+        "default, then PowerQuant (non-uniform power quantization, custom ops with ONNX function bodies; options weight_bits, act_bits, power_exponent, ...)",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "power-quant", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),

@@ -95,6 +95,26 @@ def add_functions(model: onnx.ModelProto, ops: Iterable[str] | None = None) -> o
     return model
 
 
+def add_functions_to_graph(graph) -> None:
+    """:func:`add_functions` for an onnx-graphsurgeon graph (what the passes work on): the
+    bodies of the :data:`DOMAIN` ops its nodes call become ``graph.functions``."""
+    import onnx_graphsurgeon as gs
+
+    calls: dict[str, list[dict[str, object]]] = {}
+    for node in graph.nodes:
+        if node.domain == DOMAIN:
+            calls.setdefault(node.op, []).append(dict(node.attrs))
+    if not calls:
+        return
+    opset = int(graph.opset)
+    if opset < MIN_OPSET:
+        raise ValueError(f"{DOMAIN} function bodies need opset >= {MIN_OPSET}, the model has {opset}")
+    holder = helper.make_model(helper.make_graph([], "functions", [], []), opset_imports=[helper.make_opsetid("", opset)])
+    holder.functions.extend(function_for(name, opset, SCHEMAS[name].variant(attrs)) for name, attrs in sorted(calls.items()))
+    fresh = gs.import_onnx(holder).functions
+    graph.functions = [f for f in graph.functions if not (f.domain == DOMAIN and f.name in calls)] + list(fresh)
+
+
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every model-local function call replaced by its body."""
     import onnx.inliner
@@ -128,4 +148,4 @@ def describe() -> str:
     return "\n\n".join(schema.describe() for schema in SCHEMAS.values())
 
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "SCHEMAS", "add_functions", "inline_functions", "register", "describe", "function_for"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "SCHEMAS", "add_functions", "add_functions_to_graph", "inline_functions", "register", "describe", "function_for"]
