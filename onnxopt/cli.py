@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
     quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
 
+    power = parser.add_argument_group("PowerQuant and modular arithmetic (custom ops with ONNX function bodies)")
+    power.add_argument("--power-quant", nargs="?", const="search", metavar="A", help="PowerQuant instead of uniform quantization (with --quantize wNaM): exponent searched (Nelder-Mead) or fixed A, e.g. 0.5")
+    power.add_argument("--power-per-layer", action="store_true", help="with --power-quant: one exponent per layer")
+    power.add_argument("--modular-accumulator", metavar="BITS|auto", help="after --quantize: integer layers whose accumulator wraps to BITS bits ('auto': per-layer safe width)")
+    power.add_argument("--inline-functions", action="store_true", help="inline the custom ops' function bodies (for consumers without model-local functions)")
+
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
     check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input)")
@@ -130,6 +136,45 @@ def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def power_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of power-quant / modular-accumulator from their flags ({} when none is given)."""
+    options: dict[str, Any] = {}
+    if args.power_quant is not None:
+        if not args.quantize:
+            raise PipelineError("--power-quant needs --quantize wNaM (the bit-widths)")
+        if args.power_quant != "search":
+            try:
+                options["power_exponent"] = float(args.power_quant)
+            except ValueError:
+                raise PipelineError(f"bad --power-quant {args.power_quant!r}: expected an exponent such as 0.5") from None
+        else:
+            options["power_exponent"] = None
+        options["power_per_layer"] = args.power_per_layer
+    elif args.power_per_layer:
+        raise PipelineError("--power-per-layer needs --power-quant")
+    if args.modular_accumulator is not None:
+        if not args.quantize or args.power_quant is not None:
+            raise PipelineError("--modular-accumulator needs --quantize wNaM (uniform QDQ quantization)")
+        spec = args.modular_accumulator.strip().lower()
+        if spec == "auto":
+            options["accumulator_bits"] = "auto"
+        elif spec.isdigit():
+            options["accumulator_bits"] = int(spec)
+        else:
+            raise PipelineError(f"bad --modular-accumulator {args.modular_accumulator!r}: expected BITS (2..31) or auto")
+    return options
+
+
+def _with_power_steps(names: list[str], options: dict[str, Any]) -> list[str]:
+    """power-quant replaces quantize; modular-accumulator runs after quantize."""
+    if "power_exponent" in options:
+        names = ["power-quant" if n == "quantize" else n for n in names]
+    if "accumulator_bits" in options and "modular-accumulator" not in names:
+        index = names.index("quantize") + 1 if "quantize" in names else len(names)
+        names = names[:index] + ["modular-accumulator"] + names[index:]
+    return names
+
+
 def _pair(spec: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in spec.split(","))
@@ -139,6 +184,11 @@ def _pair(spec: str) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":
+        from .analyze import main as analyze_main
+
+        return analyze_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -199,7 +249,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.passes is None and preset is None:
             preset = "quantize"
     names = resolve_pipeline(registry, args.passes, preset)
-    if quant_options and "quantize" not in names:
+    extra_options = power_options(args)
+    if extra_options:
+        options.update(extra_options)
+        if args.passes is None:
+            names = _with_power_steps(names, extra_options)
+    if quant_options and "quantize" not in names and "power-quant" not in names:
         raise PipelineError("quantization flags given but the pipeline has no 'quantize' pass")
     pipeline = registry.build(names, options)
     input_shapes = parse_input_shapes(args.input_shape)
@@ -210,6 +265,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     report = Report(input_path="<demo>" if args.demo else args.model, output_path=args.output)
     optimized, report = manager.run(model, report)
+    if args.inline_functions:
+        from onnxopt.runtime_ops import inline_functions
+
+        optimized = inline_functions(optimized)
 
     if args.verify or args.inputs:
         start = time.perf_counter()
