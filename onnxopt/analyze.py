@@ -51,7 +51,7 @@ def accumulator_report(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | N
 
 def observed_accumulators(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Layer label → all int32 accumulator values of the plain integer model on ``inputs``
-    (one sample at a time; the batch is axis 0)."""
+    (the samples stack on axis 0; fed one at a time, or by the model's fixed batch size)."""
     import onnxopt
     from onnxopt.verify import session
 
@@ -64,9 +64,11 @@ def observed_accumulators(model: onnx.ModelProto, inputs: dict[str, np.ndarray])
     sess = session(probe)
     names = [record["accumulator"] for record in layers]
     count = len(next(iter(inputs.values())))
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    step = first[0].dim_value if first and first[0].HasField("dim_value") and first[0].dim_value > 0 else 1  # fixed batch
     collected: dict[str, list[np.ndarray]] = {r["layer"]: [] for r in layers}
-    for index in range(count):
-        feeds = {key: value[index : index + 1] for key, value in inputs.items()}
+    for index in range(0, count - step + 1, step):
+        feeds = {key: value[index : index + step] for key, value in inputs.items()}
         for record, value in zip(layers, sess.run(names, feeds)):
             collected[record["layer"]].append(np.asarray(value).reshape(-1))
     return {layer: np.concatenate(chunks) for layer, chunks in collected.items() if chunks}

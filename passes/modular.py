@@ -227,10 +227,11 @@ class ModularAccumulator(Pass):
         for item in found:
             needed = item.required_bits()
             bits = None if option is None else min(needed, MAX_BITS) if option == "auto" else int(option)
+            label = node_label(item.layer)  # before the rewrite detaches the node
             if item.float_bias is not None:
-                ctx.refuse(f"bias of {node_label(item.layer)}", "bias scale is not s_x·s_w: added in float after the accumulator")
+                ctx.refuse(f"bias of {label}", "bias scale is not s_x·s_w: added in float after the accumulator")
             acc = rewrite(graph, item, bits, names)
-            records.append({"layer": node_label(item.layer), "op": item.layer.op, "required_bits": needed, "bits": bits, "accumulator": acc.name})
+            records.append({"layer": label, "op": item.layer.op, "required_bits": needed, "bits": bits, "accumulator": acc.name})
         add_functions_to_graph(graph)
         cleanup(graph)
         wrapping = sum(1 for r in records if r["bits"] is not None and r["bits"] < r["required_bits"])
