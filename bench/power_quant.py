@@ -14,7 +14,7 @@ agreement with FP32, KL, labelled accuracy, file size, ORT latency (interleaved,
 
 Part 2 — accumulator overflow: zoo models quantized W4A4 and W8A8 (uniform), the worst-case
 bits per layer and the observed overflow rate for 8/12/16-bit accumulators on sample inputs,
-and on the real MobileNetV2 the labelled accuracy when the accumulators wrap (ModularConv)
+and on the real MobileNetV2 (W8A8, W6A6) the labelled accuracy when the accumulators wrap (ModularConv)
 vs saturate (the plain integer model with a Clip on each accumulator — the order-independent
 "clamp the final sum" reference).
 
@@ -50,9 +50,13 @@ CONFIGS = {
     "power_w4a8": ("PowerQuant W4A8, a searched", "power-quant", {"weight_bits": 4, "act_bits": 8}),
     "power_w4a8_a05": ("PowerQuant W4A8, a = 0.5", "power-quant", {"weight_bits": 4, "act_bits": 8, "power_exponent": 0.5}),
     "power_w4a8_layer": ("PowerQuant W4A8, per-layer a", "power-quant", {"weight_bits": 4, "act_bits": 8, "power_per_layer": True}),
+    "power_w4a8_uniform_act": ("PowerQuant W4A8 weights, uniform activations", "power-quant", {"weight_bits": 4, "act_bits": 8, "power_activations": False}),
+    "power_w4a8_no_bc": ("PowerQuant W4A8, no bias correction", "power-quant", {"weight_bits": 4, "act_bits": 8, "bias_correction": False}),
+    "uniform_w4a8_no_bc": ("uniform W4A8, no bias correction", "quantize", {"weight_bits": 4, "act_bits": 8, "bias_correction": False}),
 }
 OVERFLOW_MODELS = ("resnet20", "preact_resnet", "densenet", "mobilenet_v2")
 OVERFLOW_BITS = (8, 12, 16)
+WRAP_BITS = (12, 16, 20)
 
 
 def log(message: str) -> None:
@@ -147,21 +151,21 @@ def overflow_zoo(samples: int) -> dict[str, Any]:
 
 
 def wrap_vs_saturate(views: int, workdir: Path) -> dict[str, Any]:
-    """Real MobileNetV2, uniform W4A4 and W8A8 (input_range given so every layer is integer):
-    labelled accuracy and agreement when wrapping vs saturating at 8/12/16 bits."""
+    """Real MobileNetV2, uniform W8A8 and W6A6 (input_range given so every layer is integer):
+    labelled accuracy and agreement when wrapping vs saturating at 12/16/20 bits."""
     from onnxopt.models.pretrained import export_pretrained
 
     src = export_pretrained("mobilenet_v2")
     data = load_data("mobilenet_v2", views)
     reference = run_model(src, data.inputs)
     results: dict[str, Any] = {}
-    for w, a in ((4, 4), (8, 8)):
+    for w, a in ((8, 8), (6, 6)):
         quantized, _ = onnxopt.optimize(src, preset="quantize", weight_bits=w, act_bits=a, input_range=tuple(input_range("mobilenet_v2")))
         plain, report = onnxopt.optimize(quantized, passes=["modular-accumulator"], accumulator_bits=None)
         records = report.passes[0].stats["layers"]
         row: dict[str, Any] = {"required_bits_max": max(r["required_bits"] for r in records)}
         variants = {"integer (no wrap)": plain}
-        for bits in OVERFLOW_BITS:
+        for bits in WRAP_BITS:
             variants[f"wrap {bits}"] = onnxopt.optimize(quantized, passes=["modular-accumulator"], accumulator_bits=bits)[0]
             variants[f"saturate {bits}"] = saturating(plain, records, bits)
         for label, model in variants.items():

@@ -17,12 +17,14 @@ Exponent: one global a minimising ``Σ_l ‖W_l − Q_a⁻¹(Q_a(W_l))‖₂`` (
 Nelder–Mead (the error is locally convex with a unique optimum, Lemma 3.1.2), or a fixed
 ``power_exponent``.  ``power_per_layer=True`` searches one exponent per layer instead (the
 thesis found it lowers the weight error but not the accuracy; the benchmark measures it).
-Activations use the same a (with per-layer exponents: the reading layer's).
+Activations use the same a (with per-layer exponents: the reading layer's);
+``power_activations=False`` quantizes them uniformly (a = 1, same ops) — an ablation.
 ``power_error_curve=True`` puts the error over a ∈ [0.2, 1] into the report.
 
 Activation ranges come from :mod:`onnxopt.passes.quantize.ranges` exactly as in the
 ``quantize`` pass (BN statistics with λ, or calibration data; the graph input stays float
-unless ``input_range`` is given).  Weights are stored as int8 codes (≥ 4× smaller than
+unless ``input_range`` is given).  Bias correction (eq. 3.8, ``bias_correction=True``, as in
+``quantize``): ``b += (W − Q_a⁻¹(Q_a(W)))·E[X]`` with E[X] from the statistics.  Weights are stored as int8 codes (≥ 4× smaller than
 float32) with a float scale per output channel.  The first and last layer keep
 ``first_last_bits`` (8) like the ``quantize`` pass.
 
@@ -50,10 +52,21 @@ import onnx_graphsurgeon as gs
 from scipy.optimize import minimize, minimize_scalar
 
 from onnxopt.errors import PipelineError
-from onnxopt.graph import NameFactory, cleanup, constant_values, export_model, is_default_domain, node_label, optional_input, per_channel
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    constant_values,
+    export_model,
+    is_default_domain,
+    node_label,
+    optional_input,
+    per_channel,
+    set_constant_input,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
+from .quantize import _mean_shift
 from .quantize.emit import weight_axis
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
@@ -286,6 +299,8 @@ class PowerQuant(Pass):
         "input_range": None,
         "add_range": "sum",
         "first_last_bits": 8,
+        "bias_correction": True,
+        "power_activations": True,
     }
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -330,9 +345,11 @@ class PowerQuant(Pass):
                     ctx.refuse(f"activation of {node_label(reader)}", f"no statistics for {tensor_name}: input kept in float")
                 continue
             for reader in readers:
-                quants[id(reader)] = activation_power(r, self.options["act_bits"], exponents[id(reader)])
+                a = exponents[id(reader)] if self.options["power_activations"] else 1.0
+                quants[id(reader)] = activation_power(r, self.options["act_bits"], a)
 
-        integer_layers, float_readers = self._emit_layers(graph, layers, weights, exponents, quants, names)
+        means = {name: r.mean for name, r in ranges.items()}
+        integer_layers, float_readers = self._emit_layers(graph, layers, weights, exponents, quants, means, names)
         activations = 0
         for tensor_name, readers in readers_of.items():
             float_side = [r for r in readers if id(r) in float_readers and id(r) in quants]
@@ -427,7 +444,14 @@ class PowerQuant(Pass):
         return result
 
     def _emit_layers(
-        self, graph: gs.Graph, layers: list[gs.Node], weights: dict[int, tuple], exponents: dict[int, float], quants: dict[int, ActivationPower], names: NameFactory
+        self,
+        graph: gs.Graph,
+        layers: list[gs.Node],
+        weights: dict[int, tuple],
+        exponents: dict[int, float],
+        quants: dict[int, ActivationPower],
+        means: dict[str, np.ndarray],
+        names: NameFactory,
     ) -> tuple[int, set[int]]:
         """Weights of every layer; integer-path layers rewritten whole.  Returns the number of
         integer layers and the ids of the float-path layers (their inputs get PowerQ/DQ)."""
@@ -437,6 +461,7 @@ class PowerQuant(Pass):
             weight, bits, axis = weights[id(layer)]
             a = exponents[id(layer)]
             codes, scales = power_quantize(weight, bits, a, axis)
+            self._correct_bias(graph, layer, weight - power_dequantize(codes, scales, a, axis), means.get(layer.inputs[0].name), names)
             quant = quants.get(id(layer))
             use_integer = self.options["power_integer"] is not False and integer_path_fits(bits, quant) and axis is not None
             if use_integer and layer.op == "Conv" and weight.ndim == 4:
@@ -450,6 +475,17 @@ class PowerQuant(Pass):
             layer.inputs[1] = emit_weight(graph, codes, scales.astype(np.float32), axis, a, bits, f"{node_label(layer)}_weight", names)
             float_layers.add(id(layer))
         return integer, float_layers
+
+    def _correct_bias(self, graph: gs.Graph, layer: gs.Node, delta: np.ndarray, mean: np.ndarray | None, names: NameFactory) -> None:
+        """eq. 3.8: ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics (Conv/Gemm)."""
+        if not self.options["bias_correction"] or mean is None or layer.op not in ("Conv", "Gemm"):
+            return
+        correction = _mean_shift(layer, delta, mean)
+        if correction is None:
+            return
+        bias = constant_values(layer, 2)
+        base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
+        set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
 
 
 __all__ = ["PowerQuant", "PowerWeightOperator", "power_quantize", "power_dequantize", "search_exponent", "total_error", "reconstruction_error"]
