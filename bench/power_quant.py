@@ -108,6 +108,43 @@ def bench_model(name: str, views: int, workdir: Path, timing_runs: int) -> dict[
     return {"name": name, "title": MODELS[name], "inputs": len(data.inputs), "input_range": input_range(name), "configs": configs, "load_average": [load_before, load_average()]}
 
 
+MINILM_SENTENCES = [
+    "The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium.", "movie is awesome",
+    "so great", "A man is playing guitar.", "Stocks fell sharply on Monday.", "The cat sleeps on the sofa.",
+]
+MINILM_CONFIGS = {
+    "uniform_w4": ("uniform W4 weights (a = 1, same operator)", {"weight_bits": 4, "act_bits": 8, "power_exponent": 1.0}),
+    "power_w4": ("PowerQuant W4 weights, a searched", {"weight_bits": 4, "act_bits": 8}),
+    "uniform_w6": ("uniform W6 weights (a = 1, same operator)", {"weight_bits": 6, "act_bits": 8, "power_exponent": 1.0}),
+    "power_w6": ("PowerQuant W6 weights, a searched", {"weight_bits": 6, "act_bits": 8}),
+}
+
+
+def bench_minilm() -> dict[str, Any]:
+    """all-MiniLM-L6-v2 (seq 32): embedding cosine to FP32.  The ``quantize`` pass refuses its
+    3-D MatMuls and ranges.py has no LayerNorm statistics, so this is weight-only and the
+    uniform baseline is the same per-channel operator at a = 1."""
+    from onnxopt.models.pretrained import export_minilm, load_minilm, minilm_tokenize
+    from onnxopt.verify import session
+
+    src = export_minilm(seq_len=32)
+    tokenizer, _ = load_minilm()
+    feeds = minilm_tokenize(tokenizer, MINILM_SENTENCES, 32)
+    reference = session(onnxopt.load_model(src)).run(None, feeds)[0]
+    results: dict[str, Any] = {"sentences": len(MINILM_SENTENCES)}
+    for key, (title, options) in MINILM_CONFIGS.items():
+        log(f"minilm {key}")
+        start = time.perf_counter()
+        model, report = onnxopt.optimize(src, preset="power-quant", **options)
+        seconds = time.perf_counter() - start
+        stats = next(p.stats for p in report.passes if p.name == "power-quant")
+        out = session(model).run(None, feeds)[0]
+        cos = (out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
+        results[key] = {"title": title, "exponent": stats["exponent"], "weight_error": stats["weight_error"], "layers": stats["layers_quantized"],
+                        "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "optimize_seconds": seconds}
+    return results
+
+
 # --------------------------------------------------------------------------- part 2
 def saturating(model: onnx.ModelProto, records: list[dict[str, Any]], bits: int) -> onnx.ModelProto:
     """The plain integer model with each accumulator clamped to the signed ``bits`` range."""
@@ -209,6 +246,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"{config.upper()} (worst-case bound: {row['required_bits_max']} bits)", ""]
         rows = [[label, f"{100 * v['top1_agreement']:.1f}%", f"{v['accuracy_all'][0]}/{v['accuracy_all'][1]}", f"{v['kl_mean']:.3f}"] for label, v in row.items() if isinstance(v, dict)]
         lines += table(["accumulator", "top-1 agreement", "accuracy", "KL"], rows) + [""]
+    if "minilm" in result:
+        m = result["minilm"]
+        lines += [f"## MiniLM (all-MiniLM-L6-v2, seq 32, {m['sentences']} sentences): weight-only, embedding cosine to FP32", ""]
+        lines += ["The `quantize` pass refuses MiniLM's 3-D MatMuls and there are no LayerNorm statistics for activation ranges, so both rows quantize the 36 MatMul weights only; the uniform baseline is the same per-channel operator at a = 1.", ""]
+        rows = [[v["title"], str(v["exponent"]), f"{v['weight_error']:.2f}", f"{v['cosine_mean']:.5f}", f"{v['cosine_min']:.5f}", f"{v['optimize_seconds']:.0f} s"] for k, v in m.items() if isinstance(v, dict)]
+        lines += table(["configuration", "a", "weight error", "cosine mean", "cosine min", "optimize time"], rows) + [""]
     return "\n".join(lines)
 
 
@@ -216,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--minilm-only", action="store_true", help="add the MiniLM section to the existing results")
     args = parser.parse_args(argv)
+    if args.minilm_only:
+        result = json.loads((RESULTS / "power_quant.json").read_text())
+        result["minilm"] = bench_minilm()
+        result["command"] += "; python -m bench.power_quant --minilm-only"
+        (RESULTS / "power_quant.json").write_text(json.dumps(json_safe(result), indent=1))
+        (RESULTS / "power_quant.md").write_text(markdown(result))
+        return 0
     views, runs, samples = (1, 10, 4) if args.quick else (2, 30, 8)
     result: dict[str, Any] = {"command": "python -m bench.power_quant" + (" --quick" if args.quick else ""), "timing_runs": runs, "environment": environment()}
     with tempfile.TemporaryDirectory() as tmp:
