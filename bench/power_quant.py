@@ -216,6 +216,11 @@ def wrap_vs_saturate(views: int, workdir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
+def _by_bits(mapping: dict[Any, Any], bits: int) -> Any:
+    """``mapping[bits]``, also after a JSON round trip turned the keys into strings."""
+    return mapping[bits] if bits in mapping else mapping[str(bits)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# PowerQuant vs uniform quantization; accumulator overflow", ""]
     lines += [f"Command: `{result['command']}`. Taken on a 2-core machine shared with 4 other jobs: latencies are noisy (interleaved in one process, 1 thread, median of {result['timing_runs']} runs).", ""]
@@ -237,7 +242,7 @@ def markdown(result: dict[str, Any]) -> str:
     header = ["model", "layers", "worst-case bits (max / median)", "observed bits (max)"] + [f"overflow rate @{b} (layers overflowing)" for b in OVERFLOW_BITS]
     rows = [
         [k, str(v["layers"]), f"{v['required_bits_max']} / {v['required_bits_median']:.0f}", str(v["observed_bits_max"])]
-        + [f"{100 * v['overflow_rate_mean'][b]:.3f}% ({v['layers_overflowing'][b]})" for b in OVERFLOW_BITS]
+        + [f"{100 * _by_bits(v['overflow_rate_mean'], b):.3f}% ({_by_bits(v['layers_overflowing'], b)})" for b in OVERFLOW_BITS]
         for k, v in result["overflow"].items()
     ]
     lines += table(header, rows) + [""]
