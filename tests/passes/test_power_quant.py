@@ -194,3 +194,12 @@ def test_cli_power_quant_fixed_and_inlined(tmp_path) -> None:
     np.testing.assert_allclose(run(a, x)["y"], run(b, x)["y"], rtol=1e-6, atol=1e-6)
     assert cli_main([str(src), "-o", str(out), "--power-quant", "-q"]) == 7  # needs --quantize
     assert cli_main([str(src), "-o", str(out), "--quantize", "w4a8", "--power-quant", "abc", "-q"]) == 7
+
+
+def test_fast_search_error_equals_the_exact_error() -> None:
+    from onnxopt.passes.power_quant import NormalizedWeight
+
+    w = RNG.laplace(size=(32, 16, 3, 3)) * 0.1
+    prepared = NormalizedWeight(w, 4, 0)
+    for a in (0.25, 0.5, 0.73, 1.0):
+        assert prepared.error(a) == pytest.approx(reconstruction_error(w, 4, a, 0), rel=1e-9)
