@@ -203,3 +203,23 @@ def test_fast_search_error_equals_the_exact_error() -> None:
     prepared = NormalizedWeight(w, 4, 0)
     for a in (0.25, 0.5, 0.73, 1.0):
         assert prepared.error(a) == pytest.approx(reconstruction_error(w, 4, a, 0), rel=1e-9)
+
+
+def test_bias_correction_adds_the_mean_shift_of_eq_3_8() -> None:
+    from scipy.stats import norm
+
+    model = conv_model(with_bn=True)
+    arrays = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    options = dict(weight_bits=4, act_bits=8, power_exponent=0.6)
+    with_bc, _ = onnxopt.optimize(model, passes=list(PIPELINE), validate=True, **options)
+    without, _ = onnxopt.optimize(model, passes=list(PIPELINE), validate=True, bias_correction=False, **options)
+    gemm = lambda m: next(n for n in m.graph.node if n.op_type == "Gemm")  # noqa: E731
+    value = lambda m, name: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == name))  # noqa: E731
+    shift = value(with_bc, gemm(with_bc).input[2]) - value(without, gemm(without).input[2])
+    # E[X] of the Gemm input: the rectified Gaussian of BN2's output, kept through the pooling
+    beta, sigma = arrays["bn2_b"], np.abs(arrays["bn2_g"])
+    mean = beta * norm.cdf(beta / sigma) + sigma * norm.pdf(beta / sigma)
+    w = arrays["wf"]  # the last layer keeps 8 bits
+    codes, scales = power_quantize(w, 8, 0.6, 0)
+    np.testing.assert_allclose(shift, (w - power_dequantize(codes, scales, 0.6, 0)) @ mean, rtol=1e-4, atol=1e-7)
+    assert np.abs(shift).max() > 0
