@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Sequence
 
 from ._version import __version__
 from .errors import OnnxoptError, OutputPathError, PipelineError, VerificationError
+from .flags import add_arguments as add_compression_arguments
+from .flags import pipeline_from_flags
 from .io import load_model, same_file, save_model
 from .manager import PassManager
 from .progress import Progress
@@ -28,6 +29,11 @@ examples:
   onnxopt model.onnx -o model.opt.onnx                 lossless default pipeline
   onnxopt model.onnx -o out.onnx --verify --input-shape input=1,3,224,224
   onnxopt model.onnx -o out.onnx --passes fold-constants,fold-conv-bn --report report.json
+  onnxopt model.onnx -o model.int8.onnx --quantize w8a8   data-free W8A8 QDQ (SPIQ scales)
+  onnxopt model.onnx -o out.onnx --quantize w4a8 --rex 2 --rex-budget 50%
+  onnxopt model.onnx -o out.onnx --prune red            data-free redundancy pruning
+  onnxopt model.onnx -o out.onnx --quantize w4a8 --power-quant
+  onnxopt analyze accumulators model.int8.onnx --bits 16
   onnxopt --demo -o demo.opt.onnx --verify             try it on the bundled example
   onnxopt --list-passes
 
@@ -56,19 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--max-rounds", type=int, default=1, help="repeat the pipeline while it changes the graph, at most N times")
 
-    quant = parser.add_argument_group("quantization (lossy; emits standard QDQ that ONNX Runtime fuses)")
-    quant.add_argument("--quantize", metavar="wNaM", help="quantize weights to N bits and activations to M bits (2..8), e.g. w8a8, w4a8")
-    quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
-    quant.add_argument("--act-ranges", choices=("bn", "minmax", "percentile"), help="activation ranges: from BN statistics (default, data-free) or calibration data")
-    quant.add_argument("--calibration-data", metavar="X.npz", help="calibration samples, one array per graph input (batch on axis 0)")
-    quant.add_argument("--lambda", dest="lam", type=float, help="BN range width in standard deviations (default 9 at 8 bits, 4 at <= 6 bits)")
-    quant.add_argument("--input-range", metavar="LO,HI", help="range of the graph input, so the first layer is quantized too (default: it stays float)")
-    quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
-    quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
-
-    prune = parser.add_argument_group("pruning (lossy, data-free RED/RED++: weight hashing, neuron merging, depthwise decomposition)")
-    prune.add_argument("--prune", choices=("red",), help="prune with RED: the 'red' preset, or its passes added to --passes/--preset")
-    prune.add_argument("--prune-alpha", type=float, metavar="A", help="merge-neurons alpha in [0,1]: also merge this fraction of the closest neurons (lossy)")
+    add_compression_arguments(parser)
 
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
@@ -105,64 +99,12 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def parse_bits(spec: str) -> tuple[int, int]:
-    """``w8a8`` → (8, 8)."""
-    match = re.fullmatch(r"w(\d+)a(\d+)", spec.strip().lower())
-    if not match:
-        raise PipelineError(f"bad --quantize {spec!r}: expected wNaM, e.g. w8a8 or w4a8")
-    return int(match.group(1)), int(match.group(2))
-
-
-def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options of the quantize pass from the quantization flags ({} when none is given)."""
-    given = {
-        "spiq": args.spiq,
-        "act_ranges": args.act_ranges,
-        "calibration_data": args.calibration_data,
-        "lam": args.lam,
-        "input_range": _pair(args.input_range) if args.input_range else None,
-        "bias_correction": False if args.no_bias_correction else None,
-        "per_channel": False if args.per_tensor_weights else None,
-    }
-    options = {key: value for key, value in given.items() if value is not None}
-    if args.quantize:
-        options["weight_bits"], options["act_bits"] = parse_bits(args.quantize)
-    elif options:
-        raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wNaM")
-    if args.calibration_data and "act_ranges" not in options:
-        options["act_ranges"] = "minmax"
-    return options
-
-
-def pruning_pipeline(args: argparse.Namespace, names: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """(pipeline names, options) after the pruning flags: with --prune the RED passes missing
-    from ``names`` are inserted before quantize / eliminate-dead."""
-    from onnxopt.passes.red import RED_PASSES
-
-    options: dict[str, Any] = {}
-    if args.prune_alpha is not None:
-        if not args.prune:
-            raise PipelineError("--prune-alpha needs --prune red")
-        if not 0.0 <= args.prune_alpha <= 1.0:
-            raise PipelineError(f"--prune-alpha must be in [0, 1], got {args.prune_alpha}")
-        options["alpha"] = args.prune_alpha
-    if not args.prune:
-        return names, options
-    missing = [name for name in RED_PASSES if name not in names]
-    tail = [i for i, name in enumerate(names) if name in ("quantize", "eliminate-dead")]
-    at = tail[0] if tail else len(names)
-    return names[:at] + missing + names[at:], options
-
-
-def _pair(spec: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in spec.split(","))
-    except ValueError:
-        raise PipelineError(f"bad --input-range {spec!r}: expected LO,HI (e.g. -2.2,2.7)") from None
-    return low, high
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":
+        from .analyze import main as analyze_main
+
+        return analyze_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -215,22 +157,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 raise OutputPathError(f"--report {args.report} would overwrite the {what}; choose another path")
         _check_output_dir(Path(args.report))
 
-    options = parse_options(args.set)
-    preset = args.preset
-    quant_options = quantization_options(args)
-    if quant_options:
-        options.update(quant_options)
-        if args.passes is None and preset is None:
-            preset = "quantize"
-    if args.prune and args.passes is None and preset is None:
-        preset = "red"
-        names = resolve_pipeline(registry, None, preset)
-    else:
-        names = resolve_pipeline(registry, args.passes, preset)
-    names, prune_options = pruning_pipeline(args, list(names))
-    options.update(prune_options)
-    if quant_options and "quantize" not in names:
-        raise PipelineError("quantization flags given but the pipeline has no 'quantize' pass")
+    base = resolve_pipeline(registry, args.passes, args.preset)
+    names, options = pipeline_from_flags(base, args)
+    options.update(parse_options(args.set))
     pipeline = registry.build(names, options)
     input_shapes = parse_input_shapes(args.input_shape)
 
@@ -240,6 +169,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     report = Report(input_path="<demo>" if args.demo else args.model, output_path=args.output)
     optimized, report = manager.run(model, report)
+    if args.inline_functions:
+        from onnxopt.runtime_ops import inline_functions
+
+        optimized = inline_functions(optimized)
 
     if args.verify or args.inputs:
         start = time.perf_counter()

@@ -11,19 +11,37 @@ from onnxopt.registry import PassRegistry, Preset
 from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
-from .pad_fusion import FusePadConv
-from .quantize import Quantize
 from .conv_bn_fold import FoldConvBn
+from .modular import ModularAccumulator
+from .pad_fusion import FusePadConv
+from .power_quant import PowerQuant
+from .quantize import Quantize
 from .red import DecomposeDepthwise, HashWeights, MergeNeurons
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead)
-BUILTIN_PASSES += (HashWeights, MergeNeurons, DecomposeDepthwise)
+BUILTIN_PASSES = (
+    EliminateIdentity,
+    FoldConstants,
+    FoldBatchNorm,
+    FoldConvBn,
+    FusePadConv,
+    HashWeights,
+    MergeNeurons,
+    DecomposeDepthwise,
+    Quantize,
+    PowerQuant,
+    ModularAccumulator,
+    EliminateDead,
+)
+
+# The lossless default pipeline; the lossy presets insert their passes before eliminate-dead.
+LOSSLESS = ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv")
+FINISH = ("eliminate-dead",)
 
 BUILTIN_PRESETS = (
     Preset(
         "default",
         "lossless: remove no-ops, fold constants, fold every foldable BN exactly, fuse zero Pads into Convs, remove dead code",
-        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "eliminate-dead"),
+        LOSSLESS + FINISH,
     ),
     Preset(
         "classic",
@@ -33,12 +51,17 @@ BUILTIN_PRESETS = (
     Preset(
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
-        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "eliminate-dead"),
+        LOSSLESS + ("quantize",) + FINISH,
     ),
     Preset(
         "red",
         "lossy data-free pruning (RED/RED++): default, then weight hashing, neuron merging (option alpha), uneven depthwise decomposition",
-        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "hash-weights", "merge-neurons", "decompose-depthwise", "eliminate-dead"),
+        LOSSLESS + ("hash-weights", "merge-neurons", "decompose-depthwise") + FINISH,
+    ),
+    Preset(
+        "power-quant",
+        "default, then PowerQuant (non-uniform power quantization, custom ops with ONNX function bodies; options weight_bits, act_bits, power_exponent, ...)",
+        LOSSLESS + ("power-quant",) + FINISH,
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),

@@ -1,0 +1,54 @@
+"""The compression flags compose one pipeline in the canonical order."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxopt.cli import build_parser
+from onnxopt.errors import PipelineError
+from onnxopt.flags import pipeline_from_flags
+from onnxopt.passes import BUILTIN_PRESETS
+
+DEFAULT = next(p.steps for p in BUILTIN_PRESETS if p.name == "default")
+
+
+def compose(*flags: str, base=DEFAULT):
+    return pipeline_from_flags(base, build_parser().parse_args(["m.onnx", "-o", "o.onnx", *flags]))
+
+
+def test_no_flag_keeps_the_base():
+    assert compose() == (list(DEFAULT), {})
+
+
+def test_prune_quantize_and_modular_go_in_canonical_order():
+    names, options = compose("--modular-accumulator", "auto", "--quantize", "w4a8", "--prune", "red", "--prune-alpha", "0.1")
+    assert names[: len(DEFAULT) - 1] == list(DEFAULT[:-1])
+    assert names[len(DEFAULT) - 1 :] == ["hash-weights", "merge-neurons", "decompose-depthwise", "quantize", "modular-accumulator", "eliminate-dead"]
+    assert options == {"weight_bits": 4, "act_bits": 8, "alpha": 0.1, "accumulator_bits": "auto"}
+
+
+def test_power_quant_replaces_quantize_of_the_base():
+    names, options = compose("--quantize", "w6a8", "--power-quant", "0.5", base=(*DEFAULT[:-1], "quantize", "eliminate-dead"))
+    assert "quantize" not in names and names[-2:] == ["power-quant", "eliminate-dead"]
+    assert options["power_exponent"] == 0.5 and options["weight_bits"] == 6
+
+
+def test_rex_budget_forms_and_errors():
+    for spec in ("0.5", "50", "50%"):
+        names, options = compose("--quantize", "w4a8", "--rex", "2", "--rex-budget", spec)
+        assert options["rex_budget"] == 0.5 and names[-3:] == ["quantize", "rex", "eliminate-dead"]
+    with pytest.raises(PipelineError, match="need --quantize"):
+        compose("--rex", "2")
+    with pytest.raises(PipelineError, match="need --rex K"):
+        compose("--quantize", "w4a8", "--rex-budget", "0.3")
+
+
+def test_flag_dependencies_are_errors():
+    with pytest.raises(PipelineError, match="--prune-alpha needs --prune"):
+        compose("--prune-alpha", "0.2")
+    with pytest.raises(PipelineError, match=r"\[0, 1\]"):
+        compose("--prune", "red", "--prune-alpha", "2")
+    with pytest.raises(PipelineError, match="--power-quant needs --quantize"):
+        compose("--power-quant")
+    with pytest.raises(PipelineError, match="need --quantize"):
+        compose("--spiq")
