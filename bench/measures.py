@@ -1,9 +1,15 @@
 """The figures of the suite: BOPs, fidelity to FP32, labelled accuracy, spam/ham probe.
 
-* BOPs (bit operations) = bits_w x bits_a x MACs, with the configuration's nominal bit-widths
-  (an unquantized model: 32 x 32).  MACs come from ``onnxopt.metrics`` (shape inference on
-  the configuration's own model, so a pruned model counts fewer); layers a quantizer keeps at
-  another width (first/last layer at 8 bits) are counted at the nominal width.
+* BOPs (bit operations) = sum over the MAC nodes (Conv, ConvTranspose, Gemm, MatMul and their
+  integer/QLinear forms) of MACs x bits of operand 1 x bits of operand 2 (:func:`effective_bops`),
+  on the configuration's own model with the graph inputs fixed to one evaluation sample (so
+  a pruned model counts fewer MACs, and a symbolic sequence length is not counted as 1).
+  An operand's bits: a float tensor 32; an integer weight (a constant, or the constant
+  input of a DequantizeLinear) the width its values actually use, ceil(log2(max|q| + 1)) + 1
+  for signed storage (a 4-bit weight in int8 storage counts 4), the storage width for
+  unsigned; a quantized activation (DequantizeLinear of a computed tensor, QuantizeLinear
+  or DynamicQuantizeLinear output) the configuration's activation bits.  A layer a
+  quantizer leaves in float counts 32 x 32.
 * Fidelity against the FP32 model's outputs on the same real inputs: top-1 agreement, mean
   KL(FP32 || config) of the softmax, cosine similarity of the logit (or embedding) vectors.
 * Embedding models: a logistic regression (L2, L-BFGS from scipy) fitted on the FP32
@@ -13,11 +19,84 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 import scipy.optimize
 import scipy.special
+
+FLOAT_BITS = 32
+
+
+MAC_OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3)}  # others: inputs 0 and 1
+
+
+def integer_bits(values: np.ndarray) -> int:
+    """Bits an integer tensor's values use: signed ceil(log2(max|q| + 1)) + 1, unsigned its storage width."""
+    storage = 8 * values.dtype.itemsize
+    if values.size == 0 or values.dtype.kind == "u":
+        return storage
+    peak = int(np.abs(values.astype(np.int64)).max())
+    return min(storage, int(np.ceil(np.log2(peak + 1))) + 1)
+
+
+def with_fixed_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``input_shapes`` have those static shapes."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in input_shapes and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in input_shapes[value.name]:
+                dims.add().dim_value = int(size)
+    return fixed
+
+
+def effective_bops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], bits_a: int) -> dict[str, Any]:
+    """MACs, BOPs (operand bits as in the module docstring), the fraction of MACs with both
+    operands quantized, and the number of MAC nodes of unknown shape."""
+    from onnxopt.graph import with_inferred_shapes
+    from onnxopt.metrics import MAC_OPS, _node_macs, _shapes
+
+    shapes = _shapes(with_inferred_shapes(with_fixed_inputs(model, input_shapes)))
+    constants = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def constant_bits(name: str) -> int | None:
+        if name not in constants:
+            return None
+        values = numpy_helper.to_array(constants[name])
+        return integer_bits(values) if values.dtype.kind in "iu" else FLOAT_BITS
+
+    def operand_bits(name: str) -> int:
+        bits = constant_bits(name)
+        if bits is not None:
+            return bits
+        producer = producers.get(name)
+        if producer is None:
+            return FLOAT_BITS
+        if producer.op_type == "DequantizeLinear":
+            bits = constant_bits(producer.input[0])
+            return bits if bits is not None else bits_a
+        return bits_a if producer.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") else FLOAT_BITS
+
+    macs = total = quantized = unknown = 0
+    for node in model.graph.node:
+        if node.op_type not in MAC_OPS:
+            continue
+        count = _node_macs(node, shapes)
+        if count is None:
+            unknown += 1
+            continue
+        first, second = (operand_bits(node.input[i]) for i in MAC_OPERANDS.get(node.op_type, (0, 1)))
+        macs += count
+        total += count * first * second
+        quantized += count if first < FLOAT_BITS and second < FLOAT_BITS else 0
+    return {"macs": macs, "bops": total, "quantized_mac_fraction": quantized / macs if macs else None,
+            "unknown_mac_nodes": unknown}
 
 
 def bops(macs: int | None, bits_w: int, bits_a: int) -> int | None:

@@ -48,11 +48,17 @@ def _scatter(data: dict[str, Any], out: Path, file: str, x_of: Any, xlabel: str,
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models):
+        floor: list[str] = []
         for name, family, x, y in _points(data, model, x_of):
-            ax.scatter(x, y, marker=FAMILY_MARKERS.get(family, "s"),
+            ax.scatter(x, y, marker=FAMILY_MARKERS.get(family, "s"), alpha=0.8,
                        color={"reference": "black", "onnxopt": "tab:blue"}.get(family, "tab:orange"))
+            if y <= KL_FLOOR:
+                floor.append(name)
+                continue
             ax.annotate(name.replace("onnxopt_", "").replace("onnxoptimizer", "onnxoptzr"), (x, y), fontsize=6,
                         xytext=(3, 2), textcoords="offset points")
+        if floor:
+            ax.annotate(f"{len(floor)} lossless configurations", (0.02, 0.02), xycoords="axes fraction", fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(data["models"][model]["title"], fontsize=9)

@@ -68,7 +68,7 @@ def model_table(data: dict[str, Any], name: str, only: tuple[str, ...] | None = 
     header = ["configuration", "status", "BOPs (G)", "size (MB)", "top-1 agr.", "KL", "cos", "accuracy",
               "1 thr ms (IQR)", "speed-up 1 thr", "2 thr ms (IQR)", "speed-up 2 thr"]
     if full:
-        header[2:2] = ["W/A bits", "params", "MACs (G)"]
+        header[2:2] = ["W/A bits", "params", "MACs (G)", "int MACs"]
         header[-4:-4] = ["BN left", "optimizer s", "peak RSS MB"]
     rows = []
     bits = {c["name"]: f"{c['bits_w']}/{c['bits_a']}" for c in data["configs"]}
@@ -80,7 +80,8 @@ def model_table(data: dict[str, Any], name: str, only: tuple[str, ...] | None = 
                _pct(fid.get("top1_agreement")), _num(fid.get("kl_mean")), _num(fid.get("cosine_mean"), "{:.4f}"),
                _pct(fid.get("accuracy")), _lat(record, "1"), _speedup(record, "1"), _lat(record, "2"), _speedup(record, "2")]
         if full:
-            row[2:2] = [bits.get(config, "—"), _num(record.get("parameters"), "{:,}"), _giga(record.get("macs"))]
+            row[2:2] = [bits.get(config, "—"), _num(record.get("parameters"), "{:,}"), _giga(record.get("macs")),
+                        _pct(record.get("quantized_mac_fraction"))]
             row[-4:-4] = [_bn(record), _num(record.get("seconds"), "{:.2f}"), _num(record.get("peak_rss_mb"), "{:.0f}")]
         rows.append(row)
     return table(header, rows)
@@ -160,11 +161,14 @@ def method_notes(data: dict[str, Any]) -> list[str]:
         f"commit {str(data['environment'].get('git_commit'))[:12]}, CPU {data['environment'].get('cpu_model')} "
         f"({data['environment'].get('cpus_usable')} usable cores), {_load_note(data)}.",
         "- Each optimizer runs in a fresh worker process (`bench/worker.py`): *optimizer s* is the wall time of the "
-        "call alone (ORT quantizers: including `quant_pre_process`); *peak RSS MB* is `ru_maxrss` of that process "
-        "(interpreter, imports and model included).",
-        "- Params and MACs: `onnxopt.metrics` on each configuration's own model (ONNX shape inference; "
-        "contrib-op graphs written by ORT fall back to the FP32 MACs). BOPs = bits_w × bits_a × MACs with the "
-        "configuration's nominal bit-widths (FP32 = 32 × 32; layers kept at 8 bits count at the nominal width).",
+        "call alone (ORT quantizers: including `quant_pre_process`); *peak RSS MB* is the peak resident set of that "
+        "process (`VmHWM`; interpreter, imports and model included).",
+        "- Params: elements of initializers and Constants. MACs per sample (batch 1, graph inputs fixed to one "
+        "evaluation sample's shape) on each configuration's own model (`onnxopt.metrics`). BOPs = Σ over MAC nodes of "
+        "MACs × bits of each operand, the bits read from the model: float 32; integer weights the width their values "
+        "use (ceil(log2(max|q|+1))+1 signed: 4-bit weights in int8 storage count 4); quantized activations the "
+        "configuration's activation bits. *int MACs* = share of MACs with both operands quantized. Where shape "
+        "inference cannot size a node (ORT contrib ops) the FP32 MACs at the nominal bits are used (`macs_source`).",
         "- Fidelity against the FP32 model on the same real inputs, run by ONNX Runtime at ORT_ENABLE_ALL: top-1 "
         "agreement, mean KL(FP32 ‖ config) of the softmax, mean cosine of the logits. MiniLM: cosine of the "
         "embeddings; *top-1 agr.* is agreement of the spam/ham decisions with FP32's, *accuracy* that of a "

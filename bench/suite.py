@@ -48,7 +48,7 @@ from bench.common import (
     time_interleaved,
 )
 from bench.configs import Config
-from bench.measures import bops, classifier_fidelity, embedding_fidelity
+from bench.measures import bops, classifier_fidelity, effective_bops, embedding_fidelity
 from bench.workloads import EvalSet, Workload
 
 THREADS = (1, 2)
@@ -121,20 +121,27 @@ def produce(config: Config, src: Path, data: EvalSet, workdir: Path, presets: di
 
 
 # --------------------------------------------------------------------------- measuring
-def static_figures(path: Path, reference_macs: int | None) -> dict[str, Any]:
-    """File size, parameters, MACs (own shape inference; the reference's if ops are unknown), BN left."""
-    from onnxopt.metrics import measure
+def static_figures(path: Path, config: Config, input_shapes: dict[str, list[int]], reference_macs: int | None) -> dict[str, Any]:
+    """File size, parameters, MACs and BOPs (``bench.measures.effective_bops``; when ONNX shape
+    inference cannot size some MAC node -- ORT's contrib ops -- the reference's MACs at the
+    configuration's nominal bits), BN left."""
+    from onnxopt.metrics import count_parameters
 
     model = onnx.load(str(path))
     figures: dict[str, Any] = {"size_bytes": path.stat().st_size, "nodes": len(model.graph.node),
+                               "parameters": count_parameters(model),
                                "bn": count_bn(model), "bn_as_nchwc_conv": count_bn_as_nchwc_conv(model)}
     try:
-        metrics = measure(model)
-        figures.update(parameters=metrics.parameters, macs=metrics.macs, macs_source="own")
-        if metrics.unknown_macs:
-            figures.update(macs=reference_macs, macs_source=f"reference ({len(metrics.unknown_macs)} nodes of unknown shape)")
-    except Exception as exc:  # noqa: BLE001 - e.g. contrib ops shape inference does not know
-        figures.update(parameters=None, macs=reference_macs, macs_source=f"reference ({error_text(exc)[:120]})")
+        counted = effective_bops(model, input_shapes, config.bits_a)
+    except Exception as exc:  # noqa: BLE001 - recorded; falls back below
+        counted = {"unknown_mac_nodes": -1, "error": error_text(exc)}
+    if counted.get("unknown_mac_nodes") == 0:
+        figures.update(macs=counted["macs"], bops=counted["bops"], quantized_mac_fraction=counted["quantized_mac_fraction"],
+                       macs_source="own")
+    else:
+        figures.update(macs=reference_macs, bops=bops(reference_macs, config.bits_w, config.bits_a),
+                       quantized_mac_fraction=None,
+                       macs_source=f"reference MACs at nominal bits ({counted.get('error') or str(counted['unknown_mac_nodes']) + ' MAC nodes of unknown shape'})")
     return figures
 
 
@@ -204,15 +211,15 @@ def bench_workload(workload: Workload, selected: Sequence[Config], settings: Set
         log(f"  {config.name}: {record['status']} {record.get('detail', '')}"
             + (f" {record['seconds']:.2f} s" if "seconds" in record else ""))
     reference_macs = None
+    input_shapes = {k: list(v.shape) for k, v in data.latency_feed.items()}
     reference = run_outputs(src, "all", data.feeds)
     for name, (path, level) in list(paths.items()):
         config = configs_mod.CONFIG_BY_NAME[name]
         record = records[name]
         try:
-            record.update(static_figures(path, reference_macs))
+            record.update(static_figures(path, config, input_shapes, reference_macs))
             if name == "fp32":
                 reference_macs = record.get("macs")
-            record["bops"] = bops(record.get("macs"), config.bits_w, config.bits_a)
             record["fidelity"] = fidelity(data, reference, run_outputs(path, level, data.feeds))
         except Exception as exc:  # noqa: BLE001 - e.g. ORT cannot run the model
             traceback.print_exc()

@@ -7,7 +7,7 @@ process's peak memory belongs to that one optimizer call:
 * ``seconds``: wall time of the optimizer call alone (``time.perf_counter`` around it; for
   ORT's quantizers it includes ``quant_pre_process``, ORT's recommended first step; for ORT
   graph-optimization levels it is the session creation that writes the optimized model);
-* ``peak_rss_mb``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the worker at the end
+* ``peak_rss_mb``: the worker's peak resident set (``VmHWM`` in /proc/self/status) at the end
   (the whole process: interpreter, imports, model, optimizer); ``baseline_rss_mb``: the same
   right before the call (after the imports); their difference is what the call itself added
   to the high-water mark.
@@ -29,7 +29,15 @@ import numpy as np
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+    """Peak resident set of this process so far, MB: VmHWM of /proc/self/status (Linux).  Not
+    ``ru_maxrss``: after fork + exec it still carries the parent's peak at fork time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _onnxopt(spec: dict[str, Any]) -> dict[str, Any]:

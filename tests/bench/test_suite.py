@@ -15,8 +15,10 @@ from bench.measures import (
     bops,
     classifier_fidelity,
     cosine,
+    effective_bops,
     embedding_fidelity,
     fit_logistic,
+    integer_bits,
     kl_divergence,
     predict_logistic,
     top1_agreement,
@@ -85,6 +87,37 @@ def test_bops_is_bits_times_bits_times_macs() -> None:
     assert bops(1_000, 32, 32) == 1_024_000
     assert bops(1_000, 4, 8) == 32_000
     assert bops(None, 8, 8) is None
+
+
+def test_integer_bits_reads_the_width_the_values_use() -> None:
+    assert integer_bits(np.array([-7, 3, 7], dtype=np.int8)) == 4
+    assert integer_bits(np.array([-31, 30], dtype=np.int8)) == 6
+    assert integer_bits(np.array([-128, 127], dtype=np.int8)) == 8
+    assert integer_bits(np.array([0, 200], dtype=np.uint8)) == 8
+    assert integer_bits(np.zeros(3, dtype=np.int8)) == 1
+
+
+def test_effective_bops_counts_quantized_and_float_layers() -> None:
+    from tests.conftest import text_model
+
+    rng = np.random.default_rng(0)
+    model = text_model(
+        "(float[N, 4] x) => (float[N, 2] z)",
+        [
+            "xq = QuantizeLinear (x, sx, zx)",
+            "xd = DequantizeLinear (xq, sx, zx)",
+            "wd = DequantizeLinear (wq, sw)",
+            "y = MatMul (xd, wd)",
+            "z = MatMul (y, wf)",
+        ],
+        {"sx": np.array(0.1, np.float32), "zx": np.array(0, np.uint8), "sw": np.array(0.05, np.float32),
+         "wq": rng.integers(-7, 8, (4, 3)).astype(np.int8), "wf": rng.standard_normal((3, 2)).astype(np.float32)},
+    )
+    counted = effective_bops(model, {"x": [1, 4]}, bits_a=8)
+    # 4x3 MatMul: 12 MACs at 8 (activation) x 4 (weights in [-7, 7]); 3x2 float MatMul: 6 MACs at 32 x 32
+    assert counted == {"macs": 18, "bops": 12 * 8 * 4 + 6 * 32 * 32, "quantized_mac_fraction": 12 / 18,
+                       "unknown_mac_nodes": 0}
+    assert effective_bops(model, {"x": [5, 4]}, bits_a=8)["macs"] == 5 * 18
 
 
 def test_kl_matches_a_direct_numpy_reference() -> None:
