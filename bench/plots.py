@@ -43,11 +43,17 @@ def _points(data: dict[str, Any], model: str, x_of: Any) -> list[tuple[str, str,
 
 def _scatter(data: dict[str, Any], out: Path, file: str, x_of: Any, xlabel: str, title: str) -> dict[str, str] | None:
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     models = _measured(data)
     if not models:
         return None
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    cols = min(2, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, model in zip(axes.flat, models):
         floor: list[str] = []
         for name, family, x, y in _points(data, model, x_of):
             ax.scatter(x, y, marker=FAMILY_MARKERS.get(family, "s"), alpha=0.8,
@@ -61,6 +67,7 @@ def _scatter(data: dict[str, Any], out: Path, file: str, x_of: Any, xlabel: str,
             ax.annotate(f"{len(floor)} lossless configurations", (0.02, 0.02), xycoords="axes fraction", fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # narrow ranges: overlapping minor labels otherwise
         ax.set_title(data["models"][model]["title"], fontsize=9)
         ax.set_xlabel(xlabel)
         kind = data["models"][model].get("kind")
