@@ -28,8 +28,10 @@ def section(results_md: str, results_dir: str) -> str:
         README_START,
         "## Results",
         "",
-        f"From the benchmark suite (`python -m bench all --quick --out {results_dir}`; all tables and the method "
-        f"in [{results_dir}/RESULTS.md]({results_dir}/RESULTS.md)). Absent rows are passes that have not landed.",
+        f"From the benchmark suite: `pip install -e '.[bench]'`, `python -m onnxopt.models install-assets`, "
+        f"`python -m bench install-data`, then `python -m bench all --quick --out {results_dir}` (all tables, "
+        f"the other models and the method: [{results_dir}/RESULTS.md]({results_dir}/RESULTS.md); "
+        "`bench/README.md`). Absent rows are configurations whose passes have not landed yet.",
         "",
         key_table(results_md),
         "",
