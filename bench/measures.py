@@ -2,8 +2,9 @@
 
 * BOPs (bit operations) = sum over the MAC nodes (Conv, ConvTranspose, Gemm, MatMul and their
   integer/QLinear forms) of MACs x bits of operand 1 x bits of operand 2 (:func:`effective_bops`),
-  on the configuration's own model with the graph inputs fixed to one evaluation sample (so
-  a pruned model counts fewer MACs, and a symbolic sequence length is not counted as 1).
+  on the configuration's own model with the graph inputs fixed to one evaluation sample and
+  shapes from ORT's symbolic shape inference (so a pruned model counts fewer MACs, and a
+  computed Reshape target is not counted as 1).
   An operand's bits: a float tensor 32; an integer weight (a constant, or the constant
   input of a DequantizeLinear) the width its values actually use, ceil(log2(max|q| + 1)) + 1
   for signed storage (a 4-bit weight in int8 storage counts 4), the storage width for
@@ -43,9 +44,14 @@ def integer_bits(values: np.ndarray) -> int:
 
 
 def with_fixed_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph inputs named in ``input_shapes`` have those static shapes."""
+    """A copy of ``model`` whose graph inputs named in ``input_shapes`` have those static shapes, without
+    intermediate/output shapes (shape inference recomputes them)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]  # stale symbolic shapes another tool recorded would win over inference
+    for value in fixed.graph.output:
+        if value.type.HasField("tensor_type"):
+            value.type.tensor_type.ClearField("shape")
     for value in fixed.graph.input:
         if value.name in input_shapes and value.type.HasField("tensor_type"):
             dims = value.type.tensor_type.shape.dim
@@ -55,13 +61,27 @@ def with_fixed_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
     return fixed
 
 
+def inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with shapes from ONNX Runtime's symbolic shape inference (it propagates computed
+    Reshape targets that ONNX's own inference leaves symbolic, which would count as 1), or from
+    ONNX shape inference when that fails."""
+    from onnxopt.graph import with_inferred_shapes
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - e.g. an op it does not know
+        inferred = None
+    return inferred if inferred is not None else with_inferred_shapes(model)
+
+
 def effective_bops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], bits_a: int) -> dict[str, Any]:
     """MACs, BOPs (operand bits as in the module docstring), the fraction of MACs with both
     operands quantized, and the number of MAC nodes of unknown shape."""
-    from onnxopt.graph import with_inferred_shapes
     from onnxopt.metrics import MAC_OPS, _node_macs, _shapes
 
-    shapes = _shapes(with_inferred_shapes(with_fixed_inputs(model, input_shapes)))
+    shapes = _shapes(inferred_shapes(with_fixed_inputs(model, input_shapes)))
     constants = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
 

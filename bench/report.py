@@ -164,7 +164,8 @@ def method_notes(data: dict[str, Any]) -> list[str]:
         "call alone (ORT quantizers: including `quant_pre_process`); *peak RSS MB* is the peak resident set of that "
         "process (`VmHWM`; interpreter, imports and model included).",
         "- Params: elements of initializers and Constants. MACs per sample (batch 1, graph inputs fixed to one "
-        "evaluation sample's shape) on each configuration's own model (`onnxopt.metrics`). BOPs = Σ over MAC nodes of "
+        "evaluation sample's shape) on each configuration's own model (`onnxopt.metrics` MAC formulas on shapes from "
+        "ORT's symbolic shape inference). BOPs = Σ over MAC nodes of "
         "MACs × bits of each operand, the bits read from the model: float 32; integer weights the width their values "
         "use (ceil(log2(max|q|+1))+1 signed: 4-bit weights in int8 storage count 4); quantized activations the "
         "configuration's activation bits. *int MACs* = share of MACs with both operands quantized. Where shape "
