@@ -21,6 +21,7 @@ which run the model ORT wrote at their own level, at that level.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -79,14 +80,21 @@ def error_text(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- producing configurations
+def worker_env() -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH (the worker runs elsewhere)."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def run_worker(spec: dict[str, Any], workdir: Path, timeout: float = WORKER_TIMEOUT) -> dict[str, Any]:
     """``python -m bench.worker`` on ``spec``; its JSON result, or an error/crash record."""
     spec_path = workdir / f"{spec['config']['name']}.spec.json"
     spec_path.write_text(json.dumps(spec))
     start = time.perf_counter()
     try:
+        # cwd: the model's temporary folder, because ORT's quant_pre_process leaves files in the cwd
         proc = subprocess.run([sys.executable, "-m", "bench.worker", str(spec_path)], capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO_ROOT)
+                              timeout=timeout, cwd=workdir, env=worker_env())
     except subprocess.TimeoutExpired:
         return {"status": "crash", "detail": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
