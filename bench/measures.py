@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -70,7 +72,9 @@ def inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        # it saves temporary models (with external .data files) into the working directory
+        with tempfile.TemporaryDirectory(prefix="bench-shapes-") as tmp, contextlib.chdir(tmp):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # noqa: BLE001 - e.g. an op it does not know
         inferred = None
     return inferred if inferred is not None else with_inferred_shapes(model)
