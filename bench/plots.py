@@ -64,7 +64,7 @@ def _scatter(data: dict[str, Any], out: Path, file: str, x_of: Any, xlabel: str,
             ax.annotate(name.replace("onnxopt_", "").replace("onnxoptimizer", "onnxoptzr"), (x, y), fontsize=6,
                         xytext=(3, 2), textcoords="offset points")
         if floor:
-            ax.annotate(f"{len(floor)} lossless configurations", (0.02, 0.02), xycoords="axes fraction", fontsize=6)
+            ax.annotate(f"{len(floor)} configurations without measurable change", (0.02, 0.02), xycoords="axes fraction", fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # narrow ranges: overlapping minor labels otherwise
@@ -73,7 +73,7 @@ def _scatter(data: dict[str, Any], out: Path, file: str, x_of: Any, xlabel: str,
         kind = data["models"][model].get("kind")
         ax.set_ylabel("1 - cosine vs FP32 (embedding)" if kind == "embedding" else "KL(FP32 || config), mean")
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{title} (blue: onnxopt, orange: peers; lossless drawn at {KL_FLOOR:g})", fontsize=10)
+    fig.suptitle(f"{title} (blue: onnxopt, orange: peers; no change drawn at {KL_FLOOR:g})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
