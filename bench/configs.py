@@ -80,9 +80,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("onnxopt_default", "onnxopt default (lossless)", "onnxopt", passes=("@default",)),
     Config("onnxopt_bn_fold", "onnxopt fold-batchnorm only", "onnxopt", passes=("fold-batchnorm",)),
     _spiq(8), _spiq(6), _spiq(4),
-    _rex(2, 0.5), _rex(2, 1.0, quick=False),
-    _power(8), _power(4),
-    _red(0.5), _red(0.9, quick=False),
+    _rex(2, 0.5), _rex(2, 0.25, quick=False), _rex(2, 0.75, quick=False),
+    _power(4), _power(6, quick=False),
+    _red(0.05), _red(0.0, quick=False),
     # peers
     _ort_level("basic"), _ort_level("extended"), _ort_level("all"),
     Config("onnxoptimizer_fuse_bn", "onnxoptimizer fuse_bn_into_conv", "peer", tool="onnxoptimizer",

@@ -11,7 +11,7 @@ KEY_END = "<!-- key-table:end -->"
 KEY_MODEL = "mobilenet_v2"  # the model of the key table (falls back to the first measured one)
 KEY_CONFIGS = (
     "fp32", "onnxopt_default", "onnxopt_spiq_w8a8", "onnxopt_spiq_w6a8", "onnxopt_spiq_w4a8",
-    "onnxopt_rex_w4a8_o2_b0.5", "onnxopt_powerquant_w4a8", "onnxopt_red_a0.5",
+    "onnxopt_rex_w4a8_o2_b0.5", "onnxopt_powerquant_w4a8", "onnxopt_red_a0.05",
     "ort_all", "onnxoptimizer_default", "onnxsim", "onnxslim", "ort_static_minmax", "ort_static_percentile",
     "ort_dynamic_int8",
 )

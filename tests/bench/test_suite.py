@@ -47,7 +47,7 @@ def test_config_with_registered_passes_is_available() -> None:
 
 
 def test_config_with_unregistered_passes_is_absent_and_names_them() -> None:
-    ok, why = availability(CONFIG_BY_NAME["onnxopt_red_a0.5"], PASSES, PRESETS)
+    ok, why = availability(CONFIG_BY_NAME["onnxopt_red_a0.05"], PASSES, PRESETS)
     assert not ok
     assert why == "absent (pass not landed): hash-weights, merge-neurons, decompose-depthwise"
     ok, why = availability(CONFIG_BY_NAME["onnxopt_rex_w4a8_o2_b0.5"], PASSES | {"rex"}, PRESETS)
