@@ -13,9 +13,10 @@ from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
 from .pad_fusion import FusePadConv
 from .quantize import Quantize
+from .rex import Rex
 from .conv_bn_fold import FoldConvBn
 
-BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, EliminateDead)
+BUILTIN_PASSES = (EliminateIdentity, FoldConstants, FoldBatchNorm, FoldConvBn, FusePadConv, Quantize, Rex, EliminateDead)
 
 BUILTIN_PRESETS = (
     Preset(
@@ -32,6 +33,11 @@ BUILTIN_PRESETS = (
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
         ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "eliminate-dead"),
+    ),
+    Preset(
+        "rex",
+        "quantize, then REx residual branches (options rex_order K, rex_budget γ, ...; METHODS.md §5)",
+        ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv", "quantize", "rex", "eliminate-dead"),
     ),
     Preset("cleanup", "lossless graph cleanup only (no BN folding)", ("eliminate-identity", "fold-constants", "eliminate-dead")),
     Preset("none", "run no pass (measure, verify or re-save a model)", ()),
