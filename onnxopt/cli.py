@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
     quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
 
+    rex = parser.add_argument_group("REx residual expansion (with --quantize; parallel low-bit branches, METHODS.md §5)")
+    rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
+    rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
+    rex.add_argument("--rex-input-expansion", action="store_true", help="also expand the activations' quantization error (eqs. 3.20-3.21)")
+
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
     check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input)")
@@ -128,6 +133,36 @@ def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.calibration_data and "act_ranges" not in options:
         options["act_ranges"] = "minmax"
     return options
+
+
+def rex_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of the rex pass from --rex/--rex-budget ({} when none is given)."""
+    options: dict[str, Any] = {}
+    if args.rex is not None:
+        options["rex_order"] = args.rex
+    if args.rex_budget is not None:
+        options["rex_budget"] = parse_budget(args.rex_budget)
+    if args.rex_input_expansion:
+        options["rex_input_expansion"] = True
+    if options and not args.quantize:
+        raise PipelineError("--rex/--rex-budget need --quantize wNaM (REx expands the residual of the quantized weights)")
+    if options and "rex_order" not in options:
+        raise PipelineError("--rex-budget/--rex-input-expansion need --rex K")
+    return options
+
+
+def parse_budget(spec: str) -> float:
+    """``0.5``, ``50`` and ``50%`` → 0.5 (numbers above 1 without % are percentages too)."""
+    text = spec.strip()
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise PipelineError(f"bad --rex-budget {spec!r}: expected a fraction (0.5) or a percentage (50 or 50%)") from None
+    if text.endswith("%") or value > 1:
+        value /= 100
+    if value < 0:
+        raise PipelineError(f"bad --rex-budget {spec!r}: must be >= 0")
+    return value
 
 
 def _pair(spec: str) -> tuple[float, float]:
@@ -198,9 +233,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         options.update(quant_options)
         if args.passes is None and preset is None:
             preset = "quantize"
+    expansion = rex_options(args)
+    if expansion:
+        options.update(expansion)
+        preset = "rex" if preset == "quantize" and args.preset is None else preset
     names = resolve_pipeline(registry, args.passes, preset)
     if quant_options and "quantize" not in names:
         raise PipelineError("quantization flags given but the pipeline has no 'quantize' pass")
+    if expansion and "rex" not in names:
+        raise PipelineError("--rex given but the pipeline has no 'rex' pass (use the 'rex' preset)")
     pipeline = registry.build(names, options)
     input_shapes = parse_input_shapes(args.input_shape)
 

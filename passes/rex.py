@@ -93,7 +93,8 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 
 
 def expand_weight(
-    weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1
+    weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
+    keep_units: int | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
@@ -104,7 +105,7 @@ def expand_weight(
     units = channel_units(out_channels, groups)
     n_units = int(units.max()) + 1
     keep = 0 if order < 2 else int(round(min(budget, order - 1) / (order - 1) * n_units))
-    keep = min(keep, n_units)
+    keep = min(keep if keep_units is None or order < 2 else keep_units, n_units)
     norm = float(np.linalg.norm(weight)) or 1.0
     q1 = operator.quantize(weight.astype(np.float32), bits, axis)
     r1 = operator.dequantize(q1).astype(np.float64)
@@ -175,6 +176,7 @@ class Rex(Pass):
         "rex_operator": "uniform",
         "rex_combine": "gather",
         "rex_weight_only": None,
+        "rex_requantize": True,
     }
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -299,7 +301,7 @@ class Rex(Pass):
         out = base.outputs[0]
         y1 = gs.Variable(names.new(f"{label}_rex_order1"), dtype=np.float32, shape=out.shape)
         base.outputs[0] = y1
-        fused = site.output_range is not None and site.input_dq is not None
+        fused = self.options["rex_requantize"] and site.output_range is not None and site.input_dq is not None
         bounds = self._branch_bounds(site, expansion, terms) if fused else None
         summands = [self._requantize(graph, y1, bounds[0], names, f"{label}_rex_order1") if fused else y1]
         mode = self.options["rex_combine"]
