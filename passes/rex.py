@@ -7,7 +7,7 @@ Before (after ``quantize``)::
 After (K = 2, budget γ)::
 
     X_dq ─┬─ Conv(DQ(R¹), b)           ── Q₁ ── DQ₁ ──────────────────────────┐
-          └─ Conv(DQ(R²[sel]), b²[sel]) ── Q₂ ── Pad ── Gather(channel map) ── DQ₂ ── Add ── [Relu] ── Q ── DQ
+          └─ Conv(DQ(R²[sel+0]), b²) ── Q₂ ── Gather(channel map) ── DQ₂ ── Add ── [Relu] ── Q ── DQ
 
 Maths (METHODS.md §5, thesis §3.1.4, Algorithm 2): ``R¹ = Q⁻¹(Q(W))`` is the base layer the
 quantize pass emitted; order k quantizes the remaining error, ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
@@ -29,9 +29,11 @@ computes the channels kept for weight order k (order 1: all) — it costs extra 
 Emission (ORT): every branch is a standard QDQ Conv/Gemm/MatMul that ORT fuses into
 QLinearConv/QGemm; its output is re-quantized to uint8 (range: the output quantizer's
 range widened by the residual bounds for the base, ``±B·max_c‖R^k_c‖/‖R¹_c‖`` for order k),
-moved into the full channel layout on the uint8 codes (``rex_combine="gather"``: Pad the
-channel axis with the zero point, then Gather with a constant channel map) and summed
-with an Add that ORT fuses into QLinearAdd.  The branches share only their input, so ORT's
+moved into the full channel layout on the uint8 codes (``rex_combine="gather"``: the branch
+also computes one unselected unit with zero weights, whose output is exactly 0, and one
+Gather with a constant channel map reads every unexpanded channel from it — this replaced a
+Pad + Gather form, one op fewer per branch) and summed with an Add that ORT fuses into
+QLinearAdd.  The branches share only their input, so ORT's
 parallel executor can run them concurrently.  Alternatives (measured in bench/rex.py):
 ``"scatter"`` (ScatterElements with reduction="add" into the base output, opset ≥ 16),
 ``"dense"`` (a full-width branch with zero rows: correct, but full MACs).  A layer whose
@@ -41,6 +43,13 @@ in float.
 ``rex_weight_only`` = b: without the quantize pass, quantize every constant weight of
 Conv/Gemm/MatMul with the operator at b bits (DequantizeLinear weights, float activations)
 and expand those (used for transformers whose 3-D MatMuls quantize does not handle).
+
+``rex_outliers`` (weight-only mode, Gemm/MatMul; Table 3.14): weights with |w − mean| ≥ 6σ are
+taken out of order 1 (which then quantizes the weights clipped to the inliers' range, so the
+outliers no longer stretch the scale) and carried in a sparse residue, 8-bit codes with one
+scale (the thesis uses binary codes; with outliers from 6σ to 175σ in MiniLM one binary
+magnitude cannot represent them), added as Gather → Mul → ScatterElements(add): O(#outliers)
+multiplications per row.
 
 Refused: a pipeline without ``quantize`` before ``rex`` (the float weights are gone after
 quantization, so a model quantized in an earlier run cannot be expanded), ConvTranspose,
@@ -85,6 +94,8 @@ class Expansion:
     orders: list[Order]
     errors: list[float] = field(default_factory=list)  #: relative Frobenius error after each order
     max_errors: list[float] = field(default_factory=list)  #: max |W − Σ R| after each order
+    #: outlier residue (rex_outliers): flat indices into the weight, int8 codes and their scale
+    outliers: tuple[np.ndarray, np.ndarray, np.float32] | None = None
 
 
 def channel_units(out_channels: int, groups: int) -> np.ndarray:
@@ -94,7 +105,7 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
-    keep_units: int | None = None,
+    keep_units: int | None = None, outliers: bool = False,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
@@ -107,10 +118,22 @@ def expand_weight(
     keep = 0 if order < 2 else int(round(min(budget, order - 1) / (order - 1) * n_units))
     keep = min(keep if keep_units is None or order < 2 else keep_units, n_units)
     norm = float(np.linalg.norm(weight)) or 1.0
-    q1 = operator.quantize(weight.astype(np.float32), bits, axis)
+    mask = outlier_mask(weight) if outliers else np.zeros(weight.shape, bool)
+    base = weight
+    if mask.any():  # order 1 on the weights clipped to the inliers' range: the outliers no longer stretch the scale
+        spread = np.abs(weight - weight.mean())[~mask].max(initial=0.0)
+        base = np.clip(weight, weight.mean() - spread, weight.mean() + spread)
+    q1 = operator.quantize(base.astype(np.float32), bits, axis)
     r1 = operator.dequantize(q1).astype(np.float64)
     residual = weight - r1
     result = Expansion([Order(1, np.arange(out_channels), q1, r1)])
+    if mask.any():  # sparse residue: 8-bit codes of W − R¹ at the outliers, one scale
+        flat = np.flatnonzero(mask)
+        values = residual.reshape(-1)[flat]
+        scale = np.float32(max(np.abs(values).max() / 127, 1e-12))
+        codes = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+        residual.reshape(-1)[flat] -= codes.astype(np.float64) * scale
+        result.outliers = (flat, codes, scale)
     result.errors.append(float(np.linalg.norm(residual)) / norm)
     result.max_errors.append(float(np.abs(residual).max(initial=0.0)))
     for k in range(2, order + 1):
@@ -187,14 +210,17 @@ class Rex(Pass):
             raise PipelineError(f"rex: rex_budget must be a fraction in [0, K−1] (0.5 = 50 % extra output channels), got {o['rex_budget']!r}")
         if o["rex_combine"] not in COMBINE_MODES:
             raise PipelineError(f"rex: rex_combine must be one of {', '.join(COMBINE_MODES)}, got {o['rex_combine']!r}")
+        if o["rex_outliers"] and o["rex_weight_only"] is None:
+            raise PipelineError("rex: rex_outliers needs rex_weight_only (the outlier residue is added in float; transformer linear layers)")
         if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
             raise PipelineError(f"rex: rex_weight_only must be None or a bit-width in 2..8, got {o['rex_weight_only']!r}")
         weight_operator(o["rex_operator"])  # unknown operator → clear error
         if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared:
             already = any(n.op == "DequantizeLinear" for n in graph.nodes)
             raise PipelineError(
-                "rex: needs the quantize pass earlier in the same pipeline (--quantize wNaM --rex K): it expands the "
-                "residual of the float weights, which are gone once a model is quantized"
+                "rex: needs the quantize pass earlier in the same pipeline (--quantize wNaM --rex K) and at least one layer "
+                "it quantized: REx expands the residual of the float weights, which are gone once a model is quantized "
+                "(or use rex_weight_only=b for weight-only expansion)"
                 + (" — this model already holds DequantizeLinear nodes (quantized in an earlier run?)" if already else "")
             )
 
@@ -205,7 +231,12 @@ class Rex(Pass):
         sites = self._sites(graph, ctx, operator, names)
         layers, base_bops, extra_bops = [], 0.0, 0.0
         for site in ctx.progress(sites, total=len(sites), label="layers"):
-            expansion = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups)
+            outliers = bool(o["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
+            expansion = expand_weight(
+                site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups, outliers=outliers
+            )
+            if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
+                site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
             branches = self._emit(graph, site, expansion, operator, names)
             c = site.weight.shape[site.out_axis]
             macs = _layer_macs(site)
@@ -218,6 +249,7 @@ class Rex(Pass):
                     "channels": c,
                     "kept_channels": [len(order.channels) for order in expansion.orders],
                     "residual_error": [round(e, 6) for e in expansion.errors],
+                    "outliers": 0 if expansion.outliers is None else len(expansion.outliers[0]),
                     "branches": len(branches),
                 }
             )
@@ -256,9 +288,6 @@ class Rex(Pass):
                 ctx.refuse(f"layer {node_label(node)}", reason)
                 continue
             site = self._site(graph, node, weight, bits, per_channel, mean)
-            if bits_only is not None:  # weight-only mode: the base layer gets its DQ weight here
-                q = operator.quantize(weight.astype(np.float32), bits, site.axis)
-                node.inputs[1] = operator.emit(graph, q, names, f"{node_label(node)}_weight")
             sites.append(site)
         return sites
 
@@ -285,6 +314,8 @@ class Rex(Pass):
         """Add the branches of orders ≥ 2 (and input-expansion branches); returns the channel
         sets of the added branches."""
         terms = [(order, None) for order in expansion.orders[1:]]
+        if expansion.outliers is not None:
+            self._outlier_branch(graph, site, expansion.outliers, names)
         if self.options["rex_input_expansion"] and site.input_dq is not None:
             x2 = self._input_residual(graph, site, names)
             # pairs (R^{k1}, I²) with k1 + 2 ≤ K + 1, on the channels kept for weight order k1 + 1
@@ -310,6 +341,9 @@ class Rex(Pass):
         for index, (order, source) in enumerate(terms):
             tag = f"{label}_rex_order{order.order}" + ("_input2" if source is not None else "")
             partial = len(order.channels) < c and not (mode == "dense" and site.groups == 1)
+            slot = None
+            if partial and mode != "scatter":  # one zero-weight unit gives Gather its zero slot (no Pad)
+                order, slot = _with_zero_unit(order, site)
             y = self._branch(graph, site, order, source, names, tag, operator)
             if fused:
                 y = self._requantize(graph, y, bounds[index + 1], names, tag, keep_codes=partial and mode != "scatter")
@@ -318,7 +352,7 @@ class Rex(Pass):
             elif mode == "scatter":
                 scatter_into = self._scatter_combine(graph, site, order.channels, scatter_into, y, names, tag)
             else:  # gather (also the grouped-Conv fallback of dense)
-                summands.append(self._gather_combine(graph, site, order.channels, y, names, tag))
+                summands.append(self._gather_combine(graph, site, order.channels, y, names, tag, slot))
         if mode == "scatter":
             summands = [scatter_into] + [s for s in summands[1:]]
         total = summands[0]
@@ -330,6 +364,32 @@ class Rex(Pass):
         if total is not out:
             graph.nodes.append(gs.Node("Identity", names.new(f"{label}_rex_out"), inputs=[total], outputs=[out]))
         return [order.channels for order, _ in terms]
+
+    def _outlier_branch(self, graph: gs.Graph, site: LayerSite, outliers: tuple, names: NameFactory) -> None:
+        """y[..., j] += x[..., i]·DQ(code) for every outlier (i, j): Gather → Mul → ScatterElements(add)
+        on the layer's output, O(#outliers) MACs per row."""
+        flat, codes, scale = outliers
+        rows, cols = np.unravel_index(flat, site.weight.shape)
+        inputs_index, outputs_index = (cols, rows) if site.out_axis == 0 else (rows, cols)  # Gemm transB: W is [N, K]
+        base, label = site.node, f"{node_label(site.node)}_rex_outliers"
+        out = base.outputs[0]
+        y = gs.Variable(names.new(f"{label}_before"), dtype=np.float32, shape=out.shape)
+        base.outputs[0] = y
+        picked = gs.Variable(names.new(f"{label}_inputs"), dtype=np.float32, shape=None)
+        graph.nodes.append(gs.Node("Gather", names.new(f"{label}_Gather"), attrs={"axis": -1},
+                                   inputs=[base.inputs[0], gs.Constant(names.new(f"{label}_rows"), inputs_index.astype(np.int64))], outputs=[picked]))
+        values = gs.Variable(names.new(f"{label}_values"), dtype=np.float32, shape=None)
+        graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{label}_DequantizeLinear"),
+                                   inputs=[gs.Constant(names.new(f"{label}_codes"), codes), gs.Constant(names.new(f"{label}_scale"), np.array(scale, np.float32))],
+                                   outputs=[values]))
+        products = gs.Variable(names.new(f"{label}_products"), dtype=np.float32, shape=None)
+        graph.nodes.append(gs.Node("Mul", names.new(f"{label}_Mul"), inputs=[picked, values], outputs=[products]))
+        shape = gs.Variable(names.new(f"{label}_shape"), dtype=np.int64, shape=None)
+        graph.nodes.append(gs.Node("Shape", names.new(f"{label}_Shape"), inputs=[products], outputs=[shape]))
+        index = gs.Variable(names.new(f"{label}_index"), dtype=np.int64, shape=None)
+        graph.nodes.append(gs.Node("Expand", names.new(f"{label}_Expand"), inputs=[gs.Constant(names.new(f"{label}_columns"), outputs_index.astype(np.int64)), shape], outputs=[index]))
+        graph.nodes.append(gs.Node("ScatterElements", names.new(f"{label}_ScatterElements"), attrs={"axis": -1, "reduction": "add"},
+                                   inputs=[y, index, products], outputs=[out]))
 
     def _branch(self, graph: gs.Graph, site: LayerSite, order: Order, source: gs.Tensor | None, names: NameFactory, tag: str, operator: WeightOperator) -> gs.Variable:
         """The branch layer computing only ``order.channels`` (full width when combine="dense")."""
@@ -428,19 +488,15 @@ class Rex(Pass):
         graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tag}_out_DequantizeLinear"), inputs=[codes, scale, zero], outputs=[out]))
         return out
 
-    def _gather_combine(self, graph: gs.Graph, site: LayerSite, channels: np.ndarray, y, names: NameFactory, tag: str) -> gs.Variable:
-        """Branch output (n channels) → full channel layout: Pad n→n+1 with the zero value,
-        Gather(channel map: c ↦ its position in the branch, or the pad slot)."""
+    def _gather_combine(self, graph: gs.Graph, site: LayerSite, channels: np.ndarray, y, names: NameFactory, tag: str, slot: int) -> gs.Variable:
+        """Branch output → full channel layout with one Gather (channel map: c ↦ its position
+        in the branch, or ``slot``, the branch's zero-weight unit whose output is exactly 0)."""
         c = site.weight.shape[site.out_axis]
         codes, quant = (y[0], y[1:]) if isinstance(y, tuple) else (y, None)
         axis = _output_channel_axis(site)
-        pads = np.zeros(2 * site.rank, np.int64)
-        pads[site.rank + axis] = 1
-        pad_value = quant[1] if quant is not None else gs.Constant(names.new(f"{tag}_pad_value"), np.array(0, np.float32))
-        padded = gs.Variable(names.new(f"{tag}_padded"), dtype=codes.dtype, shape=None)
-        graph.nodes.append(gs.Node("Pad", names.new(f"{tag}_Pad"), inputs=[codes, gs.Constant(names.new(f"{tag}_pads"), pads), pad_value], outputs=[padded]))
-        channel_map = np.full(c, len(channels), np.int64)
+        channel_map = np.full(c, slot, np.int64)
         channel_map[channels] = np.arange(len(channels))
+        padded = codes
         placed = gs.Variable(names.new(f"{tag}_placed"), dtype=codes.dtype, shape=None)
         graph.nodes.append(
             gs.Node("Gather", names.new(f"{tag}_Gather"), attrs={"axis": axis}, inputs=[padded, gs.Constant(names.new(f"{tag}_channel_map"), channel_map)], outputs=[placed])
@@ -500,6 +556,32 @@ def _output_range(node: gs.Node) -> tuple[float, float] | None:
             low = 0 if top == 255 else -128
             return float((low - zp) * scale), float((top - zp) * scale)
     return None
+
+
+def _with_zero_unit(order: Order, site: LayerSite) -> tuple[Order, int]:
+    """``order`` plus one unselected unit (channel, or group) with zero weights; returns it and
+    the position of the unit's first channel among the branch's channels.  The branch's
+    output there is exactly 0 (zero weights, zero bias): Gather reads it for every channel
+    the order does not expand."""
+    c = site.weight.shape[site.out_axis]
+    units = channel_units(c, site.groups)
+    chosen = np.zeros(int(units.max()) + 1, bool)
+    chosen[units[order.channels]] = True
+    dummy = int(np.flatnonzero(~chosen)[0])
+    extra = np.flatnonzero(units == dummy)
+    channels = np.concatenate([order.channels, extra])
+    ranking = np.argsort(channels, kind="stable")
+    q = order.q
+    zeros = list(q.codes.shape)
+    zeros[site.out_axis] = len(extra)
+    codes = np.take(np.concatenate([q.codes, np.zeros(zeros, q.codes.dtype)], axis=site.out_axis), ranking, axis=site.out_axis)
+    dequantized = np.take(np.concatenate([order.dequantized, np.zeros(zeros)], axis=site.out_axis), ranking, axis=site.out_axis)
+    scales = q.scales
+    if q.axis is not None:
+        scales = np.concatenate([q.scales, np.full(len(extra), np.max(q.scales), np.float32)])[ranking]
+    sorted_channels = channels[ranking]
+    widened = Order(order.order, sorted_channels, QuantizedWeight(codes, scales, q.axis, q.bits, dict(q.params)), dequantized)
+    return widened, int(np.searchsorted(sorted_channels, extra[0]))
 
 
 def _restricted(order: Order, channels: np.ndarray, out_axis: int) -> Order:

@@ -159,8 +159,15 @@ def test_emitted_graph_computes_the_sum_of_the_branches(kind, combine):
     assert counts[layer_op] == 3  # base + orders 2 and 3, each its own node
     macs_base, _ = count_macs(model)
     macs, _ = count_macs(out)
-    if combine != "dense" or groups > 1:
-        assert macs == pytest.approx(macs_base * 2.0)  # γ = 100 %: twice the MACs, not three times
+    c = w.shape[out_axis]
+    unit = c // groups if groups > 1 else 1  # channels of one selection unit
+    kept = [len(o.channels) for o in expansion.orders[1:]]
+    if combine == "scatter":
+        assert macs == pytest.approx(macs_base * (1 + sum(kept) / c))  # γ = 100 %: twice the MACs
+    elif combine == "gather" or groups > 1:  # + one zero-weight unit per branch (Gather's zero slot)
+        assert macs == pytest.approx(macs_base * (1 + sum(k + unit for k in kept) / c))
+    else:
+        assert macs == pytest.approx(macs_base * 3)  # dense zero-row branches: full MACs
     full = sum(_scattered(o, w.shape, out_axis) for o in expansion.orders)
     stats = next(p for p in report.passes if p.name == "rex").stats
     assert stats["layers"][0]["kept_channels"] == [len(o.channels) for o in expansion.orders]
@@ -212,8 +219,9 @@ def test_extra_macs_scale_with_the_budget():
         out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, **QUANT)
         macs, unknown = count_macs(out)
         assert not unknown
+        zero_units = 16 * 16 * 8 * 9 + 16 * 16 * 9 + 16 * 16 * 32 + 32 if budget < 1 else 0  # Gather's zero slot, 1 channel each
         gemm_extra = round(budget * 10) * 32
-        expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + gemm_extra
+        expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + gemm_extra + zero_units
         assert macs - base_macs == pytest.approx(expected)
     out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.0, **QUANT)
     assert ops(out) == ops(base)  # γ = 0: nothing added
@@ -303,3 +311,38 @@ def test_cli_flags(tmp_path, capsys):
     assert [parse_budget(s) for s in ("0.5", "50", "50%", "150%")] == [0.5, 0.5, 0.5, 1.5]
     with pytest.raises(OnnxoptError):
         parse_budget("half")
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_outlier_residue_in_weight_only_mode(trans_b):
+    w = weights(32, 48)
+    rows, cols = np.array([1, 5, 5, 20, 31]), np.array([0, 7, 40, 3, 47])
+    w[rows, cols] = np.array([12.0, -9.0, 15.0, -20.0, 8.0])  # ≥ 6σ outliers
+    weight = w.T.copy() if trans_b else w
+    line = "y = Gemm <transB = 1> (x, W, b)" if trans_b else "y = Gemm (x, W, b)"
+    model = text_model("(float[3, 32] x) => (float[3, 48] y)", [line], {"W": weight, "b": weights(48)})
+    x = {"x": RNG.standard_normal((3, 32)).astype(np.float32)}
+    ref = run(model, x)["y"]
+    plain, _ = onnxopt.optimize(model, passes=["rex"], validate=True, rex_weight_only=4, rex_order=1, rex_budget=0.0)
+    kept, report = onnxopt.optimize(model, passes=["rex"], validate=True, rex_weight_only=4, rex_order=1, rex_budget=0.0, rex_outliers=True)
+    assert ops(kept)["ScatterElements"] == 1 and ops(kept)["Gemm"] == 1
+    assert next(p for p in report.passes if p.name == "rex").stats["layers"][0]["outliers"] == 5
+    axis = 0 if trans_b else 1
+    expansion = expand_weight(weight, 4, axis, axis, UNIFORM, 1, 0.0, outliers=True)
+    flat, codes, scale = expansion.outliers
+    effective = expansion.orders[0].dequantized.copy().reshape(-1)
+    effective[flat] += codes.astype(np.float64) * scale
+    effective = effective.reshape(weight.shape)
+    want = x["x"].astype(np.float64) @ (effective.T if trans_b else effective) + model_bias(model)
+    np.testing.assert_allclose(run(kept, x)["y"], want, rtol=0, atol=1e-5 * np.abs(want).max())
+    rms = lambda out: float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))  # noqa: E731
+    assert rms(kept) < rms(plain) / 2
+
+
+def model_bias(model: onnx.ModelProto) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "b").astype(np.float64)
+
+
+def test_outliers_need_weight_only_mode():
+    with pytest.raises(PipelineError, match="rex_outliers needs rex_weight_only"):
+        onnxopt.optimize(conv_net(), preset="rex", rex_outliers=True, **QUANT)
