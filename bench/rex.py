@@ -60,7 +60,7 @@ def image_configs() -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {f"w{b}a8": dict(preset="quantize", weight_bits=b, act_bits=8) for b in (8, 6, 4)}
     for g in BUDGETS:
         configs[f"w4a8_rex{round(g * 100)}"] = dict(preset="rex", weight_bits=4, act_bits=8, rex_order=2, rex_budget=g)
-    for combine in ("scatter", "dense"):
+    for combine in ("pad", "scatter", "dense"):
         configs[f"w4a8_rex50_{combine}"] = dict(preset="rex", weight_bits=4, act_bits=8, rex_order=2, rex_budget=0.5, rex_combine=combine)
     configs["w4a8_rex50_float"] = dict(preset="rex", weight_bits=4, act_bits=8, rex_order=2, rex_budget=0.5, rex_requantize=False)
     return configs

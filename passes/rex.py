@@ -71,7 +71,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 
-COMBINE_MODES = ("gather", "scatter", "dense")
+COMBINE_MODES = ("gather", "pad", "scatter", "dense")
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 OUTLIER_SIGMAS = 6.0
@@ -105,7 +105,7 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
-    keep_units: int | None = None, outliers: bool = False,
+    keep_units: int | None = None, outliers: bool = False, window: bool = False,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
@@ -141,7 +141,12 @@ def expand_weight(
             break
         moved = np.moveaxis(residual, out_axis, 0).reshape(out_channels, -1)
         importance = np.bincount(units, weights=np.square(moved).sum(axis=1), minlength=n_units)
-        chosen = np.sort(np.argsort(-importance, kind="stable")[:keep])
+        if window:  # the contiguous run of ``keep`` units with the largest importance (combine="pad")
+            sums = np.convolve(importance, np.ones(keep), mode="valid")
+            start = int(np.argmax(sums))
+            chosen = np.arange(start, start + keep)
+        else:
+            chosen = np.sort(np.argsort(-importance, kind="stable")[:keep])
         channels = np.flatnonzero(np.isin(units, chosen))
         sub = np.take(residual, channels, axis=out_axis).astype(np.float32)
         qk = operator.quantize(sub, bits, axis)
@@ -233,7 +238,8 @@ class Rex(Pass):
         for site in ctx.progress(sites, total=len(sites), label="layers"):
             outliers = bool(o["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
             expansion = expand_weight(
-                site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups, outliers=outliers
+                site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups,
+                outliers=outliers, window=o["rex_combine"] == "pad",
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
@@ -342,13 +348,15 @@ class Rex(Pass):
             tag = f"{label}_rex_order{order.order}" + ("_input2" if source is not None else "")
             partial = len(order.channels) < c and not (mode == "dense" and site.groups == 1)
             slot = None
-            if partial and mode != "scatter":  # one zero-weight unit gives Gather its zero slot (no Pad)
+            if partial and mode in ("gather", "dense"):  # one zero-weight unit gives Gather its zero slot (no Pad)
                 order, slot = _with_zero_unit(order, site)
             y = self._branch(graph, site, order, source, names, tag, operator)
             if fused:
-                y = self._requantize(graph, y, bounds[index + 1], names, tag, keep_codes=partial and mode != "scatter")
+                y = self._requantize(graph, y, bounds[index + 1], names, tag, keep_codes=partial and mode not in ("scatter",))
             if not partial:
                 summands.append(y)
+            elif mode == "pad":
+                summands.append(self._pad_combine(graph, site, order.channels, y, names, tag))
             elif mode == "scatter":
                 scatter_into = self._scatter_combine(graph, site, order.channels, scatter_into, y, names, tag)
             else:  # gather (also the grouped-Conv fallback of dense)
@@ -427,16 +435,20 @@ class Rex(Pass):
         per_group_out, per_group_in = c // site.groups, site.weight.shape[1]
         chosen = np.unique(channels // per_group_out)
         wanted = (chosen[:, None] * per_group_in + np.arange(per_group_in)).reshape(-1).astype(np.int64)
-        index = gs.Constant(names.new(f"{tag}_input_channels"), wanted)
         dq = producer(x)
-        if dq is not None and dq.op == "DequantizeLinear" and _scalar(dq.inputs[1]) is not None:
-            codes = gs.Variable(names.new(f"{tag}_input_codes"), dtype=dq.inputs[0].dtype, shape=None)
-            graph.nodes.append(gs.Node("Gather", names.new(f"{tag}_input_Gather"), attrs={"axis": 1}, inputs=[dq.inputs[0], index], outputs=[codes]))
-            gathered = gs.Variable(names.new(f"{tag}_input"), dtype=np.float32, shape=None)
-            graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tag}_input_DequantizeLinear"), inputs=[codes, *dq.inputs[1:]], outputs=[gathered]))
+        on_codes = dq is not None and dq.op == "DequantizeLinear" and _scalar(dq.inputs[1]) is not None
+        source = dq.inputs[0] if on_codes else x
+        picked = gs.Variable(names.new(f"{tag}_input_codes" if on_codes else f"{tag}_input"), dtype=source.dtype, shape=None)
+        if np.all(np.diff(wanted) == 1):  # contiguous (combine="pad"): Slice, which ORT's NHWC layout handles
+            bounds = [gs.Constant(names.new(f"{tag}_input_{k}"), np.array([v], np.int64)) for k, v in (("start", wanted[0]), ("end", wanted[-1] + 1), ("axis", 1))]
+            graph.nodes.append(gs.Node("Slice", names.new(f"{tag}_input_Slice"), inputs=[source, *bounds], outputs=[picked]))
         else:
-            gathered = gs.Variable(names.new(f"{tag}_input"), dtype=np.float32, shape=None)
-            graph.nodes.append(gs.Node("Gather", names.new(f"{tag}_input_Gather"), attrs={"axis": 1}, inputs=[x, index], outputs=[gathered]))
+            index = gs.Constant(names.new(f"{tag}_input_channels"), wanted)
+            graph.nodes.append(gs.Node("Gather", names.new(f"{tag}_input_Gather"), attrs={"axis": 1}, inputs=[source, index], outputs=[picked]))
+        if not on_codes:
+            return picked, len(chosen)
+        gathered = gs.Variable(names.new(f"{tag}_input"), dtype=np.float32, shape=None)
+        graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tag}_input_DequantizeLinear"), inputs=[picked, *dq.inputs[1:]], outputs=[gathered]))
         return gathered, len(chosen)
 
     def _input_residual(self, graph: gs.Graph, site: LayerSite, names: NameFactory) -> gs.Variable:
@@ -502,6 +514,19 @@ class Rex(Pass):
             gs.Node("Gather", names.new(f"{tag}_Gather"), attrs={"axis": axis}, inputs=[padded, gs.Constant(names.new(f"{tag}_channel_map"), channel_map)], outputs=[placed])
         )
         return placed if quant is None else self._dequantize(graph, placed, *quant, names, tag)
+
+    def _pad_combine(self, graph: gs.Graph, site: LayerSite, channels: np.ndarray, y, names: NameFactory, tag: str) -> gs.Variable:
+        """A contiguous window of channels [a, a+n) → full layout: Pad the channel axis with
+        a before and C − a − n after, with the zero point (on the uint8 codes when quantized)."""
+        c = site.weight.shape[site.out_axis]
+        codes, quant = (y[0], y[1:]) if isinstance(y, tuple) else (y, None)
+        axis = _output_channel_axis(site)
+        pads = np.zeros(2 * site.rank, np.int64)
+        pads[axis], pads[site.rank + axis] = channels[0], c - channels[-1] - 1
+        value = quant[1] if quant is not None else gs.Constant(names.new(f"{tag}_pad_value"), np.array(0, np.float32))
+        padded = gs.Variable(names.new(f"{tag}_padded"), dtype=codes.dtype, shape=None)
+        graph.nodes.append(gs.Node("Pad", names.new(f"{tag}_Pad"), inputs=[codes, gs.Constant(names.new(f"{tag}_pads"), pads), value], outputs=[padded]))
+        return padded if quant is None else self._dequantize(graph, padded, *quant, names, tag)
 
     def _scatter_combine(self, graph: gs.Graph, site: LayerSite, channels: np.ndarray, into: gs.Tensor, y: gs.Tensor, names: NameFactory, tag: str) -> gs.Variable:
         """ScatterElements(into, index expanded to the branch's shape, y, reduction=add)."""

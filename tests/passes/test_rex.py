@@ -145,7 +145,7 @@ def reference(kind: str, x: np.ndarray, x_scale: float, x_zero: int, weight: np.
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("combine", ["gather", "scatter", "dense"])
+@pytest.mark.parametrize("combine", ["gather", "pad", "scatter", "dense"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_emitted_graph_computes_the_sum_of_the_branches(kind, combine):
     model, w, b, out_axis, groups = single_layer(kind)
@@ -153,7 +153,7 @@ def test_emitted_graph_computes_the_sum_of_the_branches(kind, combine):
         model, passes=["quantize", "rex"], validate=True, bias_correction=False, rex_order=3, rex_budget=1.0,
         rex_combine=combine, rex_requantize=False, **QUANT,
     )
-    expansion = expand_weight(w, 4, out_axis, out_axis, UNIFORM, 3, 1.0, groups)
+    expansion = expand_weight(w, 4, out_axis, out_axis, UNIFORM, 3, 1.0, groups, window=combine == "pad")
     layer_op = model.graph.node[0].op_type
     counts = ops(out)
     assert counts[layer_op] == 3  # base + orders 2 and 3, each its own node
@@ -162,7 +162,9 @@ def test_emitted_graph_computes_the_sum_of_the_branches(kind, combine):
     c = w.shape[out_axis]
     unit = c // groups if groups > 1 else 1  # channels of one selection unit
     kept = [len(o.channels) for o in expansion.orders[1:]]
-    if combine == "scatter":
+    if combine == "pad":
+        assert all(np.all(np.diff(o.channels) == 1) for o in expansion.orders[1:])  # contiguous windows
+    if combine in ("scatter", "pad"):
         assert macs == pytest.approx(macs_base * (1 + sum(kept) / c))  # γ = 100 %: twice the MACs
     elif combine == "gather" or groups > 1:  # + one zero-weight unit per branch (Gather's zero slot)
         assert macs == pytest.approx(macs_base * (1 + sum(k + unit for k in kept) / c))
