@@ -37,8 +37,9 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,7 +49,16 @@ import onnxopt
 from onnxopt.graph import with_inferred_shapes
 from onnxopt.metrics import MAC_OPS, _node_macs, _shapes
 
-from .common import compact_number_lists, environment, json_safe, ort_session, summarize, table, time_interleaved, load_average
+from .common import (
+    compact_number_lists,
+    environment,
+    json_safe,
+    load_average,
+    ort_session,
+    summarize,
+    table,
+    time_interleaved,
+)
 from .quantize import fidelity, load_data, ort_graph, run_model
 
 IMAGE_MODELS = ("mobilenet_v2", "efficientnet_lite0")
@@ -185,7 +195,11 @@ def logistic_accuracy(features: np.ndarray, labels: np.ndarray, train_mask: np.n
 
 
 def bench_minilm(quick: bool, workdir: Path) -> dict[str, Any]:
-    from onnxopt.models.pretrained import export_minilm, minilm_embedder, minilm_tokenize
+    from onnxopt.models.pretrained import (
+        export_minilm,
+        minilm_embedder,
+        minilm_tokenize,
+    )
 
     src = export_minilm()
     tokenizer, _ = minilm_embedder()

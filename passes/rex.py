@@ -35,7 +35,10 @@ Gather with a constant channel map reads every unexpanded channel from it — th
 Pad + Gather form, one op fewer per branch) and summed with an Add that ORT fuses into
 QLinearAdd.  The branches share only their input, so ORT's
 parallel executor can run them concurrently.  Alternatives (measured in bench/rex.py):
-``"scatter"`` (ScatterElements with reduction="add" into the base output, opset ≥ 16),
+``"pad"`` (each order expands the contiguous window of channels with the largest residual
+energy; Slice of the input for grouped Convs and Pad of the output: no Gather, so ORT's NHWC
+layout needs no Transposes around them — faster, but a window captures less error than the
+top channels), ``"scatter"`` (ScatterElements with reduction="add" into the base output, opset ≥ 16),
 ``"dense"`` (a full-width branch with zero rows: correct, but full MACs).  A layer whose
 output is not quantized (e.g. the classifier producing the graph output) sums the branches
 in float.
@@ -59,13 +62,20 @@ layers whose output shape rank is unknown, non-default domains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
-from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_domain, node_label, optional_input, producer
+from onnxopt.graph import (
+    NameFactory,
+    cleanup,
+    constant_values,
+    is_default_domain,
+    node_label,
+    optional_input,
+    producer,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .quantize.emit import quantize_layer_bias, weight_axis
@@ -158,13 +168,6 @@ def expand_weight(
         result.errors.append(float(np.linalg.norm(residual)) / norm)
         result.max_errors.append(float(np.abs(residual).max(initial=0.0)))
     return result
-
-
-def eq_318_bound(expansion: Expansion, bits: int) -> float:
-    """Right-hand side of eq. 3.18 for a dense expansion: (1/(2^{b−1}−1))^{K−1}·max s_{R^K}/2,
-    with s_{R^K} the scale the last order's residual would get (max over channels)."""
-    last = expansion.orders[-1]
-    return float(np.max(last.q.scales)) / 2
 
 
 def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarray:
@@ -658,4 +661,4 @@ def _layer_macs(site: LayerSite) -> float:
     return positions * w.shape[site.out_axis] * per_output
 
 
-__all__ = ["Rex", "expand_weight", "Expansion", "Order", "eq_318_bound", "outlier_mask"]
+__all__ = ["Expansion", "Order", "Rex", "expand_weight", "outlier_mask"]

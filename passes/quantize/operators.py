@@ -14,8 +14,9 @@ scales, axis)`` exactly like :mod:`.emit` so ORT fuses it into QLinearConv/QGemm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -96,4 +97,4 @@ def weight_operator(name: str) -> WeightOperator:
     return _OPERATORS[name]()
 
 
-__all__ = ["QuantizedWeight", "WeightOperator", "UniformWeightOperator", "register_operator", "weight_operator"]
+__all__ = ["QuantizedWeight", "UniformWeightOperator", "WeightOperator", "register_operator", "weight_operator"]

@@ -9,15 +9,20 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnxopt.passes.quantize.numerics import bias_codes
+from onnxopt.passes.quantize.operators import (
+    QuantizedWeight,
+    UniformWeightOperator,
+    register_operator,
+    weight_operator,
+)
+from onnxopt.passes.rex import expand_weight
 
 import onnxopt
 from onnxopt.cli import main, parse_budget
 from onnxopt.errors import OnnxoptError, PipelineError
 from onnxopt.metrics import count_macs
-from onnxopt.passes.quantize.numerics import bias_codes
-from onnxopt.passes.quantize.operators import QuantizedWeight, UniformWeightOperator, register_operator, weight_operator
-from onnxopt.passes.rex import expand_weight
-from onnxopt.verify import run, session
+from onnxopt.verify import run
 from tests.conftest import bn_line, ops, text_model
 
 RNG = np.random.default_rng(7)
@@ -252,7 +257,7 @@ def test_branches_fuse_into_integer_kernels_and_improve_fidelity(tmp_path):
 
 
 def test_input_expansion_adds_a_branch_on_the_input_error():
-    model, w, b, _, _ = single_layer("gemm")
+    model, *_ = single_layer("gemm")
     x = {"x": RNG.uniform(-3, 3, (4, 24)).astype(np.float32)}
     ref = run(model, x)["y"]
     kwargs = dict(passes=["quantize", "rex"], validate=True, rex_order=3, rex_budget=2.0, rex_requantize=False, **QUANT)
@@ -337,7 +342,7 @@ def test_outlier_residue_in_weight_only_mode(trans_b):
     effective = effective.reshape(weight.shape)
     want = x["x"].astype(np.float64) @ (effective.T if trans_b else effective) + model_bias(model)
     np.testing.assert_allclose(run(kept, x)["y"], want, rtol=0, atol=1e-5 * np.abs(want).max())
-    rms = lambda out: float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))  # noqa: E731
+    rms = lambda out: float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))
     assert rms(kept) < rms(plain) / 2
 
 
