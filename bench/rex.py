@@ -211,6 +211,7 @@ def bench_minilm(quick: bool, workdir: Path) -> dict[str, Any]:
     train_mask[train + test : 2 * train + test] = True
     configs = {"fp32": None, "w8_weight_only": dict(rex_weight_only=8, rex_order=1, rex_budget=0.0)}
     configs.update({f"w4_weight_only_rex{round(g * 100)}": dict(rex_weight_only=4, rex_order=2, rex_budget=g) for g in (0.0, *BUDGETS)})
+    configs.update({f"w4_weight_only_rex{round(g * 100)}_outliers": dict(rex_weight_only=4, rex_order=2, rex_budget=g, rex_outliers=True) for g in (0.0, 0.5)})
     records, reference, paths = {}, None, {}
     for key, options in configs.items():
         log(f"minilm {key}")
@@ -301,9 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             results[name] = bench_minilm(args.quick, Path(tmp)) if name == "minilm" else bench_image(name, args.quick, Path(tmp))
-    command = "python -m bench.rex" + (" --quick" if args.quick else "") + (f" --only {args.only}" if argv and "--only" in " ".join(argv) else "")
-    data = {"command": command, "environment": environment(), "results": results}
+    command = "python -m bench.rex" + (" --quick" if args.quick else "") + (f" --only {args.only}" if "--only" in " ".join(sys.argv[1:] if argv is None else argv) else "")
     out = Path(args.out)
+    previous = out / "rex.json"
+    if set(names) != {*IMAGE_MODELS, "minilm"} and previous.exists():  # --only: update those models, keep the others
+        old = json.loads(previous.read_text())
+        results = {**old["results"], **results}
+        command = f"{old['command']} ; then {command}"
+    data = {"command": command, "environment": environment(), "results": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "rex.json").write_text(compact_number_lists(json.dumps(json_safe(data), indent=1)) + "\n")
     (out / "rex.md").write_text(render(data))
