@@ -17,6 +17,7 @@ from .pad_fusion import FusePadConv
 from .power_quant import PowerQuant
 from .quantize import Quantize
 from .red import DecomposeDepthwise, HashWeights, MergeNeurons
+from .rex import Rex
 
 BUILTIN_PASSES = (
     EliminateIdentity,
@@ -29,6 +30,7 @@ BUILTIN_PASSES = (
     DecomposeDepthwise,
     Quantize,
     PowerQuant,
+    Rex,
     ModularAccumulator,
     EliminateDead,
 )
@@ -57,6 +59,11 @@ BUILTIN_PRESETS = (
         "red",
         "lossy data-free pruning (RED/RED++): default, then weight hashing, neuron merging (option alpha), uneven depthwise decomposition",
         LOSSLESS + ("hash-weights", "merge-neurons", "decompose-depthwise") + FINISH,
+    ),
+    Preset(
+        "rex",
+        "quantize, then REx residual branches (options rex_order K, rex_budget γ, ...; METHODS.md §5)",
+        LOSSLESS + ("quantize", "rex") + FINISH,
     ),
     Preset(
         "power-quant",

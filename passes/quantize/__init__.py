@@ -142,6 +142,12 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
+        # read by rex (passes/rex.py): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction
+        ctx.shared["quantized_weights"] = {
+            layer.outputs[0].name: (constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
+                                    means.get(layer.inputs[0].name) if self.options["bias_correction"] else None)
+            for layer in quantized_layers
+        }
         self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
