@@ -59,6 +59,10 @@ from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_rang
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 RANGE_MODES = ("bn", "minmax", "percentile")
+#: spiq="auto" folds the scales only where the estimated error is at most this share of the
+#: per-tensor one (see _spiq_pays).
+SPIQ_MIN_GAIN = 1.0
+INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
 MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
 
@@ -81,6 +85,7 @@ class Quantize(Pass):
         "input_range": None,
         "add_range": "sum",
         "first_last_bits": 8,
+        "int4_weights": False,
     }
 
     # ------------------------------------------------------------------ checks
@@ -110,6 +115,13 @@ class Quantize(Pass):
                 raise PipelineError(f"quantize: input_range must be a pair (low, high), got {o['input_range']!r}") from None
             if not low < high:
                 raise PipelineError(f"quantize: input_range needs low < high, got {o['input_range']!r}")
+        if not isinstance(o["int4_weights"], bool):
+            raise PipelineError(f"quantize: int4_weights must be true or false, got {o['int4_weights']!r}")
+        if o["int4_weights"] and graph.opset < 21:
+            raise PipelineError(
+                f"quantize: int4_weights needs opset >= 21 (DequantizeLinear with INT4 input), the model has opset {graph.opset}: "
+                "convert it first, e.g. onnx.version_converter.convert_version(model, 21)"
+            )
         if graph.opset < 13:
             raise PreconditionFailed(f"opset {graph.opset} < 13: per-axis DequantizeLinear needs opset 13")
 
@@ -142,7 +154,7 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
+        int4_layers = self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
         cleanup(graph)
@@ -155,6 +167,7 @@ class Quantize(Pass):
                 "layers_float": len(layers) - len(quantized_layers),
                 "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
                 "outputs_quantized": outputs_quantized,
+                **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
             },
         )
@@ -169,8 +182,8 @@ class Quantize(Pass):
             reason = "bias is not an initializer"
         elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
             reason = "Gemm with transA or alpha/beta ≠ 1"
-        elif node.op == "MatMul" and (weight.ndim != 2 or node.inputs[0].shape is None or len(node.inputs[0].shape) != 2):
-            reason = "MatMul other than matrix × constant matrix (transformer layers: not yet)"
+        elif node.op == "MatMul" and (weight.ndim != 2 or not _matrix_rows(node.inputs[0], weight.shape[0])):
+            reason = "MatMul other than x[…, K] × constant matrix W[K, N]"
         if reason:
             ctx.refuse(f"layer {node_label(node)}", reason)
         return reason is None
@@ -185,8 +198,8 @@ class Quantize(Pass):
             stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
             if not stats and self.options["input_range"] is None:
                 raise PipelineError(
-                    "quantize: the model has no BatchNormalization statistics (no BN nodes, no onnxopt.bn_statistics "
-                    "metadata) and no calibration data: export with BN preserved (onnxopt.export_torch) or give "
+                    "quantize: the model has no BatchNormalization or LayerNormalization statistics (no BN nodes, no "
+                    "onnxopt.bn_statistics metadata, no LayerNormalization with constant scale) and no calibration data: export with BN preserved (onnxopt.export_torch) or give "
                     "calibration samples (--calibration-data x.npz --act-ranges minmax)"
                 )
             lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
@@ -253,9 +266,10 @@ class Quantize(Pass):
             return True
         lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
         spread = r.gaussian[1] if r.gaussian is not None else (r.hi - r.lo) / (2 * lam)
+        moment = r.second_moment if r.second_moment is not None else r.mean**2 + spread**2
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)
-        errors = spiq_rewrite.estimated_errors(readers, r.mean**2 + spread**2, step, tensor_step, bits, self.options["per_channel"])
-        if errors is None or errors[0] <= errors[1]:
+        errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"])
+        if errors is None or errors[0] <= SPIQ_MIN_GAIN * errors[1]:
             return True
         ctx.refuse(f"SPIQ on {tensor.name}", f"per-tensor chosen: lower estimated error ({errors[1]:.3g} vs {errors[0]:.3g} with SPIQ)")
         return False
@@ -275,11 +289,14 @@ class Quantize(Pass):
         means: dict[str, np.ndarray | None],
         edges: tuple[gs.Node, ...],
         names: NameFactory,
-    ) -> None:
+    ) -> int:
+        """Quantize every layer's weight (and bias, after bias correction); the number stored as INT4."""
+        int4_layers = 0
         for layer in layers:
             weight = constant_values(layer, 1).astype(np.float64)
             bits = self._weight_bits(layer, edges)
-            dequantized, scales, _ = quantize_layer_weight(graph, layer, bits, self.options["per_channel"], names)
+            int4_layers += int(bool(self.options["int4_weights"]) and bits <= 4)
+            dequantized, scales, _ = quantize_layer_weight(graph, layer, bits, self.options["per_channel"], names, int4=bool(self.options["int4_weights"]))
             mean = means.get(layer.inputs[0].name)
             if self.options["bias_correction"] and mean is not None and layer.op in ("Conv", "Gemm"):
                 correction = _mean_shift(layer, weight - dequantized, mean)
@@ -288,6 +305,7 @@ class Quantize(Pass):
                     base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
                     set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
             quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
+        return int4_layers
 
     def _quantize_outputs(
         self,
@@ -311,7 +329,8 @@ class Quantize(Pass):
             if quant is None:
                 channel_range = ranges.get(end.name)
                 if channel_range is None:
-                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, ORT will not fuse this layer")
+                    consequence = "ORT fuses it as MatMulIntegerToFloat" if layer.op == "MatMul" else "ORT will not fuse this layer"
+                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, {consequence}")
                     continue
                 unsigned = bool(np.all(channel_range.lo >= 0))
                 low = 0.0 if unsigned else float(channel_range.lo.min())
@@ -329,6 +348,14 @@ def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> 
     if node.op not in MOVEMENT_OPS or not node.outputs or node.inputs[0] is not tensor:
         return None
     return quants.get(node.outputs[0].name)
+
+
+def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
+    """``tensor`` is a 2-D [M, K] or 3-D [B, T, K] input (transformer linear layer) with K = ``depth``."""
+    shape = tensor.shape
+    if shape is None or len(shape) not in (2, 3):
+        return False
+    return not isinstance(shape[-1], int) or shape[-1] == depth
 
 
 def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
