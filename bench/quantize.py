@@ -30,6 +30,9 @@ Configurations (each one an ONNX file, all run by ONNX Runtime on the CPU):
 * ``onnxopt_spiq_w8a8_input_range`` (extra): SPIQ W8A8 also given ``input_range=(lo, hi)``,
   the model's normalisation applied to pixel values 0 and 1 (a property of the
   preprocessing formula, not data), so the layer reading the graph input can be quantized.
+* ``onnxopt_auto_w4a8_int4`` (extra): SPIQ-auto W4A8 with ``int4_weights=True`` on the model
+  converted to opset 21 (``onnx.version_converter``): INT4 weight storage; ORT's CPU
+  provider does not fuse INT4 DequantizeLinear, so its layers run as float Convs.
 
 Measured per configuration:
 
@@ -50,6 +53,16 @@ Measured per configuration:
    (:func:`bench.common.time_interleaved`, intra-op spinning off); median and IQR in ms;
    ratios are taken between medians of the same block.
 5. The onnxopt quantization time on the zoo ResNet-50 (SPIQ W8A8), when the preset exists.
+6. Noise floor of the SPIQ-vs-per-tensor comparison: the mean KL moves by ~10 % when the
+   FP32 weights change in the 6th significant digit (rounding luck: which weights and
+   activations land on the other side of a rounding boundary).  Every onnxopt W{8,6,4}
+   configuration is therefore also quantized from ``JITTER_COPIES`` copies of the model whose
+   float initializers are multiplied by ``1 + 1e-6·N(0, 1)``; the goals are given both on
+   the model itself and on the average over the model and its copies.
+7. all-MiniLM-L6-v2 (transformer): onnxopt W8A8 data-free (LayerNorm statistics) and ORT
+   ``quantize_dynamic`` against FP32: cosine of the sentence embeddings of SENTENCES to the
+   FP32 ones, file size, integer/float MatMul-like ops in the graph ORT runs, latency at
+   1 thread (batch 1, interleaved).
 
 Outputs: ``<out>/quantize.json`` (raw numbers and the environment) and ``<out>/quantize.md``
 (tables and the goals: SPIQ W8A8 >= 99 % top-1 agreement on MobileNetV2; SPIQ better --

@@ -6,20 +6,31 @@ After::    x ── Conv(W, b)' ── Relu ── Q ── DQ ── Conv(DQ(W2
 Steps (METHODS.md §3):
 
 1. **Ranges** of every tensor a quantizable layer (Conv, ConvTranspose, Gemm, MatMul with
-   constant weights) reads: data-free from BN statistics (``act_ranges="bn"``, λ = 9 at
-   8 bits, 4 at ≤ 6 bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on
-   calibration data (``"minmax"`` / ``"percentile"``).  The graph input has no statistics:
-   the first layer stays float unless ``input_range`` or calibration data is given.
+   constant weights on [M, K] or [B, T, K] inputs — transformer linear layers) reads:
+   data-free from BN statistics and from LayerNormalization statistics (output mean β_c,
+   std |γ_c| per feature, METHODS.md §3) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
+   bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
+   (``"minmax"`` / ``"percentile"``).  The graph input has no statistics: the first layer
+   stays float unless ``input_range`` or calibration data is given.  Transformer tensors
+   without statistics (attention output, GELU output) leave their reader float; a MatMul
+   whose output is not quantized is still fused by ORT (MatMulIntegerToFloat).
 2. **SPIQ** (``spiq="auto"``, the default; ``True`` forces it where possible, ``False``
    never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
-   the producer (÷) and the readers (×), see :mod:`.spiq`.  ``auto`` applies it where the
-   estimated output error (weight noise + activation noise, :func:`.spiq.estimated_errors`)
-   is lower than per tensor.  Where
+   the producer (÷; a Conv/Gemm/MatMul or a LayerNorm's γ, β) and the readers (×), see
+   :mod:`.spiq`.  ``auto`` applies it where the estimated output error (weight noise +
+   activation noise with E[x²] of the rectified Gaussian, :func:`.spiq.estimated_errors`)
+   is not higher than per tensor (ties go to SPIQ).  The estimate is blind to the clipping
+   of heavy tails by a channel's own BN range (per tensor clips at the widest channel's
+   range), which is why SPIQ can still lose where it estimates a tie (bench/results).  Where
    no producer can absorb them the tensor is quantized per tensor and the report says why;
    ``spiq_coverage`` is the share of quantized inputs with per-channel scales.
 3. **Weights** symmetric per output channel (``per_channel=True``) at ``weight_bits`` (2–8,
-   stored as int8; the first and last layer keep at least ``first_last_bits`` = 8, the
-   common practice for low bit-widths — None quantizes them like the others), **bias correction** (eq. 3.8, ``bias_correction=True``):
+   stored as int8, or INT4 for ≤ 4 bits with ``int4_weights=True`` (opset ≥ 21, else an
+   error naming the opset; a smaller file, but ORT's CPU provider does not fuse INT4
+   DequantizeLinear, so those layers run in float); the first and last layer keep at least
+   ``first_last_bits`` = 8, the common practice for low bit-widths — None quantizes them
+   like the others), **bias correction** (eq. 3.8, ``bias_correction=True``, Conv/Gemm; a
+   MatMul's bias lives in a separate Add and is not corrected):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
 4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer

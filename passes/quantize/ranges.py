@@ -3,7 +3,8 @@
 Data-free (METHODS.md §3.1.1): the output of a BN is N(β_c, γ_c²) per channel, so its range
 is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
 come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
-fold-batchnorm keeps for the BNs it removed.  They are propagated **[derived]** to the
+fold-batchnorm keeps for the BNs it removed; a LayerNormalization over the last axis with
+constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output.  They are propagated **[derived]** to the
 tensors the quantized layers actually read:
 
 * Relu: range clipped at 0; mean of the rectified Gaussian

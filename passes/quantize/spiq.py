@@ -4,7 +4,8 @@ A layer reading X with per-channel quantization steps s_c quantizes ``X/r`` per 
 instead, with ``r_c = s_c / S`` and ``S = max_c s_c``: every channel of ``X/r`` then spans the
 same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
 
-* the division by r is folded into the producer's output channels (rows and bias ÷ r_c),
+* the division by r is folded into the producer's output channels (rows and bias ÷ r_c; for
+  a LayerNormalization producer its γ and β ÷ r_c),
   which passes through ReLU, Max/Average pooling and a Flatten of a pooled tensor (they
   commute with a positive per-channel scale);
 * a ReLU6 (Clip(0, 6)) on the way becomes a Relu: with ``s_c = min(6, hi_c)/(2^b − 1)`` the
@@ -14,7 +15,7 @@ same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
 
 Before rounding the rewritten float graph computes the same function (ReLU6 aside, whose
 clip moves into the quantizer).  Refused, with the tensor left per-tensor: graph inputs,
-tensors with readers other than quantized layers, producers that cannot absorb a per-channel
+tensors with readers other than quantized layers (Shape readers excepted), producers that cannot absorb a per-channel
 scale (a residual Add, a Concat, an unknown op), and intermediate tensors with other readers.
 """
 
