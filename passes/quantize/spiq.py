@@ -143,7 +143,7 @@ def ratios(step: np.ndarray) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- SPIQ or not
 def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """The reader's weight as rows = output channels, plus the input channel of every entry
-    (None for layers the estimate does not model, e.g. ConvTranspose)."""
+    (None for layers the estimate does not model: a grouped ConvTranspose)."""
     weight = constant_values(reader, 1).astype(np.float64)
     if reader.op == "Conv":
         groups = int(reader.attrs.get("group", 1))
@@ -153,6 +153,13 @@ def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         group_of_row = np.arange(out) // (out // groups)
         channel = group_of_row[:, None] * per_group + np.repeat(np.arange(per_group), kernel)[None, :]
         return rows, channel
+    if reader.op == "ConvTranspose":
+        if int(reader.attrs.get("group", 1)) != 1:
+            return None  # its weight is quantized per tensor (emit.weight_axis)
+        c_in, out = weight.shape[0], weight.shape[1]
+        rows = np.moveaxis(weight, 1, 0).reshape(out, -1)  # [C_out, C_in·k]
+        kernel = rows.shape[1] // c_in
+        return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
     if reader.op in ("Gemm", "MatMul"):
         rows = weight if reader.op == "Gemm" and reader.attrs.get("transB", 0) else weight.T
         return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)

@@ -1130,3 +1130,19 @@ def test_cli_int4_weights_flag(tmp_path: Path, capsys) -> None:
     assert any(t.data_type == TensorProto.INT4 for t in out.graph.initializer)
     assert main([str(old), "-o", str(tmp_path / "bad.onnx"), "--quantize", "w4a8", "--int4-weights", "-q"]) != 0
     assert "opset 17" in capsys.readouterr().err
+
+
+def test_spiq_estimate_models_a_convtranspose_like_the_equivalent_conv() -> None:
+    """A 1x1 ConvTranspose with weight W[C_in, C_out] computes what a 1x1 Conv with Wᵀ does:
+    the estimate gives both the same errors (it used to skip ConvTranspose readers)."""
+    w = weights(6, 4, 1, 1)
+    x, y = gs.Variable("x", np.float32, (1, 6, 3, 3)), gs.Variable("y", np.float32, (1, 4, 3, 3))
+    transposed = gs.Node("ConvTranspose", inputs=[x, gs.Constant("w", w)], outputs=[y])
+    conv = gs.Node("Conv", inputs=[x, gs.Constant("wc", np.ascontiguousarray(w.transpose(1, 0, 2, 3)))], outputs=[y])
+    spread = np.geomspace(0.01, 1.0, 6)
+    args = (spread**2, 4 * spread / 127, 4 * spread.max() / 127, 4, True)
+    got = spiq.estimated_errors([transposed], *args)
+    assert got is not None
+    np.testing.assert_allclose(got, spiq.estimated_errors([conv], *args), rtol=1e-9)
+    grouped = gs.Node("ConvTranspose", inputs=[x, gs.Constant("wg", weights(6, 2, 1, 1))], outputs=[y], attrs={"group": 2})
+    assert spiq.estimated_errors([grouped], *args) is None
