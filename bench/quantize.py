@@ -53,7 +53,7 @@ Measured per configuration:
    (:func:`bench.common.time_interleaved`, intra-op spinning off); median and IQR in ms;
    ratios are taken between medians of the same block.
 5. The onnxopt quantization time on the zoo ResNet-50 (SPIQ W8A8), when the preset exists.
-6. Noise floor of the SPIQ-vs-per-tensor comparison: the mean KL moves by ~10 % when the
+6. Noise floor of the SPIQ-vs-per-tensor comparison: the mean KL moves by up to ~25 % when the
    FP32 weights change in the 6th significant digit (rounding luck: which weights and
    activations land on the other side of a rounding boundary).  Every onnxopt W{8,6,4}
    configuration is therefore also quantized from ``JITTER_COPIES`` copies of the model whose
