@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--input-range", metavar="LO,HI", help="range of the graph input, so the first layer is quantized too (default: it stays float)")
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
     quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
+    quant.add_argument(
+        "--int4-weights", action="store_true",
+        help="store weights of <= 4 bits as INT4 (needs opset >= 21): a smaller file, but ONNX Runtime's CPU provider does not fuse "
+        "INT4 DequantizeLinear, so those layers run in float (slower than the default int8 storage)",
+    )
 
     prune = parser.add_argument_group("pruning (lossy, data-free RED/RED++: weight hashing, neuron merging, depthwise decomposition)")
     prune.add_argument("--prune", choices=("red",), help="prune with RED: hash-weights, merge-neurons, decompose-depthwise after the lossless passes")
@@ -101,6 +106,7 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
         "input_range": parse_pair(args.input_range) if args.input_range else None,
         "bias_correction": False if args.no_bias_correction else None,
         "per_channel": False if args.per_tensor_weights else None,
+        "int4_weights": True if args.int4_weights else None,
     }
     options = {key: value for key, value in given.items() if value is not None}
     if not args.quantize:

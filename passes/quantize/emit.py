@@ -10,12 +10,20 @@ Activation QDQ is per tensor (uint8 with zero point 0 after a ReLU, symmetric ui
 zero point 128 elsewhere) and shared: once a tensor is quantized every reader reads the DequantizeLinear output, so
 ORT also fuses the Add/pooling between layers.  Activations below 8 bits get an explicit
 Clip to the b-bit range before the 8-bit QuantizeLinear (ORT runs that Clip in float).
+
+Weights of at most 4 bits can be stored as INT4 (``int4=True``, opset ≥ 21: DequantizeLinear
+accepts INT4 from opset 21): the codes are the same, the file holds half a byte per weight.
+ONNX Runtime's CPU provider runs such a DequantizeLinear in float and does not fuse it into
+QLinearConv/MatMulIntegerToFloat, so the model is smaller but not faster.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import ml_dtypes
+from onnx import TensorProto, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import NameFactory, constant_values
 
@@ -59,14 +67,19 @@ def quantize_activation(graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQua
     return result
 
 
-def quantize_layer_weight(graph: gs.Graph, node: gs.Node, bits: int, per_channel: bool, names: NameFactory) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Replace the layer's float weight by DequantizeLinear(int8 codes); return the
-    dequantized weight, the scales and the axis they run along (None: per tensor)."""
+def quantize_layer_weight(
+    graph: gs.Graph, node: gs.Node, bits: int, per_channel: bool, names: NameFactory, int4: bool = False
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Replace the layer's float weight by DequantizeLinear(int8 codes, or INT4 ones when
+    ``int4`` and ``bits`` ≤ 4); return the dequantized weight, the scales and the axis they
+    run along (None: per tensor)."""
     weight = constant_values(node, 1).astype(np.float32)
     axis = weight_axis(node) if per_channel else None
     codes, scales = quantize_weight(weight, bits, axis)
     label = node.name or node.outputs[0].name
-    node.inputs[1] = _dequantized(graph, f"{label}_weight", codes, scales, np.zeros(scales.shape, np.int8), axis, names)
+    zeros = np.zeros(scales.shape, np.int8)
+    stored_codes, stored_zeros = (_int4(codes), _int4(zeros)) if int4 and bits <= 4 else (codes, zeros)
+    node.inputs[1] = _dequantized(graph, f"{label}_weight", stored_codes, scales, stored_zeros, axis, names)
     return dequantize_weight(codes, scales, axis), scales, axis
 
 
@@ -82,15 +95,24 @@ def quantize_layer_bias(graph: gs.Graph, node: gs.Node, input_scale: np.float32,
     return True
 
 
+def _int4(codes: np.ndarray) -> TensorProto:
+    """An INT4 tensor (two codes per byte) holding ``codes`` (all in [−8, 7])."""
+    return numpy_helper.from_array(codes.astype(ml_dtypes.int4), "int4")
+
+
+def _constant(name: str, values: np.ndarray | TensorProto) -> gs.Constant:
+    return gs.Constant(name, LazyValues(values) if isinstance(values, TensorProto) else values)
+
+
 def _dequantized(
-    graph: gs.Graph, base: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, axis: int | None, names: NameFactory
+    graph: gs.Graph, base: str, codes: np.ndarray | TensorProto, scales: np.ndarray, zeros: np.ndarray | TensorProto, axis: int | None, names: NameFactory
 ) -> gs.Variable:
     inputs = [
-        gs.Constant(names.new(f"{base}_quantized"), codes),
+        _constant(names.new(f"{base}_quantized"), codes),
         gs.Constant(names.new(f"{base}_scale"), np.asarray(scales, np.float32)),
-        gs.Constant(names.new(f"{base}_zero_point"), zeros),
+        _constant(names.new(f"{base}_zero_point"), zeros),
     ]
-    result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(codes.shape))
+    result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(inputs[0].shape))
     attrs = {"axis": axis} if axis is not None and np.ndim(scales) > 0 else {}
     graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), attrs=attrs, inputs=inputs, outputs=[result]))
     return result

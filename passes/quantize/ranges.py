@@ -3,7 +3,8 @@
 Data-free (METHODS.md §3.1.1): the output of a BN is N(β_c, γ_c²) per channel, so its range
 is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
 come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
-fold-batchnorm keeps for the BNs it removed.  They are propagated **[derived]** to the
+fold-batchnorm keeps for the BNs it removed; a LayerNormalization over the last axis with
+constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output.  They are propagated **[derived]** to the
 tensors the quantized layers actually read:
 
 * Relu: range clipped at 0; mean of the rectified Gaussian
@@ -47,6 +48,8 @@ class ChannelRange:
     mean: np.ndarray
     #: (μ, σ) when the values are a BN output N(μ, σ²), used for the exact ReLU mean.
     gaussian: tuple[np.ndarray, np.ndarray] | None = None
+    #: E[x²] per channel when known (BN output, or a rectified BN output), for error estimates
+    second_moment: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -73,6 +76,28 @@ def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tup
             gamma, beta = constant_values(node, 1), constant_values(node, 2)
             if gamma is not None and beta is not None:
                 stats[node.outputs[0].name] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
+    stats.update(layernorm_statistics(graph))
+    return stats
+
+
+def layernorm_statistics(graph: gs.Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """tensor name → (β, |γ|) per feature (last axis) of every LayerNormalization that
+    normalizes the last axis only, with constant 1-D scale γ (and bias β, else 0): its output
+    has mean β_c and standard deviation |γ_c| per feature, like a BN output (METHODS.md §3)."""
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for node in graph.nodes:
+        if node.op != "LayerNormalization" or not is_default_domain(node) or len(node.outputs) > 1 and not node.outputs[1].is_empty():
+            continue
+        gamma = constant_values(node, 1)
+        beta = constant_values(node, 2) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        axis = int(node.attrs.get("axis", -1))
+        if gamma is None or gamma.ndim != 1 or rank is None or axis % rank != rank - 1:
+            continue
+        beta = np.zeros(len(gamma)) if beta is None else beta
+        if beta.shape != gamma.shape:
+            continue
+        stats[node.outputs[0].name] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
     return stats
 
 
@@ -106,7 +131,7 @@ class RangeEstimator:
             return self.known[tensor.name]
         if tensor.name in self.stats:
             mean, std = self.stats[tensor.name]
-            return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std))
+            return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std), mean**2 + std**2)
         node = producer(tensor)
         if node is None or not is_default_domain(node):
             return None
@@ -163,13 +188,16 @@ class RangeEstimator:
 def _relu(r: ChannelRange | None) -> ChannelRange | None:
     if r is None:
         return None
+    moment = None
     if r.gaussian is not None:
         mu, sigma = r.gaussian
         safe = np.maximum(sigma, 1e-12)
-        mean = mu * norm.cdf(mu / safe) + sigma * norm.pdf(mu / safe)
+        cdf, pdf = norm.cdf(mu / safe), norm.pdf(mu / safe)
+        mean = mu * cdf + sigma * pdf
+        moment = (mu**2 + sigma**2) * cdf + mu * sigma * pdf  # E[ReLU(Y)²], Y ~ N(μ, σ²)
     else:
         mean = np.maximum(r.mean, 0.0)
-    return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean)
+    return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean, second_moment=moment)
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:
@@ -184,7 +212,8 @@ def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | Non
     if r is None:
         return None
     base = _relu(r) if low == 0.0 else r
-    return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high))
+    moment = None if base.second_moment is None else np.minimum(base.second_moment, max(low**2, high**2))
+    return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high), second_moment=moment)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -4,7 +4,8 @@ A layer reading X with per-channel quantization steps s_c quantizes ``X/r`` per 
 instead, with ``r_c = s_c / S`` and ``S = max_c s_c``: every channel of ``X/r`` then spans the
 same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
 
-* the division by r is folded into the producer's output channels (rows and bias ÷ r_c),
+* the division by r is folded into the producer's output channels (rows and bias ÷ r_c; for
+  a LayerNormalization producer its γ and β ÷ r_c),
   which passes through ReLU, Max/Average pooling and a Flatten of a pooled tensor (they
   commute with a positive per-channel scale);
 * a ReLU6 (Clip(0, 6)) on the way becomes a Relu: with ``s_c = min(6, hi_c)/(2^b − 1)`` the
@@ -14,7 +15,7 @@ same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
 
 Before rounding the rewritten float graph computes the same function (ReLU6 aside, whose
 clip moves into the quantizer).  Refused, with the tensor left per-tensor: graph inputs,
-tensors with readers other than quantized layers, producers that cannot absorb a per-channel
+tensors with readers other than quantized layers (Shape readers excepted), producers that cannot absorb a per-channel
 scale (a residual Add, a Concat, an unknown op), and intermediate tensors with other readers.
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer
+from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer, set_constant_input
 
 from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
 from .numerics import dequantize_weight, quantize_weight
@@ -35,6 +36,8 @@ MIN_RATIO = 1e-3
 #: Ops that commute with a positive per-channel scale: (x/r) ↦ op(x)/r.
 HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Identity"})
 PRODUCER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Readers that only look at the shape: the per-channel scale does not concern them.
+SHAPE_READERS = frozenset({"Shape", "Size"})
 AVERAGING_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
 
 
@@ -57,7 +60,7 @@ def clip_high(node: gs.Node) -> float | None:
 
 def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan | str:
     """How ``tensor``'s per-channel scales can be folded, or why they cannot."""
-    others = [n for n in tensor.outputs if not any(n is r for r in readers)]
+    others = [n for n in tensor.outputs if not any(n is r for r in readers) and n.op not in SHAPE_READERS]
     if others:
         return f"also read by {others[0].op} {node_label(others[0])}"
     chain: list[gs.Node] = []
@@ -82,11 +85,27 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
                 return f"{source.name} feeds other nodes too (residual join)"
             current = source
             continue
+        if node.op == "LayerNormalization" and node.outputs[0] is current:
+            refusal = _layernorm_refusal(node)
+            return refusal if refusal else SpiqPlan(node, chain, high)
         if node.op in PRODUCER_OPS and expressive_refusal(node) is None and node.outputs[0] is current:
             if node.op == "MatMul" and (current.shape is None or len(current.shape) != 2):
                 return f"{node.op} {node_label(node)} output is not a matrix"
             return SpiqPlan(node, chain, high)
         return f"{node.op} {node_label(node)} cannot absorb per-channel scales"
+
+
+def _layernorm_refusal(node: gs.Node) -> str | None:
+    """None if the LayerNormalization's affine part (γ, β per feature of the last axis) can
+    absorb a per-feature scale, else why not."""
+    gamma = constant_values(node, 1)
+    has_beta = len(node.inputs) > 2 and not node.inputs[2].is_empty()
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if gamma is None or gamma.ndim != 1 or (has_beta and constant_values(node, 2) is None):
+        return f"LayerNormalization {node_label(node)} scale/bias are not 1-D initializers"
+    if rank is None or int(node.attrs.get("axis", -1)) % rank != rank - 1 or any(not t.is_empty() for t in node.outputs[1:]):
+        return f"LayerNormalization {node_label(node)} does not normalize the last axis only"
+    return None
 
 
 def _channel_flatten(node: gs.Node) -> bool:
@@ -99,7 +118,12 @@ def apply(graph: gs.Graph, spiq: SpiqPlan, ratio: np.ndarray, readers: list[gs.N
     """Divide the producer's output channels by ``ratio`` and multiply the readers' inputs."""
     inverse = 1.0 / ratio
     zero = np.zeros_like(ratio)
-    absorb_output(graph, spiq.producer, inverse, zero, names)
+    if spiq.producer.op == "LayerNormalization":  # y/r = (γ/r)·n + β/r
+        for index in (1, 2) if len(spiq.producer.inputs) > 2 and not spiq.producer.inputs[2].is_empty() else (1,):
+            values = constant_values(spiq.producer, index)
+            set_constant_input(graph, spiq.producer, index, (values.astype(np.float64) * inverse).astype(values.dtype), names)
+    else:
+        absorb_output(graph, spiq.producer, inverse, zero, names)
     for node in spiq.chain:
         if node.op == "Clip":  # the quantizer's clip reproduces the upper bound (see module doc)
             node.op = "Relu"
@@ -119,7 +143,7 @@ def ratios(step: np.ndarray) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- SPIQ or not
 def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """The reader's weight as rows = output channels, plus the input channel of every entry
-    (None for layers the estimate does not model, e.g. ConvTranspose)."""
+    (None for layers the estimate does not model: a grouped ConvTranspose)."""
     weight = constant_values(reader, 1).astype(np.float64)
     if reader.op == "Conv":
         groups = int(reader.attrs.get("group", 1))
@@ -129,10 +153,41 @@ def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         group_of_row = np.arange(out) // (out // groups)
         channel = group_of_row[:, None] * per_group + np.repeat(np.arange(per_group), kernel)[None, :]
         return rows, channel
+    if reader.op == "ConvTranspose":
+        if int(reader.attrs.get("group", 1)) != 1:
+            return None  # its weight is quantized per tensor (emit.weight_axis)
+        c_in, out = weight.shape[0], weight.shape[1]
+        rows = np.moveaxis(weight, 1, 0).reshape(out, -1)  # [C_out, C_in·k]
+        kernel = rows.shape[1] // c_in
+        return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
     if reader.op in ("Gemm", "MatMul"):
         rows = weight if reader.op == "Gemm" and reader.attrs.get("transB", 0) else weight.T
         return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
     return None
+
+
+def estimated_error(
+    readers: list[gs.Node], second_moment: np.ndarray, ratio: np.ndarray, steps: np.ndarray, weight_bits: int, per_channel: bool
+) -> float | None:
+    """Expected squared output error summed over the readers when their input is quantized
+    with per-channel ``steps`` obtained by folding ``ratio`` (all ones: per tensor).
+
+    Each reader's error is the weight-quantization noise ``Σ ΔW²·E[x²]`` plus the activation
+    noise ``Σ W²·Δ²/12``.  The reader quantizes ``W·r`` per output channel, so its weight
+    noise, brought back to the original coordinates, is ``ΔW'/r``.  None for readers the
+    estimate does not model (e.g. ConvTranspose).
+    """
+    axis = 0 if per_channel else None
+    total = 0.0
+    for reader in readers:
+        columns = reader_columns(reader)
+        if columns is None:
+            return None
+        rows, channel = columns
+        scaled = rows * ratio[channel]
+        delta = (scaled - dequantize_weight(*quantize_weight(scaled, weight_bits, axis), axis)) / ratio[channel]
+        total += float(np.sum(delta**2 * second_moment[channel]) + np.sum(rows**2 * steps[channel] ** 2) / 12)
+    return total
 
 
 def estimated_errors(
@@ -143,24 +198,9 @@ def estimated_errors(
     weight_bits: int,
     per_channel: bool,
 ) -> tuple[float, float] | None:
-    """Expected squared output error summed over the readers, (with SPIQ, per tensor).
-
-    Each reader's error is the weight-quantization noise ``Σ ΔW²·E[x²]`` plus the activation
-    noise ``Σ W²·Δ²/12``.  With SPIQ the reader quantizes ``W·r`` per output channel, so its
-    weight noise, brought back to the original coordinates, is ``ΔW'/r``; its activation
-    steps are the per-channel ``s_c``.  Per tensor: ``ΔW`` of W itself and one step.
-    """
-    axis = 0 if per_channel else None
+    """(with full SPIQ at per-channel steps ``spiq_step``, per tensor at ``tensor_step``)."""
     ratio = spiq_step / spiq_step.max()
-    with_spiq = per_tensor = 0.0
-    for reader in readers:
-        columns = reader_columns(reader)
-        if columns is None:
-            return None
-        rows, channel = columns
-        scaled = rows * ratio[channel]
-        delta_scaled = (scaled - dequantize_weight(*quantize_weight(scaled, weight_bits, axis), axis)) / ratio[channel]
-        delta = rows - dequantize_weight(*quantize_weight(rows, weight_bits, axis), axis)
-        with_spiq += float(np.sum(delta_scaled**2 * second_moment[channel]) + np.sum(rows**2 * spiq_step[channel] ** 2) / 12)
-        per_tensor += float(np.sum(delta**2 * second_moment[channel]) + np.sum(rows**2) * tensor_step**2 / 12)
-    return with_spiq, per_tensor
+    ones = np.ones_like(spiq_step)
+    with_spiq = estimated_error(readers, second_moment, ratio, spiq_step, weight_bits, per_channel)
+    per_tensor = estimated_error(readers, second_moment, ones, ones * tensor_step, weight_bits, per_channel)
+    return None if with_spiq is None or per_tensor is None else (with_spiq, per_tensor)
