@@ -44,15 +44,15 @@ class Config:
 
 
 def _spiq(bits: int, quick: bool = True) -> Config:
-    return Config(f"onnxopt_spiq_w{bits}a8", f"onnxopt SPIQ W{bits}A8", "onnxopt", passes=("@default", "quantize"),
-                  options={"weight_bits": bits, "act_bits": 8, "spiq": True}, bits_w=bits, bits_a=8, quick=quick,
+    return Config(f"onnxopt_spiq_w{bits}a8", f"onnxopt W{bits}A8 data-free (SPIQ auto)", "onnxopt", passes=("@default", "quantize"),
+                  options={"weight_bits": bits, "act_bits": 8}, bits_w=bits, bits_a=8, quick=quick,
                   lossless=False)
 
 
 def _rex(order: int, budget: float, quick: bool = True) -> Config:
-    return Config(f"onnxopt_rex_w4a8_o{order}_b{budget:g}", f"onnxopt SPIQ W4A8 + REx order {order}, budget {budget:g}",
+    return Config(f"onnxopt_rex_w4a8_o{order}_b{budget:g}", f"onnxopt W4A8 + REx order {order}, budget {budget:g}",
                   "onnxopt", passes=("@default", "quantize", "rex"),
-                  options={"weight_bits": 4, "act_bits": 8, "spiq": True, "rex_order": order, "rex_budget": budget},
+                  options={"weight_bits": 4, "act_bits": 8, "rex_order": order, "rex_budget": budget},
                   bits_w=4, bits_a=8, quick=quick, lossless=False)
 
 
