@@ -59,14 +59,13 @@ from onnxopt.graph import (
     export_model,
     is_default_domain,
     node_label,
-    optional_input,
     per_channel,
     set_constant_input,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import _mean_shift
+from .quantize import mean_shift, layer_refusal
 from .quantize.emit import weight_axis
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
@@ -410,16 +409,7 @@ class PowerQuant(Pass):
 
     # ------------------------------------------------------------------ pieces
     def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
-        weight = constant_values(node, 1)
-        reason = None
-        if weight is None or not np.issubdtype(weight.dtype, np.floating):
-            reason = "weight is not a float initializer"
-        elif optional_input(node, 2) is not None and constant_values(node, 2) is None:
-            reason = "bias is not an initializer"
-        elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
-            reason = "Gemm with transA or alpha/beta ≠ 1"
-        elif node.op == "MatMul" and weight.ndim != 2:
-            reason = "MatMul with a weight of rank ≠ 2"
+        reason = layer_refusal(node)
         if reason:
             ctx.refuse(f"layer {node_label(node)}", reason)
         return reason is None
@@ -519,7 +509,7 @@ class PowerQuant(Pass):
         """eq. 3.8: ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics (Conv/Gemm)."""
         if not self.options["bias_correction"] or mean is None or layer.op not in ("Conv", "Gemm"):
             return
-        correction = _mean_shift(layer, delta, mean)
+        correction = mean_shift(layer, delta, mean)
         if correction is None:
             return
         bias = constant_values(layer, 2)

@@ -417,7 +417,7 @@ class Rex(Pass):
             x, attrs["group"] = self._gather_input(graph, site, channels, x, names, tag)
         weight = operator.emit(graph, q, names, f"{tag}_weight")
         inputs = [x, weight]
-        bias = None if site.mean is None or source is not None else _mean_shift(site, order.dequantized, order.channels)
+        bias = None if site.mean is None or source is not None else mean_shift(site, order.dequantized, order.channels)
         if dense and bias is not None:
             full = np.zeros(c, np.float32)
             full[order.channels] = bias
@@ -636,7 +636,7 @@ def _scatter_rows(q: QuantizedWeight, channels: np.ndarray, c: int, out_axis: in
     return QuantizedWeight(codes, scales, q.axis, q.bits, dict(q.params))
 
 
-def _mean_shift(site: LayerSite, sub: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
+def mean_shift(site: LayerSite, sub: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
     """R·E[X] for the output channels of the sub-weight ``sub`` (bias correction of eq. 3.8)."""
     mean = site.mean
     if site.node.op == "Conv":

@@ -193,16 +193,7 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ pieces
     def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
-        weight = constant_values(node, 1)
-        reason = None
-        if weight is None or not np.issubdtype(weight.dtype, np.floating):
-            reason = "weight is not a float initializer"
-        elif optional_input(node, 2) is not None and constant_values(node, 2) is None:
-            reason = "bias is not an initializer"
-        elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
-            reason = "Gemm with transA or alpha/beta ≠ 1"
-        elif node.op == "MatMul" and (weight.ndim != 2 or not _matrix_rows(node.inputs[0], weight.shape[0])):
-            reason = "MatMul other than x[…, K] × constant matrix W[K, N]"
+        reason = layer_refusal(node)
         if reason:
             ctx.refuse(f"layer {node_label(node)}", reason)
         return reason is None
@@ -322,7 +313,7 @@ class Quantize(Pass):
             dequantized, scales, _ = quantize_layer_weight(graph, layer, bits, self.options["per_channel"], names, int4=bool(self.options["int4_weights"]))
             mean = means.get(layer.inputs[0].name)
             if self.options["bias_correction"] and mean is not None and layer.op in ("Conv", "Gemm"):
-                correction = _mean_shift(layer, weight - dequantized, mean)
+                correction = mean_shift(layer, weight - dequantized, mean)
                 if correction is not None:
                     bias = constant_values(layer, 2)
                     base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
@@ -373,6 +364,21 @@ def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> 
     return quants.get(node.outputs[0].name)
 
 
+def layer_refusal(node: gs.Node) -> str | None:
+    """Why the weight of layer ``node`` cannot be quantized (None when it can); shared with
+    the other quantizers (power-quant)."""
+    weight = constant_values(node, 1)
+    if weight is None or not np.issubdtype(weight.dtype, np.floating):
+        return "weight is not a float initializer"
+    if optional_input(node, 2) is not None and constant_values(node, 2) is None:
+        return "bias is not an initializer"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+        return "Gemm with transA or alpha/beta ≠ 1"
+    if node.op == "MatMul" and (weight.ndim != 2 or not _matrix_rows(node.inputs[0], weight.shape[0])):
+        return "MatMul other than x[…, K] × constant matrix W[K, N]"
+    return None
+
+
 def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
     """``tensor`` is a 2-D [M, K] or 3-D [B, T, K] input (transformer linear layer) with K = ``depth``."""
     shape = tensor.shape
@@ -389,7 +395,7 @@ def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
     return current
 
 
-def _mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """(W − Ŵ)·E[X] per output channel (summed over kernel positions); None if shapes differ."""
     if layer.op == "Conv":
         groups = int(layer.attrs.get("group", 1))
