@@ -31,7 +31,7 @@ def section(results_md: str, results_dir: str) -> str:
         f"From the benchmark suite: `pip install -e '.[bench]'`, `python -m onnxopt.models install-assets`, "
         f"`python -m bench install-data`, then `python -m bench all --quick --out {results_dir}` (all tables, "
         f"the other models and the method: [{results_dir}/RESULTS.md]({results_dir}/RESULTS.md); "
-        "`bench/README.md`). Absent rows are configurations whose passes have not landed yet.",
+        "`bench/README.md`). A configuration whose passes this version does not have is listed as absent, never faked.",
         "",
         key_table(results_md),
         "",
