@@ -45,7 +45,8 @@ in float.
 
 ``rex_weight_only`` = b: without the quantize pass, quantize every constant weight of
 Conv/Gemm/MatMul with the operator at b bits (DequantizeLinear weights, float activations)
-and expand those (used for transformers whose 3-D MatMuls quantize does not handle).
+and expand those (weight-only W4 of transformers such as MiniLM, whose linear layers after
+GELU and attention have no data-free activation ranges).
 
 ``rex_outliers`` (weight-only mode, Gemm/MatMul; Table 3.14): weights with |w − mean| ≥ 6σ are
 taken out of order 1 (which then quantizes the weights clipped to the inliers' range, so the
