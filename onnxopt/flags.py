@@ -117,7 +117,6 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
     if args.calibration_data and "act_ranges" not in options:
         options["act_ranges"] = "minmax"
     if args.power_quant is not None:
-        options.pop("spiq", None)  # SPIQ is a uniform-quantizer option
         return options, ["power-quant"]
     return options, ["quantize"]
 
