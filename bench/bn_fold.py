@@ -68,6 +68,8 @@ from bench.common import (
     slower_beyond_noise,
     summarize,
     table,
+    Timing,
+    settings_record,
     time_interleaved,
 )
 
@@ -101,16 +103,13 @@ ONNXOPT_PASS = {"default": "fold-batchnorm", "classic": "fold-conv-bn"}
 class Settings:
     quick: bool
     optimize_repeats: int
-    warmup: int
-    min_runs: int
-    max_runs: int
-    target_seconds: float
+    timing: Timing
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(True, optimize_repeats=1, warmup=5, min_runs=20, max_runs=200, target_seconds=0.5)
-        return cls(False, optimize_repeats=3, warmup=10, min_runs=30, max_runs=500, target_seconds=6.0)
+            return cls(True, optimize_repeats=1, timing=Timing(warmup=5, min_runs=20, max_runs=200, target_seconds=0.5))
+        return cls(False, optimize_repeats=3, timing=Timing(warmup=10, min_runs=30, max_runs=500, target_seconds=6.0))
 
 
 @dataclass(frozen=True)
@@ -295,10 +294,7 @@ def measure_correctness(entry: BenchModel, original: onnx.ModelProto, outputs: d
 
 def latency_block(sessions: dict[str, Any], feeds: dict[str, np.ndarray], settings: Settings) -> dict[str, Any]:
     load_before = load_average()
-    samples = time_interleaved(
-        sessions, feeds, warmup=settings.warmup, min_runs=settings.min_runs,
-        max_runs=settings.max_runs, target_seconds=settings.target_seconds,
-    )
+    samples = time_interleaved(sessions, feeds, **settings.timing.kwargs())
     stats = {name: summarize(values) for name, values in samples.items()}
     base = stats["original"]
     for name, s in stats.items():
@@ -617,7 +613,7 @@ def run(models: list[BenchModel], settings: Settings, command: str) -> dict[str,
     return {
         "benchmark": "bn_fold",
         "command": command,
-        "settings": settings.__dict__,
+        "settings": settings_record(settings),
         "environment": env,
         "seconds": time.perf_counter() - start,
         "models": results,

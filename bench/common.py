@@ -13,6 +13,7 @@ enough to fill ``target_seconds`` per configuration, at most ``max_runs``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import importlib.metadata
 import math
@@ -160,6 +161,28 @@ def _run_once_ms(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) ->
     start = time.perf_counter()
     sess.run(None, dict(feeds))
     return (time.perf_counter() - start) * 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How :func:`time_interleaved` samples: warm-up runs, then rounds until ``min_runs`` and
+    ``target_seconds`` are reached, at most ``max_runs`` (a benchmark's quick/full settings)."""
+
+    warmup: int = 5
+    min_runs: int = 20
+    max_runs: int = 2000
+    target_seconds: float = 2.0
+
+    def kwargs(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def settings_record(settings: Any) -> dict[str, Any]:
+    """A benchmark's settings (a dataclass with a ``timing`` field) as the flat JSON record
+    the results files keep: the Timing fields beside the others."""
+    record = {key: value for key, value in vars(settings).items() if key != "timing"}
+    record.update(settings.timing.kwargs())
+    return record
 
 
 def time_interleaved(

@@ -104,6 +104,8 @@ from bench.common import (
     ort_session,
     summarize,
     table,
+    Timing,
+    settings_record,
     time_interleaved,
 )
 
@@ -174,16 +176,13 @@ class Settings:
     quick: bool
     views: int  # how many of VIEWS to evaluate on (20 inputs each)
     optimize_repeats: int
-    warmup: int
-    min_runs: int
-    max_runs: int
-    target_seconds: float
+    timing: Timing
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(True, views=3, optimize_repeats=1, warmup=3, min_runs=20, max_runs=20, target_seconds=0.0)
-        return cls(False, views=len(VIEWS), optimize_repeats=3, warmup=10, min_runs=40, max_runs=400, target_seconds=8.0)
+            return cls(True, views=3, optimize_repeats=1, timing=Timing(warmup=3, min_runs=20, max_runs=20, target_seconds=0.0))
+        return cls(False, views=len(VIEWS), optimize_repeats=3, timing=Timing(warmup=10, min_runs=40, max_runs=400, target_seconds=8.0))
 
 
 @dataclass
@@ -565,10 +564,7 @@ def measure_config(built: Built, reference: np.ndarray, data: EvalData, workdir:
 def latency_block(paths: dict[str, Path], feeds: dict[str, np.ndarray], threads: int, settings: Settings) -> dict[str, Any]:
     sessions = {key: ort_session(p, "all", threads, spinning=False) for key, p in paths.items()}
     load_before = load_average()
-    samples = time_interleaved(
-        sessions, feeds, warmup=settings.warmup, min_runs=settings.min_runs,
-        max_runs=settings.max_runs, target_seconds=settings.target_seconds,
-    )
+    samples = time_interleaved(sessions, feeds, **settings.timing.kwargs())
     stats = {key: summarize(values) for key, values in samples.items()}
     base = stats.get("fp32_folded") or stats["fp32_original"]
     for s in stats.values():
@@ -720,8 +716,7 @@ def bench_minilm(availability: dict[str, Any], settings: Settings) -> dict[str, 
             }
         sessions = {key: ort_session(path, "all", 1, spinning=False) for key, path in paths.items()}
         one = {k: v[:1] for k, v in feeds.items()}
-        samples = time_interleaved(sessions, one, warmup=settings.warmup, min_runs=settings.min_runs,
-                                   max_runs=settings.max_runs, target_seconds=settings.target_seconds)
+        samples = time_interleaved(sessions, one, **settings.timing.kwargs())
         for key, values in samples.items():
             result["configs"][key]["latency_1thread"] = summarize(values)
     return result
@@ -1107,7 +1102,7 @@ def run(names: Sequence[str], settings: Settings, command: str) -> dict[str, Any
         minilm = {"status": "error", "detail": error_text(exc)}
     return {
         "minilm": minilm,
-        "benchmark": "quantize", "command": command, "settings": settings.__dict__, "environment": env,
+        "benchmark": "quantize", "command": command, "settings": settings_record(settings), "environment": env,
         "quantize_availability": availability, "goals": evaluate_goals(results, resnet50), "resnet50": resnet50,
         "seconds": time.perf_counter() - start, "models": results,
     }

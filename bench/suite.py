@@ -46,6 +46,8 @@ from bench.common import (
     load_average,
     ort_session,
     summarize,
+    Timing,
+    settings_record,
     time_interleaved,
 )
 from bench.configs import Config
@@ -59,16 +61,13 @@ WORKER_TIMEOUT = 900.0
 @dataclass(frozen=True)
 class Settings:
     quick: bool
-    warmup: int
-    min_runs: int
-    max_runs: int
-    target_seconds: float
+    timing: Timing
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(True, warmup=3, min_runs=20, max_runs=60, target_seconds=1.0)
-        return cls(False, warmup=10, min_runs=40, max_runs=300, target_seconds=4.0)
+            return cls(True, Timing(warmup=3, min_runs=20, max_runs=60, target_seconds=1.0))
+        return cls(False, Timing(warmup=10, min_runs=40, max_runs=300, target_seconds=4.0))
 
 
 def log(message: str) -> None:
@@ -183,8 +182,7 @@ def measure_latency(paths: dict[str, tuple[Path, str]], feed: dict[str, np.ndarr
         sessions = {name: ort_session(path, level, threads, spinning=False) for name, (path, level) in paths.items()}
         feeds = {i.name: feed[i.name] for i in next(iter(sessions.values())).get_inputs()}
         load_before = load_average()
-        samples = time_interleaved(sessions, feeds, warmup=settings.warmup, min_runs=settings.min_runs,
-                                   max_runs=settings.max_runs, target_seconds=settings.target_seconds)
+        samples = time_interleaved(sessions, feeds, **settings.timing.kwargs())
         stats = {name: summarize(s) for name, s in samples.items()}
         base = stats.get("fp32", {}).get("median_ms")
         for s in stats.values():
@@ -256,7 +254,7 @@ def run(quick: bool, out: Path, models: list[str] | None = None, config_names: l
     installed = configs_mod.installed_peers()
     started = time.perf_counter()
     data: dict[str, Any] = {
-        "command": command, "mode": "quick" if quick else "full", "settings": settings.__dict__,
+        "command": command, "mode": "quick" if quick else "full", "settings": settings_record(settings),
         "environment": environment(), "load_average_start": load_average(),
         "registry": {"passes": sorted(state[0]), "presets": {k: list(v) for k, v in state[1].items()}, "error": state[2]},
         "peers_installed": installed,
