@@ -43,7 +43,7 @@ weights (copy-on-write keeps other readers on the float weight).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,25 +67,13 @@ from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .quantize import mean_shift, layer_refusal
 from .quantize.emit import weight_axis
+from .quantize.operators import QuantizedWeight
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
 TINY = 1e-12
-
-try:  # the REx helper's shared dataclass, when it exists
-    from .quantize.operators import QuantizedWeight  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - until the merge
-
-    @dataclass
-    class QuantizedWeight:  # type: ignore[no-redef]
-        codes: np.ndarray
-        scales: np.ndarray
-        axis: int | None
-        bits: int
-        params: dict = field(default_factory=dict)
-
 
 # --------------------------------------------------------------------------- numerics
 def levels(bits: int, signed: bool = True) -> int:

@@ -86,12 +86,9 @@ def register_operator(name: str, factory: Callable[[], WeightOperator]) -> None:
 def weight_operator(name: str) -> WeightOperator:
     """The registered operator called ``name`` (clear error otherwise)."""
     if name == "power" and name not in _OPERATORS:
-        try:  # PowerQuant lives in passes/power_quant.py once it lands
-            from ..power_quant import PowerWeightOperator  # type: ignore[import-not-found]
+        from ..power_quant import PowerWeightOperator  # imported here: power_quant imports this package
 
-            _OPERATORS["power"] = PowerWeightOperator
-        except ImportError:
-            pass
+        _OPERATORS["power"] = PowerWeightOperator
     if name not in _OPERATORS:
         raise PipelineError(f"unknown weight operator {name!r}; available: {', '.join(sorted(_OPERATORS))}")
     return _OPERATORS[name]()

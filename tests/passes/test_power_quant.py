@@ -161,6 +161,9 @@ def test_weight_operator_protocol_round_trip() -> None:
 
     from onnxopt.graph import NameFactory
 
+    from onnxopt.passes.quantize.operators import weight_operator
+
+    assert isinstance(weight_operator("power"), PowerWeightOperator)  # how rex finds it (rex_operator="power")
     op = PowerWeightOperator(0.55)
     w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
     q = op.quantize(w, 5, 0)
