@@ -79,7 +79,7 @@ def quantize_layer_weight(
     label = node.name or node.outputs[0].name
     zeros = np.zeros(scales.shape, np.int8)
     stored_codes, stored_zeros = (_int4(codes), _int4(zeros)) if int4 and bits <= 4 else (codes, zeros)
-    node.inputs[1] = _dequantized(graph, f"{label}_weight", stored_codes, scales, stored_zeros, axis, names)
+    node.inputs[1] = dequantized_constant(graph, f"{label}_weight", stored_codes, scales, stored_zeros, axis, names)
     return dequantize_weight(codes, scales, axis), scales, axis
 
 
@@ -91,7 +91,7 @@ def quantize_layer_bias(graph: gs.Graph, node: gs.Node, input_scale: np.float32,
         return False
     codes, scales = bias_codes(bias, input_scale, np.broadcast_to(weight_scales, bias.shape))
     label = node.name or node.outputs[0].name
-    node.inputs[2] = _dequantized(graph, f"{label}_bias", codes, scales, np.zeros(scales.shape, np.int32), 0, names)
+    node.inputs[2] = dequantized_constant(graph, f"{label}_bias", codes, scales, np.zeros(scales.shape, np.int32), 0, names)
     return True
 
 
@@ -104,9 +104,10 @@ def _constant(name: str, values: np.ndarray | TensorProto) -> gs.Constant:
     return gs.Constant(name, LazyValues(values) if isinstance(values, TensorProto) else values)
 
 
-def _dequantized(
+def dequantized_constant(
     graph: gs.Graph, base: str, codes: np.ndarray | TensorProto, scales: np.ndarray, zeros: np.ndarray | TensorProto, axis: int | None, names: NameFactory
 ) -> gs.Variable:
+    """``DequantizeLinear(codes, scales, zeros, axis)`` of constants, appended to ``graph``."""
     inputs = [
         _constant(names.new(f"{base}_quantized"), codes),
         gs.Constant(names.new(f"{base}_scale"), np.asarray(scales, np.float32)),

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory
 
+from .emit import dequantized_constant
 from .numerics import dequantize_weight, quantize_weight
 
 
@@ -63,18 +64,11 @@ class UniformWeightOperator:
 
     def emit(self, graph: gs.Graph, q: QuantizedWeight, names: NameFactory, base: str = "weight") -> gs.Variable:
         """``DequantizeLinear(int8 codes, scales, zero point 0, axis)`` (appended to graph)."""
-        inputs = [
-            gs.Constant(names.new(f"{base}_quantized"), np.ascontiguousarray(q.codes)),
-            gs.Constant(names.new(f"{base}_scale"), np.asarray(q.scales, np.float32)),
-            gs.Constant(names.new(f"{base}_zero_point"), np.zeros(np.shape(q.scales), np.int8)),
-        ]
-        result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(q.codes.shape))
-        attrs = {"axis": q.axis} if q.axis is not None and np.ndim(q.scales) > 0 else {}
-        graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), attrs=attrs, inputs=inputs, outputs=[result]))
-        return result
+        zeros = np.zeros(np.shape(q.scales), np.int8)
+        return dequantized_constant(graph, base, np.ascontiguousarray(q.codes), q.scales, zeros, q.axis, names)
 
 
-#: Operator name -> factory.  PowerQuant registers "power" here when it lands.
+#: Operator name -> factory; "power" (passes/power_quant.py) is added on first use.
 _OPERATORS: dict[str, Callable[[], WeightOperator]] = {"uniform": UniformWeightOperator}
 
 
