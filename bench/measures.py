@@ -83,9 +83,9 @@ def inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def effective_bops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], bits_a: int) -> dict[str, Any]:
     """MACs, BOPs (operand bits as in the module docstring), the fraction of MACs with both
     operands quantized, and the number of MAC nodes of unknown shape."""
-    from onnxopt.metrics import MAC_OPS, _node_macs, _shapes
+    from onnxopt.metrics import MAC_OPS, _node_macs, tensor_shapes
 
-    shapes = _shapes(inferred_shapes(with_fixed_inputs(model, input_shapes)))
+    shapes = tensor_shapes(inferred_shapes(with_fixed_inputs(model, input_shapes)))
     constants = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
 

@@ -47,7 +47,7 @@ from onnx import numpy_helper
 
 import onnxopt
 from onnxopt.graph import with_inferred_shapes
-from onnxopt.metrics import MAC_OPS, _node_macs, _shapes
+from onnxopt.metrics import MAC_OPS, _node_macs, tensor_shapes
 
 from .common import (
     compact_number_lists,
@@ -84,7 +84,7 @@ def log(message: str) -> None:
 def bops(model: onnx.ModelProto) -> float:
     """Σ MACs × weight bits × activation bits over the MAC nodes (float operands: 32 bits)."""
     inferred = with_inferred_shapes(model)
-    shapes = _shapes(inferred)
+    shapes = tensor_shapes(inferred)
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
 

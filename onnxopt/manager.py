@@ -91,6 +91,8 @@ class PassManager:
             "metadata": {p.key: p.value for p in model.metadata_props},
             # the input model, as the template for passes that export the graph mid-pass.
             "model": model,
+            # the pipeline's pass names, in order (a pass may adapt to what runs after it)
+            "pipeline": tuple(p.name for p in self.passes),
         }
         for round_index in range(self.max_rounds):
             changed = False

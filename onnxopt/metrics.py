@@ -75,7 +75,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
+def tensor_shapes(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Shapes of every tensor of a shape-inferred model: declared symbolic dims and the batch
     axis -> 1, dims inference could not determine -> None."""
     graph = inferred.graph
@@ -110,7 +110,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 def count_macs(model: onnx.ModelProto, *, inferred: onnx.ModelProto | None = None) -> tuple[int, list[str]]:
     if not any(node.op_type in MAC_OPS for node in model.graph.node):
         return 0, []
-    shapes = _shapes(inferred if inferred is not None else with_inferred_shapes(model))
+    shapes = tensor_shapes(inferred if inferred is not None else with_inferred_shapes(model))
     total, unknown = 0, []
     for node in model.graph.node:
         if node.op_type not in MAC_OPS:

@@ -18,7 +18,19 @@ with the largest residual norm (structured, magnitude importance), so its branch
 only those channels and the extra MACs are γ × the layer's MACs (Lemma 3.1.4: more sparse
 orders beat fewer dense ones at equal budget).  For grouped/depthwise Convs whole groups are
 selected and the branch reads the selected groups' input channels (a Gather of the uint8
-codes).  With bias correction (eq. 3.8) in the base layer, branch k carries ``−R^k·E[X]`` so
+codes).
+
+Budget allocation (``rex_allocation``): ``"uniform"`` is the thesis's rule above, the same
+share γ/(K−1) of every layer per order.  ``"network"`` (default) spends the same total,
+γ × Σ_l MACs_l, across the network: every layer is expanded densely once to measure what
+order k removes from each unit, ``E_{k−1,u} − E_{k,u}`` with ``E`` the squared residual
+weighted by E[x_i²] of the input each weight multiplies (data-free, from the BN statistics
+the quantize pass used), normalised by the layer's weight energy ``Σ W²·E[x²]`` (the share
+of the layer's noise-to-signal ratio it removes; to first order those add up along the
+network), and units are taken by gain per MAC until the budget is spent
+(:func:`allocate_network`).  Cheap layers with large relative errors (depthwise Convs, the
+classifier) are expanded in full first.  Measured on MobileNetV2 / EfficientNet-Lite0 W4A8
+(bench/results/rex.md): lower KL than uniform at 25 % and 75 %, a tie at 50 %.  With bias correction (eq. 3.8) in the base layer, branch k carries ``−R^k·E[X]`` so
 the corrected bias stays exact for the expanded weight.
 
 Input expansion (``rex_input_expansion``, eqs. 3.20–3.21): the quantization error of the
@@ -72,17 +84,21 @@ from onnxopt.graph import (
     NameFactory,
     cleanup,
     constant_values,
+    export_model,
     is_default_domain,
     node_label,
     optional_input,
     producer,
+    with_inferred_shapes,
 )
+from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 
 COMBINE_MODES = ("gather", "pad", "scatter", "dense")
+ALLOCATIONS = ("uniform", "network")
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 OUTLIER_SIGMAS = 6.0
@@ -107,6 +123,8 @@ class Expansion:
     max_errors: list[float] = field(default_factory=list)  #: max |W − Σ R| after each order
     #: outlier residue (rex_outliers): flat indices into the weight, int8 codes and their scale
     outliers: tuple[np.ndarray, np.ndarray, np.float32] | None = None
+    #: squared residual norm of every unit (channel, or group) after each order (rows: orders)
+    unit_errors: list[np.ndarray] = field(default_factory=list)
 
 
 def channel_units(out_channels: int, groups: int) -> np.ndarray:
@@ -116,18 +134,20 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
-    keep_units: int | None = None, outliers: bool = False, window: bool = False,
+    outliers: bool = False, window: bool = False, selections: list[np.ndarray] | None = None,
+    error_weights: np.ndarray | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
-    residual norm.  ``axis`` is the scale axis (None: per tensor), ``out_axis`` the output
-    channel axis of ``weight``."""
+    residual norm, or the units ``selections[k − 2]`` when given (a network-wide allocation).
+    ``axis`` is the scale axis (None: per tensor), ``out_axis`` the output channel axis of
+    ``weight``; ``error_weights`` (broadcast to the weight, e.g. E[x_i²] of the input each
+    weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`."""
     weight = np.asarray(weight, np.float64)
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
     n_units = int(units.max()) + 1
-    keep = 0 if order < 2 else int(round(min(budget, order - 1) / (order - 1) * n_units))
-    keep = min(keep if keep_units is None or order < 2 else keep_units, n_units)
+    keep = 0 if order < 2 else min(int(round(min(budget, order - 1) / (order - 1) * n_units)), n_units)
     norm = float(np.linalg.norm(weight)) or 1.0
     mask = outlier_mask(weight) if outliers else np.zeros(weight.shape, bool)
     base = weight
@@ -145,14 +165,23 @@ def expand_weight(
         codes = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
         residual.reshape(-1)[flat] -= codes.astype(np.float64) * scale
         result.outliers = (flat, codes, scale)
-    result.errors.append(float(np.linalg.norm(residual)) / norm)
-    result.max_errors.append(float(np.abs(residual).max(initial=0.0)))
+    def record() -> None:
+        result.errors.append(float(np.linalg.norm(residual)) / norm)
+        result.max_errors.append(float(np.abs(residual).max(initial=0.0)))
+        energy = np.square(residual) if error_weights is None else np.square(residual) * error_weights
+        moved = np.moveaxis(energy, out_axis, 0).reshape(out_channels, -1)
+        result.unit_errors.append(np.bincount(units, weights=moved.sum(axis=1), minlength=n_units))
+
+    record()
     for k in range(2, order + 1):
+        if selections is not None:
+            keep = len(selections[k - 2]) if k - 2 < len(selections) else 0
         if keep == 0:
             break
-        moved = np.moveaxis(residual, out_axis, 0).reshape(out_channels, -1)
-        importance = np.bincount(units, weights=np.square(moved).sum(axis=1), minlength=n_units)
-        if window:  # the contiguous run of ``keep`` units with the largest importance (combine="pad")
+        importance = result.unit_errors[-1]
+        if selections is not None:
+            chosen = np.sort(np.asarray(selections[k - 2], np.int64))
+        elif window:  # the contiguous run of ``keep`` units with the largest importance (combine="pad")
             sums = np.convolve(importance, np.ones(keep), mode="valid")
             start = int(np.argmax(sums))
             chosen = np.arange(start, start + keep)
@@ -166,9 +195,47 @@ def expand_weight(
         index[out_axis] = channels
         residual[tuple(index)] -= rk
         result.orders.append(Order(k, channels, qk, rk))
-        result.errors.append(float(np.linalg.norm(residual)) / norm)
-        result.max_errors.append(float(np.abs(residual).max(initial=0.0)))
+        record()
     return result
+
+
+def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: np.ndarray, budget: float) -> list[list[np.ndarray]]:
+    """Network-wide sparse expansion: which units each order k ≥ 2 expands in every layer.
+
+    ``unit_errors[l]`` is the [K, units] table of :attr:`Expansion.unit_errors` of layer l
+    expanded densely (per-channel scales make the units independent: the error an order
+    removes from a unit does not depend on which other units are expanded), ``signals[l]``
+    the layer's weight energy ‖W_l‖², ``costs[l]`` the MACs of one unit and ``budget`` the
+    extra MACs allowed.  Candidate (l, u, k) gains ``(E_{k−1,u} − E_{k,u}) / ‖W_l‖²``, the
+    share of layer l's relative weight error it removes (first order, the layers'
+    noise-to-signal ratios add up along the network), and candidates are taken by gain per
+    MAC until the budget is spent (greedy knapsack).  Gains are made non-increasing in k
+    and ties keep k ascending, so a unit's orders are taken in order (nested selections).
+    Returns, per layer, the sorted units of orders 2..K."""
+    gains, layer_of, unit_of, order_of, cost_of = [], [], [], [], []
+    for layer, errors in enumerate(unit_errors):
+        errors = np.asarray(errors, np.float64)
+        if len(errors) < 2:
+            continue
+        reduction = np.minimum.accumulate(np.maximum(errors[:-1] - errors[1:], 0.0), axis=0)
+        n_orders, n_units = reduction.shape
+        gains.append((reduction / max(float(signals[layer]), 1e-30) / max(float(costs[layer]), 1e-30)).reshape(-1))
+        layer_of.append(np.full(reduction.size, layer))
+        unit_of.append(np.tile(np.arange(n_units), n_orders))
+        order_of.append(np.repeat(np.arange(n_orders), n_units))
+        cost_of.append(np.full(reduction.size, float(costs[layer])))
+    selections = [[np.zeros(0, np.int64) for _ in range(max(len(e) - 1, 0))] for e in unit_errors]
+    if not gains:
+        return selections
+    gain, layer, unit, order, cost = (np.concatenate(a) for a in (gains, layer_of, unit_of, order_of, cost_of))
+    ranking = np.lexsort((order, -gain))  # best gain per MAC first; lower orders first on ties
+    taken = ranking[np.cumsum(cost[ranking]) <= budget]
+    taken = taken[gain[taken] > 0]
+    for l in np.unique(layer[taken]):
+        mine = taken[layer[taken] == l]
+        for k in range(len(selections[l])):
+            selections[l][k] = np.sort(unit[mine[order[mine] == k]])
+    return selections
 
 
 def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarray:
@@ -189,6 +256,7 @@ class LayerSite:
     out_axis: int
     groups: int
     mean: np.ndarray | None
+    moment: np.ndarray | None  #: E[x²] per input channel (data-free, from the quantize pass)
     input_dq: gs.Node | None  #: DequantizeLinear producing the layer's input (per tensor)
     output_range: tuple[float, float] | None  #: range of the quantizer after the layer's activation
     rank: int
@@ -207,6 +275,7 @@ class Rex(Pass):
         "rex_outliers": False,
         "rex_operator": "uniform",
         "rex_combine": "gather",
+        "rex_allocation": "network",
         "rex_weight_only": None,
         "rex_requantize": True,
     }
@@ -217,6 +286,10 @@ class Rex(Pass):
             raise PipelineError(f"rex: rex_order must be an integer K ≥ 1, got {o['rex_order']!r}")
         if not isinstance(o["rex_budget"], (int, float)) or not 0 <= o["rex_budget"] <= max(1, o["rex_order"] - 1):
             raise PipelineError(f"rex: rex_budget must be a fraction in [0, K−1] (0.5 = 50 % extra output channels), got {o['rex_budget']!r}")
+        if o["rex_allocation"] not in ALLOCATIONS:
+            raise PipelineError(f"rex: rex_allocation must be one of {', '.join(ALLOCATIONS)}, got {o['rex_allocation']!r}")
+        if o["rex_allocation"] == "network" and o["rex_combine"] == "pad":
+            raise PipelineError("rex: rex_combine='pad' expands a contiguous window per layer; it cannot use rex_allocation='network'")
         if o["rex_combine"] not in COMBINE_MODES:
             raise PipelineError(f"rex: rex_combine must be one of {', '.join(COMBINE_MODES)}, got {o['rex_combine']!r}")
         if o["rex_outliers"] and o["rex_weight_only"] is None:
@@ -238,12 +311,12 @@ class Rex(Pass):
         operator = weight_operator(o["rex_operator"])
         names = NameFactory(graph)
         sites = self._sites(graph, ctx, operator, names)
+        selections = self._network_selections(graph, sites, operator, ctx) if o["rex_allocation"] == "network" else [None] * len(sites)
         layers, base_bops, extra_bops = [], 0.0, 0.0
-        for site in ctx.progress(sites, total=len(sites), label="layers"):
-            outliers = bool(o["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
+        for site, selection in ctx.progress(list(zip(sites, selections)), total=len(sites), label="layers"):
             expansion = expand_weight(
                 site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups,
-                outliers=outliers, window=o["rex_combine"] == "pad",
+                outliers=self._outliers(site), window=o["rex_combine"] == "pad", selections=selection,
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
@@ -275,6 +348,27 @@ class Rex(Pass):
             },
         )
 
+    def _outliers(self, site: LayerSite) -> bool:
+        return bool(self.options["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
+
+    def _network_selections(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list[list[np.ndarray]]:
+        """rex_allocation="network": every layer expanded densely once to measure what each
+        order removes from each unit, then :func:`allocate_network` spends γ × the layers'
+        MACs where the relative error falls most per MAC."""
+        order, unit_errors, signals, costs, total = self.options["rex_order"], [], [], [], 0.0
+        shapes = _inferred_shapes(graph, ctx)  # shapes behind computed pads may only be known now
+        for site in ctx.progress(sites, total=len(sites), label="profiling layers"):
+            weights = input_moment_weights(site)
+            dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, order, float(order - 1), site.groups,
+                                  outliers=self._outliers(site), error_weights=weights)
+            unit_errors.append(np.array(dense.unit_errors))
+            energy = np.square(site.weight, dtype=np.float64)
+            signals.append(float((energy if weights is None else energy * weights).sum()))
+            macs = _layer_macs(site, shapes.get(site.node.outputs[0].name))
+            costs.append(macs / len(dense.unit_errors[0]))
+            total += macs
+        return allocate_network(unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total)
+
     # ------------------------------------------------------------------ match/check
     def _sites(self, graph: gs.Graph, ctx: PassContext, operator: WeightOperator, names: NameFactory) -> list[LayerSite]:
         bits_only = self.options["rex_weight_only"]
@@ -287,17 +381,17 @@ class Rex(Pass):
             if bits_only is None:
                 if key not in records:
                     continue
-                weight, bits, per_channel, mean = records[key]
+                weight, bits, per_channel, mean, moment = records[key]
             else:
                 weight = constant_values(node, 1)
                 if weight is None or not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2:
                     continue
-                bits, per_channel, mean = bits_only, True, None
+                bits, per_channel, mean, moment = bits_only, True, None, None
             reason = self._check(node, weight)
             if reason:
                 ctx.refuse(f"layer {node_label(node)}", reason)
                 continue
-            site = self._site(graph, node, weight, bits, per_channel, mean)
+            site = self._site(graph, node, weight, bits, per_channel, mean, moment)
             sites.append(site)
         return sites
 
@@ -310,14 +404,16 @@ class Rex(Pass):
             return "output rank unknown (run shape inference)"
         return None
 
-    def _site(self, graph: gs.Graph, node: gs.Node, weight: np.ndarray, bits: int, per_channel: bool, mean: np.ndarray | None) -> LayerSite:
+    def _site(
+        self, graph: gs.Graph, node: gs.Node, weight: np.ndarray, bits: int, per_channel: bool, mean: np.ndarray | None, moment: np.ndarray | None
+    ) -> LayerSite:
         out_axis = weight_axis(node)
         groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         source = producer(node.inputs[0])
         input_dq = source if source is not None and source.op == "DequantizeLinear" and _scalar(source.inputs[1]) is not None else None
         if node.op not in ("Conv", "Gemm"):
             mean = None
-        return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, input_dq, _output_range(node), _output_rank(node))
+        return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, moment, input_dq, _output_range(node), _output_rank(node))
 
     # ------------------------------------------------------------------ rewrite
     def _emit(self, graph: gs.Graph, site: LayerSite, expansion: Expansion, operator: WeightOperator, names: NameFactory) -> list[np.ndarray]:
@@ -650,9 +746,34 @@ def mean_shift(site: LayerSite, sub: np.ndarray, channels: np.ndarray) -> np.nda
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
 
-def _layer_macs(site: LayerSite) -> float:
-    """MACs of the base layer per sample (1 where the output shape is unknown: relative use)."""
-    shape = site.node.outputs[0].shape
+def input_moment_weights(site: LayerSite) -> np.ndarray | None:
+    """E[x_i²] of the input each weight multiplies, broadcastable to the weight (None when unknown)."""
+    moment, w = site.moment, site.weight
+    if moment is None:
+        return None
+    moment = np.asarray(moment, np.float64)
+    if site.node.op == "Conv":
+        c, per_group_in = w.shape[0], w.shape[1]
+        if len(moment) != site.groups * per_group_in:
+            return None
+        index = (np.arange(c) // (c // site.groups))[:, None] * per_group_in + np.arange(per_group_in)
+        return moment[index].reshape(c, per_group_in, *([1] * (w.ndim - 2)))
+    in_axis = 1 - site.out_axis
+    if len(moment) != w.shape[in_axis]:
+        return None
+    return moment[None, :] if in_axis == 1 else moment[:, None]
+
+
+def _inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list[int | None]]:
+    """Every tensor's shape from a fresh shape inference of the graph as it is now."""
+    model = ctx.shared.get("model")
+    exported = export_model(graph, model) if model is not None else gs.export_onnx(graph)
+    return tensor_shapes(with_inferred_shapes(exported))
+
+
+def _layer_macs(site: LayerSite, shape: list | None = None) -> float:
+    """MACs of the base layer per sample (1 for an axis of unknown size: relative use)."""
+    shape = shape if shape is not None else site.node.outputs[0].shape
     positions = 1.0
     if shape is not None:  # every axis but the batch (0) and the channel axis
         dims = [d for i, d in enumerate(shape) if i not in (0, _output_channel_axis(site))]

@@ -41,6 +41,10 @@ def test_rex_budget_forms_and_errors():
         compose("--rex", "2")
     with pytest.raises(PipelineError, match="need --rex K"):
         compose("--quantize", "w4a8", "--rex-budget", "0.3")
+    _, options = compose("--quantize", "w4a8", "--rex", "2", "--rex-allocation", "uniform")
+    assert options["rex_allocation"] == "uniform"
+    with pytest.raises(PipelineError, match="need --rex K"):
+        compose("--quantize", "w4a8", "--rex-allocation", "network")
 
 
 def test_flag_dependencies_are_errors():

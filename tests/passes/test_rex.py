@@ -16,7 +16,7 @@ from onnxopt.passes.quantize.operators import (
     register_operator,
     weight_operator,
 )
-from onnxopt.passes.rex import expand_weight
+from onnxopt.passes.rex import allocate_network, expand_weight
 
 import onnxopt
 from onnxopt.cli import main
@@ -157,7 +157,7 @@ def test_emitted_graph_computes_the_sum_of_the_branches(kind, combine):
     model, w, b, out_axis, groups = single_layer(kind)
     out, report = onnxopt.optimize(
         model, passes=["quantize", "rex"], validate=True, bias_correction=False, rex_order=3, rex_budget=1.0,
-        rex_combine=combine, rex_requantize=False, **QUANT,
+        rex_combine=combine, rex_requantize=False, rex_allocation="uniform", **QUANT,
     )
     expansion = expand_weight(w, 4, out_axis, out_axis, UNIFORM, 3, 1.0, groups, window=combine == "pad")
     layer_op = model.graph.node[0].op_type
@@ -224,7 +224,7 @@ def test_extra_macs_scale_with_the_budget():
     base_macs, _ = count_macs(base)
     layer_macs = {"conv": 32 * 16 * 16 * 8 * 9, "dw": 32 * 16 * 16 * 9, "pw": 32 * 16 * 16 * 32, "gemm": 10 * 32}
     for budget in (0.25, 0.5, 1.0):
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, **QUANT)
+        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
         macs, unknown = count_macs(out)
         assert not unknown
         zero_units = 16 * 16 * 8 * 9 + 16 * 16 * 9 + 16 * 16 * 32 + 32 if budget < 1 else 0  # Gather's zero slot, 1 channel each
@@ -236,13 +236,46 @@ def test_extra_macs_scale_with_the_budget():
     assert next(p for p in report.passes if p.name == "rex").stats["bops_relative_to_base"] == 1.0
 
 
+def test_network_allocation_spends_the_budget_where_error_per_mac_falls_most():
+    """rex_allocation="network": extra MACs within γ × the quantized layers' MACs (plus the
+    Gather zero slots), close to it, and the classifier (32 MACs per output unit against
+    2,304–18,432 for the Convs) is expanded in full first."""
+    model = conv_net()
+    base, _ = onnxopt.optimize(model, preset="quantize", **QUANT)
+    base_macs, _ = count_macs(base)
+    for budget in (0.1, 0.5):
+        out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, **QUANT)
+        layers = {layer["layer"]: layer for layer in next(p for p in report.passes if p.name == "rex").stats["layers"]}
+        kept = {name: layer["kept_channels"][1:] for name, layer in layers.items()}
+        assert [kept[name] for name in kept if "Gemm" in name] == [[10]]
+        assert len({k[0] / layers[name]["channels"] for name, k in kept.items() if k}) > 1  # not one share for all
+        extra, _ = count_macs(out)
+        slots = sum(16 * 16 * n for n in (8 * 9, 9, 32)) + 32  # at most one zero unit per branch
+        assert budget * base_macs * 0.9 <= extra - base_macs <= budget * base_macs + slots
+
+
+def test_allocate_network_is_a_nested_greedy_knapsack():
+    # layer 0: 4 units costing 10 MACs, big relative error; layer 1: 2 units costing 100, small error
+    errors = [np.array([[4.0, 4, 4, 4], [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5]]), np.array([[1.0, 3.0], [0.1, 0.3], [0.01, 0.03]])]
+    signals, costs = np.array([100.0, 100.0]), np.array([10.0, 100.0])
+    selections = allocate_network(errors, signals, costs, budget=80.0)
+    assert [len(s) for s in selections[0]] == [4, 4] and [len(s) for s in selections[1]] == [0, 0]  # 8 × 10 MACs
+    selections = allocate_network(errors, signals, costs, budget=179.0)  # the next candidate costs 100: not taken
+    assert [len(s) for s in selections[1]] == [0, 0]
+    selections = allocate_network(errors, signals, costs, budget=180.0)
+    assert [list(s) for s in selections[1]] == [[1], []]  # the larger-error unit of layer 1, order 2 only
+    for layer in allocate_network(errors, signals, costs, budget=1000.0):  # nested: order 3 only where order 2 is taken
+        assert set(layer[1]) <= set(layer[0])
+    assert all(len(s) == 0 for layer in allocate_network(errors, signals, costs, budget=0.0) for s in layer)
+
+
 def test_branches_fuse_into_integer_kernels_and_improve_fidelity(tmp_path):
     model = conv_net()
     x = {"x": RNG.uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
     ref = run(model, x)["y"]
     errors = {}
-    for budget in (0.0, 0.5, 1.0):
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, **QUANT)
+    for budget in (0.0, 0.5, 1.0):  # uniform: every layer gets a branch (the network allocation may skip one)
+        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
         errors[budget] = float(np.abs(run(out, x)["y"] - ref).max())
         if budget == 0.5:
             path = tmp_path / "rex.onnx"
