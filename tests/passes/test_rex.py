@@ -254,6 +254,17 @@ def test_network_allocation_spends_the_budget_where_error_per_mac_falls_most():
         assert budget * base_macs * 0.9 <= extra - base_macs <= budget * base_macs + slots
 
 
+def test_spiq_auto_applies_wherever_possible_when_rex_follows():
+    """SPIQ-auto's estimate is made for weight_bits; with REx after quantize the layers get
+    near-8-bit weights, so auto folds SPIQ wherever a producer can absorb the scales."""
+    coverage = {}
+    for preset in ("quantize", "rex"):
+        _, report = onnxopt.optimize(conv_net(), preset=preset, **QUANT)
+        modes = [r["mode"] for r in next(p for p in report.passes if p.name == "quantize").stats["layers"]]
+        coverage[preset] = modes.count("spiq")
+    assert coverage == {"quantize": 0, "rex": 3}  # the graph input has no producer to absorb SPIQ
+
+
 def test_allocate_network_is_a_nested_greedy_knapsack():
     # layer 0: 4 units costing 10 MACs, big relative error; layer 1: 2 units costing 100, small error
     errors = [np.array([[4.0, 4, 4, 4], [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5]]), np.array([[1.0, 3.0], [0.1, 0.3], [0.01, 0.03]])]
