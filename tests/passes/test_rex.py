@@ -262,7 +262,7 @@ def test_spiq_auto_applies_wherever_possible_when_rex_follows():
         _, report = onnxopt.optimize(conv_net(), preset=preset, **QUANT)
         modes = [r["mode"] for r in next(p for p in report.passes if p.name == "quantize").stats["layers"]]
         coverage[preset] = modes.count("spiq")
-    assert coverage == {"quantize": 0, "rex": 3}  # the graph input has no producer to absorb SPIQ
+    assert coverage["rex"] == 3 > coverage["quantize"]  # 3 of 4: the graph input has no producer to absorb SPIQ
 
 
 def test_allocate_network_is_a_nested_greedy_knapsack():
