@@ -285,8 +285,10 @@ def test_branches_fuse_into_integer_kernels_and_improve_fidelity(tmp_path):
     x = {"x": RNG.uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
     ref = run(model, x)["y"]
     errors = {}
-    for budget in (0.0, 0.5, 1.0):  # uniform: every layer gets a branch (the network allocation may skip one)
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
+    # uniform: every layer gets a branch (the network allocation may skip one); no SPIQ, whose
+    # activation error on these random weights can exceed the weight error REx removes
+    for budget in (0.0, 0.5, 1.0):
+        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", spiq=False, **QUANT)
         errors[budget] = float(np.abs(run(out, x)["y"] - ref).max())
         if budget == 0.5:
             path = tmp_path / "rex.onnx"
