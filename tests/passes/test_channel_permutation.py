@@ -149,6 +149,36 @@ def test_layer_that_reads_and_writes_the_group_is_permuted_on_both_axes():
     assert_equivalent(model, permuted(model, graph, [group]))
 
 
+def test_matmul_and_gemm_layouts_with_dequantized_bias():
+    """Channels on the last axis: MatMul [1, T, 6]·[6, 8] → Add [8] → Relu → Gemm consumer
+    after Reshape to [T, 8]; a Gemm producer (transB = 1) with an int32 DequantizeLinear
+    bias and per-channel weight scale feeds a MatMul consumer."""
+    body = [
+        "m = MatMul (x, wm)",
+        "a = Add (m, bm)",
+        "r = Relu (a)",
+        "f = Reshape (r, shape)",
+        "w = DequantizeLinear <axis = 0> (codes, scale, zero)",
+        "b = DequantizeLinear <axis = 0> (bcodes, bscale)",
+        "g = Gemm <transB = 1> (f, w, b)",
+        "h = Sigmoid (g)",
+        "y = MatMul (h, wo)",
+    ]
+    arrays = {
+        "wm": weights(6, 8), "bm": weights(8), "shape": np.array([4, 8]),
+        "codes": RNG.integers(-127, 128, (5, 8)).astype(np.int8), "scale": np.linspace(0.01, 0.05, 5).astype(np.float32),
+        "zero": np.zeros(5, np.int8), "bcodes": RNG.integers(-999, 999, 5).astype(np.int32),
+        "bscale": np.linspace(1e-4, 5e-4, 5).astype(np.float32), "wo": weights(5, 3),
+    }  # fmt: skip
+    model = text_model("(float[1, 4, 6] x) => (float[4, 3] y)", body, arrays)
+    model.graph.node[0].name, model.graph.node[6].name = "matmul", "gemm"
+    graph = graph_of(model)
+    first, second = channel_group(graph, node(graph, "matmul")), channel_group(graph, node(graph, "gemm"))
+    assert first.axes["m"] == 2 and first.axes["f"] == 1
+    assert [n.op for n in first.consumers] == ["Gemm"] and [n.op for n in second.consumers] == ["MatMul"]
+    assert_equivalent(model, permuted(model, graph, [first, second]))
+
+
 REFUSALS = {
     "concat on channels": (
         ["a = Conv (x, w1)", "c = Concat <axis = 1> (a, x)", "y = Conv (c, w2)"],
@@ -255,6 +285,8 @@ ZOO_CASES = [
     ("mobilenet_v2", False),
     ("mobilenet_v2", True),
     ("mobilenet_v2_pretrained", False),
+    ("efficientnet_lite0", False),
+    ("efficientnet_lite0", True),
     # pretrained W8A8: test_permuted_quantized_pretrained_mobilenet_v2_is_within_the_rounding_noise
 ]
 
@@ -273,6 +305,8 @@ def test_random_permutation_of_every_zoo_group_keeps_the_outputs(zoo_cache, name
         assert "pads the channel axis" in reason or ("graph output" in reason and "Gemm" in layer), (layer, reason)
     if name == "resnet20":
         assert len(permutable) == 9  # the first Conv of each block
+    elif name == "efficientnet_lite0":
+        assert len(refusals) == 1 and max(len(g.producers) for g in groups) == 4  # stage of 4 blocks
     else:
         assert len(permutable) == 35 and len(refusals) == 1  # every dense Conv; the classifier Gemm is refused
         assert max(len(g.producers) for g in groups) == 4  # stage of 4 blocks: 3 residual Adds
