@@ -255,7 +255,7 @@ class _Walk:
     def _add_consumer(self, layer: gs.Node, tensor: gs.Tensor, axis: int) -> None:
         expected = input_channel_axis(layer) % _rank(tensor)
         if axis != expected:
-            raise PermutationRefused(f"{_label(layer)} reads {tensor.name} with the channels on axis {axis}, not on its input axis {expected}")
+            raise PermutationRefused(f"{_label(layer)} reads {tensor.name} with the channels on axis {axis}, not {expected}")
         if self._first_visit(layer, "consumer"):
             self.group.consumers.append(layer)
             weight_input_axis = 1 - _weight_output_axis(layer) if layer.op != "Conv" else 1
@@ -439,10 +439,11 @@ def _exclusive_dequantize(graph: gs.Graph, node: gs.Node, index: int, names: Nam
     tensor = node.inputs[index]
     dequantize = producer(tensor)
     readers = [(reader, i) for reader in tensor.outputs for i, t in enumerate(reader.inputs) if t is tensor]
-    if readers == [(node, index)] and not is_graph_output(graph, tensor):
+    if len(readers) == 1 and readers[0][0] is node and readers[0][1] == index and not is_graph_output(graph, tensor):
         return dequantize
     output = gs.Variable(names.new(f"{tensor.name}_permuted"), dtype=tensor.dtype, shape=tensor.shape)
-    clone = gs.Node("DequantizeLinear", names.new(f"{dequantize.name or tensor.name}_permuted"), dict(dequantize.attrs), list(dequantize.inputs), [output])
+    label = names.new(f"{dequantize.name or tensor.name}_permuted")
+    clone = gs.Node("DequantizeLinear", label, dict(dequantize.attrs), list(dequantize.inputs), [output])
     graph.nodes.insert(graph.nodes.index(dequantize) + 1, clone)
     node.inputs[index] = output
     return clone
