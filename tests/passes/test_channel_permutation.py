@@ -365,3 +365,11 @@ def test_permuted_quantized_pretrained_mobilenet_v2_is_within_the_rounding_noise
     assert 0 < noise < 0.5  # measured 0.197
     assert deviation.mean() <= 2 * noise, (deviation.mean(), noise)  # measured 0.192
     assert (run(result, {name: images})[output].argmax(1) == original.argmax(1)).mean() >= 0.9
+
+
+def test_unknown_shapes_are_refused():
+    """Without shape inference the channel count of the intermediate tensors is unknown."""
+    model = every_form_model()
+    graph = import_graph(model)
+    with pytest.raises(PermutationRefused, match="unknown"):
+        channel_group(graph, node(graph, "conv"))
