@@ -94,10 +94,11 @@ from onnxopt.graph import (
 from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
+from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 
-COMBINE_MODES = ("gather", "pad", "scatter", "dense")
+COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense")
 ALLOCATIONS = ("uniform", "network")
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -147,7 +148,7 @@ def expand_weight(
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
     n_units = int(units.max()) + 1
-    keep = 0 if order < 2 else min(int(round(min(budget, order - 1) / (order - 1) * n_units)), n_units)
+    keep = _uniform_keep(n_units, order, budget)
     norm = float(np.linalg.norm(weight)) or 1.0
     mask = outlier_mask(weight) if outliers else np.zeros(weight.shape, bool)
     base = weight
@@ -260,6 +261,7 @@ class LayerSite:
     input_dq: gs.Node | None  #: DequantizeLinear producing the layer's input (per tensor)
     output_range: tuple[float, float] | None  #: range of the quantizer after the layer's activation
     rank: int
+    combine: str = "gather"  #: how this layer's branches are added (rex_combine; "permute" → "pad" on a prefix, or "gather")
 
 
 class Rex(Pass):
@@ -311,12 +313,17 @@ class Rex(Pass):
         operator = weight_operator(o["rex_operator"])
         names = NameFactory(graph)
         sites = self._sites(graph, ctx, operator, names)
-        selections = self._network_selections(graph, sites, operator, ctx) if o["rex_allocation"] == "network" else [None] * len(sites)
+        if o["rex_combine"] == "permute":
+            selections = self._permuted_layout(graph, sites, operator, ctx)
+        elif o["rex_allocation"] == "network":
+            selections = allocate_network(*self._profile(graph, sites, operator, ctx)[:3], self._budget_macs)
+        else:
+            selections = [None] * len(sites)
         layers, base_bops, extra_bops = [], 0.0, 0.0
         for site, selection in ctx.progress(list(zip(sites, selections)), total=len(sites), label="layers"):
             expansion = expand_weight(
                 site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups,
-                outliers=self._outliers(site), window=o["rex_combine"] == "pad", selections=selection,
+                outliers=self._outliers(site), window=site.combine == "pad" and selection is None, selections=selection,
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
@@ -351,10 +358,10 @@ class Rex(Pass):
     def _outliers(self, site: LayerSite) -> bool:
         return bool(self.options["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
 
-    def _network_selections(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list[list[np.ndarray]]:
-        """rex_allocation="network": every layer expanded densely once to measure what each
-        order removes from each unit, then :func:`allocate_network` spends γ × the layers'
-        MACs where the relative error falls most per MAC."""
+    def _profile(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> tuple[list, np.ndarray, np.ndarray]:
+        """Every layer expanded densely once: the [K, units] error table of each (what each
+        order removes from each unit), its weight energy and the MACs of one unit; sets
+        ``self._budget_macs`` = γ × the layers' MACs (for :func:`allocate_network`)."""
         order, unit_errors, signals, costs, total = self.options["rex_order"], [], [], [], 0.0
         shapes = _inferred_shapes(graph, ctx)  # shapes behind computed pads may only be known now
         for site in ctx.progress(sites, total=len(sites), label="profiling layers"):
@@ -367,7 +374,58 @@ class Rex(Pass):
             macs = _layer_macs(site, shapes.get(site.node.outputs[0].name))
             costs.append(macs / len(dense.unit_errors[0]))
             total += macs
-        return allocate_network(unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total)
+        self._budget_macs = float(self.options["rex_budget"]) * total
+        return unit_errors, np.array(signals), np.array(costs)
+
+    def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list:
+        """rex_combine="permute": reorder each channel group (:mod:`.channel_permutation`) so the
+        units every order expands are a prefix, then branches are added with Pad + Add.
+
+        The group's layers (producers, and depthwise Convs inside it) share one order: its
+        channels sorted by the summed share of relative error order 2 removes.  Each layer
+        keeps the number of units the allocation gave it per order, taken as a prefix of
+        that shared order.  Layers outside any permutable group keep their own selection
+        and the Gather form.  The sites' float weights and input statistics are permuted
+        like the graph."""
+        o = self.options
+        unit_errors, signals, costs = self._profile(graph, sites, operator, ctx)
+        if o["rex_allocation"] == "network":
+            selections = allocate_network(unit_errors, signals, costs, self._budget_macs)
+        else:
+            selections = [[np.zeros(_uniform_keep(len(e[0]), o["rex_order"], float(o["rex_budget"])), np.int64)] * (len(e) - 1) for e in unit_errors]
+        orders: dict[str, np.ndarray] = {}  # tensor name -> its group's order
+        for group, members in self._groups(graph, sites, unit_errors, ctx):
+            score = sum(np.maximum(unit_errors[m][0] - unit_errors[m][1], 0.0) / max(signals[m], 1e-30) for m in members)
+            ranking = np.argsort(-score, kind="stable")
+            permute(graph, group, ranking)
+            orders.update({t.name: ranking for t in group.tensors})
+            for m in members:
+                selections[m] = [np.arange(len(chosen)) for chosen in selections[m]]
+                sites[m].combine = "pad"
+        for i, site in enumerate(sites):
+            _permute_site(site, orders)
+            if site.combine != "pad" and o["rex_allocation"] == "uniform":
+                selections[i] = None  # outside the groups: the uniform rule's own top units
+        return selections
+
+    def _groups(self, graph: gs.Graph, sites: list[LayerSite], unit_errors: list, ctx: PassContext) -> list[tuple[ChannelGroup, list[int]]]:
+        """The permutable channel groups of the sites' outputs and the sites inside each."""
+        groups, site_of = [], {site.node.outputs[0].name: i for i, site in enumerate(sites)}
+        claimed: set[str] = set()
+        for site in sites:
+            name = site.node.outputs[0].name
+            if site.groups > 1 or name in claimed:
+                continue
+            try:
+                group = channel_group(graph, site.node)
+            except PermutationRefused as exc:
+                ctx.refuse(f"layer {node_label(site.node)}", f"channel permutation refused ({exc}): its branches use the Gather form")
+                continue
+            names = {t.name for t in group.tensors}
+            claimed |= names
+            members = [site_of[n] for n in names if n in site_of and len(unit_errors[site_of[n]][0]) == group.channels]
+            groups.append((group, sorted(members)))
+        return groups
 
     # ------------------------------------------------------------------ match/check
     def _sites(self, graph: gs.Graph, ctx: PassContext, operator: WeightOperator, names: NameFactory) -> list[LayerSite]:
@@ -413,7 +471,9 @@ class Rex(Pass):
         input_dq = source if source is not None and source.op == "DequantizeLinear" and _scalar(source.inputs[1]) is not None else None
         if node.op not in ("Conv", "Gemm"):
             mean = None
-        return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, moment, input_dq, _output_range(node), _output_rank(node))
+        combine = "gather" if self.options["rex_combine"] == "permute" else self.options["rex_combine"]  # permute: set per layer later
+        return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, moment, input_dq,
+                         _output_range(node), _output_rank(node), combine)
 
     # ------------------------------------------------------------------ rewrite
     def _emit(self, graph: gs.Graph, site: LayerSite, expansion: Expansion, operator: WeightOperator, names: NameFactory) -> list[np.ndarray]:
@@ -441,7 +501,7 @@ class Rex(Pass):
         fused = self.options["rex_requantize"] and site.output_range is not None and site.input_dq is not None
         bounds = self._branch_bounds(site, expansion, terms) if fused else None
         summands = [self._requantize(graph, y1, bounds[0], names, f"{label}_rex_order1") if fused else y1]
-        mode = self.options["rex_combine"]
+        mode = site.combine
         scatter_into = summands[0]
         c = site.weight.shape[site.out_axis]
         for index, (order, source) in enumerate(terms):
@@ -503,7 +563,7 @@ class Rex(Pass):
         """The branch layer computing only ``order.channels`` (full width when combine="dense")."""
         base = site.node
         c = site.weight.shape[site.out_axis]
-        dense = self.options["rex_combine"] == "dense" and len(order.channels) < c and site.groups == 1
+        dense = site.combine == "dense" and len(order.channels) < c and site.groups == 1
         q = order.q
         if dense:
             q = _scatter_rows(q, order.channels, c, site.out_axis)
@@ -769,6 +829,26 @@ def _inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list[int | 
     model = ctx.shared.get("model")
     exported = export_model(graph, model) if model is not None else gs.export_onnx(graph)
     return tensor_shapes(with_inferred_shapes(exported))
+
+
+def _uniform_keep(n_units: int, order: int, budget: float) -> int:
+    """Units each order k ≥ 2 keeps under the uniform rule: round(γ/(K−1)·units)."""
+    return 0 if order < 2 else min(int(round(min(budget, order - 1) / (order - 1) * n_units)), n_units)
+
+
+def _permute_site(site: LayerSite, orders: dict[str, np.ndarray]) -> None:
+    """Apply the group orders of the layer's output and input channels to its float weight
+    (rows, and columns of a dense layer) and input statistics, as :func:`permute` did to the graph."""
+    out_order, in_order = orders.get(site.node.outputs[0].name), orders.get(site.node.inputs[0].name)
+    if out_order is not None:
+        site.weight = np.take(site.weight, out_order, axis=site.out_axis)
+    if in_order is None:
+        return
+    if site.groups == 1:
+        in_axis = 1 if site.node.op == "Conv" else 1 - site.out_axis
+        site.weight = np.take(site.weight, in_order, axis=in_axis)
+    site.mean = None if site.mean is None else site.mean[in_order]
+    site.moment = None if site.moment is None else site.moment[in_order]
 
 
 def _layer_macs(site: LayerSite, shape: list | None = None) -> float:

@@ -280,6 +280,29 @@ def test_allocate_network_is_a_nested_greedy_knapsack():
     assert all(len(s) == 0 for layer in allocate_network(errors, signals, costs, budget=0.0) for s in layer)
 
 
+def test_permute_combine_reorders_channel_groups_and_keeps_the_sums():
+    """rex_combine="permute": each channel group is reordered so the expanded channels come
+    first and the branches are added with Pad + Add (no Gather).  At γ = 100 % every channel
+    is expanded, so the permuted model must compute what the Gather form computes (same
+    branches, channels reordered inside the network); at γ = 50 % it must still improve on
+    the base W4 model."""
+    model = conv_net()
+    x = {"x": RNG.uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
+    kwargs = dict(preset="rex", rex_order=2, rex_requantize=False, spiq=False, **QUANT)
+    gathered, _ = onnxopt.optimize(model, rex_budget=1.0, rex_combine="gather", **kwargs)
+    permuted, report = onnxopt.optimize(model, rex_budget=1.0, rex_combine="permute", **kwargs)
+    want, got = run(gathered, x)["y"], run(permuted, x)["y"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    half, report = onnxopt.optimize(model, rex_budget=0.5, rex_combine="permute", **kwargs)
+    base, _ = onnxopt.optimize(model, rex_budget=0.0, **kwargs)
+    counts = ops(half)
+    refused = sum(1 for r in next(p for p in report.passes if p.name == "rex").refusals if "Gather form" in r.reason)
+    assert refused == 1  # the classifier: its output is the graph output
+    assert counts["Pad"] >= 1 and counts.get("Gather", 0) <= refused
+    ref = run(model, x)["y"]
+    assert np.abs(run(half, x)["y"] - ref).mean() < np.abs(run(base, x)["y"] - ref).mean()
+
+
 def test_branches_fuse_into_integer_kernels_and_improve_fidelity(tmp_path):
     model = conv_net()
     x = {"x": RNG.uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
