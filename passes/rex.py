@@ -47,7 +47,14 @@ Gather with a constant channel map reads every unexpanded channel from it — th
 Pad + Gather form, one op fewer per branch) and summed with an Add that ORT fuses into
 QLinearAdd.  The branches share only their input, so ORT's
 parallel executor can run them concurrently.  Alternatives (measured in bench/rex.py):
-``"pad"`` (each order expands the contiguous window of channels with the largest residual
+``"permute"`` (each channel group — a layer's output channels and every tensor sharing their
+order, through activations, Q/DQ, depthwise Convs and residual Adds, up to the consumers'
+input channels, :mod:`.channel_permutation` — is reordered once, exactly, so every
+order's channels are a prefix: branches are added with a Pad of the uint8 codes, no
+Gather and so no Transposes in ORT's NHWC graph; the layers of one group share the order,
+sorted by their summed share of relative error removed, each keeping its own number of
+units per order; layers outside a permutable group, e.g. one writing a graph output,
+keep the Gather form and the report says why), ``"pad"`` (each order expands the contiguous window of channels with the largest residual
 energy; Slice of the input for grouped Convs and Pad of the output: no Gather, so ORT's NHWC
 layout needs no Transposes around them — faster, but a window captures less error than the
 top channels), ``"scatter"`` (ScatterElements with reduction="add" into the base output, opset ≥ 16),
