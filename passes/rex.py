@@ -41,26 +41,29 @@ computes the channels kept for weight order k (order 1: all) — it costs extra 
 Emission (ORT): every branch is a standard QDQ Conv/Gemm/MatMul that ORT fuses into
 QLinearConv/QGemm; its output is re-quantized to uint8 (range: the output quantizer's
 range widened by the residual bounds for the base, ``±B·max_c‖R^k_c‖/‖R¹_c‖`` for order k),
-moved into the full channel layout on the uint8 codes (``rex_combine="gather"``: the branch
-also computes one unselected unit with zero weights, whose output is exactly 0, and one
-Gather with a constant channel map reads every unexpanded channel from it — this replaced a
-Pad + Gather form, one op fewer per branch) and summed with an Add that ORT fuses into
-QLinearAdd.  The branches share only their input, so ORT's
-parallel executor can run them concurrently.  Alternatives (measured in bench/rex.py):
-``"permute"`` (each channel group — a layer's output channels and every tensor sharing their
-order, through activations, Q/DQ, depthwise Convs and residual Adds, up to the consumers'
-input channels, :mod:`.channel_permutation` — is reordered once, exactly, so every
-order's channels are a prefix: branches are added with a Pad of the uint8 codes, no
-Gather and so no Transposes in ORT's NHWC graph; the layers of one group share the order,
-sorted by their summed share of relative error removed, each keeping its own number of
-units per order; layers outside a permutable group, e.g. one writing a graph output,
-keep the Gather form and the report says why), ``"pad"`` (each order expands the contiguous window of channels with the largest residual
-energy; Slice of the input for grouped Convs and Pad of the output: no Gather, so ORT's NHWC
-layout needs no Transposes around them — faster, but a window captures less error than the
-top channels), ``"scatter"`` (ScatterElements with reduction="add" into the base output, opset ≥ 16),
-``"dense"`` (a full-width branch with zero rows: correct, but full MACs).  A layer whose
-output is not quantized (e.g. the classifier producing the graph output) sums the branches
-in float.
+moved into the full channel layout on the uint8 codes and summed with an Add that ORT fuses
+into QLinearAdd.  The branches share only their input, so ORT's parallel executor can run
+them concurrently.  Moving a branch into place (``rex_combine``, measured in bench/rex.py):
+
+* ``"permute"`` (default): each channel group — a layer's output channels and every tensor
+  sharing their order, through activations, Q/DQ, depthwise Convs and residual Adds, up to
+  the consumers' input channels (:mod:`.channel_permutation`) — is reordered once, exactly,
+  so every order's channels are a prefix; branches are added with a Pad of the uint8 codes:
+  no Gather, so no Transposes in ORT's NHWC graph.  The layers of one group share the
+  order (channels sorted by their summed share of relative error removed), each keeping
+  its own number of units per order.  Layers outside a permutable group (e.g. one writing
+  a graph output) use the Gather form; the report says why.
+* ``"gather"``: the branch also computes one unselected unit with zero weights, whose
+  output is exactly 0, and one Gather with a constant channel map reads every unexpanded
+  channel from it (ORT wraps the Gather in Transposes).
+* ``"pad"``: each order expands the contiguous window of channels with the largest
+  residual energy (Slice of the input for grouped Convs, Pad of the output): no Gather
+  and no permutation, but a window captures less error than the top channels.
+* ``"scatter"``: ScatterElements with reduction="add" into the base output (opset ≥ 16).
+* ``"dense"``: a full-width branch with zero rows: correct, but full MACs.
+
+A layer whose output is not quantized (e.g. the classifier producing the graph output)
+sums the branches in float.
 
 ``rex_weight_only`` = b: without the quantize pass, quantize every constant weight of
 Conv/Gemm/MatMul with the operator at b bits (DequantizeLinear weights, float activations)
@@ -283,7 +286,7 @@ class Rex(Pass):
         "rex_input_expansion": False,
         "rex_outliers": False,
         "rex_operator": "uniform",
-        "rex_combine": "gather",
+        "rex_combine": "permute",
         "rex_allocation": "network",
         "rex_weight_only": None,
         "rex_requantize": True,

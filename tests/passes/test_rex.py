@@ -224,13 +224,17 @@ def test_extra_macs_scale_with_the_budget():
     base_macs, _ = count_macs(base)
     layer_macs = {"conv": 32 * 16 * 16 * 8 * 9, "dw": 32 * 16 * 16 * 9, "pw": 32 * 16 * 16 * 32, "gemm": 10 * 32}
     for budget in (0.25, 0.5, 1.0):
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
+        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", rex_combine="gather", **QUANT)
         macs, unknown = count_macs(out)
         assert not unknown
         zero_units = 16 * 16 * 8 * 9 + 16 * 16 * 9 + 16 * 16 * 32 + 32 if budget < 1 else 0  # Gather's zero slot, 1 channel each
         gemm_extra = round(budget * 10) * 32
         expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + gemm_extra + zero_units
         assert macs - base_macs == pytest.approx(expected)
+    for budget in (0.25, 0.5):  # permute (default): no zero slots, and the classifier (graph output) keeps Gather
+        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
+        expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + round(budget * 10) * 32 + 32
+        assert count_macs(out)[0] - base_macs == pytest.approx(expected)
     out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.0, **QUANT)
     assert ops(out) == ops(base)  # γ = 0: nothing added
     assert next(p for p in report.passes if p.name == "rex").stats["bops_relative_to_base"] == 1.0
