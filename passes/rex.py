@@ -398,6 +398,8 @@ class Rex(Pass):
         and the Gather form.  The sites' float weights and input statistics are permuted
         like the graph."""
         o = self.options
+        if o["rex_order"] < 2 or not o["rex_budget"]:
+            return [None] * len(sites)  # no branch to place: keep the channel order
         unit_errors, signals, costs = self._profile(graph, sites, operator, ctx)
         if o["rex_allocation"] == "network":
             selections = allocate_network(unit_errors, signals, costs, self._budget_macs)

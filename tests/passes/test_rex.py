@@ -235,6 +235,10 @@ def test_extra_macs_scale_with_the_budget():
         out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
         expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + round(budget * 10) * 32 + 32
         assert count_macs(out)[0] - base_macs == pytest.approx(expected)
+    for order, budget in ((2, 0.0), (1, 0.0), (1, 0.5)):  # nothing to add, in every combine form
+        for combine in ("permute", "gather"):
+            out, _ = onnxopt.optimize(model, preset="rex", rex_order=order, rex_budget=budget, rex_combine=combine, **QUANT)
+            assert ops(out) == ops(base)
     out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.0, **QUANT)
     assert ops(out) == ops(base)  # γ = 0: nothing added
     assert next(p for p in report.passes if p.name == "rex").stats["bops_relative_to_base"] == 1.0
