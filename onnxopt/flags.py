@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
     rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
     rex.add_argument("--rex-allocation", choices=("network", "uniform"), help="where the budget goes: network = the channels whose relative error falls most per MAC across the model (default), uniform = the same share of every layer (the thesis's rule)")
+    rex.add_argument("--rex-combine", choices=("permute", "gather", "pad", "scatter", "dense"), help="how branches join the layer output: permute = reorder channel groups so expanded channels come first, Pad + Add (default, fastest in ORT), gather = a Gather of the branch codes (no reordering)")
     rex.add_argument("--rex-input-expansion", action="store_true", help="also expand the activations' quantization error (eqs. 3.20-3.21)")
 
     power = parser.add_argument_group("PowerQuant and modular arithmetic (custom ops with ONNX function bodies)")
@@ -168,12 +169,14 @@ def rex_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         options["rex_input_expansion"] = True
     if args.rex_allocation is not None:
         options["rex_allocation"] = args.rex_allocation
+    if args.rex_combine is not None:
+        options["rex_combine"] = args.rex_combine
     if not options:
         return {}, []
     if not args.quantize:
         raise PipelineError("--rex/--rex-budget need --quantize wNaM (REx expands the residual of the quantized weights)")
     if "rex_order" not in options:
-        raise PipelineError("--rex-budget/--rex-allocation/--rex-input-expansion need --rex K")
+        raise PipelineError("--rex-budget/--rex-allocation/--rex-combine/--rex-input-expansion need --rex K")
     return options, ["rex"]
 
 

@@ -41,8 +41,8 @@ def test_rex_budget_forms_and_errors():
         compose("--rex", "2")
     with pytest.raises(PipelineError, match="need --rex K"):
         compose("--quantize", "w4a8", "--rex-budget", "0.3")
-    _, options = compose("--quantize", "w4a8", "--rex", "2", "--rex-allocation", "uniform")
-    assert options["rex_allocation"] == "uniform"
+    _, options = compose("--quantize", "w4a8", "--rex", "2", "--rex-allocation", "uniform", "--rex-combine", "gather")
+    assert options["rex_allocation"] == "uniform" and options["rex_combine"] == "gather"
     with pytest.raises(PipelineError, match="need --rex K"):
         compose("--quantize", "w4a8", "--rex-allocation", "network")
 
