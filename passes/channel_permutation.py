@@ -58,7 +58,7 @@ from onnxopt.graph import (
 from .bn_fold import channels as ch
 from .bn_fold.absorb import input_channel_axis, output_channel_axis
 from .bn_fold.region import FoldImpossible
-from .bn_fold.region import _input_axis_for as reshaped_input_axis
+from .bn_fold.region import input_axis_for as reshaped_input_axis
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 UNARY_OPS = frozenset(

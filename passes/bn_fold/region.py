@@ -216,12 +216,12 @@ def _spread_through(region: Region, node: gs.Node) -> bool:
         changed |= _merge(region, outputs[0], ch.output_axis(node, known_in[0].axis), known_in[0].scale)
     if region.maps.get(outputs[0].name) is not None and known_in[0] is None:
         out = region.maps[outputs[0].name]
-        axis = _input_axis_for(node, out.axis, inputs[0])
+        axis = input_axis_for(node, out.axis, inputs[0])
         changed |= _merge(region, inputs[0], axis, out.scale)
     return changed
 
 
-def _input_axis_for(node: gs.Node, out_axis: int, data: gs.Tensor) -> int:
+def input_axis_for(node: gs.Node, out_axis: int, data: gs.Tensor) -> int:
     """The input axis that ``output_axis`` maps onto ``out_axis``."""
     rank = len(data.shape) if data.shape is not None else 0
     for axis in range(rank):
