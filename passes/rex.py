@@ -392,7 +392,8 @@ class Rex(Pass):
         units every order expands are a prefix, then branches are added with Pad + Add.
 
         The group's layers (producers, and depthwise Convs inside it) share one order: its
-        channels sorted by the summed share of relative error order 2 removes.  Each layer
+        channels sorted by the summed share of relative error order 2 removes (ranking only
+        by the partially expanded layers measured no better).  Each layer
         keeps the number of units the allocation gave it per order, taken as a prefix of
         that shared order.  Layers outside any permutable group keep their own selection
         and the Gather form.  The sites' float weights and input statistics are permuted
@@ -407,6 +408,9 @@ class Rex(Pass):
             selections = [[np.zeros(_uniform_keep(len(e[0]), o["rex_order"], float(o["rex_budget"])), np.int64)] * (len(e) - 1) for e in unit_errors]
         orders: dict[str, np.ndarray] = {}  # tensor name -> its group's order
         for group, members in self._groups(graph, sites, unit_errors, ctx):
+            partial = [m for m in members if 0 < len(selections[m][0]) < group.channels]
+            if not partial:
+                continue  # every layer of the group expands all its channels or none: nothing to place
             score = sum(np.maximum(unit_errors[m][0] - unit_errors[m][1], 0.0) / max(signals[m], 1e-30) for m in members)
             ranking = np.argsort(-score, kind="stable")
             permute(graph, group, ranking)
