@@ -220,6 +220,7 @@ def bench_minilm(quick: bool, workdir: Path) -> dict[str, Any]:
     configs = {"fp32": None, "w8_weight_only": dict(rex_weight_only=8, rex_order=1, rex_budget=0.0)}
     configs.update({f"w4_weight_only_rex{round(g * 100)}": dict(rex_weight_only=4, rex_order=2, rex_budget=g) for g in (0.0, *BUDGETS)})
     configs.update({f"w4_weight_only_rex{round(g * 100)}_outliers": dict(rex_weight_only=4, rex_order=2, rex_budget=g, rex_outliers=True) for g in (0.0, 0.5)})
+    configs.update({f"w4_weight_only_rex{round(g * 100)}_outliers_binary": dict(rex_weight_only=4, rex_order=2, rex_budget=g, rex_outliers=1) for g in (0.0, 0.5)})
     records, reference, paths = {}, None, {}
     for key, options in configs.items():
         log(f"minilm {key}")

@@ -72,9 +72,10 @@ GELU and attention have no data-free activation ranges).
 
 ``rex_outliers`` (weight-only mode, Gemm/MatMul; Table 3.14): weights with |w − mean| ≥ 6σ are
 taken out of order 1 (which then quantizes the weights clipped to the inliers' range, so the
-outliers no longer stretch the scale) and carried in a sparse residue, 8-bit codes with one
-scale (the thesis uses binary codes; with outliers from 6σ to 175σ in MiniLM one binary
-magnitude cannot represent them), added as Gather → Mul → ScatterElements(add): O(#outliers)
+outliers no longer stretch the scale) and carried in a sparse residue with one scale:
+``rex_outliers=1`` binary codes (sign · mean|r|, the thesis's form), ``True`` (= 8) or b
+bits (with outliers from 6σ to 175σ in MiniLM one binary magnitude represents them badly:
+bench/results/rex.md), added as Gather → Mul → ScatterElements(add): O(#outliers)
 multiplications per row.
 
 Refused: a pipeline without ``quantize`` before ``rex`` (the float weights are gone after
@@ -145,7 +146,7 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
-    outliers: bool = False, window: bool = False, selections: list[np.ndarray] | None = None,
+    outliers: int = 0, window: bool = False, selections: list[np.ndarray] | None = None,
     error_weights: np.ndarray | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
@@ -169,11 +170,10 @@ def expand_weight(
     r1 = operator.dequantize(q1).astype(np.float64)
     residual = weight - r1
     result = Expansion([Order(1, np.arange(out_channels), q1, r1)])
-    if mask.any():  # sparse residue: 8-bit codes of W − R¹ at the outliers, one scale
+    if mask.any():  # sparse residue: codes of W − R¹ at the outliers, one scale
         flat = np.flatnonzero(mask)
         values = residual.reshape(-1)[flat]
-        scale = np.float32(max(np.abs(values).max() / 127, 1e-12))
-        codes = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+        codes, scale = residue_codes(values, int(outliers))
         residual.reshape(-1)[flat] -= codes.astype(np.float64) * scale
         result.outliers = (flat, codes, scale)
     def record() -> None:
@@ -249,6 +249,16 @@ def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: 
     return selections
 
 
+def residue_codes(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.float32]:
+    """Int8 codes and one scale for the outlier residue: binary (bits = 1: sign · mean|v|,
+    the least-squares scale of sign codes, Table 3.14) or symmetric b-bit (max|v| / (2^{b−1} − 1))."""
+    if bits == 1:
+        return np.where(values < 0, -1, 1).astype(np.int8), np.float32(max(np.abs(values).mean(), 1e-12))
+    top = 2 ** (bits - 1) - 1
+    scale = np.float32(max(np.abs(values).max() / top, 1e-12))
+    return np.clip(np.round(values / scale), -top, top).astype(np.int8), scale
+
+
 def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarray:
     """Weights with |w − mean| ≥ ``sigmas``·σ (Table 3.14's outliers)."""
     w = np.asarray(weight, np.float64)
@@ -304,6 +314,8 @@ class Rex(Pass):
             raise PipelineError("rex: rex_combine='pad' expands a contiguous window per layer; it cannot use rex_allocation='network'")
         if o["rex_combine"] not in COMBINE_MODES:
             raise PipelineError(f"rex: rex_combine must be one of {', '.join(COMBINE_MODES)}, got {o['rex_combine']!r}")
+        if o["rex_outliers"] not in (False, True, *range(1, 9)):
+            raise PipelineError(f"rex: rex_outliers must be false, true (8-bit residue) or the residue's bits 1..8, got {o['rex_outliers']!r}")
         if o["rex_outliers"] and o["rex_weight_only"] is None:
             raise PipelineError("rex: rex_outliers needs rex_weight_only (the outlier residue is added in float; transformer linear layers)")
         if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
@@ -365,8 +377,12 @@ class Rex(Pass):
             },
         )
 
-    def _outliers(self, site: LayerSite) -> bool:
-        return bool(self.options["rex_outliers"]) and site.node.op in ("Gemm", "MatMul")
+    def _outliers(self, site: LayerSite) -> int:
+        """Bits of the outlier residue codes for this layer (0: no residue)."""
+        bits = self.options["rex_outliers"]
+        if not bits or site.node.op not in ("Gemm", "MatMul"):
+            return 0
+        return 8 if bits is True else int(bits)
 
     def _profile(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> tuple[list, np.ndarray, np.ndarray]:
         """Every layer expanded densely once: the [K, units] error table of each (what each
