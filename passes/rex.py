@@ -338,7 +338,7 @@ class Rex(Pass):
         if o["rex_combine"] == "permute":
             selections = self._permuted_layout(graph, sites, operator, ctx)
         elif o["rex_allocation"] == "network":
-            selections = allocate_network(*self._profile(graph, sites, operator, ctx)[:3], self._budget_macs)
+            selections = allocate_network(*self._profile(graph, sites, operator, ctx))
         else:
             selections = [None] * len(sites)
         layers, base_bops, extra_bops = [], 0.0, 0.0
@@ -384,10 +384,10 @@ class Rex(Pass):
             return 0
         return 8 if bits is True else int(bits)
 
-    def _profile(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> tuple[list, np.ndarray, np.ndarray]:
+    def _profile(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> tuple[list, np.ndarray, np.ndarray, float]:
         """Every layer expanded densely once: the [K, units] error table of each (what each
-        order removes from each unit), its weight energy and the MACs of one unit; sets
-        ``self._budget_macs`` = γ × the layers' MACs (for :func:`allocate_network`)."""
+        order removes from each unit), its weight energy and the MACs of one unit,
+        and the budget γ × the layers' MACs: the arguments of :func:`allocate_network`."""
         order, unit_errors, signals, costs, total = self.options["rex_order"], [], [], [], 0.0
         shapes = _inferred_shapes(graph, ctx)  # shapes behind computed pads may only be known now
         for site in ctx.progress(sites, total=len(sites), label="profiling layers"):
@@ -400,8 +400,7 @@ class Rex(Pass):
             macs = _layer_macs(site, shapes.get(site.node.outputs[0].name))
             costs.append(macs / len(dense.unit_errors[0]))
             total += macs
-        self._budget_macs = float(self.options["rex_budget"]) * total
-        return unit_errors, np.array(signals), np.array(costs)
+        return unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total
 
     def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list:
         """rex_combine="permute": reorder each channel group (:mod:`.channel_permutation`) so the
@@ -417,9 +416,9 @@ class Rex(Pass):
         o = self.options
         if o["rex_order"] < 2 or not o["rex_budget"]:
             return [None] * len(sites)  # no branch to place: keep the channel order
-        unit_errors, signals, costs = self._profile(graph, sites, operator, ctx)
+        unit_errors, signals, costs, budget = self._profile(graph, sites, operator, ctx)
         if o["rex_allocation"] == "network":
-            selections = allocate_network(unit_errors, signals, costs, self._budget_macs)
+            selections = allocate_network(unit_errors, signals, costs, budget)
         else:
             selections = [[np.zeros(_uniform_keep(len(e[0]), o["rex_order"], float(o["rex_budget"])), np.int64)] * (len(e) - 1) for e in unit_errors]
         orders: dict[str, np.ndarray] = {}  # tensor name -> its group's order
