@@ -30,7 +30,9 @@ of the layer's noise-to-signal ratio it removes; to first order those add up alo
 network), and units are taken by gain per MAC until the budget is spent
 (:func:`allocate_network`).  Cheap layers with large relative errors (depthwise Convs, the
 classifier) are expanded in full first.  Measured on MobileNetV2 / EfficientNet-Lite0 W4A8
-(bench/results/rex.md): lower KL than uniform at 25 % and 75 %, a tie at 50 %.  With bias correction (eq. 3.8) in the base layer, branch k carries ``−R^k·E[X]`` so
+(bench/results/rex.md): lower KL than uniform at all six budgets with the permute form.
+
+With bias correction (eq. 3.8) in the base layer, branch k carries ``−R^k·E[X]`` so
 the corrected bias stays exact for the expanded weight.
 
 Input expansion (``rex_input_expansion``, eqs. 3.20–3.21): the quantization error of the
@@ -216,7 +218,7 @@ def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: 
     ``unit_errors[l]`` is the [K, units] table of :attr:`Expansion.unit_errors` of layer l
     expanded densely (per-channel scales make the units independent: the error an order
     removes from a unit does not depend on which other units are expanded), ``signals[l]``
-    the layer's weight energy ‖W_l‖², ``costs[l]`` the MACs of one unit and ``budget`` the
+    the layer's weight energy ‖W_l‖² (weighted like the errors), ``costs[l]`` the MACs of one unit and ``budget`` the
     extra MACs allowed.  Candidate (l, u, k) gains ``(E_{k−1,u} − E_{k,u}) / ‖W_l‖²``, the
     share of layer l's relative weight error it removes (first order, the layers'
     noise-to-signal ratios add up along the network), and candidates are taken by gain per
