@@ -30,7 +30,7 @@ of the layer's noise-to-signal ratio it removes; to first order those add up alo
 network), and units are taken by gain per MAC until the budget is spent
 (:func:`allocate_network`).  Cheap layers with large relative errors (depthwise Convs, the
 classifier) are expanded in full first.  Measured on MobileNetV2 / EfficientNet-Lite0 W4A8
-(bench/results/rex.md): lower KL than uniform at all six budgets with the permute form.
+(bench/results/rex.md): lower KL than uniform at all six model × budget points (permute form).
 
 With bias correction (eq. 3.8) in the base layer, branch k carries ``−R^k·E[X]`` so
 the corrected bias stays exact for the expanded weight.
