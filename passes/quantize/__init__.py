@@ -34,8 +34,8 @@ Steps (METHODS.md §3):
    error naming the opset; a smaller file, but ORT's CPU provider does not fuse INT4
    DequantizeLinear, so those layers run in float); the first and last layer keep at least
    ``first_last_bits`` = 8, the common practice for low bit-widths — None quantizes them
-   like the others), **bias correction** (eq. 3.8, ``bias_correction=True``, Conv/Gemm; a
-   MatMul's bias lives in a separate Add and is not corrected):
+   like the others), **bias correction** (eq. 3.8, ``bias_correction=True``, Conv/Gemm, and a
+   MatMul whose bias is the constant operand of the Add reading it — a PyTorch Linear):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
 4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
@@ -333,6 +333,8 @@ class Quantize(Pass):
                     bias = constant_values(layer, 2)
                     base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
                     set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
+            elif self.options["bias_correction"] and mean is not None and layer.op == "MatMul":
+                _correct_matmul_bias(graph, layer, mean_shift(layer, weight - dequantized, mean), names)
             quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
         return int4_layers
 
@@ -408,6 +410,22 @@ def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
     while len(current.outputs) == 1 and current.outputs[0].op in FOLLOWING_ACTIVATIONS and current.outputs[0].outputs:
         current = current.outputs[0].outputs[0]
     return current
+
+
+def _correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:
+    """A MatMul's bias is the constant [N] operand of the Add reading its output (a Linear
+    exported from PyTorch): add the correction there.  False (left as is) without such an Add."""
+    out = layer.outputs[0]
+    if correction is None or len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return False
+    add = out.outputs[0]
+    index = 1 if add.inputs[0] is out else 0
+    bias = constant_values(add, index)
+    if bias is None or bias.shape[-1:] != correction.shape or bias.size != correction.size:
+        return False
+    corrected = (bias.astype(np.float64) + correction.reshape(bias.shape)).astype(bias.dtype)
+    set_constant_input(graph, add, index, corrected, names, base_name=f"{node_label(layer)}_bias")
+    return True
 
 
 def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

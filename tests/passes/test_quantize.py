@@ -1026,6 +1026,26 @@ def test_layernorm_statistics_give_the_range_of_a_3d_matmul_input() -> None:
     assert cosine(run(optimized, feeds)["y"], run(proto, feeds)["y"]) > 0.999
 
 
+def test_matmul_bias_correction_goes_into_the_following_add() -> None:
+    """Bias correction for a MatMul (eq. 3.8): the Add's constant gains (W − Ŵ)·E[x] with
+    E[x] = β, the LayerNorm's shift (the constant checked exactly; on a model this small the
+    effect on outputs is within the activation rounding, so it is not asserted)."""
+    proto = layernorm_linear()
+    corrected, _ = run_passes(proto, "quantize", spiq=False, weight_bits=4, first_last_bits=None)
+    plain, _ = run_passes(proto, "quantize", spiq=False, weight_bits=4, first_last_bits=None, bias_correction=False)
+    (add_c,), (add_p,) = nodes(corrected, "Add"), nodes(plain, "Add")
+    bias_c, bias_p = (inits(m)[a.input[1]].astype(np.float64) for m, a in ((corrected, add_c), (plain, add_p)))
+    np.testing.assert_allclose(bias_p, inits(proto)["bias"], rtol=1e-6)
+    (matmul,) = nodes(corrected, "MatMul")
+    (w_dq,) = [n for n in corrected.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == matmul.input[1]]
+    w_hat = inits(corrected)[w_dq.input[0]].astype(np.float64) * inits(corrected)[w_dq.input[1]].astype(np.float64)
+    beta = inits(proto)["b"].astype(np.float64)
+    np.testing.assert_allclose(bias_c - bias_p, beta @ (inits(proto)["w"].astype(np.float64) - w_hat), rtol=1e-5, atol=1e-6)
+    assert np.abs(bias_c - bias_p).max() > 1e-3  # a 4-bit weight error: a visible correction
+    feeds = {"x": RNG.standard_normal((2, 5, 8)).astype(np.float32)}
+    assert cosine(run(corrected, feeds)["y"], run(proto, feeds)["y"]) > 0.95
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_spiq_through_layernorm_is_exact_before_rounding(with_bias: bool) -> None:
     """SPIQ divides γ (and β) of the LayerNorm by r and multiplies the MatMul rows by r."""
