@@ -108,6 +108,7 @@ from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
+from .quantize import correct_matmul_bias
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 
@@ -351,6 +352,8 @@ class Rex(Pass):
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
+            if site.node.op == "MatMul" and site.mean is not None:  # its bias is in the Add after it: correct there
+                self._correct_matmul_branches(graph, site, expansion, names)
             branches = self._emit(graph, site, expansion, operator, names)
             c = site.weight.shape[site.out_axis]
             macs = _layer_macs(site)
@@ -378,6 +381,15 @@ class Rex(Pass):
                 "layers": layers,
             },
         )
+
+    def _correct_matmul_branches(self, graph: gs.Graph, site: LayerSite, expansion: Expansion, names: NameFactory) -> None:
+        """A MatMul has no bias input for its branches' ``−R^k·E[X]``: subtract their sum from
+        the constant of the Add after the layer, where quantize put the base's correction
+        (the same rule finds that Add, so both corrections land together or not at all)."""
+        added = np.zeros(site.weight.shape)
+        for order in expansion.orders[1:]:
+            added[:, order.channels] += order.dequantized
+        correct_matmul_bias(graph, site.node, -(site.mean @ added), names)
 
     def _outliers(self, site: LayerSite) -> int:
         """Bits of the outlier residue codes for this layer (0: no residue)."""
@@ -502,7 +514,7 @@ class Rex(Pass):
         groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         source = producer(node.inputs[0])
         input_dq = source if source is not None and source.op == "DequantizeLinear" and _scalar(source.inputs[1]) is not None else None
-        if node.op not in ("Conv", "Gemm"):
+        if node.op not in ("Conv", "Gemm", "MatMul"):
             mean = None
         combine = "gather" if self.options["rex_combine"] == "permute" else self.options["rex_combine"]  # permute: set per layer later
         return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, moment, input_dq,
@@ -607,7 +619,7 @@ class Rex(Pass):
             x, attrs["group"] = self._gather_input(graph, site, channels, x, names, tag)
         weight = operator.emit(graph, q, names, f"{tag}_weight")
         inputs = [x, weight]
-        bias = None if site.mean is None or source is not None else mean_shift(site, order.dequantized, order.channels)
+        bias = None if site.mean is None or source is not None or base.op == "MatMul" else mean_shift(site, order.dequantized, order.channels)
         if dense and bias is not None:
             full = np.zeros(c, np.float32)
             full[order.channels] = bias

@@ -334,7 +334,7 @@ class Quantize(Pass):
                     base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
                     set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
             elif self.options["bias_correction"] and mean is not None and layer.op == "MatMul":
-                _correct_matmul_bias(graph, layer, mean_shift(layer, weight - dequantized, mean), names)
+                correct_matmul_bias(graph, layer, mean_shift(layer, weight - dequantized, mean), names)
             quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
         return int4_layers
 
@@ -412,7 +412,7 @@ def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
     return current
 
 
-def _correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:
+def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:
     """A MatMul's bias is the constant [N] operand of the Add reading its output (a Linear
     exported from PyTorch): add the correction there.  False (left as is) without such an Add."""
     out = layer.outputs[0]
@@ -441,4 +441,4 @@ def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "correct_matmul_bias"]
