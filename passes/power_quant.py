@@ -65,7 +65,7 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import mean_shift, layer_refusal
+from .quantize import check_bit_widths, layer_refusal, mean_shift
 from .quantize.emit import weight_axis
 from .quantize.operators import QuantizedWeight
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
@@ -329,9 +329,7 @@ class PowerQuant(Pass):
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
-        for key in ("weight_bits", "act_bits"):
-            if not isinstance(o[key], int) or not 2 <= o[key] <= 8:
-                raise PipelineError(f"power-quant: {key} must be an integer in 2..8, got {o[key]!r}")
+        check_bit_widths(self.name, o)
         a = o["power_exponent"]
         if a is not None and not (isinstance(a, (int, float)) and 0 < float(a) <= 1):
             raise PipelineError(f"power-quant: power_exponent must be None (search) or a number in (0, 1], got {a!r}")
@@ -341,8 +339,6 @@ class PowerQuant(Pass):
             raise PipelineError(f"power-quant: act_ranges must be bn, minmax or percentile, got {o['act_ranges']!r}")
         if o["act_ranges"] != "bn" and not o["calibration_data"]:
             raise PipelineError(f"power-quant: act_ranges={o['act_ranges']!r} needs calibration data")
-        if o["first_last_bits"] is not None and o["first_last_bits"] not in range(2, 9):
-            raise PipelineError(f"power-quant: first_last_bits must be None or an integer in 2..8, got {o['first_last_bits']!r}")
         if graph.opset < MIN_OPSET:
             raise PreconditionFailed(f"opset {graph.opset} < {MIN_OPSET}: the custom-op function bodies need CastLike")
 

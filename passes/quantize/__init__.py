@@ -108,9 +108,7 @@ class Quantize(Pass):
     # ------------------------------------------------------------------ checks
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
-        for key in ("weight_bits", "act_bits"):
-            if not isinstance(o[key], int) or not 2 <= o[key] <= 8:
-                raise PipelineError(f"quantize: {key} must be an integer in 2..8, got {o[key]!r}")
+        check_bit_widths(self.name, o)
         if o["spiq"] not in (True, False, "auto"):
             raise PipelineError(f"quantize: spiq must be true, false or 'auto', got {o['spiq']!r}")
         if o["act_ranges"] not in RANGE_MODES:
@@ -123,8 +121,6 @@ class Quantize(Pass):
             raise PipelineError(f"quantize: add_range must be 'sum' or 'independent', got {o['add_range']!r}")
         if o["lam"] is not None and not (isinstance(o["lam"], (int, float)) and o["lam"] > 0):
             raise PipelineError(f"quantize: lam must be a positive number of standard deviations, got {o['lam']!r}")
-        if o["first_last_bits"] is not None and o["first_last_bits"] not in range(2, 9):
-            raise PipelineError(f"quantize: first_last_bits must be None or an integer in 2..8, got {o['first_last_bits']!r}")
         if o["input_range"] is not None:
             try:
                 low, high = (float(v) for v in o["input_range"])
@@ -412,6 +408,16 @@ def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
     return current
 
 
+def check_bit_widths(pass_name: str, options: dict[str, Any]) -> None:
+    """The bit-width options quantize and power-quant share: weight_bits and act_bits in
+    2..8, first_last_bits None or in 2..8."""
+    for key in ("weight_bits", "act_bits"):
+        if not isinstance(options[key], int) or not 2 <= options[key] <= 8:
+            raise PipelineError(f"{pass_name}: {key} must be an integer in 2..8, got {options[key]!r}")
+    if options["first_last_bits"] is not None and options["first_last_bits"] not in range(2, 9):
+        raise PipelineError(f"{pass_name}: first_last_bits must be None or an integer in 2..8, got {options['first_last_bits']!r}")
+
+
 def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:
     """A MatMul's bias is the constant [N] operand of the Add reading its output (a Linear
     exported from PyTorch): add the correction there.  False (left as is) without such an Add."""
@@ -441,4 +447,4 @@ def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
 
-__all__ = ["Quantize", "correct_matmul_bias"]
+__all__ = ["Quantize", "check_bit_widths", "correct_matmul_bias"]
