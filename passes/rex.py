@@ -838,15 +838,22 @@ def _scatter_rows(q: QuantizedWeight, channels: np.ndarray, c: int, out_axis: in
     return QuantizedWeight(codes, scales, q.axis, q.bits, dict(q.params))
 
 
+def _per_input_channel(site: LayerSite, vector: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
+    """``vector`` (one value per input channel of a possibly grouped Conv) at the input each
+    weight column of the output ``channels`` reads: [len(channels), C_in/groups]; None when
+    its length is not the Conv's input channel count."""
+    c, per_group_in = site.weight.shape[0], site.weight.shape[1]
+    if len(vector) != site.groups * per_group_in:
+        return None
+    return vector[(channels // (c // site.groups))[:, None] * per_group_in + np.arange(per_group_in)]
+
+
 def mean_shift(site: LayerSite, sub: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
     """R·E[X] for the output channels of the sub-weight ``sub`` (bias correction of eq. 3.8)."""
     mean = site.mean
     if site.node.op == "Conv":
-        c, per_group_in = site.weight.shape[0], site.weight.shape[1]
-        if len(mean) != site.groups * per_group_in:
-            return None
-        index = (channels // (c // site.groups))[:, None] * per_group_in + np.arange(per_group_in)
-        return (sub.reshape(len(channels), per_group_in, -1).sum(-1) * mean[index]).sum(1)
+        read = _per_input_channel(site, mean, channels)
+        return None if read is None else (sub.reshape(*read.shape, -1).sum(-1) * read).sum(1)
     k_by_n = sub.T if site.out_axis == 0 else sub
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
@@ -858,11 +865,8 @@ def input_moment_weights(site: LayerSite) -> np.ndarray | None:
         return None
     moment = np.asarray(moment, np.float64)
     if site.node.op == "Conv":
-        c, per_group_in = w.shape[0], w.shape[1]
-        if len(moment) != site.groups * per_group_in:
-            return None
-        index = (np.arange(c) // (c // site.groups))[:, None] * per_group_in + np.arange(per_group_in)
-        return moment[index].reshape(c, per_group_in, *([1] * (w.ndim - 2)))
+        read = _per_input_channel(site, moment, np.arange(w.shape[0]))
+        return None if read is None else read.reshape(*read.shape, *([1] * (w.ndim - 2)))
     in_axis = 1 - site.out_axis
     if len(moment) != w.shape[in_axis]:
         return None
