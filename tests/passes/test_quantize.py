@@ -1046,6 +1046,18 @@ def test_matmul_bias_correction_goes_into_the_following_add() -> None:
     assert cosine(run(corrected, feeds)["y"], run(proto, feeds)["y"]) > 0.95
 
 
+def test_matmul_without_a_following_add_gets_no_bias_correction() -> None:
+    """No Add with a constant [N] after the MatMul: nowhere to put the correction, so the
+    model is the same with and without bias correction (no bias is invented)."""
+    arrays = {"g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "b": RNG.normal(0, 0.5, 8).astype(np.float32), "w": weights(8, 6)}
+    proto = model("(float[2,5,8] x) => (float[2,5,6] y)", ["n = LayerNormalization <axis = -1, epsilon = 0.00001> (x, g, b)", "y = MatMul(n, w)"], arrays)
+    corrected, _ = run_passes(proto, "quantize", spiq=False, weight_bits=4, first_last_bits=None)
+    plain, _ = run_passes(proto, "quantize", spiq=False, weight_bits=4, first_last_bits=None, bias_correction=False)
+    assert "Add" not in {n.op_type for n in corrected.graph.node}
+    feeds = {"x": RNG.standard_normal((2, 5, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(corrected, feeds)["y"], run(plain, feeds)["y"])
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_spiq_through_layernorm_is_exact_before_rounding(with_bias: bool) -> None:
     """SPIQ divides γ (and β) of the LayerNorm by r and multiplies the MatMul rows by r."""
