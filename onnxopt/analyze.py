@@ -20,9 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from .errors import OnnxoptError, PipelineError
+from .errors import PipelineError
 from .graph import import_graph, node_label
-from .io import load_model
+from .io import load_model, protected_inputs
+from .output import check_output_path, write_text_atomic
 
 
 def accumulator_report(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None = None, bits: Sequence[int] = ()) -> list[dict[str, Any]]:
@@ -100,18 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
+    from .cli import run_guarded
+
     args = build_parser().parse_args(argv)
-    try:
-        return _accumulators(args)
-    except OnnxoptError as exc:
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_guarded(lambda: _accumulators(args))
 
 
 def _accumulators(args: argparse.Namespace) -> int:
     from .flags import parse_bits, parse_pair
     from .verify import load_inputs
 
+    protected = protected_inputs(args.model)
+    if args.report:
+        check_output_path(args.report, protected=protected, what="report")
     model = load_model(args.model)
     if args.quantize:
         import onnxopt
@@ -129,6 +131,6 @@ def _accumulators(args: argparse.Namespace) -> int:
         raise PipelineError("no quantized (QDQ) Conv/MatMul/Gemm layers found: quantize the model first (--quantize wNaM)")
     print(format_table(records, args.bits if inputs is not None else []))
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as handle:
-            json.dump({"model": args.model, "bits": args.bits, "layers": records}, handle, indent=1)
+        document = json.dumps({"model": args.model, "bits": args.bits, "layers": records}, indent=1) + "\n"
+        write_text_atomic(args.report, document, protected=protected, what="report")
     return 0

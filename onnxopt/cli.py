@@ -13,13 +13,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import OnnxoptError, OutputPathError, PipelineError, VerificationError
+from .errors import OnnxoptError, PipelineError, VerificationError
 from .flags import add_arguments as add_compression_arguments
 from .flags import pipeline_from_flags
-from .io import load_model, same_file, save_model
+from .io import load_model, protected_inputs, save_model
+from .output import check_output_path, data_file_candidates
 from .manager import PassManager
 from .progress import Progress
 from .report import Report
@@ -111,10 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="onnxopt: %(levelname)s: %(message)s",
     )
+    return run_guarded(lambda: _run(parser, args), verbose=args.verbose)
+
+
+def run_guarded(run: Callable[[], int], *, verbose: int = 0) -> int:
+    """Run a command: an OnnxoptError becomes one line and its exit code, a bug one line
+    and exit 1 (tracebacks only with -v)."""
     try:
-        return _run(parser, args)
+        return run()
     except OnnxoptError as exc:
-        if args.verbose:
+        if verbose:
             logging.exception("details")
         print(f"onnxopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -122,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in onnxopt: one line unless -v  # noqa: BLE001
-        if args.verbose:
+        if verbose:
             logging.exception("internal error")
         print(f"onnxopt: internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
@@ -147,15 +154,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("give one input: MODEL or --demo")
     if not args.output and not args.dry_run:
         parser.error("missing -o OUTPUT (or --dry-run to write nothing)")
-    if args.output and args.model and same_file(args.output, args.model):
-        raise OutputPathError(f"refusing to overwrite the input model {args.model}; choose another -o path")
-    if args.output:
-        _check_output_dir(Path(args.output))
-    if args.report:
-        for other, what in ((args.model, "input model"), (args.output, "output model")):
-            if other and same_file(args.report, other):
-                raise OutputPathError(f"--report {args.report} would overwrite the {what}; choose another path")
-        _check_output_dir(Path(args.report))
+    report_protected = _check_output_paths(args)
 
     base = resolve_pipeline(registry, args.passes, args.preset)
     names, options = pipeline_from_flags(base, args)
@@ -185,7 +184,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         external = {"auto": None, "always": True, "never": False}[args.external_data]
         save_model(optimized, args.output, input_path=args.model, external_data=external)
     if args.report:
-        report.write_json(args.report)
+        report.write_json(args.report, protected=report_protected)
     if not args.quiet:
         print(report.format_table(), file=sys.stderr)
     if failed:
@@ -199,12 +198,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_dir(output: Path) -> None:
-    parent = output.parent if str(output.parent) else Path(".")
-    if output.is_dir():
-        raise OutputPathError(f"output path {output} is a directory")
-    if not parent.is_dir():
-        raise OutputPathError(f"output directory {parent} does not exist")
+def _check_output_paths(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """Refuse bad -o/--report targets before any work; return what the report may not replace."""
+    protected = protected_inputs(args.model)
+    if args.output:
+        check_output_path(args.output, protected=protected, what="output")
+        output = Path(args.output)
+        protected = protected + [(output, "the output model")]
+        protected += [(output.parent / name, "the output's external data file") for name in data_file_candidates(output)]
+    if args.report:
+        check_output_path(args.report, protected=protected, what="report")
+    return protected
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

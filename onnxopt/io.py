@@ -2,24 +2,25 @@
 
 Loading turns every failure into an :class:`~onnxopt.errors.OnnxoptError` subclass with a
 one-line message (missing file, not ONNX, truncated, failed checker, unsupported opset).
-Saving never overwrites the input model, writes into a temporary file in the target
-directory and renames it into place (so a crash never leaves a half-written model), and
-switches to external data automatically when the tensors would break protobuf's 2 GB limit.
+Saving never replaces the input model or a file it references, writes into a staging folder
+beside the target and renames into place, model and external data as one unit (the rules
+live in :mod:`onnxopt.output`), and switches to external data automatically when the
+tensors would break protobuf's 2 GB limit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from .errors import InputNotFoundError, InvalidModelError, OutputPathError, UnsupportedModelError
+from .errors import InputNotFoundError, InvalidModelError, UnsupportedModelError
+from .output import check_output_path, replace_model_files, same_file
 
 ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -27,6 +28,10 @@ ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 MIN_OPSET = 9
 #: Tensors above this many bytes in total are saved as external data (protobuf caps at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: With external data, tensors smaller than this stay in the model file (onnx's own default).
+EXTERNAL_DATA_MIN_TENSOR = 1024
+
+logger = logging.getLogger(__name__)
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -147,12 +152,13 @@ def _field_bytes(tensor: onnx.TensorProto) -> int:
     return count * 8 if tensor.data_type in (onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64) else count * 4
 
 
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True if both paths name the same file (following symlinks); False if either is missing."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+def protected_inputs(input_path: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    """The files no output may replace: the input model and every external data file it uses."""
+    if input_path is None:
+        return []
+    protected = [(Path(input_path), "the input model")]
+    protected += [(data, "the input's external data file") for data in sorted(external_data_files(input_path))]
+    return protected
 
 
 def save_model(
@@ -164,63 +170,66 @@ def save_model(
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path written.
 
-    ``input_path`` is the model it came from: writing over it is refused.  ``external_data``
+    ``input_path`` is the model it came from: writing over it, or over any file it
+    references, is refused (see :mod:`onnxopt.output` for every rule).  ``external_data``
     None means "only when needed" (tensors above :data:`EXTERNAL_DATA_THRESHOLD`); the data
-    then goes to ``<name>.data`` beside the model.  ``model`` is left unchanged.
+    then goes to ``<name>.data`` (or ``<name>.1.data``, alternating, so the previous output
+    stays whole until the new one is in place).  True puts every tensor into the data file.
+    ``model`` is left unchanged.
     """
     path = Path(path)
-    if input_path is not None and same_file(path, input_path):
-        raise OutputPathError(f"refusing to overwrite the input model {input_path}; choose another -o path")
-    if path.is_dir():
-        raise OutputPathError(f"output path {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"output directory {parent} is not writable")
+    protected = protected_inputs(input_path)
+    check_output_path(path, protected=protected, what="output")
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
-    data_name = path.name + ".data"
-    if input_path is not None and external_data:
-        if any(same_file(parent / data_name, used) for used in external_data_files(input_path)):
-            raise OutputPathError(f"output external data {parent / data_name} would overwrite the input's data")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write into {parent}: {exc}") from exc
-    try:
-        staged_model = staging / path.name
-        if external_data:
-            _save_external(model, staged_model, data_name)
-            os.replace(staging / data_name, parent / data_name)
-        else:
+    def write_staged(staged_model: Path, data_name: str | None) -> None:
+        if data_name is None:
             onnx.save_model(model, str(staged_model))
-        os.replace(staged_model, path)
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {path}: {exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            return
+        _save_external(model, staged_model, data_name)
+        if not (staged_model.parent / data_name).exists():
+            logger.warning("external data requested but no tensor reaches %d bytes: %s holds everything", EXTERNAL_DATA_MIN_TENSOR, path)
+
+    replace_model_files(path, write_staged, external_data=external_data, old_references=external_data_files, protected=protected)
     return path
 
 
 def external_data_files(model_path: str | os.PathLike) -> set[Path]:
-    """The external data files a model file refers to (empty if it has none or is unreadable)."""
+    """The external data files a model file refers to (empty if it has none or is unreadable).
+
+    Every tensor counts: initializers and Constant attributes, in subgraphs too.
+    """
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
     except (OSError, DecodeError, RuntimeError, ValueError):
         return set()
     base = Path(model_path).parent
     return {
-        base / info.location
-        for tensor in proto.graph.initializer
+        base / external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in _all_tensors(proto.graph)
         if external_data_helper.uses_external_data(tensor)
-        for info in [external_data_helper.ExternalDataInfo(tensor)]
     }
 
 
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
 def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -> None:
-    """Save with all tensors in one external file.
+    """Save with every tensor of at least EXTERNAL_DATA_MIN_TENSOR bytes in one external file.
 
     onnx.save_model moves the payloads out of the proto it writes (and marks them external),
     so it writes a copy: the caller's model stays exactly as it was, even if the save fails.
@@ -233,5 +242,5 @@ def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_name,
-        size_threshold=1024,
+        size_threshold=EXTERNAL_DATA_MIN_TENSOR,
     )

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from ._version import __version__
-from .errors import OutputPathError
 from .metrics import ModelMetrics
+from .output import write_text_atomic
 from .pass_base import Refusal
 
 
@@ -88,19 +89,9 @@ class Report:
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
-    def write_json(self, path: str | os.PathLike[str]) -> None:
-        """Write the JSON report atomically."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise OutputPathError(f"cannot write the report {path}: {exc}") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    def write_json(self, path: str | os.PathLike[str], *, protected: Iterable[tuple[Path, str]] = ()) -> None:
+        """Write the JSON report atomically; never onto a ``protected`` file (see onnxopt.output)."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n", protected=protected, what="report")
 
     def format_table(self, max_refusals: int = 20) -> str:
         """Human-readable summary: one row per pass, totals, refusals, verification."""

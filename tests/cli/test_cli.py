@@ -284,7 +284,7 @@ def test_report_over_the_input_exit_6(capsys, tmp_path, demo_path):
     before = demo_path.read_bytes()
     code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--report", demo_path)
     assert code == 6
-    assert_one_error_line(err, f"--report {demo_path} would overwrite the input model")
+    assert_one_error_line(err, f"refusing to overwrite the input model {demo_path} with the report")
     assert demo_path.read_bytes() == before
     assert not (tmp_path / "out.onnx").exists()
 
@@ -292,7 +292,7 @@ def test_report_over_the_input_exit_6(capsys, tmp_path, demo_path):
 def test_report_in_a_missing_dir_exit_6(capsys, tmp_path, demo_path):
     code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--report", tmp_path / "no" / "r.json")
     assert code == 6
-    assert_one_error_line(err, "output directory", "does not exist")
+    assert_one_error_line(err, "report directory", "does not exist")
     assert not (tmp_path / "out.onnx").exists()  # checked before anything runs
 
 

@@ -153,18 +153,15 @@ def test_refuses_to_overwrite_the_input(tmp_path, demo, demo_path):
     assert link.is_symlink()
 
 
-def test_refuses_to_write_external_data_over_the_inputs_data(tmp_path, demo):
+def test_external_data_never_lands_on_the_inputs_data(tmp_path, demo):
     # The input's data file happens to be named like the output's: out.onnx.data.
     _save_with_external_data(demo, tmp_path / "in.onnx", "out.onnx.data")
     data_before = (tmp_path / "out.onnx.data").read_bytes()
-    with pytest.raises(OutputPathError, match="would overwrite the input's data"):
-        io.save_model(demo, tmp_path / "out.onnx", input_path=tmp_path / "in.onnx", external_data=True)
+    io.save_model(demo, tmp_path / "out.onnx", input_path=tmp_path / "in.onnx", external_data=True)
     assert (tmp_path / "out.onnx.data").read_bytes() == data_before
-    assert not (tmp_path / "out.onnx").exists()
-    # Without external data the output does not touch out.onnx.data: allowed.
-    io.save_model(demo, tmp_path / "out.onnx", input_path=tmp_path / "in.onnx", external_data=False)
-    assert (tmp_path / "out.onnx.data").read_bytes() == data_before
+    assert io.external_data_files(tmp_path / "out.onnx") == {tmp_path / "out.onnx.1.data"}
     assert_same_model(io.load_model(tmp_path / "out.onnx"), demo)
+    assert_same_model(io.load_model(tmp_path / "in.onnx"), demo)
 
 
 def test_save_rejects_bad_output_paths(tmp_path, demo):
