@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     from .cli import run_guarded
 
-    args = build_parser().parse_args(argv)
+    from .flags import join_negative_values
+
+    args = build_parser().parse_args(join_negative_values(argv))
     return run_guarded(lambda: _accumulators(args))
 
 

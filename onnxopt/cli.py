@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from ._version import __version__
 from .errors import OnnxoptError, PipelineError, VerificationError
 from .flags import add_arguments as add_compression_arguments
-from .flags import pipeline_from_flags
+from .flags import join_negative_values, pipeline_from_flags
 from .io import load_model, protected_inputs, save_model
 from .output import check_output_path, data_file_candidates
 from .manager import PassManager
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--validate", action="store_true", help="run onnx.checker (full) after every pass (implied by --verify)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    out.add_argument("--report", metavar="FILE", help="write the JSON report here ('-': to standard output; the summary table goes to standard error)")
     out.add_argument("--external-data", choices=("auto", "always", "never"), default="auto", help="store tensors in <output>.data")
     out.add_argument("--dry-run", action="store_true", help="run and report, write no model")
     out.add_argument("--demo", action="store_true", help="optimize the bundled example model instead of MODEL")
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return analyze_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(argv))
     logging.basicConfig(
         level=logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="onnxopt: %(levelname)s: %(message)s",
@@ -183,7 +183,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.output and not args.dry_run and not failed:
         external = {"auto": None, "always": True, "never": False}[args.external_data]
         save_model(optimized, args.output, input_path=args.model, external_data=external)
-    if args.report:
+    if args.report == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.report:
         report.write_json(args.report, protected=report_protected)
     if not args.quiet:
         print(report.format_table(), file=sys.stderr)
@@ -206,7 +208,7 @@ def _check_output_paths(args: argparse.Namespace) -> list[tuple[Path, str]]:
         output = Path(args.output)
         protected = protected + [(output, "the output model")]
         protected += [(output.parent / name, "the output's external data file") for name in data_file_candidates(output)]
-    if args.report:
+    if args.report and args.report != "-":
         check_output_path(args.report, protected=protected, what="report")
     return protected
 

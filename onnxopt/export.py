@@ -11,11 +11,11 @@ torch is imported lazily: it is an optional dependency (``pip install onnxopt[te
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OnnxoptError
+from .output import check_output_path, publish, staging_folder
 
 
 def export_torch(
@@ -59,13 +59,13 @@ def export_torch(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    check_output_path(path, what="export")
+    with staging_folder(path) as staging:
+        staged = staging / path.name
         torch.onnx.export(
             module,
             sample_inputs,
-            tmp_name,
+            str(staged),
             dynamo=False,
             training=torch.onnx.TrainingMode.PRESERVE,
             do_constant_folding=False,
@@ -74,8 +74,6 @@ def export_torch(
             output_names=output_names,
             dynamic_axes=dynamic_axes,
         )
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        publish(staged)
+        os.replace(staged, path)
     return path

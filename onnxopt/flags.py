@@ -28,6 +28,27 @@ RED_PASSES = ("hash-weights", "merge-neurons", "decompose-depthwise")
 CANONICAL_ORDER = (*RED_PASSES, "quantize", "power-quant", "rex", "modular-accumulator", "eliminate-dead")
 
 
+#: Flags whose value may start with "-" (a negative number): ``--input-range -3,3``.
+NEGATIVE_VALUE_FLAGS = ("--input-range",)
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--input-range -3,3`` → ``--input-range=-3,3``: argparse takes a value that starts
+    with "-" and is not a plain number for an option and fails."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if token in NEGATIVE_VALUE_FLAGS and following is not None and re.match(r"^-[\d.]", following):
+            joined.append(f"{token}={following}")
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The argument groups of the compression flags."""
     quant = parser.add_argument_group("quantization (lossy; emits standard QDQ that ONNX Runtime fuses)")
@@ -111,7 +132,7 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
         "int4_weights": True if args.int4_weights else None,
     }
     options = {key: value for key, value in given.items() if value is not None}
-    if not args.quantize:
+    if args.quantize is None:
         if options:
             raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wNaM")
         return {}, []
@@ -139,14 +160,14 @@ def power_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     options: dict[str, Any] = {}
     passes: list[str] = []
     if args.power_quant is not None:
-        if not args.quantize:
+        if args.quantize is None:
             raise PipelineError("--power-quant needs --quantize wNaM (the bit-widths)")
         options["power_exponent"] = None if args.power_quant == "search" else _exponent(args.power_quant)
         options["power_per_layer"] = args.power_per_layer
     elif args.power_per_layer:
         raise PipelineError("--power-per-layer needs --power-quant")
     if args.modular_accumulator is not None:
-        if not args.quantize or args.power_quant is not None:
+        if args.quantize is None or args.power_quant is not None:
             raise PipelineError("--modular-accumulator needs --quantize wNaM (uniform QDQ quantization)")
         spec = args.modular_accumulator.strip().lower()
         if spec == "auto":
@@ -173,7 +194,7 @@ def rex_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         options["rex_combine"] = args.rex_combine
     if not options:
         return {}, []
-    if not args.quantize:
+    if args.quantize is None:
         raise PipelineError("--rex/--rex-budget need --quantize wNaM (REx expands the residual of the quantized weights)")
     if "rex_order" not in options:
         raise PipelineError("--rex-budget/--rex-allocation/--rex-combine/--rex-input-expansion need --rex K")

@@ -212,9 +212,9 @@ def replace_model_files(
         try:
             write_staged(staged_model, data_name)
             if data_name is not None and (staging / data_name).exists():
-                _publish(staging / data_name)
+                publish(staging / data_name)
                 os.replace(staging / data_name, parent / data_name)
-            _publish(staged_model)
+            publish(staged_model)
             os.replace(staged_model, path)
         except OSError as exc:
             raise OutputPathError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -241,14 +241,14 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, protected: Iterable
         staged = staging / path.name
         try:
             staged.write_text(text, encoding="utf-8")
-            _publish(staged)
+            publish(staged)
             os.replace(staged, path)
         except OSError as exc:
             raise OutputPathError(f"cannot write the {what} {path}: {exc.strerror or exc}") from exc
     return path
 
 
-def _publish(path: Path) -> None:
+def publish(path: Path) -> None:
     """Give a staged file the permissions a plain ``open(..., "w")`` would (0666 & ~umask):
     staging helpers create private 0600 files, which other users could not read."""
     mask = os.umask(0)

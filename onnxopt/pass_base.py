@@ -17,6 +17,7 @@ tags that must be scheduled later.  The PassManager validates this before runnin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
@@ -73,6 +74,21 @@ class PassContext:
         return self._progress.track(items, total=total, label=f"{self.pass_name} {label}".strip())
 
 
+def check_option_type(pass_name: str, key: str, value: Any, default: Any) -> None:
+    """An option whose default is a number takes a finite number (an integer where the
+    default is one, or None): ``--set max_constant_bytes=abc`` fails here, before any pass
+    runs.  Options with text or boolean defaults may take other forms ("auto", 1) and are
+    checked by their pass."""
+    if value is None or isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and isinstance(default, int) and isinstance(value, float):
+        ok = value.is_integer()
+    if not ok:
+        kind = "an integer" if isinstance(default, int) else "a finite number"
+        raise PipelineError(f"option {key} of pass {pass_name} must be {kind}, got {value!r}")
+
+
 class Pass:
     """Base class of all passes.  Subclasses set the class attributes and implement call."""
 
@@ -90,6 +106,8 @@ class Pass:
         unknown = set(options) - set(self.options_spec)
         if unknown:
             raise PipelineError(f"pass {self.name} has no option(s) {', '.join(sorted(unknown))}")
+        for key, value in options.items():
+            check_option_type(self.name, key, value, self.options_spec[key])
         self.options: dict[str, Any] = {**self.options_spec, **options}
 
     @classmethod

@@ -1,0 +1,49 @@
+"""Flag values a user types that used to be misread or silently ignored."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from onnxopt.cli import main
+from tests.conftest import ops
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_input_range_with_a_negative_low_as_a_separate_word(capsys, tmp_path, demo_path):
+    """The README form ``--input-range -3,3`` (argparse alone reads -3,3 as an option)."""
+    out = tmp_path / "q.onnx"
+    code, _, err = _cli(capsys, demo_path, "-o", out, "--quantize", "w8a8", "--input-range", "-3,3", "-q")
+    assert code == 0, err
+    quantized = onnx.load(str(out))
+    # With the input range the first Conv reads a quantized input too.
+    first_conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert producers[first_conv.input[0]] == "DequantizeLinear"
+
+
+def test_set_with_a_non_numeric_value_for_a_numeric_option_exit_7(capsys, tmp_path, demo_path):
+    code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx", "--set", "max_constant_bytes=abc")
+    assert code == 7 and "max_constant_bytes" in err and "must be an integer" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_empty_quantize_spec_exit_7(capsys, tmp_path, demo_path):
+    code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx", "--quantize", "")
+    assert code == 7 and "bad --quantize ''" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_report_to_standard_output(capsys, tmp_path, demo_path):
+    code, out, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx", "--report", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["output"] == str(tmp_path / "o.onnx")
+    assert ops(onnx.load(str(tmp_path / "o.onnx")))["BatchNormalization"] < report["before"]["op_counts"]["BatchNormalization"]
+    assert report["after"]["op_counts"].get("BatchNormalization", 0) == ops(onnx.load(str(tmp_path / "o.onnx")))["BatchNormalization"]
