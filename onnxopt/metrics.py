@@ -9,7 +9,9 @@ made-up ``unk__N`` names) makes the node's count unknown rather than a wrong num
 * ConvTranspose:   N · C_in · ∏ spatial_in · (C_out / group) · ∏ kernel
 * Gemm / MatMul:   ∏ output · K       (K = the reduced dimension)
 
-Nodes whose shapes cannot be inferred are counted as 0 and listed in ``unknown_macs``.
+Nodes whose shapes cannot be inferred are counted as 0 and listed in ``unknown_macs``, and so
+are custom ops whose function body computes (PowerQuant, modular accumulators). A ``-1``/``0``
+``dim_value`` (how some exporters write a dynamic dim) is dynamic, never a negative count.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def tensor_shapes(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension, axis: int) -> int | None:
-    if dim.HasField("dim_value"):
+    if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value
+    if dim.HasField("dim_value"):  # -1 or 0, as some exporters write a dynamic dim
+        return 1 if axis == 0 else None
     if axis == 0 or (dim.dim_param and not dim.dim_param.startswith(UNDETERMINED_DIM_PREFIX)):
         return 1
     return None
@@ -108,19 +112,29 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def count_macs(model: onnx.ModelProto, *, inferred: onnx.ModelProto | None = None) -> tuple[int, list[str]]:
+    """Total MACs of the main graph and the nodes whose MACs are not counted: shapes not
+    inferred, or custom ops whose function body holds MAC ops (their inputs' shapes inside
+    the body are unknown to shape inference)."""
+    computing_functions = {(f.domain, f.name) for f in model.functions if any(n.op_type in MAC_OPS for n in f.node)}
+    custom = [node for node in model.graph.node if (node.domain, node.op_type) in computing_functions]
+    unknown = [_label(node) + " (custom op)" for node in custom]
     if not any(node.op_type in MAC_OPS for node in model.graph.node):
-        return 0, []
+        return 0, unknown
     shapes = tensor_shapes(inferred if inferred is not None else with_inferred_shapes(model))
-    total, unknown = 0, []
+    total = 0
     for node in model.graph.node:
-        if node.op_type not in MAC_OPS:
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx", "com.microsoft"):
             continue
         macs = _node_macs(node, shapes)
         if macs is None:
-            unknown.append(node.name or f"{node.op_type}->{node.output[0]}")
+            unknown.append(_label(node))
         else:
             total += macs
     return total, unknown
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}->{node.output[0]}"
 
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:

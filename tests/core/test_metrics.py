@@ -93,3 +93,42 @@ def test_measure_counts_parameters_and_ops():
     assert metrics.macs == 4 * 6 * 6 * 27
     assert metrics.size_bytes == model.ByteSize()
     assert metrics.to_dict()["op_counts"] == {"Constant": 1, "Conv": 1, "Relu": 1}
+
+
+def test_minus_one_dims_never_give_negative_macs():
+    """PaddlePaddle writes a dynamic batch as dim_value -1: per sample, not a negative count."""
+    from onnx import TensorProto, helper
+
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [conv], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4, 8, 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    macs, unknown = count_macs(model)
+    assert (macs, unknown) == (4 * 8 * 8 * 27, [])
+    # a dynamic spatial dim written as -1 makes the count unknown, not negative
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -1
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = -1
+    macs, unknown = count_macs(model)
+    assert macs == 0 and len(unknown) == 1
+
+
+def test_custom_ops_with_computing_bodies_are_listed_as_uncounted():
+    from onnx import TensorProto, helper
+
+    body = helper.make_function("ai.test", "MyConv", ["x", "w"], ["y"], [helper.make_node("Conv", ["x", "w"], ["y"])], [helper.make_opsetid("", 17)])
+    node = helper.make_node("MyConv", ["x", "w"], ["y"], domain="ai.test", name="custom_conv")
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.test", 1)], functions=[body])
+    macs, unknown = count_macs(model)
+    assert macs == 0 and unknown == ["custom_conv (custom op)"]
