@@ -24,6 +24,7 @@ from .output import check_output_path, data_file_candidates
 from .manager import PassManager
 from .progress import Progress
 from .report import Report
+from .verify import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
 
 EPILOG = """\
 examples:
@@ -40,6 +41,8 @@ examples:
 
 exit codes: 0 ok, 2 usage, 3 input not found, 4 invalid ONNX, 5 unsupported model,
             6 bad output path, 7 bad pipeline/option, 8 invalid result, 9 verification failed
+            (verification "not possible", when the original model itself fails on the random
+            inputs, is reported and exits 0 with the output written)
 """
 
 
@@ -66,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_compression_arguments(parser)
 
     check = parser.add_argument_group("verification")
-    check.add_argument("--verify", action="store_true", help="compare original and optimized outputs in ONNX Runtime")
-    check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input)")
     check.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="shape for random verify inputs with dynamic dims"
+        "--verify",
+        action="store_true",
+        help="compare original and optimized outputs in ONNX Runtime; if the original model itself fails on the "
+        "random inputs, verification is reported 'not possible' (exit 0, output written): pass --inputs",
+    )
+    check.add_argument("--inputs", help="verify on these inputs (.npz, one array per graph input; any size where a dim is dynamic)")
+    check.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help=f"shape of random verify input NAME; dynamic dims (symbolic, or -1) default to {DEFAULT_BATCH} for "
+        f"the leading (batch) dim and {DEFAULT_DYNAMIC_DIM} for the others",
     )
     check.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of --verify (default 1e-5)")
     check.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |output| (default 1e-4)")
@@ -179,7 +192,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         report.verification.judged = report.lossless
         logging.getLogger(__name__).info("verification took %.2fs", time.perf_counter() - start)
 
-    failed = report.verification is not None and not report.verification.passed and report.lossless
+    failed = report.verification is not None and report.verification.status == "failed"
     if args.output and not args.dry_run and not failed:
         external = {"auto": None, "always": True, "never": False}[args.external_data]
         save_model(optimized, args.output, input_path=args.model, external_data=external)

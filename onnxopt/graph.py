@@ -1,14 +1,16 @@
 """Graph helpers on onnx-graphsurgeon, shared by every pass.
 
-Passes work on a :class:`onnx_graphsurgeon.Graph`.  The helpers here cover the hazards the
-pass contract lists: producers/consumers and graph-output checks, constant access that
-copies an initializer shared with nodes outside the match before editing it, per-channel
-broadcasting on a chosen axis, unique name generation, and cleanup + toposort.
+Passes work on a :class:`onnx_graphsurgeon.Graph`; import makes repeated node names unique
+(``name__2``, ...).  The helpers here cover the hazards the pass contract lists:
+producers/consumers and graph-output checks, constant access that copies an initializer
+shared with nodes outside the match before editing it, per-channel broadcasting on a
+chosen axis, unique name generation, and cleanup + toposort.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -16,6 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- import/export
@@ -30,7 +34,31 @@ def import_graph(model: onnx.ModelProto, *, copy: bool = True) -> gs.Graph:
         working = onnx.ModelProto()
         working.CopyFrom(model)
         model = working
+    renamed = make_node_names_unique(model.graph)
+    if renamed:
+        logger.info("renamed %d node(s) whose names repeat an earlier node's (e.g. %s)", len(renamed), renamed[0])
     return gs.import_onnx(model)
+
+
+def make_node_names_unique(graph: onnx.GraphProto) -> list[str]:
+    """Rename the later nodes of ``graph`` whose name repeats an earlier one's: ``name__2``,
+    ``name__3``, ... (a name no other node has).  Exporters may repeat names (the ONNX checker
+    accepts it), but the passes' names and the validation need them unique.  Empty names stay
+    empty.  Returns ``"old -> new"`` for each renamed node."""
+    taken = {node.name for node in graph.node}
+    seen: set[str] = set()
+    renamed = []
+    for node in graph.node:
+        if not node.name:
+            continue
+        if node.name in seen:
+            suffix = itertools.count(2)
+            fresh = next(f"{node.name}__{i}" for i in suffix if f"{node.name}__{i}" not in taken)
+            taken.add(fresh)
+            renamed.append(f"{node.name} -> {fresh}")
+            node.name = fresh
+        seen.add(node.name)
+    return renamed
 
 
 def tensor_names(graph: gs.Graph) -> set[str]:

@@ -2,6 +2,8 @@
 
 ``Report.format_table()`` gives the human-readable summary printed to stderr by the CLI;
 ``Report.to_dict()`` / ``write_json()`` give the machine-readable form (``--report``).
+``verification_status`` tells a verification that failed from one that was not possible
+(the original model itself fails in ORT on the random inputs).
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class Report:
     verification: Any = None  # onnxopt.verify.VerifyResult, kept loose to avoid an import cycle
 
     @property
+    def verification_status(self) -> str:
+        """'not run', or the verification's 'passed' / 'failed' / 'not possible' (the original
+        model cannot run on the inputs: nothing compared, not a failure) / 'measured' (lossy)."""
+        return "not run" if self.verification is None else self.verification.status
+
+    @property
     def refusals(self) -> list[tuple[str, Refusal]]:
         return [(p.name, r) for p in self.passes for r in p.refusals]
 
@@ -86,6 +94,7 @@ class Report:
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
             "passes": [p.to_dict() for p in self.passes],
+            "verification_status": self.verification_status,
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 

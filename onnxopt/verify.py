@@ -2,9 +2,17 @@
 
 Both sessions run with ORT graph optimizations disabled, so the comparison measures what
 onnxopt changed and nothing ORT would fuse on its own.  Inputs are either the user's
-(``.npz`` with one array per graph input name) or random: standard normal for float inputs,
-small non-negative integers for integer inputs, with symbolic dimensions taken from
-``input_shapes`` (name → shape) or set to 1.
+(``.npz`` with one array per graph input name; any size where the model's dim is dynamic)
+or random: standard normal for float inputs, small non-negative integers for integer
+inputs.  Dynamic dimensions (symbolic, unnamed, or ``dim_value ≤ 0`` such as the ``-1``
+PaddlePaddle writes) are taken from ``input_shapes`` (name → shape), else a leading
+(batch) dim is ``DEFAULT_BATCH`` and any other ``DEFAULT_DYNAMIC_DIM``; a symbolic name gets
+the same size everywhere it appears.
+
+When random inputs make the *original* model fail in ONNX Runtime (e.g. a reflect Pad on a
+signal shorter than its padding), nothing can be compared: the result is "not possible"
+(``possible`` False, with ORT's first error line as the ``reason``), which is distinct from
+"failed" and not an error.  A model that fails on the user's own inputs is an error.
 
 Per output the result gives the max absolute error, the max error relative to the largest
 reference magnitude (``max|a−b| / max|b|``, robust to near-zero entries), the cosine
@@ -26,6 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import VerificationError
+from .graph import make_node_names_unique
 from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
 
@@ -62,10 +71,30 @@ class VerifyResult:
     failures: list[str] = field(default_factory=list)
     #: False for a lossy pipeline: the figures measure fidelity, the tolerance does not apply.
     judged: bool = True
+    #: False when the original model cannot run on the inputs: nothing was compared.
+    possible: bool = True
+    #: why verification was not possible (ORT's first error line and what to do)
+    reason: str = ""
+
+    @classmethod
+    def not_possible(cls, atol: float, rtol: float, input_source: str, reason: str) -> "VerifyResult":
+        return cls([], False, atol, rtol, input_source, possible=False, reason=reason)
+
+    @property
+    def status(self) -> str:
+        """'passed', 'failed', 'not possible' or 'measured' (lossy: figures, no verdict)."""
+        if not self.possible:
+            return "not possible"
+        if not self.judged:
+            return "measured"
+        return "passed" if self.passed else "failed"
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "status": self.status,
             "passed": self.passed,
+            "possible": self.possible,
+            "reason": self.reason,
             "judged": self.judged,
             "atol": self.atol,
             "rtol": self.rtol,
@@ -75,6 +104,8 @@ class VerifyResult:
         }
 
     def format(self) -> str:
+        if not self.possible:
+            return f"verify ({self.input_source}): NOT POSSIBLE (not a failure: nothing was compared): {self.reason}"
         if self.judged:
             status = "PASSED" if self.passed else "FAILED"
             lines = [f"verify ({self.input_source}; tolerance atol={self.atol:g} rtol={self.rtol:g}): {status}"]
@@ -103,6 +134,32 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
+#: the size random inputs give a dynamic leading (batch) dimension
+DEFAULT_BATCH = 1
+#: the size random inputs give any other dynamic dimension (spatial, sequence, ...)
+DEFAULT_DYNAMIC_DIM = 32
+
+
+def is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """True for a symbolic or unnamed dimension, or a ``dim_value ≤ 0`` (the ``-1`` some exporters write)."""
+    return not dim.HasField("dim_value") or dim.dim_value <= 0
+
+
+def default_shape(info: onnx.ValueInfoProto, sizes: dict[str, int]) -> list[int]:
+    """The shape random inputs give ``info``: static dims as declared, dynamic ones the
+    defaults; ``sizes`` (symbol → size) makes a symbol the same size in every input."""
+    shape = []
+    for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+        if not is_dynamic(dim):
+            shape.append(dim.dim_value)
+            continue
+        size = DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM
+        if dim.HasField("dim_param") and dim.dim_param:
+            size = sizes.setdefault(dim.dim_param, size)
+        shape.append(size)
+    return shape
+
+
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     initializers = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in initializers]
@@ -119,12 +176,15 @@ def random_inputs(
     unknown = set(input_shapes) - {i.name for i in inputs}
     if unknown:
         raise VerificationError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {[i.name for i in inputs]}")
+    sizes = _symbol_sizes(inputs, input_shapes)
     for info in inputs:
         tensor_type = info.type.tensor_type
         if not tensor_type.elem_type:
             raise VerificationError(f"input {info.name} is not a tensor; give inputs with --inputs x.npz")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        shape = input_shapes.get(info.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim]
+        shape = input_shapes.get(info.name) or default_shape(info, sizes)
+        if any(d < 0 for d in shape):
+            raise VerificationError(f"--input-shape {info.name}: negative dimension in {list(shape)}")
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -132,6 +192,20 @@ def random_inputs(
         else:
             feeds[info.name] = rng.integers(0, 4, shape).astype(dtype)
     return feeds
+
+
+def _symbol_sizes(inputs: Sequence[onnx.ValueInfoProto], input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Symbol → size for the symbols of the inputs given with ``input_shapes``, so other
+    inputs sharing a symbol (e.g. ``seq`` of ids and mask) get the same size."""
+    sizes: dict[str, int] = {}
+    for info in inputs:
+        given = input_shapes.get(info.name)
+        if not given:
+            continue
+        for dim, size in zip(info.type.tensor_type.shape.dim, given):
+            if dim.HasField("dim_param") and dim.dim_param:
+                sizes.setdefault(dim.dim_param, int(size))
+    return sizes
 
 
 def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto, *, batched: bool = False) -> dict[str, np.ndarray]:
@@ -156,14 +230,14 @@ def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto, *, batched
         dims = tensor_type.shape.dim
         array = feeds[name]
         compared = list(zip(dims, array.shape))[1 if batched else 0 :]
-        if array.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in compared):
+        if array.ndim != len(dims) or any(not is_dynamic(d) and d.dim_value != s for d, s in compared):
             raise VerificationError(f"inputs {path}: {name} has shape {list(array.shape)}, model expects {_dims(dims)}")
         feeds[name] = array.astype(dtype, copy=False)
     return feeds
 
 
 def _dims(dims: Sequence[onnx.TensorShapeProto.Dimension]) -> list[object]:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    return [d.dim_value if not is_dynamic(d) else (d.dim_param or "?") for d in dims]
 
 
 # --------------------------------------------------------------------------- running
@@ -183,6 +257,14 @@ def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0)
 
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds``.  ORT refuses repeated node names (which the ONNX
+    checker accepts and some exporters write), so such a model runs as a renamed copy."""
+    names = [node.name for node in model.graph.node if node.name]
+    if len(set(names)) != len(names):
+        renamed = onnx.ModelProto()
+        renamed.CopyFrom(model)
+        make_node_names_unique(renamed.graph)
+        model = renamed
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds))))
@@ -224,9 +306,19 @@ def verify(
         feeds, source = dict(inputs), "given inputs"
     try:
         reference = run(original, feeds)
-        candidate = run(optimized, feeds)
     except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
-        raise VerificationError(f"ONNX Runtime failed to run the models: {str(exc).strip().splitlines()[0]}") from exc
+        if inputs is not None:
+            raise VerificationError(f"ONNX Runtime failed to run the original model on {source}: {_first_line(exc)}") from exc
+        shapes = ", ".join(f"{name}={list(array.shape)}" for name, array in feeds.items())
+        reason = (
+            f"the original model fails in ONNX Runtime on random inputs ({shapes}): {_first_line(exc)}; "
+            "pass real inputs with --inputs x.npz (or other shapes with --input-shape NAME=D0,D1,..)"
+        )
+        return VerifyResult.not_possible(atol, rtol, source, reason)
+    try:
+        candidate = run(optimized, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"ONNX Runtime failed to run the models: the optimized model fails where the original runs: {_first_line(exc)}") from exc
     missing = sorted(set(reference) - set(candidate))
     if missing:
         raise VerificationError(f"optimized model lost output(s) {missing}")
@@ -238,3 +330,8 @@ def verify(
         if not comparison.within(atol, rtol, ref_max):
             failures.append(f"{name}: max abs error {comparison.max_abs:.3g} > {atol:g} + {rtol:g}·{ref_max:.3g}")
     return VerifyResult(outputs, not failures, atol, rtol, source, failures)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,8 +24,8 @@ update rules are in :mod:`.absorb`.  Discovery and the solution of the per-tenso
 are in :mod:`.region`.
 
 Refused (with the reason in the report): training-mode BN, non-constant BN parameters,
-γ = 0 in some channel (the inverse map does not exist), a BN output that is a graph
-output, and every BN whose closure meets a blocking node (activation, graph input/output,
+γ = 0 in some channel when a leaf needs the inverse map (forward, or backward with
+leaves), and every BN whose closure meets a blocking node (activation, graph input/output,
 unknown op), a root/leaf overlap, a shift through zero padding or a gate, a negative
 scale through a max, or channel axes that cannot be traced.
 
@@ -34,6 +34,9 @@ in the model metadata ``onnxopt.bn_statistics`` for the tensor now holding those
 (backward: the BN input; forward: the BN input with its running mean/std), and later
 folds that rescale that tensor update them, so data-free quantization still works after
 folding.  :func:`read_bn_statistics` reads them back.
+
+A BN whose output is a graph output folds backward only, and the graph output keeps its
+name: the producer of the BN input writes it (as the classic Conv → BN fold does).
 """
 
 from __future__ import annotations
@@ -56,14 +59,16 @@ from onnxopt.graph import (
     is_graph_output,
     node_label,
     per_channel,
+    producer,
     replace_all_uses,
     set_constant_input,
+    substitute,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from ..conv_bn_fold import bn_refusal, bn_scale_shift
 from .absorb import absorb_input, absorb_output
-from .channels import ChannelMap
+from .channels import ChannelMap, tensor_rank
 from .region import FoldImpossible, Region, discover, leaf_refusal, push_shift, recompute, root_axis_refusal, spread_scales
 
 STATISTICS_KEY = "onnxopt.bn_statistics"
@@ -82,10 +87,6 @@ def plan_fold(graph: gs.Graph, bn: gs.Node) -> tuple[FoldPlan | None, str]:
     if reason:
         return None, reason
     scale, shift = bn_scale_shift(bn)
-    if np.any(scale == 0):
-        return None, f"γ = 0 in {int(np.sum(scale == 0))} channel(s): the map has no inverse"
-    if is_graph_output(graph, bn.outputs[0]):
-        return None, "its output is a graph output"
     reasons = []
     for direction in ("backward", "forward"):
         try:
@@ -95,8 +96,19 @@ def plan_fold(graph: gs.Graph, bn: gs.Node) -> tuple[FoldPlan | None, str]:
     return None, "; ".join(reasons)
 
 
+def _inverse_refusal(scale: np.ndarray) -> str | None:
+    zeros = int(np.sum(scale == 0))
+    return f"γ = 0 in {zeros} channel(s): the map has no inverse" if zeros else None
+
+
 def _plan(graph: gs.Graph, bn: gs.Node, backward: bool, scale: np.ndarray, shift: np.ndarray) -> FoldPlan:
+    """One direction's fold.  γ = 0 only blocks folds whose leaves need the inverse map (a
+    backward fold into roots alone is exact for any scale, like the classic Conv → BN fold)."""
+    if not backward and _inverse_refusal(scale):
+        raise FoldImpossible(_inverse_refusal(scale))
     region = discover(graph, bn, backward)
+    if region.leaves and _inverse_refusal(scale):
+        raise FoldImpossible(f"{_inverse_refusal(scale)}, and {len(region.leaves)} leaf layer(s) would need it")
     spread_scales(region, 1, scale if backward else 1.0 / scale)
     if backward:
         root_shifts: dict[str, np.ndarray] = {}
@@ -127,6 +139,9 @@ def _plan(graph: gs.Graph, bn: gs.Node, backward: bool, scale: np.ndarray, shift
         reason = leaf_refusal(leaf, values[leaf.inputs[0].name])
         if reason:
             raise FoldImpossible(reason)
+    for node, _ in region.constants.values():
+        if tensor_rank(node.outputs[0]) is None:
+            raise FoldImpossible(f"{node.op} {node_label(node)}: rank of its output unknown (its constant operand cannot be mapped)")
     return FoldPlan("backward" if backward else "forward", region, values)
 
 
@@ -139,10 +154,20 @@ def apply_fold(graph: gs.Graph, bn: gs.Node, plan: FoldPlan, names: NameFactory)
         absorb_input(graph, leaf, value.scale, value.shift, names)
     for key, (node, index) in plan.region.constants.items():
         value = plan.values[key]
-        set_constant_input(graph, node, index, mapped_constant(constant_values(node, index), value, len(node.outputs[0].shape)), names)
+        set_constant_input(graph, node, index, mapped_constant(constant_values(node, index), value, tensor_rank(node.outputs[0])), names)
     data, result = bn.inputs[0], bn.outputs[0]
     detach(bn)
-    replace_all_uses(graph, result, data)
+    if is_graph_output(graph, result):  # backward only: the graph output keeps its name
+        maker = producer(data)
+        replace_all_uses(graph, data, result)
+        substitute(maker.outputs, data, result)
+    else:
+        replace_all_uses(graph, result, data)
+
+
+def surviving_tensor(graph: gs.Graph, bn: gs.Node) -> str:
+    """The name of the tensor holding the BN's input (now rescaled) once ``bn`` is folded."""
+    return bn.outputs[0].name if is_graph_output(graph, bn.outputs[0]) else bn.inputs[0].name
 
 
 def mapped_constant(values: np.ndarray, channel_map: ChannelMap, rank: int) -> np.ndarray:
@@ -232,9 +257,11 @@ class FoldBatchNorm(Pass):
                 "leaves": [node_label(n) for n in plan.region.leaves.values()],
             }
             new_statistics = _bn_output_statistics(bn, plan.direction)
-            target = bn.inputs[0].name
+            source, target = bn.inputs[0].name, surviving_tensor(graph, bn)
             apply_fold(graph, bn, plan, names)
             _update_statistics(statistics, plan.values)
+            if target != source:
+                statistics.pop(source, None)
             statistics[target] = new_statistics
             folded.append(record)
             ctx.logger.info("folded BN %s %s into %s", record["bn"], plan.direction, record["roots"] + record["leaves"])

@@ -14,6 +14,14 @@ another axis, maybe a sub-vector or a concatenation).  This module says, per op 
   through a max (max(s·x) = s·max(x) only for s > 0).
 
 Vectors use NaN for channels nothing constrains yet (e.g. channels a Slice drops).
+
+Shapes (:func:`tensor_rank`, :func:`channel_count`): ONNX shape inference gives most of
+them, but exported models often defeat it (a ``-1`` or symbolic batch, dynamic H/W, a
+Reshape or Resize whose shape is computed at run time).  A tensor next to a layer still has
+a known rank and channel count: a Conv output has ``W.shape[0]`` channels and rank
+``W.ndim``, a Conv input ``W.shape[1]·group``, a BatchNormalization input or output as
+many channels as its scale.  Dimensions ≤ 0 (``-1`` written by some exporters) count as
+unknown.  A fold that only needs the channel count never depends on the other dimensions.
 """
 
 from __future__ import annotations
@@ -124,9 +132,83 @@ def output_axis(node: gs.Node, axis: int) -> int:
 
 
 def _rank(tensor: gs.Tensor) -> int:
-    if tensor.shape is None:
+    rank = tensor_rank(tensor)
+    if rank is None:
         raise NotTransparent(f"rank of {tensor.name} unknown")
-    return len(tensor.shape)
+    return rank
+
+
+# --------------------------------------------------------------------------- shapes
+def static_dim(dim: object) -> int | None:
+    """``dim`` as an int when it is a known positive size (symbols, None and ≤ 0 are not)."""
+    if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim > 0:
+        return int(dim)
+    return None
+
+
+def tensor_rank(tensor: gs.Tensor) -> int | None:
+    """The rank of ``tensor``: from its inferred shape, else from the layers around it."""
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    return _layer_facts(tensor)[0]
+
+
+def channel_count(tensor: gs.Tensor, axis: int) -> int | None:
+    """The size of ``tensor`` along ``axis``: from its inferred shape when static, else (axis 1)
+    from the weights of the layers producing or reading it; None when nothing tells."""
+    shape = tensor.shape
+    if shape is not None and axis < len(shape) and static_dim(shape[axis]) is not None:
+        return static_dim(shape[axis])
+    if axis != 1:
+        return None
+    return _layer_facts(tensor)[1]
+
+
+def _layer_facts(tensor: gs.Tensor) -> tuple[int | None, int | None]:
+    """(rank, channels on axis 1) of ``tensor`` told by the layers producing or reading it."""
+    facts = []
+    if tensor.inputs:
+        facts.append(_output_facts(tensor.inputs[0], tensor))
+    facts.extend(_input_facts(node) for node in tensor.outputs if node.inputs and node.inputs[0] is tensor)
+    rank = next((r for r, _ in facts if r is not None), None)
+    channels = next((c for _, c in facts if c is not None), None)
+    return rank, channels
+
+
+def _layer_weight(node: gs.Node) -> np.ndarray | None:
+    if not is_default_domain(node) or node.op not in ("Conv", "ConvTranspose"):
+        return None
+    weight = constant_values(node, 1)
+    return weight if weight is not None and weight.ndim >= 3 else None
+
+
+def _bn_channels(node: gs.Node) -> int | None:
+    if node.op != "BatchNormalization" or not is_default_domain(node):
+        return None
+    scale = constant_values(node, 1)
+    return None if scale is None else int(scale.size)
+
+
+def _output_facts(node: gs.Node, tensor: gs.Tensor) -> tuple[int | None, int | None]:
+    if not node.outputs or node.outputs[0] is not tensor:
+        return None, None
+    weight = _layer_weight(node)
+    if weight is not None:
+        groups = int(node.attrs.get("group", 1))
+        channels = weight.shape[0] if node.op == "Conv" else weight.shape[1] * groups
+        return weight.ndim, int(channels)
+    channels = _bn_channels(node)
+    if channels is not None:
+        return tensor_rank(node.inputs[0]), channels
+    return None, None
+
+
+def _input_facts(node: gs.Node) -> tuple[int | None, int | None]:
+    weight = _layer_weight(node)
+    if weight is not None:
+        channels = weight.shape[1] * int(node.attrs.get("group", 1)) if node.op == "Conv" else weight.shape[0]
+        return weight.ndim, int(channels)
+    return None, _bn_channels(node)
 
 
 def _reduce_axes(node: gs.Node) -> list[int]:
@@ -149,14 +231,14 @@ def _reshaped_axis(node: gs.Node, axis: int) -> int:
     in_shape, out_shape = node.inputs[0].shape, node.outputs[0].shape
     if in_shape is None or out_shape is None:
         raise NotTransparent(f"{node.op} without known shapes")
-    channels = in_shape[axis]
+    channels = channel_count(node.inputs[0], axis)
     trailing = in_shape[axis + 1 :]
-    if not isinstance(channels, int) or not all(isinstance(d, int) for d in trailing):
+    if channels is None or not all(static_dim(d) for d in trailing):
         raise NotTransparent(f"{node.op}: channel or trailing dimensions are not static")
     inner = int(np.prod(trailing, dtype=np.int64))
     for out_axis, size in enumerate(out_shape):
         out_trailing = out_shape[out_axis + 1 :]
-        if size == channels and all(isinstance(d, int) for d in out_trailing):
+        if static_dim(size) == channels and all(static_dim(d) for d in out_trailing):
             if int(np.prod(out_trailing, dtype=np.int64)) == inner:
                 return out_axis
     raise NotTransparent(f"{node.op} mixes the channel axis with other dimensions")
@@ -172,8 +254,8 @@ def channel_sizes(node: gs.Node, axis: int) -> list[int]:
     """Channel counts of the Concat inputs along ``axis`` (static shapes required)."""
     sizes = []
     for tensor in node.inputs:
-        dim = tensor.shape[axis] if tensor.shape is not None else None
-        if not isinstance(dim, int):
+        dim = channel_count(tensor, axis)
+        if dim is None:
             raise NotTransparent(f"Concat input {tensor.name} has no static channel count")
         sizes.append(dim)
     return sizes
@@ -183,8 +265,8 @@ def split_sizes(node: gs.Node, axis: int) -> list[int]:
     """Sizes of the Split outputs along ``axis``."""
     sizes = []
     for tensor in node.outputs:
-        dim = tensor.shape[axis] if tensor.shape is not None else None
-        if not isinstance(dim, int):
+        dim = channel_count(tensor, axis)
+        if dim is None:
             raise NotTransparent(f"Split output {tensor.name} has no static channel count")
         sizes.append(dim)
     return sizes

@@ -150,9 +150,10 @@ def _visit_consumer(region: Region, node: gs.Node, tensor: gs.Tensor, work: dequ
 
 # --------------------------------------------------------------------------- scales
 def _channels(tensor: gs.Tensor, axis: int) -> int:
-    if tensor.shape is None or axis >= len(tensor.shape) or not isinstance(tensor.shape[axis], int):
-        raise FoldImpossible(f"channel count of {tensor.name} is not static")
-    return int(tensor.shape[axis])
+    channels = ch.channel_count(tensor, axis)
+    if channels is None:
+        raise FoldImpossible(f"channel count of {tensor.name} is not static (neither shape inference nor a neighbouring layer's weights give it)")
+    return channels
 
 
 def _merge(region: Region, tensor: gs.Tensor, axis: int, scale: np.ndarray) -> bool:
@@ -223,7 +224,7 @@ def _spread_through(region: Region, node: gs.Node) -> bool:
 
 def input_axis_for(node: gs.Node, out_axis: int, data: gs.Tensor) -> int:
     """The input axis that ``output_axis`` maps onto ``out_axis``."""
-    rank = len(data.shape) if data.shape is not None else 0
+    rank = ch.tensor_rank(data) or 0
     for axis in range(rank):
         try:
             if ch.output_axis(node, axis) == out_axis:
@@ -280,7 +281,10 @@ def _selections(node: gs.Node, axis: int, channels: int, n_outputs: int) -> list
     if node.op == "Slice":
         idx = ch.slice_indices(node, axis, channels)
         return None if idx is None else [idx]
-    if int(node.attrs.get("axis", 0)) % len(node.inputs[0].shape) != axis:
+    rank = ch.tensor_rank(node.inputs[0])
+    if rank is None:
+        raise FoldImpossible(f"{node.op} {node_label(node)}: rank of its input unknown")
+    if int(node.attrs.get("axis", 0)) % rank != axis:
         return None
     sizes = ch.split_sizes(node, axis)
     bounds = np.cumsum([0, *sizes])
@@ -372,14 +376,14 @@ def _output_shift(region: Region, node: gs.Node, indices: list[int], inputs: lis
 
 
 def root_axis_refusal(node: gs.Node, axis: int) -> str | None:
-    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    rank = ch.tensor_rank(node.outputs[0])
     if rank is None or axis != output_channel_axis(node) % rank:
         return f"{node.op} {node_label(node)}: the map is not on its output channels"
     return None
 
 
 def leaf_refusal(node: gs.Node, value: ChannelMap) -> str | None:
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    rank = ch.tensor_rank(node.inputs[0])
     if rank is None or value.axis != input_channel_axis(node) % rank:
         return f"{node.op} {node_label(node)}: the map is not on its input channels"
     if np.any(value.shift):

@@ -20,6 +20,7 @@ from onnxopt.demo import demo_model
 from onnxopt.io import load_model
 from onnxopt.passes import builtin_registry
 from tests.conftest import CLASSIC, assert_equivalent, ops
+from tests.user_models import REFLECT_PAD, duplicate_names_model, minus_one_conv_model, reflect_pad_model
 
 PASSES = ",".join(CLASSIC)
 ONNXOPT = Path(sys.executable).with_name("onnxopt")
@@ -365,3 +366,65 @@ def test_python_m_bad_input_is_one_line_and_verbose_shows_the_traceback(tmp_path
     assert verbose.returncode == 3
     assert "Traceback" in verbose.stderr and "InputNotFoundError" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == f"onnxopt: error: input model not found: {tmp_path / 'missing.onnx'}"
+
+
+# --------------------------------------------------------------------------- models users bring
+def _written(out: Path) -> onnx.ModelProto:
+    model = load_model(out)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("batch, spatial", [(-1, -1), ("N", "S")])
+def test_verify_with_minus_one_or_symbolic_dims(capsys, tmp_path, batch, spatial):
+    original = minus_one_conv_model(batch, spatial)
+    path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(original, path)
+    code, _, err = cli(capsys, path, "-o", out, "--passes", PASSES, "--verify", "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["verification_status"] == "passed" and data["verification"]["outputs"][0]["shape"] == [1, 4, 32, 32]
+    optimized = _written(out)
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(original, optimized, input_shapes={"x": [2, 3, 9, 7]})
+
+
+def test_npz_inputs_with_another_batch_for_a_minus_one_model(capsys, tmp_path):
+    original = minus_one_conv_model()
+    path, out, inputs, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "x.npz", tmp_path / "r.json"
+    onnx.save(original, path)
+    np.savez(inputs, x=np.random.default_rng(2).standard_normal((3, 3, 12, 8)).astype(np.float32))
+    code, _, err = cli(capsys, path, "-o", out, "--passes", PASSES, "--inputs", inputs, "--report", report)
+    assert code == 0, err
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["status"] == "passed" and verification["outputs"][0]["shape"] == [3, 4, 12, 8]
+    assert_equivalent(original, _written(out), inputs=dict(np.load(inputs)))
+
+
+def test_verify_not_possible_when_the_original_fails_on_random_inputs(capsys, tmp_path):
+    original = reflect_pad_model()
+    path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(original, path)
+    code, _, err = cli(capsys, path, "-o", out, "--verify", "--report", report)
+    assert code == 0, err
+    assert "NOT POSSIBLE" in err and "Pad" in err and "--inputs" in err and "onnxopt: error" not in err
+    assert err.strip().splitlines()[-1] == f"onnxopt: wrote {out}"
+    data = json.loads(report.read_text())
+    assert data["verification_status"] == "not possible" and data["verification"]["possible"] is False
+    optimized = _written(out)
+    assert ops(optimized)["Identity"] == 0
+    assert_equivalent(original, optimized, input_shapes={"x": [2, REFLECT_PAD + 8]})
+
+
+def test_repeated_node_names_are_made_unique(capsys, tmp_path):
+    original = duplicate_names_model()
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(original, path)
+    code, _, err = cli(capsys, path, "-o", out, "--passes", PASSES, "--verify")
+    assert code == 0, err
+    assert "PASSED" in err
+    optimized = _written(out)
+    names = [node.name for node in optimized.graph.node]
+    assert ops(optimized)["Identity"] == 0 and len(names) == len(set(names)) == 8
+    assert names[0] == "F0::anon" and all(name.startswith("F0::anon__") for name in names[1:])
+    assert_equivalent(original, optimized, input_shapes={"x": [3, 4]})

@@ -271,3 +271,27 @@ def test_inferred_shapes_on_the_skeleton_equal_full_inference():
     assert [d.dim_value for d in {v.name: v for v in fast.graph.value_info}["r"].type.tensor_type.shape.dim] == [1, 4, 400]
     assert len(fast.graph.initializer) == 2 and fast.graph.initializer[0].dims == [16, 8, 3, 3]
     assert not model.graph.value_info  # the input model is left alone
+
+
+def test_import_makes_repeated_node_names_unique_and_keeps_empty_ones():
+    import onnx
+
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] x) => (float[2] y) {
+          a = Relu(x)
+          b = Neg(a)
+          c = Abs(b)
+          d = Relu(c)
+          y = Neg(d)
+        }
+        """
+    )
+    for node, name in zip(model.graph.node, ["n", "n", "n__2", "", "n"]):
+        node.name = name
+    graph = import_graph(model)
+    assert [node.name for node in graph.nodes] == ["n", "n__3", "n__2", "", "n__4"]
+    assert [node.name for node in model.graph.node] == ["n", "n", "n__2", "", "n"]  # the caller's copy is untouched
+    exported = export_model(graph, model)
+    onnx.checker.check_model(exported, full_check=True)

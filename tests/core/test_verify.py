@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from onnxopt.errors import VerificationError
 from onnxopt.verify import compare_outputs, load_inputs, parse_input_shapes, random_inputs, run, verify
 from tests.conftest import parse
+from tests.user_models import REFLECT_PAD, duplicate_names_model, minus_one_conv_model, reflect_pad_model
 
 # y = x @ w + b on a dynamic batch: logits-like output of rank 2 (top-1 is defined).
 LINEAR = """
@@ -190,3 +191,72 @@ def test_run_uses_the_given_feeds(linear):
     w = numpy_helper.to_array(linear.graph.initializer[0])
     b = numpy_helper.to_array(linear.graph.initializer[1])
     np.testing.assert_allclose(run(linear, {"x": x})["y"], x @ w + b, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- models users bring
+def test_minus_one_and_symbolic_dims_get_the_documented_defaults():
+    from onnxopt.verify import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
+
+    model = minus_one_conv_model()
+    assert random_inputs(model)["x"].shape == (DEFAULT_BATCH, 3, DEFAULT_DYNAMIC_DIM, DEFAULT_DYNAMIC_DIM) == (1, 3, 32, 32)
+    assert random_inputs(minus_one_conv_model("N", "S"))["x"].shape == (1, 3, 32, 32)
+    assert random_inputs(model, {"x": [2, 3, 7, 9]})["x"].shape == (2, 3, 7, 9)
+    result = verify(model, model)
+    assert result.passed and result.status == "passed" and result.outputs[0].shape == (1, 4, 32, 32)
+
+
+def test_a_symbol_shared_by_two_inputs_gets_one_size():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[B,S] ids, int64[B,S] mask) => (int64[B,S] y) {
+          y = Add(ids, mask)
+        }
+        """
+    )
+    feeds = random_inputs(model)
+    assert feeds["ids"].shape == feeds["mask"].shape == (1, 32)
+    feeds = random_inputs(model, {"ids": [2, 5]})
+    assert feeds["mask"].shape == (2, 5)  # the shape given for ids fixes B and S
+    assert verify(model, model, input_shapes={"ids": [2, 5]}).passed
+
+
+def test_negative_input_shape_is_refused():
+    with pytest.raises(VerificationError, match="negative dimension"):
+        random_inputs(minus_one_conv_model(), {"x": [-1, 3, 8, 8]})
+
+
+def test_npz_inputs_take_any_size_where_the_model_dim_is_minus_one(tmp_path):
+    model = minus_one_conv_model()
+    x = np.random.default_rng(0).standard_normal((3, 3, 10, 6)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    assert load_inputs(tmp_path / "in.npz", model)["x"].shape == (3, 3, 10, 6)
+    result = verify(model, model, inputs=tmp_path / "in.npz")
+    assert result.passed and result.outputs[0].shape == (3, 4, 10, 6)
+    np.savez(tmp_path / "bad.npz", x=x[:, :2])  # the channel dim is static: still checked
+    with pytest.raises(VerificationError, match=re.escape("x has shape [3, 2, 10, 6], model expects ['?', 3, '?', '?']")):
+        load_inputs(tmp_path / "bad.npz", model)
+
+
+def test_original_failing_on_random_inputs_makes_verification_not_possible(tmp_path):
+    model = reflect_pad_model()
+    result = verify(model, model)
+    assert result.status == "not possible" and not result.possible and not result.passed
+    assert result.outputs == [] and result.failures == []
+    assert "Pad" in result.reason and "x=[1, 32]" in result.reason and "--inputs" in result.reason
+    assert "NOT POSSIBLE" in result.format() and "FAILED" not in result.format()
+    assert result.to_dict()["status"] == "not possible" and result.to_dict()["reason"] == result.reason
+    # long enough random signals verify normally
+    assert verify(model, model, input_shapes={"x": [1, REFLECT_PAD + 10]}).status == "passed"
+    # the user's own inputs failing on the original is an error, not "not possible"
+    np.savez(tmp_path / "short.npz", x=np.ones((1, 8), np.float32))
+    with pytest.raises(VerificationError, match="failed to run the original model on inputs from"):
+        verify(model, model, inputs=tmp_path / "short.npz")
+
+
+def test_repeated_node_names_run_in_ort_as_a_renamed_copy():
+    model = duplicate_names_model()
+    assert len({n.name for n in model.graph.node}) == 1
+    result = verify(model, model)
+    assert result.passed and result.outputs[0].max_abs == 0.0
+    assert len({n.name for n in model.graph.node}) == 1  # the caller's model is untouched

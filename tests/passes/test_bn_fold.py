@@ -249,20 +249,46 @@ def test_bn_after_relu_before_padded_conv_is_refused() -> None:
     assert ops(optimized)["BatchNormalization"] == 1
 
 
-def test_bn_feeding_a_graph_output_is_refused() -> None:
+def test_bn_feeding_a_graph_output_folds_backward_and_keeps_the_output_name() -> None:
     arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4)}
     proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] z)", ["c = Conv(x, w)", bn("bn", "c", "z")], arrays)
     optimized, result = fold(proto)
-    assert "graph output" in refusal_reason(result)
+    assert single_fold(result)["direction"] == "backward"
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert [o.name for o in optimized.graph.output] == ["z"]
+    assert optimized.graph.node[0].output[0] == "z"
+    assert list(read_bn_statistics(optimized)) == ["z"]
+    assert_equivalent(proto, optimized)
+
+
+def test_bn_feeding_a_graph_output_after_a_relu_is_refused() -> None:
+    arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4)}
+    proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] z)", ["c = Conv(x, w)", "r = Relu(c)", bn("bn", "r", "z")], arrays)
+    optimized, result = fold(proto)
+    assert "graph output z" in refusal_reason(result)
     assert ops(optimized)["BatchNormalization"] == 1
 
 
-def test_gamma_zero_is_refused() -> None:
+def test_gamma_zero_folds_into_roots_alone() -> None:
     gamma = np.array([1.0, 0.0, 0.5, 2.0], np.float32)
     arrays = {"w": weights(4, 3, 1, 1), **bn_params("bn", 4, gamma)}
     proto = model("(float[1,3,4,4] x) => (float[1,4,4,4] y)", ["c = Conv(x, w)", bn("bn", "c", "z"), "y = Relu(z)"], arrays)
     optimized, result = fold(proto)
-    assert "γ = 0" in refusal_reason(result)
+    assert single_fold(result)["direction"] == "backward"
+    assert ops(optimized)["BatchNormalization"] == 0
+    assert_equivalent(proto, optimized)
+
+
+def test_gamma_zero_is_refused_when_a_leaf_needs_the_inverse() -> None:
+    gamma = np.array([1.0, 0.0, 0.5, 2.0], np.float32)
+    arrays = {"w": weights(4, 3, 1, 1), "w2": weights(2, 4, 1, 1), **bn_params("bn", 4, gamma)}
+    proto = model(
+        "(float[1,3,4,4] x) => (float[1,4,4,4] y, float[1,2,4,4] y2)",
+        ["c = Conv(x, w)", bn("bn", "c", "z"), "y = Relu(z)", "y2 = Conv(c, w2)"],
+        arrays,
+    )
+    optimized, result = fold(proto)
+    assert "γ = 0" in refusal_reason(result) and "leaf" in refusal_reason(result)
     assert ops(optimized)["BatchNormalization"] == 1
 
 
@@ -405,3 +431,103 @@ def test_constant_operand_of_concat_is_still_refused() -> None:
     )
     _, result = fold(proto)
     assert "Concat" in refusal_reason(result) and "constant operand" in refusal_reason(result)
+
+
+# --------------------------------------------------------------------------- dynamic shapes
+def _bn_count(proto: onnx.ModelProto) -> int:
+    return ops(proto)["BatchNormalization"]
+
+
+def _torch_conv_bn_net():
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        """Conv-BN-Relu blocks behind a nearest Resize and a Reshape with a computed shape."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+            self.c3, self.b3 = torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            x = torch.relu(self.b1(self.c1(x)))
+            x = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = torch.relu(self.b2(self.c2(x)))
+            x = x.reshape(x.shape[0], 8, -1, x.shape[3])
+            return torch.relu(self.b3(self.c3(x)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+    return torch, net
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_torch_export_with_dynamic_batch_and_spatial_dims_folds_every_bn(opset: int, tmp_path) -> None:
+    torch, net = _torch_conv_bn_net()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(
+        net, torch.randn(1, 3, 16, 16), str(path), opset_version=opset, input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "y": {0: "N", 2: "H", 3: "W"}}, dynamo=False,
+        do_constant_folding=False,  # keep the BNs: torch would fold them itself
+    )
+    proto = onnx.load(str(path))
+    assert _bn_count(proto) == 3
+    classic, _ = run_passes(proto, "fold-conv-bn")
+    optimized, result = fold(proto)
+    assert _bn_count(classic) == 0
+    assert _bn_count(optimized) == 0, result.refusals  # the Conv after the Reshape: no inferred shape
+    assert result.stats["bn_folded"] == 3 and result.stats["backward"] == 3
+    assert_equivalent(proto, optimized, input_shapes={"x": [2, 3, 10, 12]})
+
+
+def _opaque_reshape_model() -> onnx.ModelProto:
+    """Paddle-style: ``-1`` batch and spatial dims, a Reshape whose shape is computed from
+    Shape(x) before the first Conv, a value_info with unknown dims for a Conv output."""
+    from onnx import TensorProto, helper
+
+    arrays = {
+        "w1": weights(4, 3, 3, 3), "w2": weights(5, 4, 1, 1), "b2": weights(5),
+        **bn_params("bn1", 4), **bn_params("bn2", 5),
+    }
+    shape_consts = {"starts": np.array([0], np.int64), "ends": np.array([2], np.int64), "tail": np.array([-1, 8], np.int64)}
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Slice", ["s", "starts", "ends"], ["nc"], name="slice"),
+        helper.make_node("Concat", ["nc", "tail"], ["new_shape"], axis=0, name="new_shape"),
+        helper.make_node("Reshape", ["x", "new_shape"], ["xr"], name="reshape"),
+        helper.make_node("Conv", ["xr", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "bn1_g", "bn1_b", "bn1_m", "bn1_v"], ["z1"], epsilon=1e-3, name="bn1"),
+        helper.make_node("Relu", ["z1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("BatchNormalization", ["c2", "bn2_g", "bn2_b", "bn2_m", "bn2_v"], ["z2"], epsilon=1e-3, name="bn2"),
+        helper.make_node("Relu", ["z2"], ["y"], name="relu2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "paddle_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 5, -1, -1])],
+        [numpy_helper.from_array(v, k) for k, v in {**arrays, **shape_consts}.items()],
+        value_info=[helper.make_tensor_value_info("c1", TensorProto.FLOAT, [None] * 4)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    proto.ir_version = 6
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_minus_one_dims_and_opaque_reshape_fold_from_the_layer_weights() -> None:
+    proto = _opaque_reshape_model()
+    classic, _ = run_passes(proto, "fold-conv-bn")
+    optimized, result = fold(proto)
+    assert _bn_count(classic) == 0
+    assert _bn_count(optimized) == 0, result.refusals
+    assert {r["bn"] for r in result.stats["folds"]} == {"bn1", "bn2"}
+    assert_equivalent(proto, optimized, input_shapes={"x": [2, 3, 4, 6]})
