@@ -2,6 +2,10 @@
 
 ``Report.format_table()`` gives the human-readable summary printed to stderr by the CLI;
 ``Report.to_dict()`` / ``write_json()`` give the machine-readable form (``--report``).
+
+A pass whose stats hold a ``coverage`` entry (``{"verb", "unit", "done", "total", "left",
+"reasons": {label: count}}``, e.g. quantize) gets one counted line in the summary — a
+warning when it left some of them untouched — and a ``coverage`` entry in the JSON.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Report:
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
             "passes": [p.to_dict() for p in self.passes],
+            "coverage": {p.name: p.stats["coverage"] for p in self.passes if isinstance(p.stats.get("coverage"), dict)},
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
@@ -124,6 +129,10 @@ class Report:
             for label, metrics in (("input", self.before), ("output", self.after)):
                 if metrics.unknown_macs:
                     lines.append(f"note: MACs of the {label} model exclude {len(metrics.unknown_macs)} node(s) whose shapes ONNX shape inference could not determine")
+        coverage = [(p.name, p.stats["coverage"]) for p in self.passes if isinstance(p.stats.get("coverage"), dict)]
+        if coverage:
+            lines.append("")
+            lines.extend(coverage_line(name, c) for name, c in coverage)
         refusals = self.refusals
         if refusals:
             lines.append("")
@@ -136,6 +145,18 @@ class Report:
             lines.append("")
             lines.append(self.verification.format())
         return "\n".join(lines)
+
+
+def coverage_line(pass_name: str, coverage: dict[str, Any]) -> str:
+    """``quantize: quantized 61/64 layers; 3 float: 2 no statistics, 1 non-constant weight``,
+    prefixed with ``warning:`` when some were left untouched."""
+    done, total = coverage["done"], coverage["total"]
+    line = f"{pass_name}: {coverage['verb']} {done}/{total} {coverage['unit']}"
+    if done == total:
+        return line
+    reasons = sorted(coverage.get("reasons", {}).items(), key=lambda item: -item[1])
+    detail = ", ".join(f"{n} {label}" for label, n in reasons)
+    return f"warning: {line}; {total - done} {coverage['left']}" + (f": {detail}" if detail else "")
 
 
 def _changes(p: PassReport) -> str:

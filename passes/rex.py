@@ -105,7 +105,7 @@ from onnxopt.graph import (
     with_inferred_shapes,
 )
 from onnxopt.metrics import tensor_shapes
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize import correct_matmul_bias
@@ -292,6 +292,7 @@ class Rex(Pass):
     summary = "REx: expand each quantized layer into parallel low-bit residual branches (orders K, budget γ of extra output channels)"
     lossless = False
     tags = frozenset({"rex"})
+    request = "rex"
     runs_after = frozenset({"quantize"})
     options_spec = {
         "rex_order": 2,
@@ -332,6 +333,12 @@ class Rex(Pass):
                 "(or use rex_weight_only=b for weight-only expansion)"
                 + (" — this model already holds DequantizeLinear nodes (quantized in an earlier run?)" if already else "")
             )
+
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str | None:
+        """None for the baselines the options ask for (order 1 or no budget: the base layers only)."""
+        if self.options["rex_weight_only"] is None and (self.options["rex_order"] == 1 or self.options["rex_budget"] == 0):
+            return None
+        return super().nothing_done(result, refusals)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options

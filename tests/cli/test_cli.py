@@ -365,3 +365,36 @@ def test_python_m_bad_input_is_one_line_and_verbose_shows_the_traceback(tmp_path
     assert verbose.returncode == 3
     assert "Traceback" in verbose.stderr and "InputNotFoundError" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == f"onnxopt: error: input model not found: {tmp_path / 'missing.onnx'}"
+
+
+# --------------------------------------------------------------------------- quantizer coverage (issue 14)
+@pytest.mark.parametrize("extra", [[], ["--rex", "2"], ["--modular-accumulator", "auto"]], ids=["quantize", "rex", "modular"])
+def test_quantize_that_quantizes_nothing_exit_10(capsys, tmp_path, extra):
+    from tests.passes.test_quantize_coverage import plain_model
+
+    src, out = tmp_path / "plain.onnx", tmp_path / "out.onnx"
+    onnx.save(plain_model(), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w4a8", *extra)
+    assert code == 10
+    assert_one_error_line(err, "quantize: 0 of 2 layers quantized: no BatchNormalization/LayerNormalization statistics", "--calibration-data")
+    assert "needs the quantize pass" not in err
+    assert not out.exists()
+
+
+def test_quantize_partial_coverage_is_a_summary_line_and_in_the_json(capsys, tmp_path):
+    from tests.passes.test_quantize_coverage import bn_model
+
+    src, out, report = tmp_path / "bn.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(bn_model(extra_matmul=True), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--report", report)
+    assert code == 0
+    assert "warning: quantize: quantized 1/3 layers; 2 float: 1 non-constant weight, 1 no statistics" in err.splitlines()
+    coverage = json.loads(report.read_text())["coverage"]
+    assert coverage["quantize"]["done"] == 1 and coverage["quantize"]["total"] == 3
+    assert ops(load_model(out))["DequantizeLinear"] >= 1
+
+
+def test_epilog_documents_exit_10(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "10 a requested compression rewrote nothing" in capsys.readouterr().out

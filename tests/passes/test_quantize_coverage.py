@@ -1,0 +1,145 @@
+"""Quantizer coverage on models from elsewhere: never a silent no-op, the counted coverage line,
+errors naming the real cause (issue 14).
+
+A requested quantization that quantizes no layer stops with a NothingToDoError (exit 10) whose
+one line names the cause and the fix; a partial one puts ``quantized k/n layers; m float: …``
+into the summary and a ``coverage`` entry into the JSON report; REx / PowerQuant /
+modular-accumulator after a quantizer that did nothing report the quantizer's cause.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt.errors import NothingToDoError, PipelineError
+from onnxopt.verify import run
+from tests.conftest import bn_line, ops, text_model
+
+RNG = np.random.default_rng(1414)
+NO_STATS = (
+    "quantize: 0 of 2 layers quantized: no BatchNormalization/LayerNormalization statistics and no calibration data; "
+    "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept"
+)
+
+
+def weights(*shape: int) -> np.ndarray:
+    return (RNG.standard_normal(shape) * 0.4).astype(np.float32)
+
+
+def plain_model() -> onnx.ModelProto:
+    """Conv → Relu → Conv, BN folded away (no statistics)."""
+    arrays = {"w1": weights(8, 3, 3, 3), "b1": weights(8), "w2": weights(4, 8, 1, 1), "b2": weights(4)}
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", "r = Relu(c)", "y = Conv(r, w2, b2)"]
+    return text_model("(float[N,3,8,8] x) => (float[N,4,8,8] y)", body, arrays)
+
+
+def bn_model(extra_matmul: bool = False) -> onnx.ModelProto:
+    """Conv → BN → Relu → Conv (2 quantizable layers); with ``extra_matmul`` the second Conv's
+    output is also multiplied by a computed tensor (a MatMul without a constant weight)."""
+    arrays = {
+        "w1": weights(8, 3, 3, 3), "b1": weights(8), "w2": weights(4, 8, 1, 1), "b2": weights(4),
+        "bn_g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "bn_b": RNG.normal(0.5, 0.5, 8).astype(np.float32),
+        "bn_m": RNG.normal(0, 1, 8).astype(np.float32), "bn_v": RNG.uniform(0.5, 2, 8).astype(np.float32),
+    }
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn_line("bn", "c", "n"), "r = Relu(n)", "y = Conv(r, w2, b2)"]
+    signature = "(float[N,3,8,8] x) => (float[N,4,8,8] y)"
+    if extra_matmul:
+        body += ["z = MatMul(y, y)"]
+        signature = "(float[N,3,8,8] x) => (float[N,4,8,8] z)"
+    return text_model(signature, body, arrays)
+
+
+def feeds(n: int = 4) -> dict[str, np.ndarray]:
+    return {"x": np.clip(RNG.standard_normal((n, 3, 8, 8)), -3, 3).astype(np.float32)}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# --------------------------------------------------------------------------- no-op = error
+def test_no_statistics_is_a_nothing_to_do_error_naming_cause_and_fix() -> None:
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(plain_model(), preset="quantize")
+    assert str(info.value).startswith(NO_STATS)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 10 and isinstance(info.value, PipelineError)
+
+
+def test_only_non_constant_weights_is_an_error_counting_them() -> None:
+    body = ["y = MatMul(a, b)"]
+    proto = text_model("(float[4,8] a, float[8,4] b) => (float[4,4] y)", body, {})
+    with pytest.raises(NothingToDoError, match=r"^quantize: 0 of 1 layers quantized: 1 non-constant weight; only .*constant float32 weights"):
+        onnxopt.optimize(proto, preset="quantize")
+
+
+def test_model_without_layers_is_an_error() -> None:
+    proto = text_model("(float[4,8] a) => (float[4,8] y)", ["y = Relu(a)"], {})
+    with pytest.raises(NothingToDoError, match="quantize: the model has no Conv, ConvTranspose, Gemm or MatMul layer to quantize"):
+        onnxopt.optimize(proto, preset="quantize")
+
+
+# --------------------------------------------------------------------------- coverage line
+def test_partial_coverage_is_a_counted_line_and_a_json_entry() -> None:
+    proto = bn_model(extra_matmul=True)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True)
+    # the first Conv reads the graph input (no statistics, no input_range); the MatMul has no constant weight
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert coverage == {
+        "verb": "quantized", "unit": "layers", "done": 1, "total": 3, "left": "float",
+        "reasons": {"non-constant weight": 1, "no statistics": 1},
+    }
+    table = report.format_table()
+    assert "warning: quantize: quantized 1/3 layers; 2 float: 1 non-constant weight, 1 no statistics" in table.splitlines()
+    assert ops(optimized)["QuantizeLinear"] >= 1 and ops(optimized)["MatMul"] == 1
+    x = feeds()
+    assert cosine(run(optimized, x)["z"], run(proto, x)["z"]) > 0.999
+
+
+def test_full_coverage_is_a_plain_line() -> None:
+    proto = bn_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    assert report.passes[-2].stats["coverage"]["done"] == 2
+    lines = report.format_table().splitlines()
+    assert "quantize: quantized 2/2 layers" in lines and not any(line.startswith("warning:") for line in lines)
+    x = feeds()
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
+# --------------------------------------------------------------------------- later passes name the real cause
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"preset": "rex", "weight_bits": 4, "rex_order": 2},
+        {"passes": ["fold-batchnorm", "quantize", "modular-accumulator"]},
+    ],
+    ids=["rex", "modular-accumulator"],
+)
+def test_later_passes_report_the_quantizer_cause(options: dict) -> None:
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(plain_model(), **options)
+    assert str(info.value).startswith(NO_STATS)
+    assert "needs the quantize pass" not in str(info.value)
+
+
+def test_power_quant_without_layers_names_the_cause() -> None:
+    proto = text_model("(float[4,8] a, float[8,4] b) => (float[4,4] y)", ["y = MatMul(a, b)"], {})
+    with pytest.raises(NothingToDoError, match=r"^power-quant: 0 of 1 layers quantized: 1 non-constant weight"):
+        onnxopt.optimize(proto, preset="power-quant", power_exponent=0.5)
+
+
+def test_power_quant_coverage_entry() -> None:
+    _, report = onnxopt.optimize(bn_model(extra_matmul=True), preset="power-quant", power_exponent=0.5)
+    coverage = report.to_dict()["coverage"]["power-quant"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (2, 3, {"non-constant weight": 1})
+
+
+def test_rex_order_1_is_the_asked_for_baseline_not_an_error() -> None:
+    quantized, _ = onnxopt.optimize(bn_model(), preset="quantize", input_range=(-3.0, 3.0))
+    expanded, report = onnxopt.optimize(bn_model(), preset="rex", rex_order=1, input_range=(-3.0, 3.0))
+    rex = next(p for p in report.passes if p.name == "rex")
+    assert not rex.modified and ops(expanded) == ops(quantized)
