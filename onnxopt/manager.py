@@ -3,7 +3,10 @@
 Running a pipeline:
 
 1. the declared ordering constraints are checked before anything runs;
-2. the model is imported once into a graphsurgeon graph that every pass rewrites in place;
+2. when a pass declares a ``min_opset`` above the model's, the model is upgraded once
+   (onnx.version_converter, metadata kept; a note in the report, UnsupportedModelError if
+   the conversion fails), then imported once into a graphsurgeon graph that every pass
+   rewrites in place;
 3. after each pass the graph is exported and measured (nodes, parameters, MACs, size); in
    validate mode the export must pass ``onnx.checker`` with ``full_check`` (strict shape
    inference), have unique node names and be topologically sorted, or the run stops with a
@@ -30,6 +33,7 @@ from .metrics import measure
 from .pass_base import Pass, PassContext, PassResult, Refusal
 from .progress import Progress
 from .report import PassReport, Report
+from .upgrade import upgrade_for
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,10 @@ class PassManager:
         report = report or Report()
         report.lossless = self.lossless
         start = time.perf_counter()
+        model, note = upgrade_for(model, self.passes)
+        if note:
+            report.notes.append(note)
+            logger.info("%s", note)
         inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
         graph = import_graph(inferred, copy=inferred is model)
         current = model

@@ -74,6 +74,8 @@ class Report:
     #: True when every pass of the pipeline is lossless (outputs equal up to float rounding).
     lossless: bool = True
     verification: Any = None  # onnxopt.verify.VerifyResult, kept loose to avoid an import cycle
+    #: One-line notes on what the run did besides the passes (e.g. an opset upgrade).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def refusals(self) -> list[tuple[str, Refusal]]:
@@ -88,6 +90,7 @@ class Report:
             "lossless": self.lossless,
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
+            "notes": list(self.notes),
             "passes": [p.to_dict() for p in self.passes],
             "coverage": {p.name: p.stats["coverage"] for p in self.passes if isinstance(p.stats.get("coverage"), dict)},
             "verification": self.verification.to_dict() if self.verification is not None else None,
@@ -129,6 +132,9 @@ class Report:
             for label, metrics in (("input", self.before), ("output", self.after)):
                 if metrics.unknown_macs:
                     lines.append(f"note: MACs of the {label} model exclude {len(metrics.unknown_macs)} node(s) whose shapes ONNX shape inference could not determine")
+        if self.notes:
+            lines.append("")
+            lines.extend(f"note: {note}" for note in self.notes)
         coverage = [(p.name, p.stats["coverage"]) for p in self.passes if isinstance(p.stats.get("coverage"), dict)]
         if coverage:
             lines.append("")

@@ -205,6 +205,7 @@ class ModularAccumulator(Pass):
     lossless = False
     tags = frozenset({"modular-accumulator"})
     request = "modular-accumulator"
+    min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"quantize"})
     options_spec = {"accumulator_bits": "auto"}
 

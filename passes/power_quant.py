@@ -310,6 +310,7 @@ class PowerQuant(Pass):
     lossless = False
     tags = frozenset({"quantize", "power-quant"})
     request = "power-quant"
+    min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"bn-fold", "fold-batchnorm"})
     options_spec = {
         "weight_bits": 8,

@@ -293,6 +293,7 @@ class Rex(Pass):
     lossless = False
     tags = frozenset({"rex"})
     request = "rex"
+    min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"quantize"})
     options_spec = {
         "rex_order": 2,

@@ -41,6 +41,9 @@ Steps (METHODS.md §3):
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
 
+Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
+upgrades an older model before the pipeline runs (a note in the report).
+
 Refused (reported per layer): non-constant or non-float32 weights (float16/float64 models:
 convert to float32 first), Gemm with transA or alpha/beta ≠ 1, inputs without statistics.
 The stats carry a ``coverage`` entry (layers quantized of all Conv/ConvTranspose/Gemm/MatMul,
@@ -110,6 +113,7 @@ class Quantize(Pass):
     lossless = False
     tags = frozenset({"quantize"})
     request = "quantize"
+    min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"bn-fold"})
     options_spec = {
         "weight_bits": 8,

@@ -398,3 +398,23 @@ def test_epilog_documents_exit_10(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "10 a requested compression rewrote nothing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, note", [(["--quantize", "w8a8"], "opset 11 → 13 upgraded for quantize"), (["--quantize", "w4a8", "--rex", "2"], "opset 11 → 13 upgraded for quantize, rex")]
+)
+def test_opset_11_model_is_upgraded_and_quantized(capsys, tmp_path, flags, note):
+    from tests.passes.test_quantize_coverage import torch_net_model
+
+    src, out, report = tmp_path / "old.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(torch_net_model(tmp_path, 11), str(src))
+    code, _, err = cli(capsys, src, "-o", out, *flags, "--input-range=-3,3", "--verify", "--report", report)
+    assert code == 0, err
+    assert f"note: {note}" in err.splitlines()
+    assert "quantize: quantized 3/3 layers" in err.splitlines()
+    data = json.loads(report.read_text())
+    assert data["notes"] == [note] and data["coverage"]["quantize"]["done"] == 3
+    result = load_model(out)
+    assert next(e.version for e in result.opset_import if e.domain == "") == 13
+    onnx.checker.check_model(result, full_check=True)
+    assert {p.key: p.value for p in result.metadata_props}["author"] == "someone"

@@ -143,3 +143,78 @@ def test_rex_order_1_is_the_asked_for_baseline_not_an_error() -> None:
     expanded, report = onnxopt.optimize(bn_model(), preset="rex", rex_order=1, input_range=(-3.0, 3.0))
     rex = next(p for p in report.passes if p.name == "rex")
     assert not rex.modified and ops(expanded) == ops(quantized)
+
+
+# --------------------------------------------------------------------------- any opset 10..latest
+def torch_net_model(tmp_path, opset: int) -> onnx.ModelProto:
+    """A PyTorch Conv-BN-ReLU-Conv-BN-ReLU-pool-Linear net exported at ``opset`` with BN kept,
+    with metadata, doc string and producer a user would want kept."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.export import export_torch
+
+    torch.manual_seed(opset)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5),
+    )
+    for bn in (net[1], net[4]):  # non-trivial statistics, as after training
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    path = export_torch(net, torch.randn(1, 3, 8, 8), tmp_path / f"net{opset}.onnx", opset=opset)
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"author": "someone", "onnxopt.test": "kept"})
+    proto.doc_string = "a model from elsewhere"
+    return proto
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("opset", [10, 11, 12])
+def test_old_opset_is_upgraded_once_and_quantized(tmp_path, opset: int) -> None:
+    proto = torch_net_model(tmp_path, opset)
+    assert opset_of(proto) == opset
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    assert report.notes == [f"opset {opset} → 13 upgraded for quantize"]
+    assert f"note: opset {opset} → 13 upgraded for quantize" in report.format_table().splitlines()
+    stats = next(p for p in report.passes if p.name == "quantize").stats
+    assert stats["layers_quantized"] == 3 and stats["coverage"]["total"] == 3
+    assert opset_of(optimized) == 13
+    assert ops(optimized)["QuantizeLinear"] >= 3 and ops(optimized)["BatchNormalization"] == 0
+    onnx.checker.check_model(optimized, full_check=True)
+    metadata = {p.key: p.value for p in optimized.metadata_props}
+    assert metadata["author"] == "someone" and metadata["onnxopt.test"] == "kept"
+    assert optimized.doc_string == "a model from elsewhere" and optimized.producer_name == proto.producer_name
+    x = {"input": feeds(8)["x"]}
+    reference, quantized = run(proto, x)["output"], run(optimized, x)["output"]
+    assert cosine(quantized, reference) > 0.998
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.06
+
+
+def test_new_enough_opset_is_not_touched() -> None:
+    _, report = onnxopt.optimize(bn_model(), preset="quantize", input_range=(-3.0, 3.0))
+    assert report.notes == [] and report.to_dict()["notes"] == []
+
+
+def test_lossless_pipeline_keeps_the_old_opset(tmp_path) -> None:
+    proto = torch_net_model(tmp_path, 11)
+    optimized, report = onnxopt.optimize(proto)
+    assert opset_of(optimized) == 11 and report.notes == []
+
+
+def test_failed_upgrade_is_an_unsupported_model_error(tmp_path, monkeypatch) -> None:
+    from onnx import version_converter
+
+    from onnxopt.errors import UnsupportedModelError
+
+    def broken(model, target):
+        raise RuntimeError("No Adapter For Current Version\nmore detail")
+
+    monkeypatch.setattr(version_converter, "convert_version", broken)
+    with pytest.raises(UnsupportedModelError, match=r"^quantize needs opset >= 13, the model has opset 11 .*No Adapter For Current Version\); re-export") as info:
+        onnxopt.optimize(torch_net_model(tmp_path, 11), preset="quantize")
+    assert info.value.exit_code == 5 and "\n" not in str(info.value)
