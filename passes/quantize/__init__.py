@@ -92,8 +92,8 @@ MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "
 FLOAT_LABELS = (
     ("no statistics", "no statistics"),
     ("weight is not a float initializer", "non-constant weight"),
-    ("float16", "float16 model"),
-    ("float64", "float64 model"),
+    ("float16", "float16 layers"),
+    ("float64", "float64 layers"),
     ("bias is not an initializer", "non-constant bias"),
     ("Gemm with", "Gemm with transA or alpha/beta"),
     ("MatMul other than", "MatMul not x × W"),
@@ -102,8 +102,8 @@ NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no cali
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
     "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
-    "float16 model": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
-    "float64 model": "quantize supports float32 models; cast the model's weights and inputs to float32 first",
+    "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
+    "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",
 }
 
 
@@ -423,6 +423,8 @@ def layer_refusal(node: gs.Node) -> str | None:
     weight = constant_values(node, 1)
     if weight is None or not np.issubdtype(weight.dtype, np.floating):
         return "weight is not a float initializer"
+    if weight.dtype != np.float32:  # QuantizeLinear takes float16 only from opset 19, double never
+        return f"{weight.dtype} weights and activations: quantize supports float32 models only"
     if optional_input(node, 2) is not None and constant_values(node, 2) is None:
         return "bias is not an initializer"
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):

@@ -418,3 +418,14 @@ def test_opset_11_model_is_upgraded_and_quantized(capsys, tmp_path, flags, note)
     assert next(e.version for e in result.opset_import if e.domain == "") == 13
     onnx.checker.check_model(result, full_check=True)
     assert {p.key: p.value for p in result.metadata_props}["author"] == "someone"
+
+
+def test_float16_model_exit_10_names_the_conversion(capsys, tmp_path):
+    from tests.passes.test_quantize_coverage import bn_model, cast_model
+
+    src, out = tmp_path / "fp16.onnx", tmp_path / "out.onnx"
+    onnx.save(cast_model(bn_model(), np.float16, onnx.TensorProto.FLOAT16), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--input-range=-3,3")
+    assert code == 10
+    assert_one_error_line(err, "quantize: 0 of 2 layers quantized: 2 float16 layers", "onnxconverter-common's float16 → float32")
+    assert not out.exists()

@@ -218,3 +218,56 @@ def test_failed_upgrade_is_an_unsupported_model_error(tmp_path, monkeypatch) -> 
     with pytest.raises(UnsupportedModelError, match=r"^quantize needs opset >= 13, the model has opset 11 .*No Adapter For Current Version\); re-export") as info:
         onnxopt.optimize(torch_net_model(tmp_path, 11), preset="quantize")
     assert info.value.exit_code == 5 and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- float16 / double models
+def cast_model(proto: onnx.ModelProto, dtype: type, elem_type: int) -> onnx.ModelProto:
+    """``proto`` with every initializer, input and output in ``dtype``."""
+    cast = onnx.ModelProto()
+    cast.CopyFrom(proto)
+    for tensor in cast.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+    for value in [*cast.graph.input, *cast.graph.output]:
+        value.type.tensor_type.elem_type = elem_type
+    onnx.checker.check_model(cast, full_check=True)
+    return cast
+
+
+@pytest.mark.parametrize(
+    "dtype, elem_type, fix",
+    [
+        (np.float16, onnx.TensorProto.FLOAT16, "convert with onnxconverter-common's float16 → float32 first"),
+        (np.float64, onnx.TensorProto.DOUBLE, "convert the model's double tensors to float32 first"),
+    ],
+    ids=["float16", "double"],
+)
+@pytest.mark.parametrize("preset", ["quantize", "power-quant"])
+def test_float16_and_double_models_are_refused_not_broken(dtype, elem_type, fix, preset: str) -> None:
+    name = np.dtype(dtype).name
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(cast_model(bn_model(), dtype, elem_type), preset=preset, input_range=(-3.0, 3.0), validate=True)
+    assert str(info.value) == f"{preset}: 0 of 2 layers quantized: 2 {name} layers; quantize supports float32 models; {fix}"
+
+
+def test_float16_layers_in_a_float32_model_are_counted() -> None:
+    """A float32 model with a float16 tail (Cast → MatMul with a float16 weight): the float32
+    layers are quantized, the float16 one is counted and left alone; the result is valid."""
+    proto = bn_model()
+    tail = [
+        onnx.helper.make_node("Cast", ["y"], ["y16"], to=onnx.TensorProto.FLOAT16),
+        onnx.helper.make_node("MatMul", ["y16", "w16"], ["z16"]),
+        onnx.helper.make_node("Cast", ["z16"], ["z"], to=onnx.TensorProto.FLOAT),
+    ]
+    proto.graph.node.extend(tail)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weights(8, 3).astype(np.float16), "w16"))
+    del proto.graph.output[:]
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 4, 8, 3]))
+    onnx.checker.check_model(proto, full_check=True)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (2, 3, {"float16 layers": 1})
+    assert "warning: quantize: quantized 2/3 layers; 1 float: 1 float16 layers" in report.format_table().splitlines()
+    assert next(n for n in optimized.graph.node if n.op_type == "MatMul").input[1] == "w16"
+    onnx.checker.check_model(optimized, full_check=True)
+    x = feeds()
+    assert cosine(run(optimized, x)["z"], run(proto, x)["z"]) > 0.998
