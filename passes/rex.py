@@ -326,6 +326,11 @@ class Rex(Pass):
         if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
             raise PipelineError(f"rex: rex_weight_only must be None or a bit-width in 2..8, got {o['rex_weight_only']!r}")
         weight_operator(o["rex_operator"])  # unknown operator → clear error
+        pipeline = ctx.shared.get("pipeline", ())
+        if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared and "power-quant" in pipeline:
+            raise PipelineError("rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them")
+        if o["rex_weight_only"] is None and not ctx.shared.get("quantized_weights") and "quantize" in pipeline:
+            raise PipelineError("rex: the quantize pass before it quantized no layer, so there is no residual to expand (see its refusals)")
         if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared:
             already = any(n.op == "DequantizeLinear" for n in graph.nodes)
             raise PipelineError(

@@ -429,3 +429,10 @@ def test_float16_model_exit_10_names_the_conversion(capsys, tmp_path):
     assert code == 10
     assert_one_error_line(err, "quantize: 0 of 2 layers quantized: 2 float16 layers", "onnxconverter-common's float16 → float32")
     assert not out.exists()
+
+
+def test_rex_with_power_quant_exit_7_names_the_conflict(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--quantize", "w4a8", "--power-quant", "0.5", "--rex", "2")
+    assert code == 7
+    assert_one_error_line(err, "--rex expands uniform quantization", "cannot follow --power-quant")
+    assert "needs the quantize pass" not in err

@@ -271,3 +271,22 @@ def test_float16_layers_in_a_float32_model_are_counted() -> None:
     onnx.checker.check_model(optimized, full_check=True)
     x = feeds()
     assert cosine(run(optimized, x)["z"], run(proto, x)["z"]) > 0.998
+
+
+# --------------------------------------------------------------------------- REx after a quantizer it cannot expand
+def test_rex_after_power_quant_names_the_conflict() -> None:
+    with pytest.raises(PipelineError, match="rex: expands uniform quantization .* cannot follow power-quant") as info:
+        onnxopt.optimize(bn_model(), passes=["fold-batchnorm", "power-quant", "rex"], power_exponent=0.5, input_range=(-3.0, 3.0))
+    assert "needs the quantize pass" not in str(info.value)
+
+
+def test_rex_requires_names_an_empty_quantizer_run() -> None:
+    """Outside the PassManager (which stops at the quantizer first): REx's own check names the cause."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.pass_base import PassContext
+    from onnxopt.passes.rex import Rex
+
+    ctx = PassContext("rex", shared={"pipeline": ("quantize", "rex"), "quantized_weights": {}})
+    with pytest.raises(PipelineError, match="rex: the quantize pass before it quantized no layer"):
+        Rex().requires(gs.import_onnx(bn_model()), ctx)
