@@ -14,7 +14,8 @@ Running a pipeline:
 4. a compression the pipeline requests (the passes declaring the same ``request``, e.g.
    quantize, or the three RED passes for prune) that rewrote nothing in the first round
    stops the run with a NothingToDoError naming the cause and the fix, right after its last
-   pass (so a later pass never reports a misleading consequence of it);
+   pass (so a later pass never reports a misleading consequence of it) — unless
+   ``allow_no_op`` (then only the report and its coverage lines say so);
 5. with ``max_rounds > 1`` the pipeline is repeated while some pass still modifies the
    graph, at most ``max_rounds`` times (a bounded fixed point).
 """
@@ -70,6 +71,7 @@ class PassManager:
         validate: bool = False,
         max_rounds: int = 1,
         progress: Progress | None = None,
+        allow_no_op: bool = False,
     ) -> None:
         if max_rounds < 1:
             raise PipelineError("max_rounds must be at least 1")
@@ -78,6 +80,8 @@ class PassManager:
         self.validate = validate
         self.max_rounds = max_rounds
         self.progress = progress or Progress(enabled=False)
+        #: True: a requested compression that rewrote nothing is only reported (benchmarks, sweeps).
+        self.allow_no_op = allow_no_op
 
     @property
     def lossless(self) -> bool:
@@ -124,7 +128,7 @@ class PassManager:
                 report.passes.append(PassReport(name, seconds, result.modified, result.stats, ctx.refusals, metrics, after))
                 metrics = after
                 changed |= result.modified
-                if round_index == 0 and pass_.request:
+                if round_index == 0 and pass_.request and not self.allow_no_op:
                     outcomes.append((pass_, result, ctx.refusals))
                     self._check_request(pass_.request, index, outcomes)
             if not changed:

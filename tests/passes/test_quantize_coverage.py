@@ -290,3 +290,12 @@ def test_rex_requires_names_an_empty_quantizer_run() -> None:
     ctx = PassContext("rex", shared={"pipeline": ("quantize", "rex"), "quantized_weights": {}})
     with pytest.raises(PipelineError, match="rex: the quantize pass before it quantized no layer"):
         Rex().requires(gs.import_onnx(bn_model()), ctx)
+
+
+def test_allow_no_op_reports_instead_of_raising() -> None:
+    """Sweeps (bench/red.py) ask for the report either way: the no-op is then a counted warning."""
+    proto = plain_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", allow_no_op=True)
+    assert ops(optimized) == ops(proto)
+    assert report.to_dict()["coverage"]["quantize"]["done"] == 0
+    assert "warning: quantize: quantized 0/2 layers; 2 float: 2 no statistics" in report.format_table().splitlines()
