@@ -299,3 +299,28 @@ def test_allow_no_op_reports_instead_of_raising() -> None:
     assert ops(optimized) == ops(proto)
     assert report.to_dict()["coverage"]["quantize"]["done"] == 0
     assert "warning: quantize: quantized 0/2 layers; 2 float: 2 no statistics" in report.format_table().splitlines()
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_gemm_after_a_spatial_reduce_mean_is_quantized(opset: int) -> None:
+    """PyTorch's ``x.mean((2, 3))`` before the classifier: ReduceMean keeps the per-channel
+    range like GlobalAveragePool (axes an attribute before opset 18, an input from 18)."""
+    arrays = {
+        "w1": weights(8, 3, 3, 3), "b1": weights(8), "wf": weights(5, 8), "bf": weights(5),
+        "bn_g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "bn_b": RNG.normal(0.5, 0.5, 8).astype(np.float32),
+        "bn_m": RNG.normal(0, 1, 8).astype(np.float32), "bn_v": RNG.uniform(0.5, 2, 8).astype(np.float32),
+    }
+    if opset >= 18:
+        arrays["axes"] = np.array([2, 3], np.int64)
+        mean = "p = ReduceMean <keepdims = 0> (r, axes)"
+    else:
+        mean = "p = ReduceMean <axes = [2, 3], keepdims = 0> (r)"
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn_line("bn", "c", "n"), "r = Relu(n)", mean, "y = Gemm <transB = 1> (p, wf, bf)"]
+    proto = text_model("(float[N,3,8,8] x) => (float[N,5] y)", body, arrays, opset=opset)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"]) == (2, 2)
+    gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
+    assert next(n for n in optimized.graph.node if n.output[0] == gemm.input[0]).op_type == "DequantizeLinear"
+    x = feeds(8)
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
