@@ -108,9 +108,10 @@ def run_model(name: str, alpha: float) -> dict[str, Any]:
     start = time.perf_counter()
     hashed, hash_report = onnxopt.optimize(base, passes=["hash-weights"])
     hash_seconds = time.perf_counter() - start
-    merged, merge_report = onnxopt.optimize(hashed, passes=["merge-neurons", "eliminate-dead"])
-    decomposed, dec_report = onnxopt.optimize(merged, passes=["decompose-depthwise", "eliminate-dead"])
-    relaxed, relax_report = onnxopt.optimize(hashed, passes=["merge-neurons", "decompose-depthwise", "eliminate-dead"], alpha=alpha)
+    # each stage is measured even when it finds nothing to rewrite (its refusals are the result)
+    merged, merge_report = onnxopt.optimize(hashed, passes=["merge-neurons", "eliminate-dead"], allow_no_op=True)
+    decomposed, dec_report = onnxopt.optimize(merged, passes=["decompose-depthwise", "eliminate-dead"], allow_no_op=True)
+    relaxed, relax_report = onnxopt.optimize(hashed, passes=["merge-neurons", "decompose-depthwise", "eliminate-dead"], alpha=alpha, allow_no_op=True)
     metrics = {key: measure(m).to_dict() for key, m in (("base", base), ("merged", merged), ("decomposed", decomposed), ("alpha", relaxed))}
     reference = logits(base, images)
     hashed_logits = logits(hashed, images)

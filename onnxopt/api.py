@@ -38,6 +38,7 @@ def optimize(
     validate: bool = False,
     max_rounds: int = 1,
     progress: bool = False,
+    allow_no_op: bool = False,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and return the new ModelProto and the report.
@@ -45,6 +46,9 @@ def optimize(
     ``passes`` (names, in order) or ``preset`` (default: ``"default"``, the lossless
     pipeline) choose the pipeline; ``options`` go to the passes that declare them.
     ``validate`` runs onnx.checker (full_check) after every pass.  The input is not modified.
+    A requested compression (quantize, power-quant, rex, modular-accumulator, the RED
+    passes) that rewrites nothing raises NothingToDoError naming the cause and the fix,
+    unless ``allow_no_op`` (sweeps that want the report either way).
     """
     if registry is None:
         from onnxopt.passes import builtin_registry
@@ -53,7 +57,7 @@ def optimize(
     names = resolve_pipeline(registry, passes, preset)
     pipeline = registry.build(names, options)
     model = load_model(model_or_path)
-    manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress))
+    manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op)
     report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))
     optimized, report = manager.run(model, report)
     return optimized, report

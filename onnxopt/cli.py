@@ -2,7 +2,9 @@
 
 Exit codes: 0 success, 1 internal error, 2 usage error, 3 input not found, 4 not a valid
 ONNX model, 5 unsupported model, 6 bad output path, 7 bad pipeline or option,
-8 a pass produced an invalid graph, 9 verification failed.
+8 a pass produced an invalid graph, 9 verification failed, 10 a requested compression
+(--quantize, --power-quant, --rex, --modular-accumulator, --prune) rewrote nothing (the
+message names the cause and the fix).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ examples:
   onnxopt --list-passes
 
 exit codes: 0 ok, 2 usage, 3 input not found, 4 invalid ONNX, 5 unsupported model,
-            6 bad output path, 7 bad pipeline/option, 8 invalid result, 9 verification failed
-            (verification "not possible", when the original model itself fails on the random
-            inputs, is reported and exits 0 with the output written)
+            6 bad output path, 7 bad pipeline/option, 8 invalid result, 9 verification failed,
+            10 a requested compression rewrote nothing (cause and fix in the message);
+            verification "not possible" (the original model itself fails on the random inputs)
+            is reported and exits 0 with the output written
 """
 
 

@@ -40,6 +40,14 @@ class PipelineError(OnnxoptError):
     exit_code = 7
 
 
+class NothingToDoError(PipelineError):
+    """A requested compression (quantize, power-quant, rex, modular-accumulator, prune) rewrote
+    nothing: the message names the cause and the fix.  Exit code 10, so a script can tell a
+    silent no-op from a bad option (a subclass of PipelineError for ``except`` clauses)."""
+
+    exit_code = 10
+
+
 class ValidationError(OnnxoptError):
     """A pass produced an invalid graph (caught by the validation run after a pass)."""
 

@@ -196,6 +196,8 @@ def rex_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         return {}, []
     if args.quantize is None:
         raise PipelineError("--rex/--rex-budget need --quantize wNaM (REx expands the residual of the quantized weights)")
+    if args.power_quant is not None:
+        raise PipelineError("--rex expands uniform quantization (--quantize wNaM); it cannot follow --power-quant: drop one of them")
     if "rex_order" not in options:
         raise PipelineError("--rex-budget/--rex-allocation/--rex-combine/--rex-input-expansion need --rex K")
     return options, ["rex"]

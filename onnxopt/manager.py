@@ -3,12 +3,20 @@
 Running a pipeline:
 
 1. the declared ordering constraints are checked before anything runs;
-2. the model is imported once into a graphsurgeon graph that every pass rewrites in place;
+2. when a pass declares a ``min_opset`` above the model's, the model is upgraded once
+   (onnx.version_converter, metadata kept; a note in the report, UnsupportedModelError if
+   the conversion fails), then imported once into a graphsurgeon graph that every pass
+   rewrites in place;
 3. after each pass the graph is exported and measured (nodes, parameters, MACs, size); in
    validate mode the export must pass ``onnx.checker`` with ``full_check`` (strict shape
    inference), have unique node names and be topologically sorted, or the run stops with a
    ValidationError naming the pass;
-4. with ``max_rounds > 1`` the pipeline is repeated while some pass still modifies the
+4. a compression the pipeline requests (the passes declaring the same ``request``, e.g.
+   quantize, or the three RED passes for prune) that rewrote nothing in the first round
+   stops the run with a NothingToDoError naming the cause and the fix, right after its last
+   pass (so a later pass never reports a misleading consequence of it) — unless
+   ``allow_no_op`` (then only the report and its coverage lines say so);
+5. with ``max_rounds > 1`` the pipeline is repeated while some pass still modifies the
    graph, at most ``max_rounds`` times (a bounded fixed point).
 """
 
@@ -20,12 +28,13 @@ from typing import Any, Sequence
 
 import onnx
 
-from .errors import PipelineError, ValidationError
+from .errors import NothingToDoError, PipelineError, ValidationError
 from .graph import export_model, import_graph, unused_initializers, with_inferred_shapes
 from .metrics import measure
-from .pass_base import Pass, PassContext
+from .pass_base import Pass, PassContext, PassResult, Refusal
 from .progress import Progress
 from .report import PassReport, Report
+from .upgrade import upgrade_for
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ class PassManager:
         validate: bool = False,
         max_rounds: int = 1,
         progress: Progress | None = None,
+        allow_no_op: bool = False,
     ) -> None:
         if max_rounds < 1:
             raise PipelineError("max_rounds must be at least 1")
@@ -70,6 +80,8 @@ class PassManager:
         self.validate = validate
         self.max_rounds = max_rounds
         self.progress = progress or Progress(enabled=False)
+        #: True: a requested compression that rewrote nothing is only reported (benchmarks, sweeps).
+        self.allow_no_op = allow_no_op
 
     @property
     def lossless(self) -> bool:
@@ -80,6 +92,10 @@ class PassManager:
         report = report or Report()
         report.lossless = self.lossless
         start = time.perf_counter()
+        model, note = upgrade_for(model, self.passes)
+        if note:
+            report.notes.append(note)
+            logger.info("%s", note)
         inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
         graph = import_graph(inferred, copy=inferred is model)
         current = model
@@ -96,7 +112,8 @@ class PassManager:
         }
         for round_index in range(self.max_rounds):
             changed = False
-            for pass_ in self.passes:
+            outcomes: list[tuple[Pass, PassResult, list[Refusal]]] = []
+            for index, pass_ in enumerate(self.passes):
                 ctx = PassContext(pass_.name, progress=self.progress, shared=shared)
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
@@ -111,8 +128,23 @@ class PassManager:
                 report.passes.append(PassReport(name, seconds, result.modified, result.stats, ctx.refusals, metrics, after))
                 metrics = after
                 changed |= result.modified
+                if round_index == 0 and pass_.request and not self.allow_no_op:
+                    outcomes.append((pass_, result, ctx.refusals))
+                    self._check_request(pass_.request, index, outcomes)
             if not changed:
                 break
         report.after = metrics
         report.total_seconds = time.perf_counter() - start
         return current, report
+
+    def _check_request(self, request: str, index: int, outcomes: list[tuple[Pass, PassResult, list[Refusal]]]) -> None:
+        """After the last pass serving ``request``: raise NothingToDoError if none rewrote anything."""
+        if any(p.request == request for p in self.passes[index + 1 :]):
+            return
+        group = [(p, result, refusals) for p, result, refusals in outcomes if p.request == request]
+        if any(result.modified for _, result, _ in group):
+            return
+        lines = [p.nothing_done(result, refusals) for p, result, refusals in group]
+        if any(line is None for line in lines):  # the options asked for no change
+            return
+        raise NothingToDoError(lines[0] if len(lines) == 1 else f"{request}: nothing rewritten: " + "; ".join(lines))

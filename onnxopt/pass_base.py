@@ -12,6 +12,12 @@ reason)`` (logged and kept in the report).
 Ordering: ``tags`` name what a pass is (its own name is always a tag); ``runs_after`` lists
 tags that, when present in the same pipeline, must be scheduled earlier, ``runs_before``
 tags that must be scheduled later.  The PassManager validates this before running.
+
+Compressions: a pass serving a user's request (``request = "quantize"``, ``"prune"``, ...)
+must rewrite something.  When every pass of a request in the pipeline rewrote nothing the
+PassManager raises :class:`~onnxopt.errors.NothingToDoError` with ``nothing_done``'s line
+(the cause and the fix; None when the options asked for no change, e.g. a REx budget of 0).  A pass whose rewrite emits ops of a newer opset declares
+``min_opset``; the PassManager upgrades an older model once, before the first pass.
 """
 
 from __future__ import annotations
@@ -101,6 +107,10 @@ class Pass:
     runs_before: ClassVar[frozenset[str]] = frozenset()
     #: Option name -> default value.  Options given to the pipeline reach passes declaring them.
     options_spec: ClassVar[Mapping[str, Any]] = {}
+    #: The compression this pass serves; when all its passes rewrite nothing, the run fails.
+    request: ClassVar[str | None] = None
+    #: Oldest default-domain opset the rewrite can emit into (the manager upgrades older models).
+    min_opset: ClassVar[int | None] = None
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.options_spec)
@@ -122,6 +132,18 @@ class Pass:
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
         """Raise an exception if the postcondition of the pass does not hold."""
+
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str | None:
+        """One line for NothingToDoError: why this pass rewrote nothing (and how to fix it);
+        None when its options asked for no change.  The default names the most frequent
+        refusal reasons."""
+        if not refusals:
+            return f"{self.name} rewrote nothing: the model has nothing it applies to"
+        counts: dict[str, int] = {}
+        for refusal in refusals:
+            counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
+        top = sorted(counts.items(), key=lambda item: -item[1])[:3]
+        return f"{self.name} rewrote nothing: " + "; ".join(f"{reason} ({n}x)" if n > 1 else reason for reason, n in top)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> tuple[PassResult, float]:
         """requires → call → ensures, timed.  A failed precondition becomes a refusal."""

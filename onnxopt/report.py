@@ -4,6 +4,10 @@
 ``Report.to_dict()`` / ``write_json()`` give the machine-readable form (``--report``).
 ``verification_status`` tells a verification that failed from one that was not possible
 (the original model itself fails in ORT on the random inputs).
+
+A pass whose stats hold a ``coverage`` entry (``{"verb", "unit", "done", "total", "left",
+"reasons": {label: count}}``, e.g. quantize) gets one counted line in the summary — a
+warning when it left some of them untouched — and a ``coverage`` entry in the JSON.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class Report:
     #: True when every pass of the pipeline is lossless (outputs equal up to float rounding).
     lossless: bool = True
     verification: Any = None  # onnxopt.verify.VerifyResult, kept loose to avoid an import cycle
+    #: One-line notes on what the run did besides the passes (e.g. an opset upgrade).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def verification_status(self) -> str:
@@ -93,8 +99,10 @@ class Report:
             "lossless": self.lossless,
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
+            "notes": list(self.notes),
             "passes": [p.to_dict() for p in self.passes],
             "verification_status": self.verification_status,
+            "coverage": {p.name: p.stats["coverage"] for p in self.passes if isinstance(p.stats.get("coverage"), dict)},
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
@@ -124,6 +132,13 @@ class Report:
             for label, metrics in (("input", self.before), ("output", self.after)):
                 if metrics.unknown_macs:
                     lines.append(f"note: MACs of the {label} model exclude {len(metrics.unknown_macs)} node(s) whose shapes ONNX shape inference could not determine")
+        if self.notes:
+            lines.append("")
+            lines.extend(f"note: {note}" for note in self.notes)
+        coverage = [(p.name, p.stats["coverage"]) for p in self.passes if isinstance(p.stats.get("coverage"), dict)]
+        if coverage:
+            lines.append("")
+            lines.extend(coverage_line(name, c) for name, c in coverage)
         refusals = self.refusals
         if refusals:
             lines.append("")
@@ -136,6 +151,18 @@ class Report:
             lines.append("")
             lines.append(self.verification.format())
         return "\n".join(lines)
+
+
+def coverage_line(pass_name: str, coverage: dict[str, Any]) -> str:
+    """``quantize: quantized 61/64 layers; 3 float: 2 no statistics, 1 non-constant weight``,
+    prefixed with ``warning:`` when some were left untouched."""
+    done, total = coverage["done"], coverage["total"]
+    line = f"{pass_name}: {coverage['verb']} {done}/{total} {coverage['unit']}"
+    if done == total:
+        return line
+    reasons = sorted(coverage.get("reasons", {}).items(), key=lambda item: -item[1])
+    detail = ", ".join(f"{n} {label}" for label, n in reasons)
+    return f"warning: {line}; {total - done} {coverage['left']}" + (f": {detail}" if detail else "")
 
 
 def _changes(p: PassReport) -> str:

@@ -204,6 +204,8 @@ class ModularAccumulator(Pass):
     summary = "rewrite QDQ layers into integer ModularConv/ModularMatMul whose accumulator wraps to b bits (or 'auto': per-layer safe width)"
     lossless = False
     tags = frozenset({"modular-accumulator"})
+    request = "modular-accumulator"
+    min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"quantize"})
     options_spec = {"accumulator_bits": "auto"}
 

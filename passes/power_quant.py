@@ -42,7 +42,7 @@ weights (copy-on-write keeps other readers on the float weight).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +62,10 @@ from onnxopt.graph import (
     per_channel,
     set_constant_input,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import check_bit_widths, layer_refusal, mean_shift
+from .quantize import check_bit_widths, float_label, layer_refusal, mean_shift, no_layer_message
 from .quantize.emit import weight_axis
 from .quantize.operators import QuantizedWeight
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
@@ -309,6 +309,8 @@ class PowerQuant(Pass):
     summary = "PowerQuant: non-uniform power quantization (exponent by Nelder–Mead) of weights and activations, custom ops with ONNX function bodies"
     lossless = False
     tags = frozenset({"quantize", "power-quant"})
+    request = "power-quant"
+    min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"bn-fold", "fold-batchnorm"})
     options_spec = {
         "weight_bits": 8,
@@ -345,9 +347,13 @@ class PowerQuant(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        layers = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n) and self._layer_ok(n, ctx)]
+        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        refusals = {id(n): layer_refusal(n) for n in candidates}
+        layers = [n for n in candidates if self._layer_ok(n, refusals[id(n)], ctx)]
+        reasons = Counter(float_label(r) for r in refusals.values() if r)
+        coverage = {"verb": "power-quantized", "unit": "layers", "done": len(layers), "total": len(candidates), "left": "float", "reasons": dict(reasons)}
         if not layers:
-            return PassResult(False, {"layers_quantized": 0})
+            return PassResult(False, {"layers_quantized": 0, "coverage": coverage})
         edges = (layers[0], layers[-1])
         bits_of = {id(layer): self._weight_bits(layer, edges) for layer in layers}
         weights = {id(layer): (constant_values(layer, 1).astype(np.float64), bits_of[id(layer)], weight_axis(layer)) for layer in layers}
@@ -384,6 +390,7 @@ class PowerQuant(Pass):
         stats.update(
             {
                 "layers_quantized": len(layers),
+                "coverage": coverage,
                 "activations_quantized": activations,
                 "integer_layers": integer_layers,
                 "weight_bytes_int8": int(sum(w[0].size for w in weights.values())),
@@ -391,9 +398,12 @@ class PowerQuant(Pass):
         )
         return PassResult(True, stats)
 
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
+        coverage = result.stats.get("coverage")
+        return no_layer_message(self.name, coverage) if coverage else super().nothing_done(result, refusals)
+
     # ------------------------------------------------------------------ pieces
-    def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
-        reason = layer_refusal(node)
+    def _layer_ok(self, node: gs.Node, reason: str | None, ctx: PassContext) -> bool:
         if reason:
             ctx.refuse(f"layer {node_label(node)}", reason)
         return reason is None

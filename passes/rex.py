@@ -105,7 +105,7 @@ from onnxopt.graph import (
     with_inferred_shapes,
 )
 from onnxopt.metrics import tensor_shapes
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize import correct_matmul_bias
@@ -292,6 +292,8 @@ class Rex(Pass):
     summary = "REx: expand each quantized layer into parallel low-bit residual branches (orders K, budget γ of extra output channels)"
     lossless = False
     tags = frozenset({"rex"})
+    request = "rex"
+    min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"quantize"})
     options_spec = {
         "rex_order": 2,
@@ -324,6 +326,11 @@ class Rex(Pass):
         if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
             raise PipelineError(f"rex: rex_weight_only must be None or a bit-width in 2..8, got {o['rex_weight_only']!r}")
         weight_operator(o["rex_operator"])  # unknown operator → clear error
+        pipeline = ctx.shared.get("pipeline", ())
+        if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared and "power-quant" in pipeline:
+            raise PipelineError("rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them")
+        if o["rex_weight_only"] is None and not ctx.shared.get("quantized_weights") and "quantize" in pipeline:
+            raise PipelineError("rex: the quantize pass before it quantized no layer, so there is no residual to expand (see its refusals)")
         if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared:
             already = any(n.op == "DequantizeLinear" for n in graph.nodes)
             raise PipelineError(
@@ -332,6 +339,12 @@ class Rex(Pass):
                 "(or use rex_weight_only=b for weight-only expansion)"
                 + (" — this model already holds DequantizeLinear nodes (quantized in an earlier run?)" if already else "")
             )
+
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str | None:
+        """None for the baselines the options ask for (order 1 or no budget: the base layers only)."""
+        if self.options["rex_weight_only"] is None and (self.options["rex_order"] == 1 or self.options["rex_budget"] == 0):
+            return None
+        return super().nothing_done(result, refusals)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options

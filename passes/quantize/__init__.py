@@ -41,14 +41,20 @@ Steps (METHODS.md §3):
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
 
-Refused (reported per layer): non-constant or non-float weights, Gemm with transA or
-alpha/beta ≠ 1, inputs without statistics.  With no statistics at all and no calibration
-data the pass stops with an error saying how to provide them.
+Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
+upgrades an older model before the pipeline runs (a note in the report).
+
+Refused (reported per layer): non-constant or non-float32 weights (float16/float64 models:
+convert to float32 first), Gemm with transA or alpha/beta ≠ 1, inputs without statistics.
+The stats carry a ``coverage`` entry (layers quantized of all Conv/ConvTranspose/Gemm/MatMul,
+the float ones counted by reason) that the report prints as one line.  When no layer is
+quantized the run stops with a NothingToDoError naming the cause and the fix (e.g. no
+statistics at all and no calibration data: pass calibration samples or export with BN kept).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
@@ -65,7 +71,7 @@ from onnxopt.graph import (
     optional_input,
     set_constant_input,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 
 from . import spiq as spiq_rewrite
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
@@ -82,6 +88,23 @@ SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
 MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
+#: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
+FLOAT_LABELS = (
+    ("no statistics", "no statistics"),
+    ("weight is not a float initializer", "non-constant weight"),
+    ("float16", "float16 layers"),
+    ("float64", "float64 layers"),
+    ("bias is not an initializer", "non-constant bias"),
+    ("Gemm with", "Gemm with transA or alpha/beta"),
+    ("MatMul other than", "MatMul not x × W"),
+)
+NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
+#: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
+FIXES = {
+    "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
+    "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
+    "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",
+}
 
 
 class Quantize(Pass):
@@ -89,6 +112,8 @@ class Quantize(Pass):
     summary = "data-free static quantization to QDQ with per-channel SPIQ scales folded into weights (wNaM)"
     lossless = False
     tags = frozenset({"quantize"})
+    request = "quantize"
+    min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"bn-fold"})
     options_spec = {
         "weight_bits": 8,
@@ -142,10 +167,12 @@ class Quantize(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        layers = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
-        layers = [n for n in layers if self._layer_ok(n, ctx)]
+        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        self._float_reasons: Counter[str] = Counter()
+        self._no_statistics = False
+        layers = [n for n in candidates if self._layer_ok(n, ctx)]
         if not layers:
-            return PassResult(False, {"layers_quantized": 0})
+            return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
         ranges = self._ranges(graph, ctx, layers)
         self._edges = (layers[0], layers[-1])
         readers_of: dict[str, list[gs.Node]] = defaultdict(list)
@@ -161,7 +188,7 @@ class Quantize(Pass):
             channel_range = ranges.get(tensor_name)
             if channel_range is None:
                 for reader in readers:
-                    ctx.refuse(f"layer {node_label(reader)}", f"no statistics for its input {tensor_name}: kept in float")
+                    self._keep_float(ctx, reader, f"no statistics for its input {tensor_name}: kept in float")
                 continue
             quant, mean, mode, moment = self._input_quantizer(graph, ctx, tensor, readers, channel_range, names)
             quants[tensor_name], means[tensor_name], moments[tensor_name] = quant, mean, moment
@@ -189,6 +216,7 @@ class Quantize(Pass):
                 "layers_float": len(layers) - len(quantized_layers),
                 "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
                 "outputs_quantized": outputs_quantized,
+                "coverage": self._coverage(len(candidates), len(quantized_layers)),
                 **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
             },
@@ -198,8 +226,23 @@ class Quantize(Pass):
     def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
         reason = layer_refusal(node)
         if reason:
-            ctx.refuse(f"layer {node_label(node)}", reason)
+            self._keep_float(ctx, node, reason)
         return reason is None
+
+    def _keep_float(self, ctx: PassContext, node: gs.Node, reason: str) -> None:
+        """Refuse ``node`` (reported) and count it under its short label for the coverage line."""
+        ctx.refuse(f"layer {node_label(node)}", reason)
+        self._float_reasons[float_label(reason)] += 1
+
+    def _coverage(self, total: int, quantized: int) -> dict[str, Any]:
+        return {"verb": "quantized", "unit": "layers", "done": quantized, "total": total, "left": "float", "reasons": dict(self._float_reasons)}
+
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
+        """``quantize: 0 of N layers quantized: <cause>; <fix>``."""
+        coverage = result.stats.get("coverage")
+        if coverage is None:  # refused before looking at the layers
+            return super().nothing_done(result, refusals)
+        return no_layer_message(self.name, coverage, NO_STATISTICS if self._no_statistics else None)
 
     def _ranges(self, graph: gs.Graph, ctx: PassContext, layers: list[gs.Node]) -> dict[str, ChannelRange]:
         """Per-channel ranges of the layers' inputs and of their output chain ends."""
@@ -210,11 +253,8 @@ class Quantize(Pass):
         if mode == "bn":
             stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
             if not stats and self.options["input_range"] is None:
-                raise PipelineError(
-                    "quantize: the model has no BatchNormalization or LayerNormalization statistics (no BN nodes, no "
-                    "onnxopt.bn_statistics metadata, no LayerNormalization with constant scale) and no calibration data: export with BN preserved (onnxopt.export_torch) or give "
-                    "calibration samples (--calibration-data x.npz --act-ranges minmax)"
-                )
+                self._no_statistics = True  # every layer is refused below; nothing_done says how to get ranges
+                return {}
             lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             for tensor in wanted:
@@ -383,6 +423,8 @@ def layer_refusal(node: gs.Node) -> str | None:
     weight = constant_values(node, 1)
     if weight is None or not np.issubdtype(weight.dtype, np.floating):
         return "weight is not a float initializer"
+    if weight.dtype != np.float32:  # QuantizeLinear takes float16 only from opset 19, double never
+        return f"{weight.dtype} weights and activations: quantize supports float32 models only"
     if optional_input(node, 2) is not None and constant_values(node, 2) is None:
         return "bias is not an initializer"
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
@@ -390,6 +432,23 @@ def layer_refusal(node: gs.Node) -> str | None:
     if node.op == "MatMul" and (weight.ndim != 2 or not _matrix_rows(node.inputs[0], weight.shape[0])):
         return "MatMul other than x[…, K] × constant matrix W[K, N]"
     return None
+
+
+def no_layer_message(pass_name: str, coverage: dict[str, Any], cause: str | None = None) -> str:
+    """``<pass>: 0 of N layers quantized: <cause>; <fix>`` (the fix of the most frequent reason);
+    ``cause`` defaults to the counted reasons."""
+    if not coverage["total"]:
+        return f"{pass_name}: the model has no Conv, ConvTranspose, Gemm or MatMul layer to quantize"
+    reasons = Counter(coverage["reasons"])
+    main = reasons.most_common(1)[0][0] if reasons else "other"
+    cause = cause or ", ".join(f"{n} {label}" for label, n in reasons.most_common())
+    fix = FIXES.get(main, "only Conv/ConvTranspose/Gemm/MatMul layers with constant float32 weights are quantized")
+    return f"{pass_name}: 0 of {coverage['total']} layers quantized: {cause}; {fix}"
+
+
+def float_label(reason: str) -> str:
+    """The short label of a refusal ``reason`` in the coverage line."""
+    return next((label for prefix, label in FLOAT_LABELS if reason.startswith(prefix)), "other")
 
 
 def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
@@ -447,4 +506,4 @@ def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
 
-__all__ = ["Quantize", "check_bit_widths", "correct_matmul_bias"]
+__all__ = ["Quantize", "check_bit_widths", "correct_matmul_bias", "float_label", "layer_refusal", "no_layer_message"]

@@ -10,8 +10,9 @@ tensors the quantized layers actually read:
 * Relu: range clipped at 0; mean of the rectified Gaussian
   ``E[ReLU(Y)] = β·Φ(β/σ) + σ·φ(β/σ)`` when the input is a BN output, else max(mean, 0);
 * Clip(a, b) (ReLU6): range clipped to [a, b];
-* Max/Average/GlobalAverage pooling, Identity, Dropout, Flatten of a pooled tensor: the
-  per-channel range is kept (a conservative bound for averages);
+* Max/Average/GlobalAverage pooling, ReduceMean over spatial axes (PyTorch's
+  ``x.mean((2, 3))``), Identity, Dropout, Flatten of a pooled tensor: the per-channel range
+  is kept (a conservative bound for averages);
 * Concat on the channel axis: the per-channel vectors are concatenated; a Slice of other
   axes keeps them; zero Pad adds [0, 0] channels and widens every range to include 0;
 * Add: means add; the range is either the sum of the ranges (``add_range="sum"``, a sure
@@ -148,6 +149,8 @@ class RangeEstimator:
             return ChannelRange(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("lo", "hi", "mean")))
         if node.op == "Slice":
             return self._slice(node)
+        if node.op == "ReduceMean":
+            return self._reduce_mean(node)
         if node.op == "Pad":
             return self._pad(node)
         if node.op == "Add" and len(node.inputs) == 2:
@@ -166,6 +169,17 @@ class RangeEstimator:
         axes = constant_values(node, 3) if len(node.inputs) > 3 else None
         rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
         if axes is None or rank is None or 1 in [int(a) % rank for a in axes]:
+            return None
+        return self.range(node.inputs[0])
+
+    def _reduce_mean(self, node: gs.Node) -> ChannelRange | None:
+        """A mean over spatial axes of an N×C×H×W (or N×C×D×H×W) tensor keeps the per-channel
+        range; not rank 3, where the per-feature ranges of [B, T, K] tensors live on the last axis."""
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            axes = constant_values(node, 1)  # opset ≥ 18: an input
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if axes is None or rank not in (4, 5) or {0, 1} & {int(a) % rank for a in np.ravel(axes)}:
             return None
         return self.range(node.inputs[0])
 

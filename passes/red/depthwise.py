@@ -95,6 +95,7 @@ class DecomposeDepthwise(Pass):
     summary = "RED++ uneven depthwise-separable decomposition of k×k Convs (per-input-channel kernel basis), where eq. 2.11 saves parameters"
     lossless = False  # exact up to `tolerance` (rank truncation)
     tags = frozenset({"prune", "red"})
+    request = "prune"
     runs_after = frozenset({"bn-fold", "hash-weights", "merge-neurons"})
     runs_before = frozenset({"quantize"})
     options_spec = {"tolerance": 1e-6, "layout": "auto"}

@@ -167,6 +167,7 @@ class HashWeights(Pass):
     summary = "RED adaptive KDE weight hashing per layer (few distinct values; reports the data-free error bound U)"
     lossless = False
     tags = frozenset({"prune", "red"})
+    request = "prune"
     runs_after = frozenset({"bn-fold"})
     runs_before = frozenset({"quantize"})
     options_spec = {"max_bins": 1 << 22}

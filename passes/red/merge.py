@@ -433,6 +433,7 @@ class MergeNeurons(Pass):
     summary = "RED merge of identical (after hashing) / collinear (ReLU paths) / α-closest output neurons; the consumer's columns are summed"
     lossless = False  # exact unless alpha > 0; declared lossy because alpha may be set
     tags = frozenset({"prune", "red"})
+    request = "prune"
     runs_after = frozenset({"bn-fold", "hash-weights"})
     runs_before = frozenset({"quantize"})
     options_spec = {"alpha": 0.0, "angular": True, "channel_multiple": 8}

@@ -428,3 +428,74 @@ def test_repeated_node_names_are_made_unique(capsys, tmp_path):
     assert ops(optimized)["Identity"] == 0 and len(names) == len(set(names)) == 8
     assert names[0] == "F0::anon" and all(name.startswith("F0::anon__") for name in names[1:])
     assert_equivalent(original, optimized, input_shapes={"x": [3, 4]})
+
+
+# --------------------------------------------------------------------------- quantizer coverage (issue 14)
+@pytest.mark.parametrize("extra", [[], ["--rex", "2"], ["--modular-accumulator", "auto"]], ids=["quantize", "rex", "modular"])
+def test_quantize_that_quantizes_nothing_exit_10(capsys, tmp_path, extra):
+    from tests.passes.test_quantize_coverage import plain_model
+
+    src, out = tmp_path / "plain.onnx", tmp_path / "out.onnx"
+    onnx.save(plain_model(), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w4a8", *extra)
+    assert code == 10
+    assert_one_error_line(err, "quantize: 0 of 2 layers quantized: no BatchNormalization/LayerNormalization statistics", "--calibration-data")
+    assert "needs the quantize pass" not in err
+    assert not out.exists()
+
+
+def test_quantize_partial_coverage_is_a_summary_line_and_in_the_json(capsys, tmp_path):
+    from tests.passes.test_quantize_coverage import bn_model
+
+    src, out, report = tmp_path / "bn.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(bn_model(extra_matmul=True), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--report", report)
+    assert code == 0
+    assert "warning: quantize: quantized 1/3 layers; 2 float: 1 non-constant weight, 1 no statistics" in err.splitlines()
+    coverage = json.loads(report.read_text())["coverage"]
+    assert coverage["quantize"]["done"] == 1 and coverage["quantize"]["total"] == 3
+    assert ops(load_model(out))["DequantizeLinear"] >= 1
+
+
+def test_epilog_documents_exit_10(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "10 a requested compression rewrote nothing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, note", [(["--quantize", "w8a8"], "opset 11 → 13 upgraded for quantize"), (["--quantize", "w4a8", "--rex", "2"], "opset 11 → 13 upgraded for quantize, rex")]
+)
+def test_opset_11_model_is_upgraded_and_quantized(capsys, tmp_path, flags, note):
+    from tests.passes.test_quantize_coverage import torch_net_model
+
+    src, out, report = tmp_path / "old.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(torch_net_model(tmp_path, 11), str(src))
+    code, _, err = cli(capsys, src, "-o", out, *flags, "--input-range=-3,3", "--verify", "--report", report)
+    assert code == 0, err
+    assert f"note: {note}" in err.splitlines()
+    assert "quantize: quantized 3/3 layers" in err.splitlines()
+    data = json.loads(report.read_text())
+    assert data["notes"] == [note] and data["coverage"]["quantize"]["done"] == 3
+    result = load_model(out)
+    assert next(e.version for e in result.opset_import if e.domain == "") == 13
+    onnx.checker.check_model(result, full_check=True)
+    assert {p.key: p.value for p in result.metadata_props}["author"] == "someone"
+
+
+def test_float16_model_exit_10_names_the_conversion(capsys, tmp_path):
+    from tests.passes.test_quantize_coverage import bn_model, cast_model
+
+    src, out = tmp_path / "fp16.onnx", tmp_path / "out.onnx"
+    onnx.save(cast_model(bn_model(), np.float16, onnx.TensorProto.FLOAT16), str(src))
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--input-range=-3,3")
+    assert code == 10
+    assert_one_error_line(err, "quantize: 0 of 2 layers quantized: 2 float16 layers", "onnxconverter-common's float16 → float32")
+    assert not out.exists()
+
+
+def test_rex_with_power_quant_exit_7_names_the_conflict(capsys, tmp_path, demo_path):
+    code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--quantize", "w4a8", "--power-quant", "0.5", "--rex", "2")
+    assert code == 7
+    assert_one_error_line(err, "--rex expands uniform quantization", "cannot follow --power-quant")
+    assert "needs the quantize pass" not in err

@@ -1,0 +1,326 @@
+"""Quantizer coverage on models from elsewhere: never a silent no-op, the counted coverage line,
+errors naming the real cause (issue 14).
+
+A requested quantization that quantizes no layer stops with a NothingToDoError (exit 10) whose
+one line names the cause and the fix; a partial one puts ``quantized k/n layers; m float: …``
+into the summary and a ``coverage`` entry into the JSON report; REx / PowerQuant /
+modular-accumulator after a quantizer that did nothing report the quantizer's cause.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt.errors import NothingToDoError, PipelineError
+from onnxopt.verify import run
+from tests.conftest import bn_line, ops, text_model
+
+RNG = np.random.default_rng(1414)
+NO_STATS = (
+    "quantize: 0 of 2 layers quantized: no BatchNormalization/LayerNormalization statistics and no calibration data; "
+    "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept"
+)
+
+
+def weights(*shape: int) -> np.ndarray:
+    return (RNG.standard_normal(shape) * 0.4).astype(np.float32)
+
+
+def plain_model() -> onnx.ModelProto:
+    """Conv → Relu → Conv, BN folded away (no statistics)."""
+    arrays = {"w1": weights(8, 3, 3, 3), "b1": weights(8), "w2": weights(4, 8, 1, 1), "b2": weights(4)}
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", "r = Relu(c)", "y = Conv(r, w2, b2)"]
+    return text_model("(float[N,3,8,8] x) => (float[N,4,8,8] y)", body, arrays)
+
+
+def bn_model(extra_matmul: bool = False) -> onnx.ModelProto:
+    """Conv → BN → Relu → Conv (2 quantizable layers); with ``extra_matmul`` the second Conv's
+    output is also multiplied by a computed tensor (a MatMul without a constant weight)."""
+    arrays = {
+        "w1": weights(8, 3, 3, 3), "b1": weights(8), "w2": weights(4, 8, 1, 1), "b2": weights(4),
+        "bn_g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "bn_b": RNG.normal(0.5, 0.5, 8).astype(np.float32),
+        "bn_m": RNG.normal(0, 1, 8).astype(np.float32), "bn_v": RNG.uniform(0.5, 2, 8).astype(np.float32),
+    }
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn_line("bn", "c", "n"), "r = Relu(n)", "y = Conv(r, w2, b2)"]
+    signature = "(float[N,3,8,8] x) => (float[N,4,8,8] y)"
+    if extra_matmul:
+        body += ["z = MatMul(y, y)"]
+        signature = "(float[N,3,8,8] x) => (float[N,4,8,8] z)"
+    return text_model(signature, body, arrays)
+
+
+def feeds(n: int = 4) -> dict[str, np.ndarray]:
+    return {"x": np.clip(RNG.standard_normal((n, 3, 8, 8)), -3, 3).astype(np.float32)}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# --------------------------------------------------------------------------- no-op = error
+def test_no_statistics_is_a_nothing_to_do_error_naming_cause_and_fix() -> None:
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(plain_model(), preset="quantize")
+    assert str(info.value).startswith(NO_STATS)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 10 and isinstance(info.value, PipelineError)
+
+
+def test_only_non_constant_weights_is_an_error_counting_them() -> None:
+    body = ["y = MatMul(a, b)"]
+    proto = text_model("(float[4,8] a, float[8,4] b) => (float[4,4] y)", body, {})
+    with pytest.raises(NothingToDoError, match=r"^quantize: 0 of 1 layers quantized: 1 non-constant weight; only .*constant float32 weights"):
+        onnxopt.optimize(proto, preset="quantize")
+
+
+def test_model_without_layers_is_an_error() -> None:
+    proto = text_model("(float[4,8] a) => (float[4,8] y)", ["y = Relu(a)"], {})
+    with pytest.raises(NothingToDoError, match="quantize: the model has no Conv, ConvTranspose, Gemm or MatMul layer to quantize"):
+        onnxopt.optimize(proto, preset="quantize")
+
+
+# --------------------------------------------------------------------------- coverage line
+def test_partial_coverage_is_a_counted_line_and_a_json_entry() -> None:
+    proto = bn_model(extra_matmul=True)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True)
+    # the first Conv reads the graph input (no statistics, no input_range); the MatMul has no constant weight
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert coverage == {
+        "verb": "quantized", "unit": "layers", "done": 1, "total": 3, "left": "float",
+        "reasons": {"non-constant weight": 1, "no statistics": 1},
+    }
+    table = report.format_table()
+    assert "warning: quantize: quantized 1/3 layers; 2 float: 1 non-constant weight, 1 no statistics" in table.splitlines()
+    assert ops(optimized)["QuantizeLinear"] >= 1 and ops(optimized)["MatMul"] == 1
+    x = feeds()
+    assert cosine(run(optimized, x)["z"], run(proto, x)["z"]) > 0.999
+
+
+def test_full_coverage_is_a_plain_line() -> None:
+    proto = bn_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    assert report.passes[-2].stats["coverage"]["done"] == 2
+    lines = report.format_table().splitlines()
+    assert "quantize: quantized 2/2 layers" in lines and not any(line.startswith("warning:") for line in lines)
+    x = feeds()
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
+# --------------------------------------------------------------------------- later passes name the real cause
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"preset": "rex", "weight_bits": 4, "rex_order": 2},
+        {"passes": ["fold-batchnorm", "quantize", "modular-accumulator"]},
+    ],
+    ids=["rex", "modular-accumulator"],
+)
+def test_later_passes_report_the_quantizer_cause(options: dict) -> None:
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(plain_model(), **options)
+    assert str(info.value).startswith(NO_STATS)
+    assert "needs the quantize pass" not in str(info.value)
+
+
+def test_power_quant_without_layers_names_the_cause() -> None:
+    proto = text_model("(float[4,8] a, float[8,4] b) => (float[4,4] y)", ["y = MatMul(a, b)"], {})
+    with pytest.raises(NothingToDoError, match=r"^power-quant: 0 of 1 layers quantized: 1 non-constant weight"):
+        onnxopt.optimize(proto, preset="power-quant", power_exponent=0.5)
+
+
+def test_power_quant_coverage_entry() -> None:
+    _, report = onnxopt.optimize(bn_model(extra_matmul=True), preset="power-quant", power_exponent=0.5)
+    coverage = report.to_dict()["coverage"]["power-quant"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (2, 3, {"non-constant weight": 1})
+
+
+def test_rex_order_1_is_the_asked_for_baseline_not_an_error() -> None:
+    quantized, _ = onnxopt.optimize(bn_model(), preset="quantize", input_range=(-3.0, 3.0))
+    expanded, report = onnxopt.optimize(bn_model(), preset="rex", rex_order=1, input_range=(-3.0, 3.0))
+    rex = next(p for p in report.passes if p.name == "rex")
+    assert not rex.modified and ops(expanded) == ops(quantized)
+
+
+# --------------------------------------------------------------------------- any opset 10..latest
+def torch_net_model(tmp_path, opset: int) -> onnx.ModelProto:
+    """A PyTorch Conv-BN-ReLU-Conv-BN-ReLU-pool-Linear net exported at ``opset`` with BN kept,
+    with metadata, doc string and producer a user would want kept."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.export import export_torch
+
+    torch.manual_seed(opset)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5),
+    )
+    for bn in (net[1], net[4]):  # non-trivial statistics, as after training
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    path = export_torch(net, torch.randn(1, 3, 8, 8), tmp_path / f"net{opset}.onnx", opset=opset)
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"author": "someone", "onnxopt.test": "kept"})
+    proto.doc_string = "a model from elsewhere"
+    return proto
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("opset", [10, 11, 12])
+def test_old_opset_is_upgraded_once_and_quantized(tmp_path, opset: int) -> None:
+    proto = torch_net_model(tmp_path, opset)
+    assert opset_of(proto) == opset
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    assert report.notes == [f"opset {opset} → 13 upgraded for quantize"]
+    assert f"note: opset {opset} → 13 upgraded for quantize" in report.format_table().splitlines()
+    stats = next(p for p in report.passes if p.name == "quantize").stats
+    assert stats["layers_quantized"] == 3 and stats["coverage"]["total"] == 3
+    assert opset_of(optimized) == 13
+    assert ops(optimized)["QuantizeLinear"] >= 3 and ops(optimized)["BatchNormalization"] == 0
+    onnx.checker.check_model(optimized, full_check=True)
+    metadata = {p.key: p.value for p in optimized.metadata_props}
+    assert metadata["author"] == "someone" and metadata["onnxopt.test"] == "kept"
+    assert optimized.doc_string == "a model from elsewhere" and optimized.producer_name == proto.producer_name
+    x = {"input": feeds(8)["x"]}
+    reference, quantized = run(proto, x)["output"], run(optimized, x)["output"]
+    assert cosine(quantized, reference) > 0.998
+    assert np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.06
+
+
+def test_new_enough_opset_is_not_touched() -> None:
+    _, report = onnxopt.optimize(bn_model(), preset="quantize", input_range=(-3.0, 3.0))
+    assert report.notes == [] and report.to_dict()["notes"] == []
+
+
+def test_lossless_pipeline_keeps_the_old_opset(tmp_path) -> None:
+    proto = torch_net_model(tmp_path, 11)
+    optimized, report = onnxopt.optimize(proto)
+    assert opset_of(optimized) == 11 and report.notes == []
+
+
+def test_failed_upgrade_is_an_unsupported_model_error(tmp_path, monkeypatch) -> None:
+    from onnx import version_converter
+
+    from onnxopt.errors import UnsupportedModelError
+
+    def broken(model, target):
+        raise RuntimeError("No Adapter For Current Version\nmore detail")
+
+    monkeypatch.setattr(version_converter, "convert_version", broken)
+    with pytest.raises(UnsupportedModelError, match=r"^quantize needs opset >= 13, the model has opset 11 .*No Adapter For Current Version\); re-export") as info:
+        onnxopt.optimize(torch_net_model(tmp_path, 11), preset="quantize")
+    assert info.value.exit_code == 5 and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- float16 / double models
+def cast_model(proto: onnx.ModelProto, dtype: type, elem_type: int) -> onnx.ModelProto:
+    """``proto`` with every initializer, input and output in ``dtype``."""
+    cast = onnx.ModelProto()
+    cast.CopyFrom(proto)
+    for tensor in cast.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+    for value in [*cast.graph.input, *cast.graph.output]:
+        value.type.tensor_type.elem_type = elem_type
+    onnx.checker.check_model(cast, full_check=True)
+    return cast
+
+
+@pytest.mark.parametrize(
+    "dtype, elem_type, fix",
+    [
+        (np.float16, onnx.TensorProto.FLOAT16, "convert with onnxconverter-common's float16 → float32 first"),
+        (np.float64, onnx.TensorProto.DOUBLE, "convert the model's double tensors to float32 first"),
+    ],
+    ids=["float16", "double"],
+)
+@pytest.mark.parametrize("preset", ["quantize", "power-quant"])
+def test_float16_and_double_models_are_refused_not_broken(dtype, elem_type, fix, preset: str) -> None:
+    name = np.dtype(dtype).name
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(cast_model(bn_model(), dtype, elem_type), preset=preset, input_range=(-3.0, 3.0), validate=True)
+    assert str(info.value) == f"{preset}: 0 of 2 layers quantized: 2 {name} layers; quantize supports float32 models; {fix}"
+
+
+def test_float16_layers_in_a_float32_model_are_counted() -> None:
+    """A float32 model with a float16 tail (Cast → MatMul with a float16 weight): the float32
+    layers are quantized, the float16 one is counted and left alone; the result is valid."""
+    proto = bn_model()
+    tail = [
+        onnx.helper.make_node("Cast", ["y"], ["y16"], to=onnx.TensorProto.FLOAT16),
+        onnx.helper.make_node("MatMul", ["y16", "w16"], ["z16"]),
+        onnx.helper.make_node("Cast", ["z16"], ["z"], to=onnx.TensorProto.FLOAT),
+    ]
+    proto.graph.node.extend(tail)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weights(8, 3).astype(np.float16), "w16"))
+    del proto.graph.output[:]
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 4, 8, 3]))
+    onnx.checker.check_model(proto, full_check=True)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (2, 3, {"float16 layers": 1})
+    assert "warning: quantize: quantized 2/3 layers; 1 float: 1 float16 layers" in report.format_table().splitlines()
+    assert next(n for n in optimized.graph.node if n.op_type == "MatMul").input[1] == "w16"
+    onnx.checker.check_model(optimized, full_check=True)
+    x = feeds()
+    assert cosine(run(optimized, x)["z"], run(proto, x)["z"]) > 0.998
+
+
+# --------------------------------------------------------------------------- REx after a quantizer it cannot expand
+def test_rex_after_power_quant_names_the_conflict() -> None:
+    with pytest.raises(PipelineError, match="rex: expands uniform quantization .* cannot follow power-quant") as info:
+        onnxopt.optimize(bn_model(), passes=["fold-batchnorm", "power-quant", "rex"], power_exponent=0.5, input_range=(-3.0, 3.0))
+    assert "needs the quantize pass" not in str(info.value)
+
+
+def test_rex_requires_names_an_empty_quantizer_run() -> None:
+    """Outside the PassManager (which stops at the quantizer first): REx's own check names the cause."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.pass_base import PassContext
+    from onnxopt.passes.rex import Rex
+
+    ctx = PassContext("rex", shared={"pipeline": ("quantize", "rex"), "quantized_weights": {}})
+    with pytest.raises(PipelineError, match="rex: the quantize pass before it quantized no layer"):
+        Rex().requires(gs.import_onnx(bn_model()), ctx)
+
+
+def test_allow_no_op_reports_instead_of_raising() -> None:
+    """Sweeps (bench/red.py) ask for the report either way: the no-op is then a counted warning."""
+    proto = plain_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", allow_no_op=True)
+    assert ops(optimized) == ops(proto)
+    assert report.to_dict()["coverage"]["quantize"]["done"] == 0
+    assert "warning: quantize: quantized 0/2 layers; 2 float: 2 no statistics" in report.format_table().splitlines()
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_gemm_after_a_spatial_reduce_mean_is_quantized(opset: int) -> None:
+    """PyTorch's ``x.mean((2, 3))`` before the classifier: ReduceMean keeps the per-channel
+    range like GlobalAveragePool (axes an attribute before opset 18, an input from 18)."""
+    arrays = {
+        "w1": weights(8, 3, 3, 3), "b1": weights(8), "wf": weights(5, 8), "bf": weights(5),
+        "bn_g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "bn_b": RNG.normal(0.5, 0.5, 8).astype(np.float32),
+        "bn_m": RNG.normal(0, 1, 8).astype(np.float32), "bn_v": RNG.uniform(0.5, 2, 8).astype(np.float32),
+    }
+    if opset >= 18:
+        arrays["axes"] = np.array([2, 3], np.int64)
+        mean = "p = ReduceMean <keepdims = 0> (r, axes)"
+    else:
+        mean = "p = ReduceMean <axes = [2, 3], keepdims = 0> (r)"
+    body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn_line("bn", "c", "n"), "r = Relu(n)", mean, "y = Gemm <transB = 1> (p, wf, bf)"]
+    proto = text_model("(float[N,3,8,8] x) => (float[N,5] y)", body, arrays, opset=opset)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"]) == (2, 2)
+    gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
+    assert next(n for n in optimized.graph.node if n.output[0] == gemm.input[0]).op_type == "DequantizeLinear"
+    x = feeds(8)
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
