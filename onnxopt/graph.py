@@ -68,12 +68,47 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str,
             model.opset_import.append(entry)
     _keep_overridable_initializers(model, template)
     _keep_template_value_info(model, template)
+    drop_outer_scope_copies(model.graph)
     del model.metadata_props[:]
     if metadata is None:
         model.metadata_props.extend(template.metadata_props)
     else:
         onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def drop_outer_scope_copies(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:
+    """Remove the copies of enclosing-scope constants from the bodies nested in ``graph``.
+
+    graphsurgeon exports every constant a body reads as an initializer *of that body*, those
+    of the enclosing graphs included: one more copy of a shared weight per If/Loop/Scan body
+    (ONNX forbids a body to redefine an outer name, so such an initializer is always a copy).
+    The body reads the enclosing graph's tensor again once the copy is gone.
+    """
+    if outer:
+        for field in (graph.initializer, graph.sparse_initializer):
+            kept = [t for t in field if _initializer_name(t) not in outer]
+            if len(kept) != len(field):
+                del field[:]
+                field.extend(kept)
+    visible = outer | _defined_names(graph)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                drop_outer_scope_copies(body, visible)
+
+
+def _initializer_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
+    return tensor.values.name if isinstance(tensor, onnx.SparseTensorProto) else tensor.name
+
+
+def _defined_names(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names a graph defines: its inputs, initializers and node outputs."""
+    names = {info.name for info in graph.input}
+    names.update(t.name for t in graph.initializer)
+    names.update(t.values.name for t in graph.sparse_initializer)
+    names.update(out for node in graph.node for out in node.output)
+    return frozenset(names)
 
 
 def _keep_template_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
