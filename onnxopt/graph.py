@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
@@ -68,6 +69,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str,
             model.opset_import.append(entry)
     _keep_overridable_initializers(model, template)
     _keep_template_value_info(model, template)
+    model.graph.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in constants_shared_by_bodies(graph))
     drop_outer_scope_copies(model.graph)
     del model.metadata_props[:]
     if metadata is None:
@@ -75,6 +77,38 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str,
     else:
         onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def constants_shared_by_bodies(graph: gs.Graph) -> list[gs.Constant]:
+    """Constants that two or more bodies read but no node of ``graph`` itself does.
+
+    graphsurgeon has no notion of the scope a constant lives in: it exports such a constant
+    inside every body that reads it.  Exported once in the main graph instead, the bodies'
+    copies go (``drop_outer_scope_copies``).  A name any other tensor also uses stays as is.
+    """
+    readers: dict[int, set[int]] = {}
+    tensors: dict[int, gs.Constant] = {}
+    by_name: dict[str, set[int]] = {}
+
+    def visit(level: gs.Graph) -> None:
+        for tensor in level.tensors(check_duplicates=False).values():
+            by_name.setdefault(tensor.name, set()).add(id(tensor))
+        for node in level.nodes:
+            for body in node.subgraphs():
+                for inner in body.nodes:
+                    for tensor in inner.inputs:
+                        if isinstance(tensor, gs.Constant):
+                            readers.setdefault(id(tensor), set()).add(id(body))
+                            tensors[id(tensor)] = tensor
+                visit(body)
+
+    visit(graph)
+    top = {id(t) for t in graph.tensors(check_duplicates=False).values()}
+    return [
+        tensor
+        for key, tensor in tensors.items()
+        if len(readers[key]) > 1 and key not in top and by_name[tensor.name] == {key}
+    ]
 
 
 def drop_outer_scope_copies(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:

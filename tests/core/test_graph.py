@@ -273,9 +273,9 @@ def test_inferred_shapes_on_the_skeleton_equal_full_inference():
     assert not model.graph.value_info  # the input model is left alone
 
 
-def _if_model_sharing_a_weight() -> "onnx.ModelProto":
-    """y = MatMul(If(cond, then: 2·(x@W), else: -(x@W)), W): W (256×256) is an outer
-    initializer read by both branches (outer scope) and by the main graph."""
+def _if_model_sharing_a_weight(main_reads_it: bool) -> "onnx.ModelProto":
+    """y = MatMul(If(cond, then: 2·(x@W), else: -(x@W)), W) (or y = b + x): W (256×256) is
+    an outer initializer read by both branches (outer scope) and maybe by the main graph."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -300,7 +300,7 @@ def _if_model_sharing_a_weight() -> "onnx.ModelProto":
     graph = helper.make_graph(
         [
             helper.make_node("If", ["cond"], ["b"], then_branch=then_branch, else_branch=else_branch),
-            helper.make_node("MatMul", ["b", "W"], ["y"]),
+            helper.make_node("MatMul", ["b", "W"], ["y"]) if main_reads_it else helper.make_node("Add", ["b", "x"], ["y"]),
         ],
         "g",
         [out_info("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
@@ -326,12 +326,13 @@ def _constant_payloads(graph) -> list[tuple[str, int]]:
     return found
 
 
-def test_if_branches_reading_an_outer_weight_do_not_get_a_copy_of_it():
+@pytest.mark.parametrize("main_reads_it", [True, False])
+def test_if_branches_reading_an_outer_weight_do_not_get_a_copy_of_it(main_reads_it):
     import onnx
 
     from onnxopt import optimize
 
-    model = _if_model_sharing_a_weight()
+    model = _if_model_sharing_a_weight(main_reads_it)
     out, _ = optimize(model)
     onnx.checker.check_model(out, full_check=True)
     payloads = _constant_payloads(out.graph)
