@@ -310,7 +310,7 @@ def apply(graph: gs.Graph, decision: Decision) -> None:
     tensors = graph.tensors()
     for name, value in decision.values.items():
         tensor = tensors[name]
-        tensor.to_constant(np.ascontiguousarray(value))
+        tensor.to_constant(np.asarray(value, order="C"))  # (ascontiguousarray would make scalars 1-D)
         tensor.inputs.clear()
 
 

@@ -363,3 +363,99 @@ def test_a_folded_graph_output_read_by_another_folded_node_keeps_its_value():
     assert ops(out) == {"Add": 1}
     np.testing.assert_array_equal(initializers(out)["n"], [-1.0, 2.0, -3.0])
     assert_equivalent(m, out)
+
+
+def test_a_folded_scalar_stays_a_scalar():
+    m = model(
+        "g (float[3] x) => (float[3] y)",
+        """
+        one = Constant <value = float {1.0}> ()
+        two = Add(one, one)
+        y = Mul(x, two)
+        """,
+    )
+    out, _ = fold(m)
+    assert ops(out) == {"Mul": 1}
+    (two,) = initializers(out).values()
+    assert two.shape == () and two == 2.0
+
+
+def _model_with_bodies():
+    """If and Loop bodies with constant work inside: the then-branch scales x by
+    |−s|·k (−s computed in the main graph, k a body Constant), the else-branch returns −s
+    (only an outer constant), the Loop body doubles its carry by (1 + 1) and adds s."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def vec(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [4])
+
+    k = numpy_helper.from_array(np.array([0.5, 0.5, 2.0, 2.0], np.float32))
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["k"], value=k),
+            helper.make_node("Abs", ["neg_s"], ["abs_s"]),
+            helper.make_node("Mul", ["abs_s", "k"], ["scale"]),
+            helper.make_node("Mul", ["x", "scale"], ["t_out"]),
+        ],
+        "then",
+        [],
+        [vec("t_out")],
+    )
+    else_branch = helper.make_graph([helper.make_node("Neg", ["s"], ["e_out"])], "else", [], [vec("e_out")])
+    body = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.float32(1.0))),
+            helper.make_node("Add", ["one", "one"], ["two"]),
+            helper.make_node("Mul", ["acc", "two"], ["doubled"]),
+            helper.make_node("Add", ["doubled", "s"], ["acc_out"]),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c_in", TensorProto.BOOL, []), vec("acc")],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), vec("acc_out")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Neg", ["s"], ["neg_s"]),
+            helper.make_node("If", ["cond"], ["b"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node("Loop", ["trip", "", "b"], ["y"], body=body),
+        ],
+        "g",
+        [vec("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [vec("y")],
+        [numpy_helper.from_array(np.array([1.0, -2.0, 3.0, -4.0], np.float32), "s"), numpy_helper.from_array(np.array(3, np.int64), "trip")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _bodies(model):
+    (if_node, loop_node) = [n for n in model.graph.node if n.op_type in ("If", "Loop")]
+    branches = {a.name: a.g for a in if_node.attribute}
+    return branches["then_branch"], branches["else_branch"], loop_node.attribute[0].g
+
+
+def test_constants_inside_if_and_loop_bodies_are_folded():
+    import onnx
+    from onnx import numpy_helper
+
+    m = _model_with_bodies()
+    out, entry = fold(m)
+    onnx.checker.check_model(out, full_check=True)
+    then_branch, else_branch, body = _bodies(out)
+    assert [n.op_type for n in then_branch.node] == ["Mul"]
+    assert {t.name: numpy_helper.to_array(t).tolist() for t in then_branch.initializer} == {"scale": [0.5, 1.0, 6.0, 8.0]}
+    assert not else_branch.node and numpy_helper.to_array(else_branch.initializer[0]).tolist() == [-1.0, 2.0, -3.0, 4.0]
+    assert sorted(n.op_type for n in body.node) == ["Add", "Identity", "Mul"]
+    (two,) = [t for t in body.initializer if t.name == "two"]
+    assert numpy_helper.to_array(two).shape == ()
+    # The outer constant s is stored once (only the Loop body still reads it).
+    everywhere = list(out.graph.initializer) + [t for g in (then_branch, else_branch, body) for t in g.initializer]
+    assert [t.name for t in everywhere].count("s") == 1
+    assert entry.ops_removed == {"Neg": 1}  # main graph; with the bodies: 2 Neg, Abs, Mul, 2 Constant, Add
+    assert entry.stats == {"nodes_folded": 7}
+    x = np.arange(4, dtype=np.float32)
+    for cond in (True, False):
+        assert_equivalent(m, out, inputs={"x": x, "cond": np.array(cond)})
