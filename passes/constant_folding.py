@@ -206,10 +206,10 @@ def _evaluation_model(graph: gs.Graph, nodes: list[gs.Node], plan: FoldPlan, nam
     return onnx.helper.make_model(body, opset_imports=opsets, ir_version=max(4, onnx.helper.find_min_ir_version_for(opsets)))
 
 
-def evaluate(graph: gs.Graph, nodes: list[gs.Node], plan: FoldPlan, outer: dict[str, gs.Constant]) -> dict[str, np.ndarray]:
+def evaluate(graph: gs.Graph, nodes: list[gs.Node], plan: FoldPlan, outer: dict[str, gs.Constant]) -> dict[str, np.ndarray | None]:
     """Values of every tensor ``nodes`` (a topologically sorted part of the plan) compute,
     from one ORT session."""
-    values = {name: value for name, value in plan.known.items()}
+    values = dict(plan.known)
     evaluated = [node for node in nodes if not any(out.name in plan.known for out in node.outputs)]
     names = [out.name for node in evaluated for out in node.outputs if not out.is_empty()]
     if not names:
@@ -223,7 +223,8 @@ def evaluate(graph: gs.Graph, nodes: list[gs.Node], plan: FoldPlan, outer: dict[
         results = session.run(names, {})
     except Exception as exc:  # noqa: BLE001 - any ORT failure means: fold nothing
         raise FoldingFailed(str(exc)) from exc
-    values.update(zip(names, (np.asarray(r) for r in results)))
+    # A sequence or optional (a list or None from ORT) is no initializer: see ``choose``.
+    values.update(zip(names, (r if isinstance(r, np.ndarray) else None for r in results)))
     return values
 
 
@@ -299,7 +300,8 @@ def choose(graph: gs.Graph, plan: FoldPlan, outer: dict[str, gs.Constant], max_b
     first = decide(graph, plan.nodes, plan, estimated, max_bytes, max_growth)
     nodes = producers_of(first.stored, plan)
     values = evaluate(graph, nodes, plan, outer)
-    final = decide(graph, nodes, plan, {name: value.nbytes for name, value in values.items()}, max_bytes, max_growth)
+    sizes = {name: max_bytes + 1 if value is None else value.nbytes for name, value in values.items()}
+    final = decide(graph, nodes, plan, sizes, max_bytes, max_growth)
     final.kept.update(first.kept)
     final.values = {name: values[name] for name in final.stored}
     return final

@@ -459,3 +459,35 @@ def test_constants_inside_if_and_loop_bodies_are_folded():
     x = np.arange(4, dtype=np.float32)
     for cond in (True, False):
         assert_equivalent(m, out, inputs={"x": x, "cond": np.array(cond)})
+
+
+def test_a_sequence_of_constants_is_not_stored_but_a_tensor_made_from_it_is():
+    m = model(
+        "g (float[2] x) => (float[4] y)",
+        """
+        a = Constant <value = float[2] {1.0, 2.0}> ()
+        b = Constant <value = float[2] {3.0, 4.0}> ()
+        seq = SequenceConstruct(a, b)
+        c = ConcatFromSequence <axis = 0> (seq)
+        xx = Concat <axis = 0> (x, x)
+        y = Add(xx, c)
+        """,
+    )
+    out, _ = fold(m)
+    assert ops(out) == {"Concat": 1, "Add": 1}
+    np.testing.assert_array_equal(initializers(out)["c"], [1.0, 2.0, 3.0, 4.0])
+    assert_equivalent(m, out)
+
+    # A sequence some node that stays reads is no initializer: its producer stays.
+    m = model(
+        "g (float[2] x) => (float[6] y)",
+        """
+        a = Constant <value = float[2] {1.0, 2.0}> ()
+        seq = SequenceConstruct(a, a)
+        xseq = SequenceInsert(seq, x)
+        y = ConcatFromSequence <axis = 0> (xseq)
+        """,
+    )
+    out, _ = fold(m)
+    assert ops(out) == {"SequenceConstruct": 1, "SequenceInsert": 1, "ConcatFromSequence": 1}
+    assert_equivalent(m, out)
