@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
@@ -96,12 +97,80 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str,
             model.opset_import.append(entry)
     _keep_overridable_initializers(model, template)
     _keep_template_value_info(model, template)
+    model.graph.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in constants_shared_by_bodies(graph))
+    drop_outer_scope_copies(model.graph)
     del model.metadata_props[:]
     if metadata is None:
         model.metadata_props.extend(template.metadata_props)
     else:
         onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def constants_shared_by_bodies(graph: gs.Graph) -> list[gs.Constant]:
+    """Constants that two or more bodies read but no node of ``graph`` itself does.
+
+    graphsurgeon has no notion of the scope a constant lives in: it exports such a constant
+    inside every body that reads it.  Exported once in the main graph instead, the bodies'
+    copies go (``drop_outer_scope_copies``).  A name any other tensor also uses stays as is.
+    """
+    readers: dict[int, set[int]] = {}
+    tensors: dict[int, gs.Constant] = {}
+    by_name: dict[str, set[int]] = {}
+
+    def visit(level: gs.Graph) -> None:
+        for tensor in level.tensors(check_duplicates=False).values():
+            by_name.setdefault(tensor.name, set()).add(id(tensor))
+        for node in level.nodes:
+            for body in node.subgraphs():
+                for inner in body.nodes:
+                    for tensor in inner.inputs:
+                        if isinstance(tensor, gs.Constant):
+                            readers.setdefault(id(tensor), set()).add(id(body))
+                            tensors[id(tensor)] = tensor
+                visit(body)
+
+    visit(graph)
+    top = {id(t) for t in graph.tensors(check_duplicates=False).values()}
+    return [
+        tensor
+        for key, tensor in tensors.items()
+        if len(readers[key]) > 1 and key not in top and by_name[tensor.name] == {key}
+    ]
+
+
+def drop_outer_scope_copies(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:
+    """Remove the copies of enclosing-scope constants from the bodies nested in ``graph``.
+
+    graphsurgeon exports every constant a body reads as an initializer *of that body*, those
+    of the enclosing graphs included: one more copy of a shared weight per If/Loop/Scan body
+    (ONNX forbids a body to redefine an outer name, so such an initializer is always a copy).
+    The body reads the enclosing graph's tensor again once the copy is gone.
+    """
+    if outer:
+        for field in (graph.initializer, graph.sparse_initializer):
+            kept = [t for t in field if _initializer_name(t) not in outer]
+            if len(kept) != len(field):
+                del field[:]
+                field.extend(kept)
+    visible = outer | _defined_names(graph)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                drop_outer_scope_copies(body, visible)
+
+
+def _initializer_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
+    return tensor.values.name if isinstance(tensor, onnx.SparseTensorProto) else tensor.name
+
+
+def _defined_names(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names a graph defines: its inputs, initializers and node outputs."""
+    names = {info.name for info in graph.input}
+    names.update(t.name for t in graph.initializer)
+    names.update(t.values.name for t in graph.sparse_initializer)
+    names.update(out for node in graph.node for out in node.output)
+    return frozenset(names)
 
 
 def _keep_template_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -295,3 +295,75 @@ def test_import_makes_repeated_node_names_unique_and_keeps_empty_ones():
     assert [node.name for node in model.graph.node] == ["n", "n", "n__2", "", "n"]  # the caller's copy is untouched
     exported = export_model(graph, model)
     onnx.checker.check_model(exported, full_check=True)
+
+
+def _if_model_sharing_a_weight(main_reads_it: bool) -> "onnx.ModelProto":
+    """y = MatMul(If(cond, then: 2·(x@W), else: -(x@W)), W) (or y = b + x): W (256×256) is
+    an outer initializer read by both branches (outer scope) and maybe by the main graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    out_info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 256])  # noqa: E731
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2.0))),
+            helper.make_node("MatMul", ["x", "W"], ["t0"]),
+            helper.make_node("Mul", ["t0", "two"], ["t_out"]),
+        ],
+        "then",
+        [],
+        [out_info("t_out")],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["e0"]), helper.make_node("Neg", ["e0"], ["e_out"])],
+        "else",
+        [],
+        [out_info("e_out")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("If", ["cond"], ["b"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node("MatMul", ["b", "W"], ["y"]) if main_reads_it else helper.make_node("Add", ["b", "x"], ["y"]),
+        ],
+        "g",
+        [out_info("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [out_info("y")],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _constant_payloads(graph) -> list[tuple[str, int]]:
+    """(name, bytes) of every initializer and Constant-node value, bodies included."""
+    from onnx import AttributeProto, numpy_helper
+
+    found = [(t.name, numpy_helper.to_array(t).nbytes) for t in graph.initializer]
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                found.append((node.output[0], numpy_helper.to_array(attribute.t).nbytes))
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                found += _constant_payloads(body)
+    return found
+
+
+@pytest.mark.parametrize("main_reads_it", [True, False])
+def test_if_branches_reading_an_outer_weight_do_not_get_a_copy_of_it(main_reads_it):
+    import onnx
+
+    from onnxopt import optimize
+
+    model = _if_model_sharing_a_weight(main_reads_it)
+    out, _ = optimize(model)
+    onnx.checker.check_model(out, full_check=True)
+    payloads = _constant_payloads(out.graph)
+    assert [name for name, size in payloads if size == 256 * 256 * 4] == ["W"]
+    assert sum(size for _, size in payloads) == 256 * 256 * 4 + 4  # W and the Constant 2.0
+    assert len(out.SerializeToString()) <= len(model.SerializeToString()) + 100
+    x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run(out, feeds)["y"], run(model, feeds)["y"], rtol=1e-6, atol=1e-5)

@@ -329,7 +329,7 @@ def test_unknown_option_is_rejected():
     with pytest.raises(PipelineError, match=r"option\(s\) max_constant_bytes not used by any pass of the pipeline \(eliminate-identity\)"):
         registry.build(["eliminate-identity"], {"max_constant_bytes": 10})
     (fold,) = registry.build(["fold-constants"], {"max_constant_bytes": 10})
-    assert fold.options == {"max_constant_bytes": 10}
+    assert fold.options["max_constant_bytes"] == 10
     with pytest.raises(PipelineError, match=r"pass fold-constants has no option\(s\) colour"):
         type(fold)(colour="red")
 
