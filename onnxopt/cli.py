@@ -4,7 +4,8 @@ Exit codes: 0 success, 1 internal error, 2 usage error, 3 input not found, 4 not
 ONNX model, 5 unsupported model, 6 bad output path, 7 bad pipeline or option,
 8 a pass produced an invalid graph, 9 verification failed, 10 a requested compression
 (--quantize, --power-quant, --rex, --modular-accumulator, --prune) rewrote nothing (the
-message names the cause and the fix).
+message names the cause and the fix), 11 unusable sample data (--inputs, --calibration-data,
+--input-shape).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ examples:
 
 exit codes: 0 ok, 2 usage, 3 input not found, 4 invalid ONNX, 5 unsupported model,
             6 bad output path, 7 bad pipeline/option, 8 invalid result, 9 verification failed,
-            10 a requested compression rewrote nothing (cause and fix in the message);
+            10 a requested compression rewrote nothing (cause and fix in the message),
+            11 unusable sample data (--inputs, --calibration-data, --input-shape);
             verification "not possible" (the original model itself fails on the random inputs)
             is reported and exits 0 with the output written
 """
@@ -156,7 +158,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from .api import resolve_pipeline
     from .demo import demo_model
-    from .verify import parse_input_shapes, verify
+    from .verify import check_input_names, load_inputs, parse_input_shapes, verify
 
     registry = builtin_registry()
     if args.list_passes:
@@ -179,6 +181,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     input_shapes = parse_input_shapes(args.input_shape)
 
     model = demo_model() if args.demo else load_model(args.model)
+    check_input_names(model, input_shapes)  # before any work, --verify or not
+    if input_shapes and not (args.verify or args.inputs):
+        logging.getLogger(__name__).warning("--input-shape only shapes the random inputs of --verify; add --verify")
+    if args.inputs:
+        load_inputs(args.inputs, model)  # a bad file fails now, not after the passes ran
     manager = PassManager(
         pipeline, validate=args.validate or args.verify, max_rounds=args.max_rounds, progress=Progress(enabled=not args.quiet)
     )

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import VerificationError
+from .errors import InputDataError, VerificationError
 from .graph import make_node_names_unique
 from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
@@ -130,8 +130,22 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.split(",")]
         except ValueError:
-            raise VerificationError(f"bad --input-shape {spec!r}: expected name=d0,d1,... (e.g. input=1,3,224,224)") from None
+            raise InputDataError(f"bad --input-shape {spec!r}: expected name=d0,d1,... (e.g. input=1,3,224,224)") from None
+        if any(d < 0 for d in shapes[name]):
+            raise InputDataError(f"--input-shape {name}: negative dimension in {shapes[name]}; give the size to use")
     return shapes
+
+
+def check_input_names(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """Every ``--input-shape`` name must be a graph input of ``model``."""
+    names = [i.name for i in _graph_inputs(model)]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise InputDataError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {names}")
+
+
+#: Random verification inputs above this many bytes are refused (a typo such as 1024 for 1).
+MAX_RANDOM_INPUT_BYTES = 2 * 1024**3
 
 
 #: the size random inputs give a dynamic leading (batch) dimension
@@ -173,18 +187,22 @@ def random_inputs(
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     inputs = _graph_inputs(model)
-    unknown = set(input_shapes) - {i.name for i in inputs}
-    if unknown:
-        raise VerificationError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {[i.name for i in inputs]}")
+    check_input_names(model, input_shapes)
     sizes = _symbol_sizes(inputs, input_shapes)
     for info in inputs:
         tensor_type = info.type.tensor_type
         if not tensor_type.elem_type:
-            raise VerificationError(f"input {info.name} is not a tensor; give inputs with --inputs x.npz")
+            raise InputDataError(f"input {info.name} is not a tensor; give inputs with --inputs x.npz")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         shape = input_shapes.get(info.name) or default_shape(info, sizes)
         if any(d < 0 for d in shape):
-            raise VerificationError(f"--input-shape {info.name}: negative dimension in {list(shape)}")
+            raise InputDataError(f"--input-shape {info.name}: negative dimension in {list(shape)}")
+        nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if nbytes > MAX_RANDOM_INPUT_BYTES:
+            raise InputDataError(
+                f"random input {info.name} of shape {list(shape)} would take {nbytes / 1024**3:.3g} GiB "
+                f"(limit {MAX_RANDOM_INPUT_BYTES / 1024**3:g} GiB); give a smaller --input-shape"
+            )
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -209,21 +227,19 @@ def _symbol_sizes(inputs: Sequence[onnx.ValueInfoProto], input_shapes: Mapping[s
 
 
 def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto, *, batched: bool = False) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of inputs and check it names every graph input with a fitting rank/dtype.
+    """Read inputs from an ``.npz`` (one array per graph input) or, for a single-input model,
+    an ``.npy``; check names, rank, static dims and dtype kind (a float input takes float
+    data, an integer input integers).  Pickled arrays are refused.
 
     ``batched``: the arrays stack samples on axis 0 (calibration data), so a fixed batch
     dimension of the model is not compared with it.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feeds = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise VerificationError(f"cannot read inputs {path}: {exc}") from exc
     expected = {i.name: i for i in _graph_inputs(model)}
+    feeds = _read_arrays(path, list(expected))
     missing = sorted(set(expected) - set(feeds))
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:
-        raise VerificationError(f"inputs {path}: missing {missing}, unexpected {extra}; model inputs are {sorted(expected)}")
+        raise InputDataError(f"inputs {path}: missing {missing}, unexpected {extra}; model inputs are {sorted(expected)}")
     for name, info in expected.items():
         tensor_type = info.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
@@ -231,9 +247,40 @@ def load_inputs(path: str | os.PathLike[str], model: onnx.ModelProto, *, batched
         array = feeds[name]
         compared = list(zip(dims, array.shape))[1 if batched else 0 :]
         if array.ndim != len(dims) or any(not is_dynamic(d) and d.dim_value != s for d, s in compared):
-            raise VerificationError(f"inputs {path}: {name} has shape {list(array.shape)}, model expects {_dims(dims)}")
+            raise InputDataError(f"inputs {path}: {name} has shape {list(array.shape)}, model expects {_dims(dims)}")
+        if _kind(array.dtype) != _kind(np.dtype(dtype)):
+            raise InputDataError(f"inputs {path}: {name} has dtype {array.dtype}, model expects {np.dtype(dtype).name}")
         feeds[name] = array.astype(dtype, copy=False)
     return feeds
+
+
+def _read_arrays(path: str | os.PathLike[str], input_names: list[str]) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise InputDataError(f"inputs {path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputDataError(f"cannot read inputs {path} (expected .npz or .npy without pickles): {_first_line(exc)}") from exc
+    if isinstance(loaded, np.ndarray):  # .npy: one array
+        if len(input_names) != 1:
+            raise InputDataError(f"inputs {path}: an .npy holds one array, the model has inputs {input_names}; use an .npz")
+        return {input_names[0]: loaded}
+    try:
+        with loaded as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputDataError(f"cannot read inputs {path}: {_first_line(exc)}") from exc
+
+
+def _kind(dtype: np.dtype) -> str:
+    """'float', 'int' (signed or unsigned) or 'bool': the kinds that never mix silently."""
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    if dtype == np.bool_:
+        return "bool"
+    if np.issubdtype(dtype, np.integer):
+        return "int"
+    return dtype.kind
 
 
 def _dims(dims: Sequence[onnx.TensorShapeProto.Dimension]) -> list[object]:
@@ -308,7 +355,7 @@ def verify(
         reference = run(original, feeds)
     except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
         if inputs is not None:
-            raise VerificationError(f"ONNX Runtime failed to run the original model on {source}: {_first_line(exc)}") from exc
+            raise InputDataError(f"ONNX Runtime failed to run the original model on {source}: {_first_line(exc)}") from exc
         shapes = ", ".join(f"{name}={list(array.shape)}" for name, array in feeds.items())
         reason = (
             f"the original model fails in ONNX Runtime on random inputs ({shapes}): {_first_line(exc)}; "

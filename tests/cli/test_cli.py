@@ -321,13 +321,13 @@ def test_bad_set_exit_7(capsys, tmp_path, demo_path, setting, message):
     assert_one_error_line(err, message)
 
 
-def test_bad_verify_inputs_exit_9(capsys, tmp_path, demo_path):
+def test_bad_verify_inputs_exit_11(capsys, tmp_path, demo_path):
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 16, 16), np.float32))
     code, _, err = cli(capsys, demo_path, "--dry-run", "--passes", PASSES, "--inputs", tmp_path / "in.npz", "-q")
-    assert code == 9
+    assert code == 11
     assert_one_error_line(err, "missing ['input'], unexpected ['x']")
     code, _, err = cli(capsys, demo_path, "--dry-run", "--verify", "--input-shape", "input:1,3,16,16")
-    assert code == 9
+    assert code == 11
     assert_one_error_line(err, "bad --input-shape 'input:1,3,16,16'")
 
 

@@ -47,3 +47,37 @@ def test_report_to_standard_output(capsys, tmp_path, demo_path):
     assert report["output"] == str(tmp_path / "o.onnx")
     assert ops(onnx.load(str(tmp_path / "o.onnx")))["BatchNormalization"] < report["before"]["op_counts"]["BatchNormalization"]
     assert report["after"]["op_counts"].get("BatchNormalization", 0) == ops(onnx.load(str(tmp_path / "o.onnx")))["BatchNormalization"]
+
+
+# --------------------------------------------------------------------------- sample data (exit 11)
+def test_npy_inputs_for_a_single_input_model(capsys, tmp_path, demo_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "x.npy")
+    assert code == 0, err
+    assert "verify (inputs from" in err and "PASSED" in err
+
+
+def test_unusable_sample_data_is_exit_11_before_any_work(capsys, tmp_path, demo_path):
+    import numpy as np
+
+    np.savez(tmp_path / "i64.npz", input=np.zeros((1, 3, 16, 16), np.int64))
+    np.savez(tmp_path / "empty.npz")
+    (tmp_path / "text.npz").write_text("not numpy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        (["--inputs", tmp_path / "i64.npz"], "has dtype int64, model expects float32"),
+        (["--inputs", tmp_path / "missing.npz"], "no such file"),
+        (["--inputs", tmp_path / "text.npz"], "cannot read inputs"),
+        (["--inputs", tmp_path / "obj.npy"], "cannot read inputs"),
+        (["--quantize", "w8a8", "--calibration-data", tmp_path / "empty.npz"], "missing ['input']"),
+        (["--input-shape", "nope=1,3,8,8"], "unknown input(s) ['nope']"),
+        (["--verify", "--input-shape", "input=-1,3,8,8"], "negative dimension"),
+        (["--verify", "--input-shape", "input=1024,1024,1024,1024"], "give a smaller --input-shape"),
+    ]
+    for extra, fragment in cases:
+        code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx", *extra)
+        lines = err.strip().splitlines()
+        assert code == 11 and len(lines) == 1 and fragment in lines[0], (extra, err)
+        assert not (tmp_path / "o.onnx").exists()

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxopt.errors import VerificationError
+from onnxopt.errors import InputDataError, VerificationError
 from onnxopt.verify import compare_outputs, load_inputs, parse_input_shapes, random_inputs, run, verify
 from tests.conftest import parse
 from tests.user_models import REFLECT_PAD, duplicate_names_model, minus_one_conv_model, reflect_pad_model
@@ -72,14 +72,14 @@ def test_random_inputs_for_integer_and_bool_inputs():
 
 
 def test_input_shapes_for_an_unknown_input(linear):
-    with pytest.raises(VerificationError, match=r"unknown input\(s\) \['z'\]; inputs are \['x'\]"):
+    with pytest.raises(InputDataError, match=r"unknown input\(s\) \['z'\]; the model's inputs are \['x'\]"):
         random_inputs(linear, {"z": [1, 4]})
 
 
 def test_parse_input_shapes():
     assert parse_input_shapes(["x=1,3,224,224", "mask=2"]) == {"x": [1, 3, 224, 224], "mask": [2]}
     for bad in ["x", "=1,2", "x=1,a", "x="]:
-        with pytest.raises(VerificationError, match="bad --input-shape"):
+        with pytest.raises(InputDataError, match="bad --input-shape"):
             parse_input_shapes([bad])
 
 
@@ -102,23 +102,23 @@ def test_npz_values_are_cast_to_the_input_type(tmp_path, linear):
 
 def test_npz_with_wrong_names(tmp_path, linear):
     np.savez(tmp_path / "in.npz", input=np.ones((2, 4), np.float32))
-    with pytest.raises(VerificationError, match=r"missing \['x'\], unexpected \['input'\]; model inputs are \['x'\]") as info:
+    with pytest.raises(InputDataError, match=r"missing \['x'\], unexpected \['input'\]; model inputs are \['x'\]") as info:
         verify(linear, linear, inputs=tmp_path / "in.npz")
-    assert info.value.exit_code == 9
+    assert info.value.exit_code == 11
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (2, 4, 1), (4,)])
 def test_npz_with_wrong_shape(tmp_path, linear, shape):
     np.savez(tmp_path / "in.npz", x=np.ones(shape, np.float32))
-    with pytest.raises(VerificationError, match=re.escape(f"x has shape {list(shape)}, model expects ['N', 4]")):
+    with pytest.raises(InputDataError, match=re.escape(f"x has shape {list(shape)}, model expects ['N', 4]")):
         verify(linear, linear, inputs=tmp_path / "in.npz")
 
 
 def test_unreadable_npz(tmp_path, linear):
     (tmp_path / "in.npz").write_text("not an archive")
-    with pytest.raises(VerificationError, match="cannot read inputs"):
+    with pytest.raises(InputDataError, match="cannot read inputs"):
         verify(linear, linear, inputs=tmp_path / "in.npz")
-    with pytest.raises(VerificationError, match="cannot read inputs"):
+    with pytest.raises(InputDataError, match="no such file"):
         verify(linear, linear, inputs=tmp_path / "missing.npz")
 
 
@@ -222,7 +222,7 @@ def test_a_symbol_shared_by_two_inputs_gets_one_size():
 
 
 def test_negative_input_shape_is_refused():
-    with pytest.raises(VerificationError, match="negative dimension"):
+    with pytest.raises(InputDataError, match="negative dimension"):
         random_inputs(minus_one_conv_model(), {"x": [-1, 3, 8, 8]})
 
 
@@ -234,7 +234,7 @@ def test_npz_inputs_take_any_size_where_the_model_dim_is_minus_one(tmp_path):
     result = verify(model, model, inputs=tmp_path / "in.npz")
     assert result.passed and result.outputs[0].shape == (3, 4, 10, 6)
     np.savez(tmp_path / "bad.npz", x=x[:, :2])  # the channel dim is static: still checked
-    with pytest.raises(VerificationError, match=re.escape("x has shape [3, 2, 10, 6], model expects ['?', 3, '?', '?']")):
+    with pytest.raises(InputDataError, match=re.escape("x has shape [3, 2, 10, 6], model expects ['?', 3, '?', '?']")):
         load_inputs(tmp_path / "bad.npz", model)
 
 
@@ -250,7 +250,7 @@ def test_original_failing_on_random_inputs_makes_verification_not_possible(tmp_p
     assert verify(model, model, input_shapes={"x": [1, REFLECT_PAD + 10]}).status == "passed"
     # the user's own inputs failing on the original is an error, not "not possible"
     np.savez(tmp_path / "short.npz", x=np.ones((1, 8), np.float32))
-    with pytest.raises(VerificationError, match="failed to run the original model on inputs from"):
+    with pytest.raises(InputDataError, match="failed to run the original model on inputs from"):
         verify(model, model, inputs=tmp_path / "short.npz")
 
 

@@ -31,7 +31,7 @@ from onnxopt.passes.quantize.numerics import (
 from scipy.stats import norm
 
 import onnxopt
-from onnxopt.errors import PipelineError, VerificationError
+from onnxopt.errors import InputDataError, PipelineError
 from onnxopt.graph import (
     NameFactory,
     cleanup,
@@ -801,19 +801,19 @@ def test_bad_options_are_pipeline_errors(options: dict, fragment: str) -> None:
     assert quantize_stats(run_passes(proto, *QUANTIZE)[1])[0]["layers_quantized"] == 1
 
 
-def test_calibration_file_with_wrong_input_names_is_a_verification_error(tmp_path: Path) -> None:
+def test_calibration_file_with_wrong_input_names_is_an_input_data_error(tmp_path: Path) -> None:
     path = tmp_path / "cal.npz"
     np.savez(path, images=RNG.standard_normal((8, 3, 8, 8)).astype(np.float32))
-    with pytest.raises(VerificationError) as info:
+    with pytest.raises(InputDataError) as info:
         run_passes(plain_model(), *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
     message = str(info.value)
     assert "missing ['x']" in message and "unexpected ['images']" in message
 
 
-def test_calibration_file_with_wrong_shape_is_a_verification_error(tmp_path: Path) -> None:
+def test_calibration_file_with_wrong_shape_is_an_input_data_error(tmp_path: Path) -> None:
     path = tmp_path / "cal.npz"
     np.savez(path, x=RNG.standard_normal((8, 3, 9, 9)).astype(np.float32))
-    with pytest.raises(VerificationError) as info:
+    with pytest.raises(InputDataError) as info:
         run_passes(plain_model(), *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
     message = str(info.value)
     assert "x has shape [8, 3, 9, 9]" in message and "model expects ['N', 3, 8, 8]" in message
