@@ -763,10 +763,6 @@ def bench_resnet50(availability: dict[str, Any], settings: Settings) -> dict[str
 
 
 # --------------------------------------------------------------------------- goals
-def fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def block_stats(result: dict[str, Any], threads: int) -> dict[str, Any]:
     return result.get("latency", {}).get("threads", {}).get(str(threads), {}).get("stats", {})
 

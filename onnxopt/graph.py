@@ -383,11 +383,6 @@ def per_channel(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
     return np.reshape(vector, shape)
 
 
-def conv_output_axis(op: str) -> int:
-    """Axis of a Conv/ConvTranspose weight that indexes output channels (per group)."""
-    return 1 if op == "ConvTranspose" else 0
-
-
 def count_ops(nodes: Iterable[gs.Node]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in nodes:

@@ -218,13 +218,6 @@ def activation_power(r: ChannelRange, bits: int, a: float) -> ActivationPower:
     return ActivationPower(max(bound, TINY) ** a / levels(bits, signed), signed, bits, a)
 
 
-def power_fake_quantize(x: np.ndarray, quant: ActivationPower) -> np.ndarray:
-    """numpy reference of PowerQ → PowerDQ on an activation."""
-    low = -quant.max_code if quant.signed else 0
-    q = np.clip(np.round(np.power(np.abs(x), quant.exponent) / quant.scale) * np.sign(x), low, quant.max_code)
-    return np.sign(q) * np.power(np.abs(q) * quant.scale, 1.0 / quant.exponent)
-
-
 def _quantize_node(tensor: gs.Tensor, quant: ActivationPower, names: NameFactory) -> tuple[gs.Node, gs.Variable, gs.Constant]:
     base = tensor.name
     scale = gs.Constant(names.new(f"{base}_power_scale"), np.array(quant.scale, np.float32))
