@@ -20,7 +20,7 @@ from .errors import OnnxoptError, OutputPathError, PipelineError, VerificationEr
 from .flags import add_arguments as add_compression_arguments
 from .flags import pipeline_from_flags
 from .io import load_model, same_file, save_model
-from .manager import PassManager
+from .manager import PassManager, validate_final_model
 from .progress import Progress
 from .report import Report
 
@@ -173,6 +173,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from onnxopt.runtime_ops import inline_functions
 
         optimized = inline_functions(optimized)
+        validate_final_model(optimized, "--inline-functions")
 
     if args.verify or args.inputs:
         start = time.perf_counter()

@@ -165,6 +165,25 @@ def test_failed_lossless_verification_writes_no_model(capsys, tmp_path, demo_pat
     assert not out.exists()
 
 
+def test_a_pass_that_breaks_the_graph_exits_8_and_writes_nothing(capsys, tmp_path, demo_path, monkeypatch):
+    """Without --validate the final model is still checked (onnx.checker full_check)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.pass_base import PassResult
+    from onnxopt.passes.cleanup import EliminateIdentity
+
+    def dangling(self, graph, ctx):
+        graph.nodes[0].inputs[0] = gs.Variable("ghost", dtype=np.float32, shape=[1])
+        return PassResult(True)
+
+    monkeypatch.setattr(EliminateIdentity, "call", dangling)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--passes", "eliminate-identity", "-q")
+    assert code == 8
+    assert_one_error_line(err, "final check: pass eliminate-identity produced an invalid model", "ghost")
+    assert not out.exists()
+
+
 def test_external_data_always(capsys, tmp_path, demo, demo_path):
     out = tmp_path / "out.onnx"
     code, _, _ = cli(capsys, demo_path, "-o", out, "--passes", "eliminate-identity", "--external-data", "always")
