@@ -65,10 +65,11 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import check_bit_widths, layer_refusal, mean_shift
+from .quantize import check_bit_widths, check_range_options, layer_refusal, mean_shift
 from .quantize.emit import weight_axis
+from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight
-from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda, load_calibration_data
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
@@ -191,7 +192,7 @@ class PowerWeightOperator:
 # --------------------------------------------------------------------------- emission
 def emit_weight(graph: gs.Graph, codes: np.ndarray, scales: np.ndarray, axis: int | None, a: float, bits: int, base: str, names: NameFactory) -> gs.Variable:
     """int8 codes ── PowerDequantizeLinear(scale broadcast along ``axis``) ── float weight."""
-    steps = np.asarray(_broadcast(np.asarray(scales, np.float32), axis, codes.ndim), np.float32)
+    steps = _broadcast(checked_scales(scales, base), axis, codes.ndim)
     inputs = [gs.Constant(names.new(f"{base}_codes"), codes), gs.Constant(names.new(f"{base}_scale"), steps)]
     out = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(codes.shape))
     graph.nodes.append(gs.Node("PowerDequantizeLinear", names.new(f"{base}_PowerDequantizeLinear"), attrs={"exponent": float(a), "bits": int(bits)}, inputs=inputs, outputs=[out], domain=DOMAIN))
@@ -227,7 +228,7 @@ def power_fake_quantize(x: np.ndarray, quant: ActivationPower) -> np.ndarray:
 
 def _quantize_node(tensor: gs.Tensor, quant: ActivationPower, names: NameFactory) -> tuple[gs.Node, gs.Variable, gs.Constant]:
     base = tensor.name
-    scale = gs.Constant(names.new(f"{base}_power_scale"), np.array(quant.scale, np.float32))
+    scale = gs.Constant(names.new(f"{base}_power_scale"), checked_scales(quant.scale, f"activation {base}"))
     codes = gs.Variable(names.new(f"{base}_power_codes"), dtype=np.int32, shape=tensor.shape)
     attrs = {"exponent": float(quant.exponent), "bits": int(quant.bits), "signed": int(quant.signed)}
     node = gs.Node("PowerQuantizeLinear", names.new(f"{base}_PowerQuantizeLinear"), attrs=attrs, inputs=[tensor, scale], outputs=[codes], domain=DOMAIN)
@@ -295,7 +296,7 @@ def emit_integer_layer(graph: gs.Graph, layer: gs.Node, codes: np.ndarray, scale
     real = add("Cast", [acc], var("acc_float", np.float32), to=onnx.TensorProto.FLOAT)
     y = layer.outputs[0]
     bias = constant_values(layer, 2) if layer.op != "MatMul" else None
-    scaled = add("Mul", [real, const("out_scale", np.asarray(scale_shape, np.float32))], var("scaled", np.float32) if bias is not None else y)
+    scaled = add("Mul", [real, const("out_scale", checked_scales(scale_shape, f"{label} output"))], var("scaled", np.float32) if bias is not None else y)
     if bias is not None:
         add("Add", [scaled, const("bias", bias.astype(np.float32).reshape(bias_shape))], y)
     layer.outputs.clear()
@@ -330,6 +331,7 @@ class PowerQuant(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
         check_bit_widths(self.name, o)
+        check_range_options(self.name, o)
         a = o["power_exponent"]
         if a is not None and not (isinstance(a, (int, float)) and 0 < float(a) <= 1):
             raise PipelineError(f"power-quant: power_exponent must be None (search) or a number in (0, 1], got {a!r}")
@@ -447,11 +449,9 @@ class PowerQuant(Pass):
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             found = {t.name: estimator.range(t) for t in wanted}
             return {k: v for k, v in found.items() if v is not None}
-        from onnxopt.verify import load_inputs
-
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_inputs(self.options["calibration_data"], model, batched=True)
+        samples = load_calibration_data(self.options["calibration_data"], model)
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))
         return result

@@ -339,6 +339,37 @@ def test_bad_set_exit_7(capsys, tmp_path, demo_path, setting, message):
     assert_one_error_line(err, message)
 
 
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--lambda", "inf"], "bad --lambda inf"),
+        (["--lambda", "nan"], "bad --lambda nan"),
+        (["--input-range=-inf,inf"], "bad --input-range '-inf,inf'"),
+        (["--input-range=nan,1"], "bad --input-range 'nan,1'"),
+        (["--power-quant", "nan"], "bad --power-quant 'nan'"),
+        (["--rex", "2", "--rex-budget", "inf"], "bad --rex-budget 'inf'"),
+    ],
+)
+def test_non_finite_option_values_exit_7(capsys, tmp_path, demo_path, flags, fragment):
+    """A NaN/inf option value would become a NaN/inf quantization scale: refused at parsing."""
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--quantize", "w8a8", *flags, "-q")
+    assert code == 7
+    assert_one_error_line(err, fragment)
+    assert not out.exists()
+
+
+def test_calibration_data_with_nan_exits_9_naming_file_and_input(capsys, tmp_path, demo_path):
+    samples = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    samples[1, 2, 3, 4] = np.nan
+    np.savez(tmp_path / "cal.npz", input=samples)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--quantize", "w8a8", "--calibration-data", tmp_path / "cal.npz", "-q")
+    assert code == 9
+    assert_one_error_line(err, f"calibration data {tmp_path / 'cal.npz'}: input input holds 1 NaN/inf value(s) (first in sample 1)")
+    assert not out.exists()
+
+
 def test_bad_verify_inputs_exit_9(capsys, tmp_path, demo_path):
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 16, 16), np.float32))
     code, _, err = cli(capsys, demo_path, "--dry-run", "--passes", PASSES, "--inputs", tmp_path / "in.npz", "-q")

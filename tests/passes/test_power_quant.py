@@ -178,7 +178,17 @@ def test_weight_operator_protocol_round_trip() -> None:
     assert reconstruction_error(w.astype(np.float64), 5, 0.55, 0) == pytest.approx(float(np.linalg.norm(w - op.dequantize(q))), rel=1e-4)
 
 
-@pytest.mark.parametrize("options", [{"power_exponent": 1.5}, {"power_exponent": "x"}, {"weight_bits": 9}, {"power_integer": "sometimes"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"power_exponent": 1.5},
+        {"power_exponent": "x"},
+        {"weight_bits": 9},
+        {"power_integer": "sometimes"},
+        {"lam": float("inf")},
+        {"input_range": (float("-inf"), float("inf"))},
+    ],
+)
 def test_bad_options_are_clear_errors(options) -> None:
     with pytest.raises(PipelineError, match="power-quant"):
         onnxopt.optimize(conv_model(), passes=list(PIPELINE), **options)
@@ -226,3 +236,27 @@ def test_bias_correction_adds_the_mean_shift_of_eq_3_8() -> None:
     codes, scales = power_quantize(w, 8, 0.6, 0)
     np.testing.assert_allclose(shift, (w - power_dequantize(codes, scales, 0.6, 0)) @ mean, rtol=1e-4, atol=1e-7)
     assert np.abs(shift).max() > 0
+
+
+def test_calibration_data_with_nan_is_rejected_naming_file_and_input(tmp_path) -> None:
+    from onnxopt.errors import VerificationError
+
+    samples = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    samples[2, 0, 0, 0] = np.nan
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=samples)
+    with pytest.raises(VerificationError, match=r"calibration data .*cal.npz: input x holds 1 NaN/inf value\(s\) \(first in sample 2\)"):
+        onnxopt.optimize(conv_model(with_bn=False), passes=list(PIPELINE), power_exponent=0.5, act_ranges="minmax", calibration_data=str(path))
+
+
+def test_non_finite_weight_scale_is_never_written() -> None:
+    from onnxopt.errors import ValidationError
+
+    model = conv_model(with_bn=False)
+    weight = model.graph.initializer[1]  # w2
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0, 0, 0] = np.inf
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    with pytest.raises(ValidationError, match="w2|Conv") as info:
+        onnxopt.optimize(model, passes=list(PIPELINE), power_exponent=0.5)
+    assert "not finite and positive" in str(info.value) and info.value.exit_code == 8
