@@ -35,6 +35,11 @@ activations at ≤ 4 bits) the layer becomes ConvInteger/MatMulInteger on the de
 applied after: the same numbers as the float path up to float rounding.  At A8 the decoded
 activation (up to 127²) does not fit 8 bits: those layers keep the float path.
 
+Exponent 1 (fixed, or the search's result for every layer) is uniform quantization: the
+pass then emits what the ``quantize`` pass emits (standard QDQ that ORT fuses into integer
+kernels, with the same bit-width and range options) instead of the custom ops, and says so
+in its stats (``emitted="QDQ"`` and a note).
+
 Refused (reported per layer): non-constant or non-float weights, Gemm with transA or
 alpha/beta ≠ 1, MatMul other than matrix × constant matrix, bias not an initializer, shared
 weights (copy-on-write keeps other readers on the float weight).
@@ -65,7 +70,7 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import check_bit_widths, check_range_options, layer_refusal, mean_shift
+from .quantize import Quantize, check_bit_widths, check_range_options, layer_refusal, mean_shift
 from .quantize.emit import weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight
@@ -75,6 +80,9 @@ LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
 TINY = 1e-12
+#: Options the uniform fallback at exponent 1 hands to the quantize pass (the rest keep its defaults).
+UNIFORM_OPTIONS = ("weight_bits", "act_bits", "act_ranges", "calibration_data", "lam", "input_range", "add_range", "first_last_bits", "bias_correction")
+UNIFORM_NOTE = "exponent 1 is uniform quantization: standard QDQ emitted (as the quantize pass), not the slower custom ops"
 
 # --------------------------------------------------------------------------- numerics
 def levels(bits: int, signed: bool = True) -> int:
@@ -347,6 +355,7 @@ class PowerQuant(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
+        refusals_before = len(ctx.refusals)
         layers = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n) and self._layer_ok(n, ctx)]
         if not layers:
             return PassResult(False, {"layers_quantized": 0})
@@ -354,6 +363,9 @@ class PowerQuant(Pass):
         bits_of = {id(layer): self._weight_bits(layer, edges) for layer in layers}
         weights = {id(layer): (constant_values(layer, 1).astype(np.float64), bits_of[id(layer)], weight_axis(layer)) for layer in layers}
         exponents, stats = self._exponents(layers, weights)
+        if all(a == 1.0 for a in exponents.values()):
+            del ctx.refusals[refusals_before:]  # the quantize pass reports its own refusals
+            return self._uniform(graph, ctx, stats)
         ranges = self._ranges(graph, ctx, layers)
 
         readers_of: dict[str, list[gs.Node]] = defaultdict(list)
@@ -394,6 +406,17 @@ class PowerQuant(Pass):
         return PassResult(True, stats)
 
     # ------------------------------------------------------------------ pieces
+    def _uniform(self, graph: gs.Graph, ctx: PassContext, stats: dict[str, Any]) -> PassResult:
+        """Exponent 1 everywhere: power quantization is uniform quantization, so the layers
+        get what the ``quantize`` pass emits (standard QDQ that ORT fuses) instead of the
+        custom ops, which would compute the same values several times slower."""
+        uniform = Quantize(**{key: self.options[key] for key in UNIFORM_OPTIONS})
+        uniform.requires(graph, ctx)
+        result = uniform.call(graph, ctx)
+        ctx.logger.info("power-quant: exponent 1 is uniform quantization: emitted standard QDQ (the quantize pass)")
+        result.stats = {**stats, "emitted": "QDQ", "note": UNIFORM_NOTE, **result.stats}
+        return result
+
     def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
         reason = layer_refusal(node)
         if reason:
