@@ -207,6 +207,21 @@ def test_without_validation_the_final_model_is_still_checked(call, message):
     assert info.value.exit_code == 8
 
 
+def test_final_check_above_the_protobuf_limit_checks_the_graph_without_payloads(monkeypatch, demo, caplog):
+    """Above 2 GB the checker cannot take the proto: it checks a stand-in whose large
+    initializers are typed inputs, still catching a broken graph, and says so."""
+    import onnxopt.manager as manager
+
+    monkeypatch.setattr(manager, "EXTERNAL_DATA_THRESHOLD", 100)
+    with caplog.at_level("WARNING", logger="onnxopt.manager"):
+        assert manager.model_problem(demo) is None
+    assert "not the initializer payloads" in caplog.text
+    broken = onnx.ModelProto()
+    broken.CopyFrom(demo)
+    broken.graph.node[0].input[0] = "ghost"
+    assert "ghost" in manager.model_problem(broken)
+
+
 def test_validation_accepts_a_correct_rewrite():
     def drop_neg(graph, ctx):
         (neg,) = [n for n in graph.nodes if n.op == "Neg"]
