@@ -113,17 +113,16 @@ MINILM_SENTENCES = [
     "so great", "A man is playing guitar.", "Stocks fell sharply on Monday.", "The cat sleeps on the sofa.",
 ]
 MINILM_CONFIGS = {
-    "uniform_w4": ("uniform W4 weights (a = 1, same operator)", {"weight_bits": 4, "act_bits": 8, "power_exponent": 1.0}),
+    "uniform_w4": ("uniform W4 (a = 1: power-quant emits the quantize pass's QDQ)", {"weight_bits": 4, "act_bits": 8, "power_exponent": 1.0}),
     "power_w4": ("PowerQuant W4 weights, a searched", {"weight_bits": 4, "act_bits": 8}),
-    "uniform_w6": ("uniform W6 weights (a = 1, same operator)", {"weight_bits": 6, "act_bits": 8, "power_exponent": 1.0}),
+    "uniform_w6": ("uniform W6 (a = 1: power-quant emits the quantize pass's QDQ)", {"weight_bits": 6, "act_bits": 8, "power_exponent": 1.0}),
     "power_w6": ("PowerQuant W6 weights, a searched", {"weight_bits": 6, "act_bits": 8}),
 }
 
 
 def bench_minilm() -> dict[str, Any]:
-    """all-MiniLM-L6-v2 (seq 32): embedding cosine to FP32.  The ``quantize`` pass refuses its
-    3-D MatMuls and ranges.py has no LayerNorm statistics, so this is weight-only and the
-    uniform baseline is the same per-channel operator at a = 1."""
+    """all-MiniLM-L6-v2 (seq 32): embedding cosine to FP32.  The uniform baseline is a = 1,
+    where power-quant emits what the ``quantize`` pass emits (standard QDQ)."""
     from onnxopt.models.pretrained import export_minilm, load_minilm, minilm_tokenize
     from onnxopt.verify import session
 

@@ -23,8 +23,8 @@ from .errors import OnnxoptError, PipelineError, VerificationError
 from .flags import add_arguments as add_compression_arguments
 from .flags import join_negative_values, pipeline_from_flags
 from .io import load_model, protected_inputs, save_model
+from .manager import PassManager, validate_final_model
 from .output import check_output_path, data_file_candidates
-from .manager import PassManager
 from .progress import Progress
 from .report import Report
 from .verify import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
@@ -195,6 +195,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from onnxopt.runtime_ops import inline_functions
 
         optimized = inline_functions(optimized)
+        validate_final_model(optimized, "--inline-functions")
 
     if args.verify or args.inputs:
         start = time.perf_counter()

@@ -17,6 +17,7 @@ quantize → rex → eliminate-dead.  Bad values raise PipelineError (exit code 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import Any, Sequence
 
@@ -132,6 +133,8 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
         "int4_weights": True if args.int4_weights else None,
     }
     options = {key: value for key, value in given.items() if value is not None}
+    if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):
+        raise PipelineError(f"bad --lambda {args.lam!r}: expected a finite number of standard deviations > 0, e.g. 6")
     if args.quantize is None:
         if options:
             raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wNaM")
@@ -212,16 +215,19 @@ def parse_budget(spec: str) -> float:
         raise PipelineError(f"bad --rex-budget {spec!r}: expected a fraction (0.5) or a percentage (50 or 50%)") from None
     if text.endswith("%") or value > 1:
         value /= 100
-    if value < 0:
-        raise PipelineError(f"bad --rex-budget {spec!r}: must be >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise PipelineError(f"bad --rex-budget {spec!r}: must be a finite number >= 0")
     return value
 
 
 def _exponent(spec: str) -> float:
     try:
-        return float(spec)
+        value = float(spec)
     except ValueError:
         raise PipelineError(f"bad --power-quant {spec!r}: expected an exponent such as 0.5") from None
+    if not 0 < value <= 1:  # also false for NaN
+        raise PipelineError(f"bad --power-quant {spec!r}: the exponent must be in (0, 1], e.g. 0.5")
+    return value
 
 
 def parse_pair(spec: str) -> tuple[float, float]:
@@ -229,4 +235,6 @@ def parse_pair(spec: str) -> tuple[float, float]:
         low, high = (float(v) for v in spec.split(","))
     except ValueError:
         raise PipelineError(f"bad --input-range {spec!r}: expected LO,HI (e.g. -2.2,2.7)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise PipelineError(f"bad --input-range {spec!r}: expected finite LO < HI (e.g. -2.2,2.7)")
     return low, high

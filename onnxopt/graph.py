@@ -183,15 +183,26 @@ def _keep_template_value_info(model: onnx.ModelProto, template: onnx.ModelProto)
     model.graph.value_info.extend(kept)
 
 
+#: Before IR version 4 every initializer must also be declared as a graph input.
+IR_INITIALIZERS_OPTIONAL = 4
+
+
 def _keep_overridable_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
-    """Initializers the template also lists as graph inputs (overridable defaults, the pre-IR-4
-    style) stay graph inputs when they survive: graphsurgeon's export drops them from inputs."""
-    initializers = {t.name for t in template.graph.initializer}
-    kept = {t.name for t in model.graph.initializer}
+    """List initializers as graph inputs where the model needs it: all of them below IR 4
+    (onnx.checker: "in initializer but not in graph input"), else the ones the template
+    listed (overridable defaults, kept as part of the interface).  graphsurgeon's export drops
+    them all from the inputs; an initializer a pass removed is not listed again.  The type and
+    shape come from the initializer itself (a pass may have reshaped it), in the template's
+    order first, then the new initializers in their own order."""
+    initializers = {t.name: t for t in model.graph.initializer}
     present = {i.name for i in model.graph.input}
-    for value_info in template.graph.input:
-        if value_info.name in initializers and value_info.name in kept and value_info.name not in present:
-            model.graph.input.append(value_info)
+    listed = dict.fromkeys(i.name for i in template.graph.input if i.name in initializers)
+    if model.ir_version < IR_INITIALIZERS_OPTIONAL:
+        listed.update(dict.fromkeys(initializers))
+    for name in listed:
+        if name not in present:
+            tensor = initializers[name]
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
 
 
 def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

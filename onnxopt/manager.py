@@ -10,7 +10,8 @@ Running a pipeline:
 3. after each pass the graph is exported and measured (nodes, parameters, MACs, size); in
    validate mode the export must pass ``onnx.checker`` with ``full_check`` (strict shape
    inference), have unique node names and be topologically sorted, or the run stops with a
-   ValidationError naming the pass;
+   ValidationError naming the pass; without validate mode the final model gets the same
+   check (every model returned or written passes it, else ValidationError, exit code 8);
 4. a compression the pipeline requests (the passes declaring the same ``request``, e.g.
    quantize, or the three RED passes for prune) that rewrote nothing in the first round
    stops the run with a NothingToDoError naming the cause and the fix, right after its last
@@ -29,7 +30,8 @@ from typing import Any, Sequence
 import onnx
 
 from .errors import NothingToDoError, PipelineError, ValidationError
-from .graph import export_model, import_graph, unused_initializers, with_inferred_shapes
+from .graph import _skeleton, export_model, import_graph, unused_initializers, with_inferred_shapes
+from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import measure
 from .pass_base import Pass, PassContext, PassResult, Refusal
 from .progress import Progress
@@ -51,16 +53,40 @@ def check_ordering(passes: Sequence[Pass]) -> None:
 
 def validate_model(model: onnx.ModelProto, after_pass: str) -> None:
     """onnx.checker full_check + unique node names; raises ValidationError naming the pass."""
+    problem = model_problem(model)
+    if problem:
+        raise ValidationError(f"pass {after_pass} produced {problem}")
+
+
+def validate_final_model(model: onnx.ModelProto, last_change: str) -> None:
+    """The check every model onnxopt returns or writes passes (whatever ``validate`` says):
+    onnx.checker full_check and unique node names, else ValidationError (exit code 8)
+    naming ``last_change``, the step that last rewrote the model."""
+    problem = model_problem(model)
+    if problem:
+        raise ValidationError(f"final check: {last_change} produced {problem}")
+
+
+def model_problem(model: onnx.ModelProto) -> str | None:
+    """Why ``model`` fails onnx.checker (full_check; "an invalid model: <first line>") or
+    "a duplicate node name ..."; None when it passes.  Above protobuf's 2 GB limit the
+    checker cannot take the proto: the graph is checked on a stand-in whose large
+    initializers are typed inputs (structure, types and shapes; not the payloads), and a
+    warning says so."""
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        logger.warning("model above 2 GB: onnx.checker checks its graph, types and shapes but not the initializer payloads")
+        model = _skeleton(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValidationError(f"pass {after_pass} produced an invalid model: {first}") from exc
+        return f"an invalid model: {first}"
     seen: set[str] = set()
     for node in model.graph.node:
         if node.name and node.name in seen:
-            raise ValidationError(f"pass {after_pass} produced a duplicate node name {node.name!r}")
+            return f"a duplicate node name {node.name!r}"
         seen.add(node.name)
+    return None
 
 
 class PassManager:
@@ -110,6 +136,7 @@ class PassManager:
             # the pipeline's pass names, in order (a pass may adapt to what runs after it)
             "pipeline": tuple(p.name for p in self.passes),
         }
+        last_change = ""
         for round_index in range(self.max_rounds):
             changed = False
             outcomes: list[tuple[Pass, PassResult, list[Refusal]]] = []
@@ -119,6 +146,7 @@ class PassManager:
                 result, seconds = pass_.run(graph, ctx)
                 if result.modified:
                     current = export_model(graph, model, shared["metadata"])
+                    last_change = pass_.name
                     if self.validate:
                         validate_model(current, pass_.name)
                     after = measure(current)
@@ -133,6 +161,8 @@ class PassManager:
                     self._check_request(pass_.request, index, outcomes)
             if not changed:
                 break
+        if current is not model and not self.validate:
+            validate_final_model(current, f"pass {last_change}")
         report.after = metrics
         report.total_seconds = time.perf_counter() - start
         return current, report

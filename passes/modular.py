@@ -43,6 +43,8 @@ from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_doma
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
+from .quantize.numerics import checked_scales
+
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 MAX_BITS = 31
 
@@ -189,7 +191,7 @@ def rewrite(graph: gs.Graph, item: IntegerLayer, bits: int | None, names: NameFa
     scale = (np.float32(item.x_scale) * item.w_scale.astype(np.float32)).astype(np.float32).reshape(-1, *rank_tail)
     y = layer.outputs[0]
     scaled = gs.Variable(names.new(f"{label}_scaled"), dtype=np.float32) if item.float_bias is not None else y
-    nodes.append(gs.Node("Mul", names.new(f"{label}_scale"), inputs=[as_float, gs.Constant(names.new(f"{label}_out_scale"), scale)], outputs=[scaled]))
+    nodes.append(gs.Node("Mul", names.new(f"{label}_scale"), inputs=[as_float, gs.Constant(names.new(f"{label}_out_scale"), checked_scales(scale, f"{label} output"))], outputs=[scaled]))
     if item.float_bias is not None:
         bias_f = gs.Constant(names.new(f"{label}_float_bias"), item.float_bias.reshape(-1, *rank_tail))
         nodes.append(gs.Node("Add", names.new(f"{label}_float_bias_add"), inputs=[scaled, bias_f], outputs=[y]))

@@ -35,6 +35,11 @@ activations at ≤ 4 bits) the layer becomes ConvInteger/MatMulInteger on the de
 applied after: the same numbers as the float path up to float rounding.  At A8 the decoded
 activation (up to 127²) does not fit 8 bits: those layers keep the float path.
 
+Exponent 1 (fixed, or the search's result for every layer) is uniform quantization: the
+pass then emits what the ``quantize`` pass emits (standard QDQ that ORT fuses into integer
+kernels, with the same bit-width and range options) instead of the custom ops, and says so
+in its stats (``emitted="QDQ"`` and a note).
+
 Refused (reported per layer): non-constant or non-float weights, Gemm with transA or
 alpha/beta ≠ 1, MatMul other than matrix × constant matrix, bias not an initializer, shared
 weights (copy-on-write keeps other readers on the float weight).
@@ -65,15 +70,19 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import check_bit_widths, float_label, layer_refusal, mean_shift, no_layer_message
+from .quantize import Quantize, check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
 from .quantize.emit import weight_axis
+from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight
-from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda, load_calibration_data
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
 TINY = 1e-12
+#: Options the uniform fallback at exponent 1 hands to the quantize pass (the rest keep its defaults).
+UNIFORM_OPTIONS = ("weight_bits", "act_bits", "act_ranges", "calibration_data", "lam", "input_range", "add_range", "first_last_bits", "bias_correction")
+UNIFORM_NOTE = "exponent 1 is uniform quantization: standard QDQ emitted (as the quantize pass), not the slower custom ops"
 
 # --------------------------------------------------------------------------- numerics
 def levels(bits: int, signed: bool = True) -> int:
@@ -191,7 +200,7 @@ class PowerWeightOperator:
 # --------------------------------------------------------------------------- emission
 def emit_weight(graph: gs.Graph, codes: np.ndarray, scales: np.ndarray, axis: int | None, a: float, bits: int, base: str, names: NameFactory) -> gs.Variable:
     """int8 codes ── PowerDequantizeLinear(scale broadcast along ``axis``) ── float weight."""
-    steps = np.asarray(_broadcast(np.asarray(scales, np.float32), axis, codes.ndim), np.float32)
+    steps = _broadcast(checked_scales(scales, base), axis, codes.ndim)
     inputs = [gs.Constant(names.new(f"{base}_codes"), codes), gs.Constant(names.new(f"{base}_scale"), steps)]
     out = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(codes.shape))
     graph.nodes.append(gs.Node("PowerDequantizeLinear", names.new(f"{base}_PowerDequantizeLinear"), attrs={"exponent": float(a), "bits": int(bits)}, inputs=inputs, outputs=[out], domain=DOMAIN))
@@ -220,7 +229,7 @@ def activation_power(r: ChannelRange, bits: int, a: float) -> ActivationPower:
 
 def _quantize_node(tensor: gs.Tensor, quant: ActivationPower, names: NameFactory) -> tuple[gs.Node, gs.Variable, gs.Constant]:
     base = tensor.name
-    scale = gs.Constant(names.new(f"{base}_power_scale"), np.array(quant.scale, np.float32))
+    scale = gs.Constant(names.new(f"{base}_power_scale"), checked_scales(quant.scale, f"activation {base}"))
     codes = gs.Variable(names.new(f"{base}_power_codes"), dtype=np.int32, shape=tensor.shape)
     attrs = {"exponent": float(quant.exponent), "bits": int(quant.bits), "signed": int(quant.signed)}
     node = gs.Node("PowerQuantizeLinear", names.new(f"{base}_PowerQuantizeLinear"), attrs=attrs, inputs=[tensor, scale], outputs=[codes], domain=DOMAIN)
@@ -288,7 +297,7 @@ def emit_integer_layer(graph: gs.Graph, layer: gs.Node, codes: np.ndarray, scale
     real = add("Cast", [acc], var("acc_float", np.float32), to=onnx.TensorProto.FLOAT)
     y = layer.outputs[0]
     bias = constant_values(layer, 2) if layer.op != "MatMul" else None
-    scaled = add("Mul", [real, const("out_scale", np.asarray(scale_shape, np.float32))], var("scaled", np.float32) if bias is not None else y)
+    scaled = add("Mul", [real, const("out_scale", checked_scales(scale_shape, f"{label} output"))], var("scaled", np.float32) if bias is not None else y)
     if bias is not None:
         add("Add", [scaled, const("bias", bias.astype(np.float32).reshape(bias_shape))], y)
     layer.outputs.clear()
@@ -325,6 +334,7 @@ class PowerQuant(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
         check_bit_widths(self.name, o)
+        check_range_options(self.name, o)
         a = o["power_exponent"]
         if a is not None and not (isinstance(a, (int, float)) and 0 < float(a) <= 1):
             raise PipelineError(f"power-quant: power_exponent must be None (search) or a number in (0, 1], got {a!r}")
@@ -340,6 +350,7 @@ class PowerQuant(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
+        refusals_before = len(ctx.refusals)
         candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
         refusals = {id(n): layer_refusal(n) for n in candidates}
         layers = [n for n in candidates if self._layer_ok(n, refusals[id(n)], ctx)]
@@ -351,6 +362,9 @@ class PowerQuant(Pass):
         bits_of = {id(layer): self._weight_bits(layer, edges) for layer in layers}
         weights = {id(layer): (constant_values(layer, 1).astype(np.float64), bits_of[id(layer)], weight_axis(layer)) for layer in layers}
         exponents, stats = self._exponents(layers, weights)
+        if all(a == 1.0 for a in exponents.values()):
+            del ctx.refusals[refusals_before:]  # the quantize pass reports its own refusals
+            return self._uniform(graph, ctx, stats)
         ranges = self._ranges(graph, ctx, layers)
 
         readers_of: dict[str, list[gs.Node]] = defaultdict(list)
@@ -396,6 +410,17 @@ class PowerQuant(Pass):
         return no_layer_message(self.name, coverage) if coverage else super().nothing_done(result, refusals)
 
     # ------------------------------------------------------------------ pieces
+    def _uniform(self, graph: gs.Graph, ctx: PassContext, stats: dict[str, Any]) -> PassResult:
+        """Exponent 1 everywhere: power quantization is uniform quantization, so the layers
+        get what the ``quantize`` pass emits (standard QDQ that ORT fuses) instead of the
+        custom ops, which would compute the same values several times slower."""
+        uniform = Quantize(**{key: self.options[key] for key in UNIFORM_OPTIONS})
+        uniform.requires(graph, ctx)
+        result = uniform.call(graph, ctx)
+        ctx.logger.info("power-quant: exponent 1 is uniform quantization: emitted standard QDQ (the quantize pass)")
+        result.stats = {**stats, "emitted": "QDQ", "note": UNIFORM_NOTE, **result.stats}
+        return result
+
     def _layer_ok(self, node: gs.Node, reason: str | None, ctx: PassContext) -> bool:
         if reason:
             ctx.refuse(f"layer {node_label(node)}", reason)
@@ -450,11 +475,9 @@ class PowerQuant(Pass):
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             found = {t.name: estimator.range(t) for t in wanted}
             return {k: v for k, v in found.items() if v is not None}
-        from onnxopt.verify import load_inputs
-
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_inputs(self.options["calibration_data"], model, batched=True)
+        samples = load_calibration_data(self.options["calibration_data"], model)
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))
         return result

@@ -110,6 +110,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize import correct_matmul_bias
 from .quantize.emit import quantize_layer_bias, weight_axis
+from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 
 COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense")
@@ -606,7 +607,7 @@ class Rex(Pass):
                                    inputs=[base.inputs[0], gs.Constant(names.new(f"{label}_rows"), inputs_index.astype(np.int64))], outputs=[picked]))
         values = gs.Variable(names.new(f"{label}_values"), dtype=np.float32, shape=None)
         graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{label}_DequantizeLinear"),
-                                   inputs=[gs.Constant(names.new(f"{label}_codes"), codes), gs.Constant(names.new(f"{label}_scale"), np.array(scale, np.float32))],
+                                   inputs=[gs.Constant(names.new(f"{label}_codes"), codes), gs.Constant(names.new(f"{label}_scale"), checked_scales(scale, label))],
                                    outputs=[values]))
         products = gs.Variable(names.new(f"{label}_products"), dtype=np.float32, shape=None)
         graph.nodes.append(gs.Node("Mul", names.new(f"{label}_Mul"), inputs=[picked, values], outputs=[products]))
@@ -705,7 +706,7 @@ class Rex(Pass):
     def _requantize(self, graph: gs.Graph, y: gs.Tensor, quant: tuple[float, int], names: NameFactory, tag: str, keep_codes: bool = False):
         """Q→DQ on ``y`` (uint8); with keep_codes the codes and quantizer are returned so the
         channel movement happens on uint8 before the DequantizeLinear."""
-        scale = gs.Constant(names.new(f"{tag}_out_scale"), np.array(quant[0], np.float32))
+        scale = gs.Constant(names.new(f"{tag}_out_scale"), checked_scales(quant[0], f"{tag} output"))
         zero = gs.Constant(names.new(f"{tag}_out_zero_point"), np.array(quant[1], np.uint8))
         codes = gs.Variable(names.new(f"{tag}_out_quantized"), dtype=np.uint8, shape=None)
         graph.nodes.append(gs.Node("QuantizeLinear", names.new(f"{tag}_out_QuantizeLinear"), inputs=[y, scale, zero], outputs=[codes]))

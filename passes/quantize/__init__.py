@@ -76,7 +76,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed,
 from . import spiq as spiq_rewrite
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .numerics import ActivationQuant, activation_quant
-from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda, load_calibration_data
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
@@ -144,15 +144,7 @@ class Quantize(Pass):
             raise PipelineError("quantize: calibration_data is only used with act_ranges='minmax' or 'percentile'")
         if o["add_range"] not in ("sum", "independent"):
             raise PipelineError(f"quantize: add_range must be 'sum' or 'independent', got {o['add_range']!r}")
-        if o["lam"] is not None and not (isinstance(o["lam"], (int, float)) and o["lam"] > 0):
-            raise PipelineError(f"quantize: lam must be a positive number of standard deviations, got {o['lam']!r}")
-        if o["input_range"] is not None:
-            try:
-                low, high = (float(v) for v in o["input_range"])
-            except (TypeError, ValueError):
-                raise PipelineError(f"quantize: input_range must be a pair (low, high), got {o['input_range']!r}") from None
-            if not low < high:
-                raise PipelineError(f"quantize: input_range needs low < high, got {o['input_range']!r}")
+        check_range_options(self.name, o)
         if not isinstance(o["int4_weights"], bool):
             raise PipelineError(f"quantize: int4_weights must be true or false, got {o['int4_weights']!r}")
         if o["int4_weights"] and graph.opset < 21:
@@ -279,11 +271,9 @@ class Quantize(Pass):
         return ranges
 
     def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
-        from onnxopt.verify import load_inputs
-
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_inputs(self.options["calibration_data"], model, batched=True)
+        samples = load_calibration_data(self.options["calibration_data"], model)
         names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
         return calibrated_ranges(model, names, samples, self.options["act_ranges"])
 
@@ -475,6 +465,22 @@ def check_bit_widths(pass_name: str, options: dict[str, Any]) -> None:
             raise PipelineError(f"{pass_name}: {key} must be an integer in 2..8, got {options[key]!r}")
     if options["first_last_bits"] is not None and options["first_last_bits"] not in range(2, 9):
         raise PipelineError(f"{pass_name}: first_last_bits must be None or an integer in 2..8, got {options['first_last_bits']!r}")
+
+
+def check_range_options(pass_name: str, options: dict[str, Any]) -> None:
+    """The range options quantize and power-quant share: ``lam`` None or a finite number
+    > 0, ``input_range`` None or a finite pair low < high (a NaN/inf there would become a
+    NaN/inf quantization scale)."""
+    lam = options["lam"]
+    if lam is not None and not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and np.isfinite(lam) and lam > 0):
+        raise PipelineError(f"{pass_name}: lam must be a finite positive number of standard deviations, got {lam!r}")
+    if options["input_range"] is not None:
+        try:
+            low, high = (float(v) for v in options["input_range"])
+        except (TypeError, ValueError):
+            raise PipelineError(f"{pass_name}: input_range must be a pair (low, high), got {options['input_range']!r}") from None
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise PipelineError(f"{pass_name}: input_range needs finite low < high, got {options['input_range']!r}")
 
 
 def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:

@@ -27,7 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import NameFactory, constant_values
 
-from .numerics import ActivationQuant, bias_codes, dequantize_weight, quantize_weight
+from .numerics import ActivationQuant, bias_codes, checked_scales, dequantize_weight, quantize_weight
 
 
 def weight_axis(node: gs.Node) -> int | None:
@@ -44,7 +44,7 @@ def weight_axis(node: gs.Node) -> int | None:
 def quantize_activation(graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQuant, names: NameFactory) -> gs.Variable:
     """Insert Q→DQ on ``tensor``; every former reader reads the DequantizeLinear output."""
     base = tensor.name
-    scale = gs.Constant(names.new(f"{base}_scale"), np.array(quant.scale, dtype=np.float32))
+    scale = gs.Constant(names.new(f"{base}_scale"), checked_scales(quant.scale, f"activation {base}"))
     zero = gs.Constant(names.new(f"{base}_zero_point"), np.array(quant.zero_point, dtype=quant.dtype))
     source: gs.Tensor = tensor
     readers = list(tensor.outputs)
@@ -110,7 +110,7 @@ def dequantized_constant(
     """``DequantizeLinear(codes, scales, zeros, axis)`` of constants, appended to ``graph``."""
     inputs = [
         _constant(names.new(f"{base}_quantized"), codes),
-        gs.Constant(names.new(f"{base}_scale"), np.asarray(scales, np.float32)),
+        gs.Constant(names.new(f"{base}_scale"), checked_scales(scales, base)),
         _constant(names.new(f"{base}_zero_point"), zeros),
     ]
     result = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(inputs[0].shape))

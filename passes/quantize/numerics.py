@@ -11,6 +11,9 @@ zero point 0 and ``S = hi / (2^b − 1)``; elsewhere symmetric, zero point 2^{b�
 ``np.round``.
 
 Bias (ONNX QDQ convention ORT fuses): int32 with scale ``S_x · s_w`` per output channel.
+
+Every scale written into a model passes :func:`checked_scales` (finite and > 0, else
+ValidationError): NaN/inf weights or ranges stop the pass instead of reaching the file.
 """
 
 from __future__ import annotations
@@ -19,8 +22,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxopt.errors import ValidationError
+
 #: Smallest scale used, so an all-zero channel still gets a valid (positive) scale.
 TINY = np.float32(1e-12)
+
+
+def checked_scales(scales: np.ndarray | float, what: str) -> np.ndarray:
+    """``scales`` as float32 when every one is finite and > 0 (also after the float32
+    cast); else ValidationError naming ``what``.  Every emission of a quantization scale
+    (quantize, power-quant, rex, modular-accumulator) goes through this guard, so a NaN/inf
+    from non-finite weights, ranges or calibration values is never written silently."""
+    values = np.asarray(scales, np.float32)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if np.any(bad):
+        first = values[bad].ravel()[0]
+        raise ValidationError(
+            f"{what}: {int(bad.sum())} of {values.size} quantization scale(s) not finite and positive (e.g. {first}); "
+            "the weights, activation ranges or calibration data behind it hold NaN/inf or overflow float32"
+        )
+    return values
 
 
 def weight_scales(weight: np.ndarray, bits: int, axis: int | None) -> np.ndarray:

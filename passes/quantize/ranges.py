@@ -22,7 +22,8 @@ tensors the quantized layers actually read:
   calibration data or an input range is given).
 
 Calibration: the tensors are computed by ONNX Runtime on the user's samples; per channel
-(axis 1) either min/max or the 0.01 / 99.99 percentiles.
+(axis 1) either min/max or the 0.01 / 99.99 percentiles.  Samples holding NaN/inf are
+refused with the file and input named (InputDataError, like other bad sample files).
 """
 
 from __future__ import annotations
@@ -231,6 +232,28 @@ def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | Non
 
 
 # --------------------------------------------------------------------------- calibration
+def load_calibration_data(path: str, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The calibration samples of ``path`` (one array per graph input, samples on axis 0),
+    checked like verify inputs (InputDataError, exit code 11) and also: at least one
+    sample, and only finite values (a NaN/inf would become a NaN/inf quantization scale)."""
+    from onnxopt.errors import InputDataError
+    from onnxopt.verify import load_inputs
+
+    samples = load_inputs(path, model, batched=True)
+    for name, values in samples.items():
+        if values.ndim == 0 or len(values) == 0:
+            raise InputDataError(f"calibration data {path}: input {name} holds no samples (shape {list(values.shape)})")
+        if np.issubdtype(values.dtype, np.floating):
+            bad = ~np.isfinite(values)
+            if bad.any():
+                sample = int(np.argmax(bad.reshape(len(values), -1).any(axis=1)))
+                raise InputDataError(
+                    f"calibration data {path}: input {name} holds {int(bad.sum())} NaN/inf value(s) (first in sample {sample}); "
+                    "calibration samples must be finite"
+                )
+    return samples
+
+
 def calibrated_ranges(
     model: onnx.ModelProto, tensors: list[str], samples: Mapping[str, np.ndarray], method: str
 ) -> dict[str, ChannelRange]:

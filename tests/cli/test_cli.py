@@ -166,6 +166,25 @@ def test_failed_lossless_verification_writes_no_model(capsys, tmp_path, demo_pat
     assert not out.exists()
 
 
+def test_a_pass_that_breaks_the_graph_exits_8_and_writes_nothing(capsys, tmp_path, demo_path, monkeypatch):
+    """Without --validate the final model is still checked (onnx.checker full_check)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.pass_base import PassResult
+    from onnxopt.passes.cleanup import EliminateIdentity
+
+    def dangling(self, graph, ctx):
+        graph.nodes[0].inputs[0] = gs.Variable("ghost", dtype=np.float32, shape=[1])
+        return PassResult(True)
+
+    monkeypatch.setattr(EliminateIdentity, "call", dangling)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--passes", "eliminate-identity", "-q")
+    assert code == 8
+    assert_one_error_line(err, "final check: pass eliminate-identity produced an invalid model", "ghost")
+    assert not out.exists()
+
+
 def test_external_data_always(capsys, tmp_path, demo, demo_path):
     out = tmp_path / "out.onnx"
     code, _, _ = cli(capsys, demo_path, "-o", out, "--passes", "eliminate-identity", "--external-data", "always")
@@ -319,6 +338,37 @@ def test_bad_set_exit_7(capsys, tmp_path, demo_path, setting, message):
     code, _, err = cli(capsys, demo_path, "-o", tmp_path / "out.onnx", "--passes", PASSES, "--set", setting)
     assert code == 7
     assert_one_error_line(err, message)
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--lambda", "inf"], "bad --lambda inf"),
+        (["--lambda", "nan"], "bad --lambda nan"),
+        (["--input-range=-inf,inf"], "bad --input-range '-inf,inf'"),
+        (["--input-range=nan,1"], "bad --input-range 'nan,1'"),
+        (["--power-quant", "nan"], "bad --power-quant 'nan'"),
+        (["--rex", "2", "--rex-budget", "inf"], "bad --rex-budget 'inf'"),
+    ],
+)
+def test_non_finite_option_values_exit_7(capsys, tmp_path, demo_path, flags, fragment):
+    """A NaN/inf option value would become a NaN/inf quantization scale: refused at parsing."""
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--quantize", "w8a8", *flags, "-q")
+    assert code == 7
+    assert_one_error_line(err, fragment)
+    assert not out.exists()
+
+
+def test_calibration_data_with_nan_exits_11_naming_file_and_input(capsys, tmp_path, demo_path):
+    samples = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    samples[1, 2, 3, 4] = np.nan
+    np.savez(tmp_path / "cal.npz", input=samples)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(capsys, demo_path, "-o", out, "--quantize", "w8a8", "--calibration-data", tmp_path / "cal.npz", "-q")
+    assert code == 11
+    assert_one_error_line(err, f"calibration data {tmp_path / 'cal.npz'}: input input holds 1 NaN/inf value(s) (first in sample 1)")
+    assert not out.exists()
 
 
 def test_bad_verify_inputs_exit_11(capsys, tmp_path, demo_path):

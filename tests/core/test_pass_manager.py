@@ -189,13 +189,37 @@ def test_validation_catches_a_pass_that_breaks_the_graph(call, message):
     assert info.value.exit_code == 8
 
 
-@pytest.mark.parametrize("call", [_dangling_input, _type_error], ids=["dangling-tensor", "type-error"])
-def test_without_validation_the_broken_graph_goes_through(call):
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (_dangling_input, "final check: pass breaker produced an invalid model: .*ghost"),
+        (_type_error, r"final check: pass breaker produced an invalid model: .*bad_add"),
+        (_duplicate_names, "final check: pass breaker produced a duplicate node name 'same'"),
+    ],
+    ids=["dangling-tensor", "type-error", "duplicate-names"],
+)
+def test_without_validation_the_final_model_is_still_checked(call, message):
+    """validate=False skips the check after each pass, never the one of the final model:
+    no invalid model is ever returned (or written by the CLI)."""
     breaker = make_pass("breaker", call=call)
-    out, report = PassManager([breaker()], validate=False).run(parse(RELU))
-    assert report.passes[0].modified
-    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
-        onnx.checker.check_model(out, full_check=True)
+    with pytest.raises(ValidationError, match=message) as info:
+        PassManager([breaker(), make_pass("no-op")()], validate=False).run(parse(RELU))
+    assert info.value.exit_code == 8
+
+
+def test_final_check_above_the_protobuf_limit_checks_the_graph_without_payloads(monkeypatch, demo, caplog):
+    """Above 2 GB the checker cannot take the proto: it checks a stand-in whose large
+    initializers are typed inputs, still catching a broken graph, and says so."""
+    import onnxopt.manager as manager
+
+    monkeypatch.setattr(manager, "EXTERNAL_DATA_THRESHOLD", 100)
+    with caplog.at_level("WARNING", logger="onnxopt.manager"):
+        assert manager.model_problem(demo) is None
+    assert "not the initializer payloads" in caplog.text
+    broken = onnx.ModelProto()
+    broken.CopyFrom(demo)
+    broken.graph.node[0].input[0] = "ghost"
+    assert "ghost" in manager.model_problem(broken)
 
 
 def test_validation_accepts_a_correct_rewrite():

@@ -178,7 +178,17 @@ def test_weight_operator_protocol_round_trip() -> None:
     assert reconstruction_error(w.astype(np.float64), 5, 0.55, 0) == pytest.approx(float(np.linalg.norm(w - op.dequantize(q))), rel=1e-4)
 
 
-@pytest.mark.parametrize("options", [{"power_exponent": 1.5}, {"power_exponent": "x"}, {"weight_bits": 9}, {"power_integer": "sometimes"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"power_exponent": 1.5},
+        {"power_exponent": "x"},
+        {"weight_bits": 9},
+        {"power_integer": "sometimes"},
+        {"lam": float("inf")},
+        {"input_range": (float("-inf"), float("inf"))},
+    ],
+)
 def test_bad_options_are_clear_errors(options) -> None:
     with pytest.raises(PipelineError, match="power-quant"):
         onnxopt.optimize(conv_model(), passes=list(PIPELINE), **options)
@@ -226,3 +236,71 @@ def test_bias_correction_adds_the_mean_shift_of_eq_3_8() -> None:
     codes, scales = power_quantize(w, 8, 0.6, 0)
     np.testing.assert_allclose(shift, (w - power_dequantize(codes, scales, 0.6, 0)) @ mean, rtol=1e-4, atol=1e-7)
     assert np.abs(shift).max() > 0
+
+
+def test_calibration_data_with_nan_is_rejected_naming_file_and_input(tmp_path) -> None:
+    from onnxopt.errors import VerificationError
+
+    samples = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    samples[2, 0, 0, 0] = np.nan
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=samples)
+    with pytest.raises(VerificationError, match=r"calibration data .*cal.npz: input x holds 1 NaN/inf value\(s\) \(first in sample 2\)"):
+        onnxopt.optimize(conv_model(with_bn=False), passes=list(PIPELINE), power_exponent=0.5, act_ranges="minmax", calibration_data=str(path))
+
+
+def test_non_finite_weight_scale_is_never_written() -> None:
+    from onnxopt.errors import ValidationError
+
+    model = conv_model(with_bn=False)
+    weight = model.graph.initializer[1]  # w2
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0, 0, 0] = np.inf
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    with pytest.raises(ValidationError, match="w2|Conv") as info:
+        onnxopt.optimize(model, passes=list(PIPELINE), power_exponent=0.5)
+    assert "not finite and positive" in str(info.value) and info.value.exit_code == 8
+
+
+# --------------------------------------------------------------------------- exponent 1
+def _custom_ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node if n.domain == DOMAIN] + [f.name for f in model.functions]
+
+
+def test_exponent_one_emits_the_plain_qdq_of_the_quantize_pass() -> None:
+    """At a = 1 power quantization is uniform quantization: no custom ops (several times
+    slower in ORT for the same values), the quantize pass's QDQ instead, said in the stats."""
+    model = conv_model(with_bn=True)
+    options = dict(weight_bits=4, act_bits=8, input_range=(-4.0, 4.0))
+    power, report = onnxopt.optimize(model, passes=list(PIPELINE), validate=True, power_exponent=1.0, **options)
+    uniform, _ = onnxopt.optimize(model, passes=["fold-batchnorm", "quantize", "eliminate-dead"], validate=True, **options)
+    stats = report.passes[1].stats
+    assert not _custom_ops(power) and DOMAIN not in {o.domain for o in power.opset_import}
+    assert stats["exponent"] == 1.0 and stats["emitted"] == "QDQ" and "uniform quantization" in stats["note"]
+    assert stats["layers_quantized"] == 3
+    counts = Counter(n.op_type for n in power.graph.node)
+    assert counts == Counter(n.op_type for n in uniform.graph.node) and counts["QuantizeLinear"] >= 3
+    x = feeds()
+    np.testing.assert_allclose(run(power, x)["y"], run(uniform, x)["y"], rtol=0, atol=1e-6)
+    assert "emitted=QDQ" in report.format_table()
+
+
+def test_searched_exponent_of_one_also_emits_plain_qdq() -> None:
+    """Uniformly distributed weights: the search ends at a = 1, the same fallback applies."""
+    model = conv_model(with_bn=True)
+    rng = np.random.default_rng(5)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("w1", "w2", "wf"):
+            shape = tuple(tensor.dims)
+            tensor.CopyFrom(numpy_helper.from_array(rng.uniform(-0.3, 0.3, shape).astype(np.float32), tensor.name))
+    power, report = onnxopt.optimize(model, passes=list(PIPELINE), validate=True, weight_bits=8, act_bits=8)
+    assert report.passes[1].stats["exponent"] == 1.0 and report.passes[1].stats["emitted"] == "QDQ"
+    assert not _custom_ops(power)
+
+
+def test_cli_power_quant_at_exponent_one_writes_no_custom_op(tmp_path) -> None:
+    src, out = tmp_path / "m.onnx", tmp_path / "pq1.onnx"
+    onnx.save(conv_model(), str(src))
+    assert cli_main([str(src), "-o", str(out), "--quantize", "w4a8", "--power-quant", "1.0", "-q"]) == 0
+    written = onnx.load(str(out))
+    assert not _custom_ops(written) and Counter(n.op_type for n in written.graph.node)["DequantizeLinear"] >= 3

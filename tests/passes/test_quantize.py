@@ -21,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.quantize import spiq
 from onnxopt.passes.quantize.emit import quantize_activation
 from onnxopt.passes.quantize.numerics import (
+    ActivationQuant,
     activation_quant,
+    checked_scales,
     bias_codes,
     dequantize_weight,
     fake_quantize,
@@ -31,7 +33,7 @@ from onnxopt.passes.quantize.numerics import (
 from scipy.stats import norm
 
 import onnxopt
-from onnxopt.errors import InputDataError, PipelineError
+from onnxopt.errors import InputDataError, PipelineError, ValidationError
 from onnxopt.graph import (
     NameFactory,
     cleanup,
@@ -789,6 +791,10 @@ def test_calibration_mode_without_data_is_an_error(mode: str) -> None:
         ({"input_range": 3.0}, "input_range"),
         ({"lam": -9.0}, "lam"),
         ({"lam": 0}, "lam"),
+        ({"lam": float("inf")}, "lam"),
+        ({"lam": float("nan")}, "lam"),
+        ({"input_range": (float("-inf"), float("inf"))}, "input_range"),
+        ({"input_range": (float("nan"), 3.0)}, "input_range"),
         ({"first_last_bits": 9}, "first_last_bits"),
         ({"calibration_data": "x.npz"}, "calibration_data"),
     ],
@@ -817,6 +823,42 @@ def test_calibration_file_with_wrong_shape_is_an_input_data_error(tmp_path: Path
         run_passes(plain_model(), *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
     message = str(info.value)
     assert "x has shape [8, 3, 9, 9]" in message and "model expects ['N', 3, 8, 8]" in message
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_calibration_file_with_non_finite_values_is_a_verification_error(tmp_path: Path, bad: float) -> None:
+    """A NaN/inf sample would give a NaN/inf range and scale: rejected, naming file and input."""
+    path = tmp_path / "cal.npz"
+    samples = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    samples[5, 1, 2, 3] = bad
+    np.savez(path, x=samples)
+    with pytest.raises(InputDataError) as info:
+        run_passes(plain_model(), *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
+    message = str(info.value)
+    assert str(path) in message and "input x holds 1 NaN/inf value(s) (first in sample 5)" in message
+    assert info.value.exit_code == 11
+
+
+def test_non_finite_weights_stop_the_pass_instead_of_writing_a_nan_scale() -> None:
+    """The emission guard: a weight holding inf gives an inf scale, which is never written."""
+    proto = plain_model()
+    weight = next(t for t in proto.graph.initializer if t.name == "w1")
+    values = numpy_helper.to_array(weight).copy()
+    values[1, 0, 0, 0] = np.inf
+    weight.CopyFrom(numpy_helper.from_array(values, "w1"))
+    with pytest.raises(ValidationError, match=r"quantization scale\(s\) not finite and positive \(e.g. inf\)") as info:
+        run_passes(proto, *QUANTIZE, input_range=(-3.0, 3.0))
+    assert info.value.exit_code == 8
+
+
+@pytest.mark.parametrize("scale", [np.nan, np.inf, 0.0, -1.0])
+def test_emission_refuses_a_scale_that_is_not_finite_and_positive(scale: float) -> None:
+    graph = gs.Graph(inputs=[gs.Variable("x", np.float32, [1, 4])])
+    reader = gs.Node("Relu", inputs=[graph.inputs[0]], outputs=[gs.Variable("y", np.float32, [1, 4])])
+    graph.nodes.append(reader)
+    with pytest.raises(ValidationError, match="activation x: 1 of 1 quantization scale"):
+        quantize_activation(graph, graph.inputs[0], ActivationQuant(np.float32(scale), True, 8), NameFactory(graph))
+    assert checked_scales(np.array([0.5, 2.0]), "w").dtype == np.float32
 
 
 # =========================================================================== 6. calibration
