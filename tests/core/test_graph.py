@@ -332,6 +332,8 @@ def _if_model_sharing_a_weight(main_reads_it: bool) -> "onnx.ModelProto":
         [numpy_helper.from_array(weight, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def _ir3_conv_bn_model():

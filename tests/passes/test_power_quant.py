@@ -239,13 +239,13 @@ def test_bias_correction_adds_the_mean_shift_of_eq_3_8() -> None:
 
 
 def test_calibration_data_with_nan_is_rejected_naming_file_and_input(tmp_path) -> None:
-    from onnxopt.errors import VerificationError
+    from onnxopt.errors import InputDataError
 
     samples = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
     samples[2, 0, 0, 0] = np.nan
     path = tmp_path / "cal.npz"
     np.savez(path, x=samples)
-    with pytest.raises(VerificationError, match=r"calibration data .*cal.npz: input x holds 1 NaN/inf value\(s\) \(first in sample 2\)"):
+    with pytest.raises(InputDataError, match=r"calibration data .*cal.npz: input x holds 1 NaN/inf value\(s\) \(first in sample 2\)"):
         onnxopt.optimize(conv_model(with_bn=False), passes=list(PIPELINE), power_exponent=0.5, act_ranges="minmax", calibration_data=str(path))
 
 
