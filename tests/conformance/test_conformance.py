@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import onnx
 import pytest
 
 from bench import conformance
@@ -133,3 +134,59 @@ def test_whole_folder(folder: str) -> None:
     if known:
         warnings.warn(f"{len(known)} known failures in {folder}: {sorted(known)}", stacklevel=1)
     assert not {k: v for k, v in failed.items() if k not in KNOWN_FAILURES}
+
+
+# --------------------------------------------------------------------------- the classification itself
+RELU = "simple/test_single_relu_model"
+
+
+def _classify_with(monkeypatch: pytest.MonkeyPatch, fake_optimize) -> conformance.Result:
+    import onnxopt
+
+    monkeypatch.setattr(onnxopt, "optimize", fake_optimize)
+    return conformance.check_case(conformance.find_case(RELU), slow_seconds=None)
+
+
+def _rewritten(op_type: str, inputs: list[str] | None = None):
+    def optimize(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        node = out.graph.node[0]
+        node.op_type = op_type
+        if inputs is not None:
+            node.input[:] = inputs
+        return out, None
+
+    return optimize
+
+
+def test_changed_outputs_are_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _classify_with(monkeypatch, _rewritten("Neg"))  # Relu -> Neg
+    assert result.category == conformance.WRONG and "Mismatched elements" in result.reason
+
+
+def test_output_failing_the_checker_is_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _classify_with(monkeypatch, _rewritten("Relu", ["no_such_tensor"]))
+    assert result.category == conformance.INVALID and result.reason.startswith("checker on the output")
+
+
+def test_refusal_and_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxopt.errors import UnsupportedModelError
+
+    def refuse(model):
+        raise UnsupportedModelError("unsupported opset 6")
+
+    def crash(model):
+        raise KeyError("x")
+
+    assert _classify_with(monkeypatch, refuse).category == conformance.REFUSED
+    result = _classify_with(monkeypatch, crash)
+    assert result.category == conformance.ERROR and result.reason == "KeyError: 'x'"
+
+
+def test_unchanged_model_is_ok_and_slow_only_with_a_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _classify_with(monkeypatch, _rewritten("Relu")).category == OK
+    import onnxopt
+
+    monkeypatch.setattr(onnxopt, "optimize", _rewritten("Relu"))
+    assert conformance.check_case(conformance.find_case(RELU), slow_seconds=0.0).category == conformance.SLOW
