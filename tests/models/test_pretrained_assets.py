@@ -151,26 +151,27 @@ def test_fashion_mnist_loader() -> None:
     assert x.shape == (5, 1, 28, 28) and x.dtype == np.float32
 
 
-@pytest.mark.slow  # two short trainings + three test-set passes: ~25 s on an idle 2-core machine
 @needs("fashion_mnist")
-def test_fashion_mnist_training_is_reproducible_and_exports(tmp_path: Path) -> None:
-    config = fmnist.TrainConfig(epochs=2, limit=5000, seed=0)
+def test_fashion_mnist_training_lowers_the_loss_reproducibly_and_exports(tmp_path: Path) -> None:
+    """The training and export code path in a few steps (512 images, 8 steps of 64, one thread).
+    The full training (about 91 % test accuracy) is the benchmark's ``fashion_mnist`` workload
+    (``python -m onnxopt.models.train_fashion_mnist``), cached in the zoo cache."""
+    config = fmnist.TrainConfig(epochs=1, batch_size=64, limit=512, eval_limit=256, threads=1, seed=0)
     meta = fmnist.train_and_export(config, tmp_path, log=False)
     assert Path(meta["onnx"]).parent == tmp_path / "fashion_mnist"
-    assert meta["test_accuracy"] > 0.7  # 5000 images, two epochs (0.756 with torch 2.13)
-    assert abs(meta["onnx_test_accuracy"] - meta["test_accuracy"]) <= 0.001
+    curve = meta["loss_curve"]
+    assert len(curve) == 8 and curve[-1] < 0.85 * curve[0], curve  # from ln(10) = 2.30 down
+    assert abs(meta["onnx_test_accuracy"] - meta["test_accuracy"]) <= 1 / 256
     graph = onnx.load(meta["onnx"])
     n_bn = sum(n.op_type == "BatchNormalization" for n in graph.graph.node)
     assert n_bn == count_batchnorms(fmnist.FashionResNet()) == 9
-    again, _ = fmnist.train(config, log=False)
-    saved = fmnist.load_trained(meta["state_dict"]).state_dict()
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in saved.items())
+    trained = fmnist.load_trained(meta["state_dict"])
+    test_x, _ = datasets.load_fashion_mnist("test")
+    x = fmnist.preprocess(test_x[:32])
+    with torch.no_grad():
+        expected = trained(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ort_run(Path(meta["onnx"]), {"input": x}), expected, rtol=1e-4, atol=1e-4)
+    again, metrics = fmnist.train(config, log=False)
+    assert metrics["loss_curve"] == curve
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in trained.state_dict().items())
     assert fmnist.train_and_export(config, tmp_path, log=False) == meta  # cached run, not retrained
-
-
-@pytest.mark.slow  # about 3 minutes on 2 cores (cached in $ONNXOPT_ZOO_CACHE when set)
-@needs("fashion_mnist")
-def test_fashion_mnist_full_training_reaches_91_percent(zoo_cache: Path) -> None:
-    meta = fmnist.train_and_export(fmnist.TrainConfig(), zoo_cache)
-    assert meta["test_accuracy"] >= 0.905
-    assert abs(meta["onnx_test_accuracy"] - meta["test_accuracy"]) <= 0.001
