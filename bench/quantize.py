@@ -18,7 +18,7 @@ Configurations (each one an ONNX file, all run by ONNX Runtime on the CPU):
   same preprocessing to 224): real photos, but never the evaluation images.
 * ``ort_dynamic_int8``: ``quantize_dynamic`` with int8 weights (per tensor, ORT's default),
   as asked; ``ort_dynamic_uint8``: the same with uint8 weights, ORT's fastest dynamic form
-  on CPU (ConvInteger with int8 weights is several times slower, METHODS.md §7), so the
+  on CPU (ConvInteger with int8 weights is several times slower, docs/custom-ops.md), so the
   dynamic-quantization latency goal is checked against the faster of the two.
 * ``onnxopt_{spiq,auto,pt}_w{8,6,4}a8``: ``onnxopt.optimize(fp32_path, preset="quantize",
   weight_bits=W, act_bits=8, spiq=S)`` on the original (BN-carrying) model, data-free;

@@ -1,5 +1,5 @@
 """``onnxopt analyze accumulators MODEL``: accumulator widths of a quantized model
-(METHODS.md §6).
+(docs/modular-arithmetic.md).
 
 Per quantized layer (QDQ Conv/MatMul/Gemm, as the ``quantize`` pass emits): the worst-case
 accumulator magnitude ``Σ|q_w|·max|q_x| + |q_b|`` (max over output channels) and the signed
@@ -90,7 +90,7 @@ def format_table(records: list[dict[str, Any]], bits: Sequence[int]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxopt analyze", description="Analyses of a model (no model is written).")
     sub = parser.add_subparsers(dest="analysis", required=True)
-    acc = sub.add_parser("accumulators", help="worst-case and observed accumulator widths of the quantized layers (METHODS §6)")
+    acc = sub.add_parser("accumulators", help="worst-case and observed accumulator widths of the quantized layers (docs/modular-arithmetic.md)")
     acc.add_argument("model", help="QDQ-quantized .onnx (or a float model with --quantize)")
     acc.add_argument("--inputs", metavar="X.npz", help="sample inputs (batch on axis 0) for observed overflow rates")
     acc.add_argument("--bits", type=int, action="append", default=[], metavar="B", help="accumulator width for the overflow rate (repeatable)")

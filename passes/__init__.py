@@ -62,7 +62,7 @@ BUILTIN_PRESETS = (
     ),
     Preset(
         "rex",
-        "quantize, then REx residual branches (options rex_order K, rex_budget γ, ...; METHODS.md §5)",
+        "quantize, then REx residual branches (options rex_order K, rex_budget γ, ...; docs/rex.md)",
         LOSSLESS + ("quantize", "rex") + FINISH,
     ),
     Preset(

@@ -3,7 +3,7 @@
 Before::    x ── Conv(W, b) ── y ── BatchNormalization(γ, β, μ, v, ε) ── z
 After::     x ── Conv(W', b') ── z
 
-Maths (METHODS.md notation): the BN computes, per output channel c,
+Maths (notation of docs/bn-folding.md): the BN computes, per output channel c,
 ``z_c = s_c·y_c + t_c`` with ``s = γ / √(v + ε)`` and ``t = β − s·μ``.  Since
 ``y_c = W[c] ∗ x + b_c``::
 

@@ -1,4 +1,4 @@
-"""modular-accumulator: integer layers whose accumulator wraps to b bits (METHODS.md §6,
+"""modular-accumulator: integer layers whose accumulator wraps to b bits (docs/modular-arithmetic.md,
 thesis §4.5), for evaluating W b / A b / acc b configurations.
 
 Before (QDQ, as the ``quantize`` pass emits it)::
@@ -19,7 +19,7 @@ explicit zero point 128 (ConvInteger with int8 weights is ~4.7× slower on ORT 1
 ``accumulator_bits``: an int (2..31) for every layer; ``"auto"`` for the per-layer minimum
 safe width; ``None`` for no wrap at all (the plain integer model — the reference the wrapped
 model equals bit for bit when the width is ≥ the worst case).  Worst case per output channel
-(data-free, [derived] in METHODS §6): ``Σ_k |q_W[c, k]|·max|x_q − z_x| + |q_b[c]|``, needing
+(data-free, [derived] in docs/modular-arithmetic.md): ``Σ_k |q_W[c, k]|·max|x_q − z_x| + |q_b[c]|``, needing
 ``⌈log2(v + 1)⌉ + 1`` signed bits; ``max|x_q − z_x|`` is the activation's clip range when a
 Clip feeds the QuantizeLinear (sub-8-bit activations), else the 8-bit storage range.
 

@@ -1,5 +1,5 @@
 """power-quant: PowerQuant non-uniform quantization of weights and activations
-(METHODS.md §4; thesis §3.1.3, eqs. 3.13–3.15, Lemma 3.1.2).
+(docs/powerquant.md; thesis §3.1.3, eqs. 3.13–3.15, Lemma 3.1.2).
 
 Before::   x ── Conv(W, b) ── Relu ── Conv(W2, b2) ── y
 After::    x ── Conv(W, b) ── Relu ── PowerQ ── PowerDQ ──┐
@@ -31,7 +31,7 @@ float32) with a float scale per output channel.  The first and last layer keep
 Integer path (``power_integer="auto"``): with a = 0.5 the decoded value is ``s²·q|q|`` — an
 integer times a scale.  When both decoded integers fit 8 bits (weights q|q| ≤ 49 at W4;
 activations at ≤ 4 bits) the layer becomes ConvInteger/MatMulInteger on the decoded integers
-(weights stored uint8 ``q|q| + 128`` with zero point 128, METHODS §7) and the scales are
+(weights stored uint8 ``q|q| + 128`` with zero point 128, docs/custom-ops.md) and the scales are
 applied after: the same numbers as the float path up to float rounding.  At A8 the decoded
 activation (up to 127²) does not fit 8 bits: those layers keep the float path.
 

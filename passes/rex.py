@@ -9,7 +9,7 @@ After (K = 2, budget γ)::
     X_dq ─┬─ Conv(DQ(R¹), b)           ── Q₁ ── DQ₁ ──────────────────────────┐
           └─ Conv(DQ(R²[sel+0]), b²) ── Q₂ ── Gather(channel map) ── DQ₂ ── Add ── [Relu] ── Q ── DQ
 
-Maths (METHODS.md §5, thesis §3.1.4, Algorithm 2): ``R¹ = Q⁻¹(Q(W))`` is the base layer the
+Maths (docs/rex.md, thesis §3.1.4, Algorithm 2): ``R¹ = Q⁻¹(Q(W))`` is the base layer the
 quantize pass emitted; order k quantizes the remaining error, ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
 with the same weight operator (:mod:`.quantize.operators`: uniform per-channel; PowerQuant
 plugs in), so ``|W − Σ_k R^k| ≤ (1/(2^{b−1}−1))^{K−1} · s_{R^K}/2`` per weight (eq. 3.18).

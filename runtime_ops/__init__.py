@@ -20,7 +20,7 @@ replaces every call by its body (CLI ``--inline-functions``).
 
 Native kernels: a serving stack that has compiled kernels for this domain registers them
 with ``SessionOptions.register_custom_ops_library(path)``; a native kernel for a
-(domain, op) overrides the function body, which stays as the fallback (METHODS.md §7).
+(domain, op) overrides the function body, which stays as the fallback (docs/custom-ops.md).
 :func:`register` does exactly that for a library given as argument or in the environment
 variable ``ONNXOPT_RUNTIME_OPS_LIBRARY``.  onnxopt ships no compiled kernel (the ORT C/C++
 headers are not in the onnxruntime wheel): without a library ``register`` is a no-op and

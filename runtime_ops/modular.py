@@ -1,5 +1,5 @@
 """Modular (wrap-around) integer arithmetic: WrapToBits, ModularMatMul, ModularConv
-(METHODS.md §6, thesis §4.5).
+(docs/modular-arithmetic.md, thesis §4.5).
 
 A b-bit accumulator wraps instead of saturating::
 

@@ -1,4 +1,4 @@
-"""PowerQuantizeLinear / PowerDequantizeLinear: PowerQuant's operator (METHODS.md §4,
+"""PowerQuantizeLinear / PowerDequantizeLinear: PowerQuant's operator (docs/powerquant.md,
 thesis eqs. 3.13 and 3.15) as ONNX functions.
 
 With ``L = 2^{b−1} − 1`` (signed) or ``2^b − 1`` (unsigned) and the step ``s`` in the power

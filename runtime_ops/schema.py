@@ -9,7 +9,7 @@ folding removes that arithmetic once the function is inlined.  What references c
 choose *which* ops run: the fast a = 0.5 PowerQuant bodies (Sqrt / Mul instead of Pow) are a
 second body *variant*, picked per model from the attribute values its nodes use
 (:meth:`OpSchema.variant`).  Likewise ``WrapToBits`` uses ``BitwiseAnd`` from opset 18 and
-``Mod`` (~10× slower, METHODS.md §7) below it, picked from the model's opset.
+``Mod`` (~10× slower, docs/custom-ops.md) below it, picked from the model's opset.
 """
 
 from __future__ import annotations

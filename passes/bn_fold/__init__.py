@@ -1,7 +1,7 @@
 """fold-batchnorm: fold every BatchNormalization that can be folded exactly.
 
 The necessary-and-sufficient condition of "To Fold or Not to Fold" (thesis §1.1.2,
-METHODS.md §1): a BN computing ``z = s·x + t`` per channel (``s = γ/√(v+ε)``,
+docs/bn-folding.md): a BN computing ``z = s·x + t`` per channel (``s = γ/√(v+ε)``,
 ``t = β − s·μ``) can be removed iff its map can be moved onto a closed set of *roots*
 (layers producing the mapped tensors, which absorb the map) and *leaves* (layers reading
 them, which absorb the inverse), connected only through *transparent* nodes.

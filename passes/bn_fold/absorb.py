@@ -3,7 +3,7 @@
 A *root* produces a mapped tensor and absorbs the map on its output channels
 (``new output = s·old + t``).  A *leaf* reads a mapped tensor and absorbs the inverse on its
 input channels (it now reads ``s·x + t`` and must compute what it computed from ``x``).
-Exact update rules (METHODS.md §1, [derived]), with c an output (root) or input (leaf)
+Exact update rules (docs/bn-folding.md, [derived]), with c an output (root) or input (leaf)
 channel:
 
 =================  =========================================  ================================================

@@ -1,6 +1,6 @@
 """Quantization arithmetic (numpy reference of what the emitted QDQ nodes compute).
 
-Weights, symmetric (METHODS.md §3): ``q = round(W/s)``, ``s = max|W| / (2^{b−1} − 1)`` per
+Weights, symmetric (docs/quantization.md): ``q = round(W/s)``, ``s = max|W| / (2^{b−1} − 1)`` per
 output channel (or per tensor), ``q`` clipped to ``±(2^{b−1} − 1)`` and stored as int8 for
 every b ≤ 8 (the "restricted range": a 4-bit weight uses 15 of int8's levels).
 

@@ -8,7 +8,7 @@ with the chosen operator, so a new quantizer (PowerQuant, passes/power_quant.py)
 registering its operator with :func:`register_operator`.
 
 ``UniformWeightOperator`` is the symmetric per-channel (or per-tensor) operator of the
-quantize pass (METHODS.md §3; :mod:`.numerics`), emitted as ``DequantizeLinear(int8 codes,
+quantize pass (docs/quantization.md; :mod:`.numerics`), emitted as ``DequantizeLinear(int8 codes,
 scales, axis)`` exactly like :mod:`.emit` so ORT fuses it into QLinearConv/QGemm.
 """
 

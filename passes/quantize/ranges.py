@@ -1,6 +1,6 @@
 """Activation ranges per channel: data-free from BN statistics, or from calibration data.
 
-Data-free (METHODS.md §3.1.1): the output of a BN is N(β_c, γ_c²) per channel, so its range
+Data-free (docs/quantization.md): the output of a BN is N(β_c, γ_c²) per channel, so its range
 is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
 come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
 fold-batchnorm keeps for the BNs it removed; a LayerNormalization over the last axis with
@@ -59,7 +59,7 @@ class ChannelRange:
 
 
 def default_lambda(act_bits: int) -> float:
-    """λ of METHODS.md §3: 9 at 8-bit activations, 4 at ≤ 6 bits (linear in between)."""
+    """λ of docs/quantization.md: 9 at 8-bit activations, 4 at ≤ 6 bits (linear in between)."""
     if act_bits >= 8:
         return 9.0
     if act_bits <= 6:
@@ -85,7 +85,7 @@ def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tup
 def layernorm_statistics(graph: gs.Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """tensor name → (β, |γ|) per feature (last axis) of every LayerNormalization that
     normalizes the last axis only, with constant 1-D scale γ (and bias β, else 0): its output
-    has mean β_c and standard deviation |γ_c| per feature, like a BN output (METHODS.md §3)."""
+    has mean β_c and standard deviation |γ_c| per feature, like a BN output (docs/quantization.md)."""
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for node in graph.nodes:
         if node.op != "LayerNormalization" or not is_default_domain(node) or len(node.outputs) > 1 and not node.outputs[1].is_empty():

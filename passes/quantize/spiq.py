@@ -1,4 +1,4 @@
-"""SPIQ: per-channel activation scales folded into the graph (METHODS.md §3, eqs. 3.10–3.11).
+"""SPIQ: per-channel activation scales folded into the graph (docs/quantization.md, eqs. 3.10–3.11).
 
 A layer reading X with per-channel quantization steps s_c quantizes ``X/r`` per tensor
 instead, with ``r_c = s_c / S`` and ``S = max_c s_c``: every channel of ``X/r`` then spans the

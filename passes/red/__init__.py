@@ -1,4 +1,4 @@
-"""RED / RED++ data-free redundancy pruning (METHODS.md §2, thesis §2.1–§2.2, Appendix C).
+"""RED / RED++ data-free redundancy pruning (docs/pruning.md, thesis §2.1–§2.2, Appendix C).
 
 * :class:`HashWeights` (``hash-weights``, :mod:`.hashing`): per-layer adaptive KDE hashing;
 * :class:`MergeNeurons` (``merge-neurons``, :mod:`.merge`): exact / angular / α merging of

@@ -5,7 +5,7 @@ After (padded)::    x ── Conv(D: n_i·m×1×k×k, group = n_i) ── Conv(P
 After (bucketed)::  x ─┬ Gather(channels of rank r) ── Conv(D_r, group = #channels, multiplier r) ─┐
                        └ … one branch per distinct rank r > 0 …                                    ┴ Concat ── Conv(P, b) ── y
 
-Maths (METHODS.md §2, Fig. 2.5): for each input channel i the n_o kernels A_i = W[:, i]
+Maths (docs/pruning.md, Fig. 2.5): for each input channel i the n_o kernels A_i = W[:, i]
 (n_o × k², a batch SVD A_i = U_i S_i V_iᵀ) span a space of rank r_i (singular values above
 ``tolerance``·s_max,i; exact after hashing when the kernels are few distinct vectors).  The
 depthwise Conv computes the r_i basis kernels S_i,t·V_i,t of channel i, the pointwise Conv

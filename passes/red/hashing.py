@@ -1,4 +1,4 @@
-"""hash-weights: per-layer adaptive KDE weight hashing (RED, thesis §2.1, METHODS.md §2).
+"""hash-weights: per-layer adaptive KDE weight hashing (RED, thesis §2.1, docs/pruning.md).
 
 Before::   Conv(W) with W holding ~#W distinct float values
 After::    Conv(h(W)) with h(W) holding a few hundred distinct values (same graph structure)

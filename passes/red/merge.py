@@ -3,7 +3,7 @@
 Before::   x ── Conv(W: n×…, b) ── Relu ── Conv(V: m×n×…) ── y      (W_j = W_i, b_j = b_i)
 After::    x ── Conv(W: (n−1)×…) ── Relu ── Conv(V': m×(n−1)×…) ── y   V'[:, i] = V[:, i] + V[:, j]
 
-Maths (METHODS.md §2, thesis eqs. 2.2 and 2.5):
+Maths (docs/pruning.md, thesis eqs. 2.2 and 2.5):
 
 * **exact**: neurons i, j whose whole per-channel signature is identical (producer weight row
   and bias, and the per-channel parameters of every node on the path: BN rows, depthwise

@@ -1,10 +1,10 @@
 """quantize: numerics, SPIQ rewrite exactness, end-to-end QDQ emission, bias correction,
-bad inputs and calibration, on small text-format graphs (METHODS.md §3, §7).
+bad inputs and calibration, on small text-format graphs (docs/quantization.md).
 
 Every test checks what was rewritten and compares numbers: numerics against an independent
 numpy reference and against ONNX Runtime's own QuantizeLinear/DequantizeLinear; SPIQ's float
 rewrite against the original graph in ORT (rtol 1e-5); the quantized models against FP32 and
-against an independent numpy fake-quant reference of METHODS.md §3.  The real-model checks
+against an independent numpy fake-quant reference of docs/quantization.md  The real-model checks
 (ORT fusion, MobileNetV2 fidelity) are in test_quantize_models.py.
 """
 
@@ -629,7 +629,7 @@ class BnChain:
         return s[None, :, None, None] * (c - self.mean[None, :, None, None]) + self.beta[None, :, None, None]
 
     def reference(self, x: np.ndarray, *, spiq_on: bool, bits: int = 8, lam: float = 9.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32]:
-        """Independent numpy fake-quant of METHODS.md §3 (output, weight codes, bias codes, S)."""
+        """Independent numpy fake-quant of docs/quantization.md (output, weight codes, bias codes, S)."""
         r = np.maximum(self.relu_input(x), 0.0)
         hi = np.maximum(self.beta + lam * np.abs(self.gamma), 0.0).astype(np.float64)  # range [β ± λ|γ|] after ReLU
         g = np.abs(self.gamma.astype(np.float64))

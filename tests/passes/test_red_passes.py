@@ -1,4 +1,4 @@
-"""RED / RED++ passes: hash-weights, merge-neurons, decompose-depthwise (METHODS.md §2)."""
+"""RED / RED++ passes: hash-weights, merge-neurons, decompose-depthwise (docs/pruning.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """rex: residual expansion numerics (eq. 3.18, Lemma 3.1.4), exact emission of Σ_k branch_k
 against a numpy/torch reference, MAC overhead ∝ γ, ORT fusion of the branches, weight-only
-and input expansion, refusals (METHODS.md §5)."""
+and input expansion, refusals (docs/rex.md)."""
 
 from __future__ import annotations
 
