@@ -68,6 +68,8 @@ from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 from .quantize import check_bit_widths, layer_refusal, mean_shift
 from .quantize.emit import weight_axis
 from .quantize.operators import QuantizedWeight
+from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
+from .quantize.calibration import check_options as check_calibration_options
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -318,7 +320,7 @@ class PowerQuant(Pass):
         "power_error_curve": False,
         "power_integer": "auto",
         "act_ranges": "bn",
-        "calibration_data": None,
+        **CALIBRATION_OPTIONS,
         "lam": None,
         "input_range": None,
         "add_range": "sum",
@@ -339,6 +341,7 @@ class PowerQuant(Pass):
             raise PipelineError(f"power-quant: act_ranges must be bn, minmax or percentile, got {o['act_ranges']!r}")
         if o["act_ranges"] != "bn" and not o["calibration_data"]:
             raise PipelineError(f"power-quant: act_ranges={o['act_ranges']!r} needs calibration data")
+        check_calibration_options(self.name, o)
         if graph.opset < MIN_OPSET:
             raise PreconditionFailed(f"opset {graph.opset} < {MIN_OPSET}: the custom-op function bodies need CastLike")
 
@@ -447,11 +450,9 @@ class PowerQuant(Pass):
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             found = {t.name: estimator.range(t) for t in wanted}
             return {k: v for k, v in found.items() if v is not None}
-        from onnxopt.verify import load_inputs
-
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_inputs(self.options["calibration_data"], model, batched=True)
+        samples = calibration_samples(self.name, self.options, model).feeds
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))
         return result
