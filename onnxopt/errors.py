@@ -50,3 +50,11 @@ class VerificationError(OnnxoptError):
     """Optimized outputs differ from the original beyond the tolerance, or verify inputs are bad."""
 
     exit_code = 9
+
+
+class InputDataError(OnnxoptError):
+    """Sample data given by the user is unusable: ``--inputs`` / ``--calibration-data`` files
+    (missing, unreadable, pickled, wrong names, shapes, dtypes or non-finite values) and
+    ``--input-shape`` values (unknown input, negative or too large)."""
+
+    exit_code = 11

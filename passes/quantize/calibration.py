@@ -22,9 +22,10 @@ Accepted formats, all giving one float array per graph input with the samples on
   is 224 (DEFAULT_IMAGE_SIDE).  The input must have 3 channels (or a dynamic count).
 
 Every problem with the data (missing path, empty folder, a folder with neither .npy files
-nor images, an unreadable file, a wrong rank, shape or channel count, NaN or infinite
-values, inputs with different sample counts) is a one-line :class:`VerificationError`, the
-error the ``.npz`` reader raises, naming the file.  One sample is enough to run; fewer than
+nor images, an unreadable file, a wrong rank, shape, dtype kind or channel count, NaN or
+infinite values, inputs with different sample counts) is a one-line
+:class:`~onnxopt.errors.InputDataError` (exit code 11, the class for unusable sample data)
+naming the file.  One sample is enough to run; fewer than
 FEW_SAMPLES are flagged in the pass statistics.
 """
 
@@ -39,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnxopt.errors import PipelineError, VerificationError
+from onnxopt.errors import InputDataError, PipelineError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,7 +135,7 @@ def load_calibration_data(
     """Samples for every graph input of ``model`` from an .npz, .npy files or images (module docstring)."""
     path = Path(path)
     if not path.exists():
-        raise VerificationError(f"calibration data {path}: no such file or folder")
+        raise InputDataError(f"calibration data {path}: no such file or folder")
     if path.is_file() and path.suffix.lower() == ".npz":
         from onnxopt.verify import load_inputs
 
@@ -156,17 +157,17 @@ def _data_files(path: Path) -> list[Path]:
     supported = (".npy", *IMAGE_SUFFIXES)
     if path.is_file():
         if path.suffix.lower() not in supported:
-            raise VerificationError(f"calibration data {path}: expected an .npz, .npy files or images ({', '.join(IMAGE_SUFFIXES)}), or a folder of them")
+            raise InputDataError(f"calibration data {path}: expected an .npz, .npy files or images ({', '.join(IMAGE_SUFFIXES)}), or a folder of them")
         return [path]
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     if not entries:
-        raise VerificationError(f"calibration data {path}: the folder is empty")
+        raise InputDataError(f"calibration data {path}: the folder is empty")
     npy = [p for p in entries if p.is_file() and p.suffix.lower() == ".npy"]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if npy and images:
-        raise VerificationError(f"calibration data {path}: the folder mixes .npy files and images; keep one kind")
+        raise InputDataError(f"calibration data {path}: the folder mixes .npy files and images; keep one kind")
     if not npy and not images:
-        raise VerificationError(f"calibration data {path}: no .npy files or images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        raise InputDataError(f"calibration data {path}: no .npy files or images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
     return npy or images
 
 
@@ -184,6 +185,15 @@ def _dtype(info: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
 
 
+def _kind(dtype: np.dtype) -> str:
+    """float, integer, bool or other: a float input takes float data, an integer input integers."""
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    if np.issubdtype(dtype, np.integer):
+        return "integer"
+    return "bool" if dtype == np.bool_ else str(dtype)
+
+
 def _load_npy_files(files: Sequence[Path], model: onnx.ModelProto) -> dict[str, np.ndarray]:
     inputs = graph_inputs(model)
     by_input: dict[str, list[Path]] = {i.name: [] for i in inputs}
@@ -192,11 +202,11 @@ def _load_npy_files(files: Sequence[Path], model: onnx.ModelProto) -> dict[str, 
     feeds = {}
     for info in inputs:
         if not by_input[info.name]:
-            raise VerificationError(f"calibration data {files[0].parent}: no {info.name}_*.npy file for graph input {info.name}")
+            raise InputDataError(f"calibration data {files[0].parent}: no {info.name}_*.npy file for graph input {info.name}")
         chunks = [_npy_samples(file, info) for file in by_input[info.name]]
         for file, chunk in zip(by_input[info.name], chunks):
             if chunk.shape[1:] != chunks[0].shape[1:]:
-                raise VerificationError(
+                raise InputDataError(
                     f"calibration data {file}: sample shape {list(chunk.shape[1:])} differs from {list(chunks[0].shape[1:])} of {by_input[info.name][0].name}"
                 )
         feeds[info.name] = np.concatenate(chunks, axis=0)
@@ -209,7 +219,7 @@ def _input_of(file: Path, inputs: Sequence[onnx.ValueInfoProto]) -> str:
         return inputs[0].name
     matches = [i.name for i in inputs if file.name.startswith(f"{i.name}_")]
     if not matches:
-        raise VerificationError(
+        raise InputDataError(
             f"calibration data {file}: the model has several inputs ({', '.join(i.name for i in inputs)}); name each file <input>_*.npy"
         )
     return max(matches, key=len)
@@ -220,18 +230,19 @@ def _npy_samples(file: Path, info: onnx.ValueInfoProto) -> np.ndarray:
     try:
         array = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise VerificationError(f"calibration data {file}: cannot read it as .npy ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise InputDataError(f"calibration data {file}: cannot read it as .npy ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     dims = _dims(info)
     if array.ndim == len(dims) - 1:
         array = array[None]
     if array.ndim != len(dims) or any(d is not None and d != s for d, s in list(zip(dims, array.shape))[1:]):
         expected = ["?" if d is None else d for d in dims]
-        raise VerificationError(
+        raise InputDataError(
             f"calibration data {file}: shape {list(array.shape)} does not fit input {info.name} {expected} (one sample without the batch axis, or a batch)"
         )
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise VerificationError(f"calibration data {file}: dtype {array.dtype} is not numeric")
-    array = array.astype(_dtype(info), copy=False)
+    expected = _dtype(info)
+    if _kind(array.dtype) != _kind(expected):
+        raise InputDataError(f"calibration data {file}: dtype {array.dtype}, input {info.name} expects {expected.name}")
+    array = array.astype(expected, copy=False)
     _check_finite(array, file, info.name)
     return array
 
@@ -241,15 +252,15 @@ def _load_images(files: Sequence[Path], model: onnx.ModelProto, preprocessing: I
     inputs = graph_inputs(model)
     where = files[0].parent if len(files) > 1 else files[0]
     if len(inputs) != 1:
-        raise VerificationError(f"calibration data {where}: images feed a model with one input; this one has {len(inputs)}: give an .npz or <input>_*.npy files")
+        raise InputDataError(f"calibration data {where}: images feed a model with one input; this one has {len(inputs)}: give an .npz or <input>_*.npy files")
     info = inputs[0]
     dims, dtype = _dims(info), _dtype(info)
     if len(dims) != 4 or not np.issubdtype(dtype, np.floating):
-        raise VerificationError(f"calibration data {where}: images need a 4-D float input, {info.name} is {dtype} of rank {len(dims)}: give .npy files")
+        raise InputDataError(f"calibration data {where}: images need a 4-D float input, {info.name} is {dtype} of rank {len(dims)}: give .npy files")
     channel_axis, height_axis = (1, 2) if preprocessing.layout == "NCHW" else (3, 1)
     channels = dims[channel_axis]
     if channels not in (None, 3):
-        raise VerificationError(
+        raise InputDataError(
             f"calibration data {where}: images give 3 (RGB) channels, input {info.name} has {channels} on axis {channel_axis} "
             f"({preprocessing.layout}); check calibration_layout or give .npy files"
         )
@@ -272,7 +283,7 @@ def preprocess_image(file: Path, height: int, width: int) -> np.ndarray:
         with Image.open(file) as opened:
             image = opened.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise VerificationError(f"calibration data {file}: cannot read the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise InputDataError(f"calibration data {file}: cannot read the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     side = round(min(height, width) / CROP_FRACTION)
     scale = side / min(image.size)
     size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
@@ -286,13 +297,13 @@ def preprocess_image(file: Path, height: int, width: int) -> np.ndarray:
 def _check_finite(array: np.ndarray, where: Path, name: str) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         sample = int(np.argmin(np.isfinite(array).reshape(len(array), -1).all(axis=1)))
-        raise VerificationError(f"calibration data {where}: input {name} sample {sample} has NaN or infinite values")
+        raise InputDataError(f"calibration data {where}: input {name} sample {sample} has NaN or infinite values")
 
 
 def _check_counts(feeds: Mapping[str, np.ndarray], path: Path) -> None:
     """Every input has the same number (≥ 1) of samples."""
     counts = {name: len(array) if array.ndim else 0 for name, array in feeds.items()}
     if min(counts.values()) < 1:
-        raise VerificationError(f"calibration data {path}: no samples (an input has an empty batch axis)")
+        raise InputDataError(f"calibration data {path}: no samples (an input has an empty batch axis)")
     if len(set(counts.values())) > 1:
-        raise VerificationError(f"calibration data {path}: the inputs have different sample counts {counts}")
+        raise InputDataError(f"calibration data {path}: the inputs have different sample counts {counts}")
