@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from scipy.optimize import minimize, minimize_scalar
 
 from onnxopt.errors import PipelineError
 from onnxopt.graph import (
@@ -161,6 +160,8 @@ def search_exponent(weights: list[tuple[np.ndarray, int, int | None]], start: fl
 
     def objective(x: np.ndarray) -> float:
         return fast_total_error(prepared, float(np.clip(x[0], low, high)))
+
+    from scipy.optimize import minimize  # imported when used: scipy.optimize is slow to import
 
     result = minimize(objective, x0=[start], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-12, "initial_simplex": [[start], [start + 0.1]]})
     return float(np.clip(result.x[0], low, high))
@@ -418,6 +419,8 @@ class PowerQuant(Pass):
             stats["exponent"] = a
         elif self.options["power_per_layer"]:
             exponents = {}
+            from scipy.optimize import minimize_scalar  # imported when used: scipy.optimize is slow to import
+
             for layer in layers:
                 w = weights[id(layer)]
                 prepared = NormalizedWeight(*w)
