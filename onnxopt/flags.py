@@ -56,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--quantize", metavar="wNaM", help="quantize weights to N bits and activations to M bits (2..8), e.g. w8a8, w4a8")
     quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
     quant.add_argument("--act-ranges", choices=("bn", "minmax", "percentile"), help="activation ranges: from BN statistics (default, data-free) or calibration data")
-    quant.add_argument("--calibration-data", metavar="X.npz", help="calibration samples, one array per graph input (batch on axis 0)")
+    quant.add_argument("--calibration-data", metavar="PATH", help="calibration samples: an .npz (one array per graph input, batch on axis 0), a folder of .npy files or a folder of images (.jpg/.png; resized, center-cropped, ImageNet-normalised)")
+    quant.add_argument("--calibration-mean", metavar="M[,M,M]", help="per-channel mean subtracted from calibration images in [0, 1] (default ImageNet's 0.485,0.456,0.406)")
+    quant.add_argument("--calibration-std", metavar="S[,S,S]", help="per-channel std dividing calibration images (default ImageNet's 0.229,0.224,0.225)")
+    quant.add_argument("--calibration-layout", choices=("NCHW", "NHWC"), help="layout of the model input fed with calibration images (default NCHW)")
     quant.add_argument("--lambda", dest="lam", type=float, help="BN range width in standard deviations (default 9 at 8 bits, 4 at <= 6 bits)")
     quant.add_argument("--input-range", metavar="LO,HI", help="range of the graph input, so the first layer is quantized too (default: it stays float)")
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
@@ -126,6 +129,9 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
         "spiq": args.spiq,
         "act_ranges": args.act_ranges,
         "calibration_data": args.calibration_data,
+        "calibration_mean": parse_floats("--calibration-mean", args.calibration_mean),
+        "calibration_std": parse_floats("--calibration-std", args.calibration_std),
+        "calibration_layout": args.calibration_layout,
         "lam": args.lam,
         "input_range": parse_pair(args.input_range) if args.input_range else None,
         "bias_correction": False if args.no_bias_correction else None,
@@ -228,6 +234,16 @@ def _exponent(spec: str) -> float:
     if not 0 < value <= 1:  # also false for NaN
         raise PipelineError(f"bad --power-quant {spec!r}: the exponent must be in (0, 1], e.g. 0.5")
     return value
+
+
+def parse_floats(flag: str, spec: str | None) -> list[float] | None:
+    """``0.5`` or ``0.485,0.456,0.406`` → a list of floats (None stays None)."""
+    if spec is None:
+        return None
+    try:
+        return [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise PipelineError(f"bad {flag} {spec!r}: expected one number or three separated by commas") from None
 
 
 def parse_pair(spec: str) -> tuple[float, float]:

@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from scipy.optimize import minimize, minimize_scalar
 
 from onnxopt.errors import PipelineError
 from onnxopt.graph import (
@@ -74,7 +73,9 @@ from .quantize import Quantize, check_bit_widths, check_range_options, float_lab
 from .quantize.emit import weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight
-from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda, load_calibration_data
+from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
+from .quantize.calibration import check_options as check_calibration_options
+from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
@@ -168,6 +169,8 @@ def search_exponent(weights: list[tuple[np.ndarray, int, int | None]], start: fl
 
     def objective(x: np.ndarray) -> float:
         return fast_total_error(prepared, float(np.clip(x[0], low, high)))
+
+    from scipy.optimize import minimize  # imported when used: scipy.optimize is slow to import
 
     result = minimize(objective, x0=[start], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-12, "initial_simplex": [[start], [start + 0.1]]})
     return float(np.clip(result.x[0], low, high))
@@ -322,7 +325,7 @@ class PowerQuant(Pass):
         "power_error_curve": False,
         "power_integer": "auto",
         "act_ranges": "bn",
-        "calibration_data": None,
+        **CALIBRATION_OPTIONS,
         "lam": None,
         "input_range": None,
         "add_range": "sum",
@@ -344,6 +347,7 @@ class PowerQuant(Pass):
             raise PipelineError(f"power-quant: act_ranges must be bn, minmax or percentile, got {o['act_ranges']!r}")
         if o["act_ranges"] != "bn" and not o["calibration_data"]:
             raise PipelineError(f"power-quant: act_ranges={o['act_ranges']!r} needs calibration data")
+        check_calibration_options(self.name, o)
         if graph.opset < MIN_OPSET:
             raise PreconditionFailed(f"opset {graph.opset} < {MIN_OPSET}: the custom-op function bodies need CastLike")
 
@@ -443,6 +447,8 @@ class PowerQuant(Pass):
             stats["exponent"] = a
         elif self.options["power_per_layer"]:
             exponents = {}
+            from scipy.optimize import minimize_scalar  # imported when used: scipy.optimize is slow to import
+
             for layer in layers:
                 w = weights[id(layer)]
                 prepared = NormalizedWeight(*w)
@@ -477,7 +483,7 @@ class PowerQuant(Pass):
             return {k: v for k, v in found.items() if v is not None}
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_calibration_data(self.options["calibration_data"], model)
+        samples = calibration_samples(self.name, self.options, model).feeds
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))
         return result

@@ -10,7 +10,8 @@ Steps (METHODS.md §3):
    data-free from BN statistics and from LayerNormalization statistics (output mean β_c,
    std |γ_c| per feature, METHODS.md §3) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
    bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
-   (``"minmax"`` / ``"percentile"``).  The graph input has no statistics: the first layer
+   (``"minmax"`` / ``"percentile"``; ``calibration_data`` is an .npz, a folder of .npy files
+   or a folder of images with ``calibration_mean/std/layout``, see :mod:`.calibration`).  The graph input has no statistics: the first layer
    stays float unless ``input_range`` or calibration data is given.  Transformer tensors
    without statistics (attention output, GELU output) leave their reader float; a MatMul
    whose output is not quantized is still fused by ORT (MatMulIntegerToFloat).
@@ -74,9 +75,11 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 
 from . import spiq as spiq_rewrite
+from .calibration import CALIBRATION_OPTIONS, calibration_samples
+from .calibration import check_options as check_calibration_options
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .numerics import ActivationQuant, activation_quant
-from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda, load_calibration_data
+from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
@@ -121,7 +124,7 @@ class Quantize(Pass):
         "per_channel": True,
         "spiq": "auto",
         "act_ranges": "bn",
-        "calibration_data": None,
+        **CALIBRATION_OPTIONS,
         "lam": None,
         "bias_correction": True,
         "input_range": None,
@@ -142,6 +145,7 @@ class Quantize(Pass):
             raise PipelineError(f"quantize: act_ranges={o['act_ranges']!r} needs calibration data (--calibration-data x.npz)")
         if o["act_ranges"] == "bn" and o["calibration_data"]:
             raise PipelineError("quantize: calibration_data is only used with act_ranges='minmax' or 'percentile'")
+        check_calibration_options(self.name, o)
         if o["add_range"] not in ("sum", "independent"):
             raise PipelineError(f"quantize: add_range must be 'sum' or 'independent', got {o['add_range']!r}")
         check_range_options(self.name, o)
@@ -165,6 +169,7 @@ class Quantize(Pass):
         layers = [n for n in candidates if self._layer_ok(n, ctx)]
         if not layers:
             return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
+        self._calibration_stats: dict[str, Any] = {}
         ranges = self._ranges(graph, ctx, layers)
         self._edges = (layers[0], layers[-1])
         readers_of: dict[str, list[gs.Node]] = defaultdict(list)
@@ -209,6 +214,7 @@ class Quantize(Pass):
                 "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
                 "outputs_quantized": outputs_quantized,
                 "coverage": self._coverage(len(candidates), len(quantized_layers)),
+                **self._calibration_stats,
                 **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
             },
@@ -273,9 +279,10 @@ class Quantize(Pass):
     def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
         template = ctx.shared.get("model")
         model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
-        samples = load_calibration_data(self.options["calibration_data"], model)
+        data = calibration_samples(self.name, self.options, model)
+        self._calibration_stats = data.stats()
         names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
-        return calibrated_ranges(model, names, samples, self.options["act_ranges"])
+        return calibrated_ranges(model, names, data.feeds, self.options["act_ranges"])
 
     def _input_quantizer(
         self, graph: gs.Graph, ctx: PassContext, tensor: gs.Tensor, readers: list[gs.Node], r: ChannelRange, names: NameFactory

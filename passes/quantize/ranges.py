@@ -21,21 +21,25 @@ tensors the quantized layers actually read:
 * anything else, and graph inputs: unknown (the reading layer stays float unless
   calibration data or an input range is given).
 
-Calibration: the tensors are computed by ONNX Runtime on the user's samples; per channel
-(axis 1) either min/max or the 0.01 / 99.99 percentiles.  Samples holding NaN/inf are
-refused with the file and input named (InputDataError, like other bad sample files).
+Calibration (samples read by :mod:`.calibration`): the tensors are computed by ONNX Runtime
+on the user's samples in one session, several samples per run when the batch axis is
+dynamic, and reduced as the runs come; per channel (axis 1) either min/max or the
+0.01 / 99.99 percentiles (exact, from the kept tails: :class:`RunningRange`), and the mean.
+Samples holding NaN/inf are refused with the file and input named (InputDataError).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from scipy.stats import norm
+from scipy.special import ndtr
 
+from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.graph import constant_values, is_default_domain, producer
 
 from ..bn_fold import statistics_from_metadata
@@ -207,7 +211,8 @@ def _relu(r: ChannelRange | None) -> ChannelRange | None:
     if r.gaussian is not None:
         mu, sigma = r.gaussian
         safe = np.maximum(sigma, 1e-12)
-        cdf, pdf = norm.cdf(mu / safe), norm.pdf(mu / safe)
+        z = mu / safe
+        cdf, pdf = ndtr(z), np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # Φ, φ of N(0, 1)
         mean = mu * cdf + sigma * pdf
         moment = (mu**2 + sigma**2) * cdf + mu * sigma * pdf  # E[ReLU(Y)²], Y ~ N(μ, σ²)
     else:
@@ -232,61 +237,186 @@ def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | Non
 
 
 # --------------------------------------------------------------------------- calibration
-def load_calibration_data(path: str, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The calibration samples of ``path`` (one array per graph input, samples on axis 0),
-    checked like verify inputs (InputDataError, exit code 11) and also: at least one
-    sample, and only finite values (a NaN/inf would become a NaN/inf quantization scale)."""
-    from onnxopt.errors import InputDataError
-    from onnxopt.verify import load_inputs
-
-    samples = load_inputs(path, model, batched=True)
-    for name, values in samples.items():
-        if values.ndim == 0 or len(values) == 0:
-            raise InputDataError(f"calibration data {path}: input {name} holds no samples (shape {list(values.shape)})")
-        if np.issubdtype(values.dtype, np.floating):
-            bad = ~np.isfinite(values)
-            if bad.any():
-                sample = int(np.argmax(bad.reshape(len(values), -1).any(axis=1)))
-                raise InputDataError(
-                    f"calibration data {path}: input {name} holds {int(bad.sum())} NaN/inf value(s) (first in sample {sample}); "
-                    "calibration samples must be finite"
-                )
-    return samples
-
-
 def calibrated_ranges(
-    model: onnx.ModelProto, tensors: list[str], samples: Mapping[str, np.ndarray], method: str
+    model: onnx.ModelProto, tensors: list[str], samples: Mapping[str, np.ndarray], method: str, *, batch: int | None = None
 ) -> dict[str, ChannelRange]:
-    """Per-channel ranges (axis 1) of ``tensors`` over the calibration ``samples``."""
+    """Per-channel ranges (axis 1) of ``tensors`` over the calibration ``samples``.
+
+    One ORT session (graph optimizations off) computes every tensor at once, fed
+    ``batch`` samples per run (default: the model's fixed batch size, else CALIBRATION_BATCH); the ranges are reduced as the batches come
+    (:class:`RunningRange`), so memory holds one batch of activations, not all of them.
+    When a batched run fails or changes a tensor's channel count (a graph that is not
+    batch-agnostic), calibration restarts one sample per run."""
     from onnxopt.verify import session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
-    for name in tensors:
+    names = list(dict.fromkeys(tensors))
+    for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     sess = session(probe)
-    names = list(dict.fromkeys(tensors))
+    fixed = fixed_batch(model)
+    step = batch or fixed or CALIBRATION_BATCH
+    try:
+        return _reduce_batches(sess, names, sample_batches(samples, step, fill=fixed is not None), method)
+    except Exception as exc:  # noqa: BLE001 - ORT's errors have no common base class
+        if step > 1 and fixed is None:
+            return _reduce_batches(sess, names, sample_batches(samples, 1), method)
+        raise _failed(exc) from exc
+
+
+def _failed(exc: Exception) -> Exception:
+    if isinstance(exc, OnnxoptError):
+        return exc
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return InputDataError(f"ONNX Runtime failed on the calibration samples: {first}")
+
+
+#: Samples per ORT run when the model's batch axis is dynamic.
+CALIBRATION_BATCH = 16
+#: The percentiles of ``act_ranges="percentile"`` (per channel).
+PERCENTILES = (0.01, 99.99)
+
+
+class BatchMismatch(ValueError):
+    """A tensor's channel count changed between runs (its axis 1 depends on the batch)."""
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed size of the graph inputs' axis 0 (None when dynamic)."""
+    initializers = {t.name for t in model.graph.initializer}
+    for info in model.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if info.name not in initializers and dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+    return None
+
+
+def sample_batches(samples: Mapping[str, np.ndarray], step: int, *, fill: bool = False) -> list[dict[str, np.ndarray]]:
+    """Feeds of ``step`` samples each (the last one smaller).  With ``fill`` (a model whose
+    batch is fixed to ``step``) a last partial batch is filled up with the first samples
+    again: min/max are unchanged, those samples count twice in the mean and percentiles."""
     count = len(next(iter(samples.values())))
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for index in range(count):
-        feeds = {key: value[index : index + 1] for key, value in samples.items()}
-        for name, value in zip(names, sess.run(names, feeds)):
-            collected[name].append(_channels_last(np.asarray(value, np.float64)))
-    ranges = {}
-    for name, chunks in collected.items():
-        values = np.concatenate(chunks, axis=0)
-        if method == "percentile":
-            lo, hi = np.percentile(values, 0.01, axis=0), np.percentile(values, 99.99, axis=0)
+    feeds = []
+    for start in range(0, count, step):
+        index = np.arange(start, start + step) % count if fill else np.arange(start, min(start + step, count))
+        feeds.append({key: value[index] for key, value in samples.items()})
+    return feeds
+
+
+def _reduce_batches(sess: Any, names: list[str], batches: list[dict[str, np.ndarray]], method: str) -> dict[str, ChannelRange]:
+    reducers = {name: RunningRange(method, len(batches)) for name in names}
+    for feeds in batches:
+        try:
+            values = sess.run(names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise _failed(exc) from exc
+        for name, value in zip(names, values):
+            reducers[name].update(np.asarray(value))
+    return {name: reducer.result() for name, reducer in reducers.items()}
+
+
+class RunningRange:
+    """Streaming per-channel (axis 1) min, max and mean of a tensor over the batches.
+
+    ``percentile`` keeps, per channel, only the smallest and largest ⌈10⁻⁴·n⌉ + 2 values
+    seen (n: the values per channel over all ``batches``, estimated from the first one),
+    which is exactly what numpy's linear-interpolation 0.01 / 99.99 percentiles read: the
+    result equals ``np.percentile`` over all values without holding them."""
+
+    def __init__(self, method: str, batches: int) -> None:
+        self.method = method
+        self.batches = batches
+        self.lo: np.ndarray | None = None
+        self.hi: np.ndarray | None = None
+        self.total: np.ndarray | None = None
+        self.count = 0
+        self.keep = 0
+        self.smallest: np.ndarray | None = None  # [C, ≤ keep], per channel
+        self.largest: np.ndarray | None = None
+
+    def update(self, value: np.ndarray) -> None:
+        grid = _as_grid(value)
+        # float32 partial sums (numpy sums each contiguous run pairwise), float64 across runs
+        total = grid.sum(axis=(0, 2, 3)).astype(np.float64)
+        if self.method == "percentile":
+            column_min, column_max = grid.min(axis=2), grid.max(axis=2)  # [B, C, L]: extrema of each column
+            lo, hi = column_min.min(axis=(0, 2)), column_max.max(axis=(0, 2))
         else:
-            lo, hi = values.min(axis=0), values.max(axis=0)
-        ranges[name] = ChannelRange(lo, hi, values.mean(axis=0))
-    return ranges
+            lo, hi = grid.min(axis=(0, 2, 3)), grid.max(axis=(0, 2, 3))
+        if self.lo is None:
+            self.lo, self.hi, self.total = lo, hi, total
+            self.keep = math.ceil(self.batches * grid[:, 0].size * PERCENTILES[0] / 100) + 2
+        elif len(lo) != len(self.lo):
+            raise BatchMismatch(f"channel count {len(lo)} after {len(self.lo)}")
+        else:
+            self.lo, self.hi, self.total = np.minimum(self.lo, lo), np.maximum(self.hi, hi), self.total + total
+        self.count += grid[:, 0].size
+        if self.method == "percentile":
+            self._keep_tails(grid, column_min, column_max)
+
+    def _keep_tails(self, grid: np.ndarray, column_min: np.ndarray, column_max: np.ndarray) -> None:
+        """Per channel, the ``keep`` smallest and largest of the kept values and ``grid``'s.
+
+        The values of a channel are cut into columns (:func:`_as_grid`): its ``keep``
+        largest values all lie in the ``keep`` columns with the largest maxima (a value
+        outside them is at most each of those ``keep`` maxima), so only those columns are
+        gathered and partitioned, likewise with minima: exact, for the price of the
+        column extrema, which also give min/max."""
+        k = self.keep
+        smallest, largest = _column_candidates(grid, column_min, k, low=True), _column_candidates(grid, column_max, k, low=False)
+        if self.smallest is not None:
+            smallest = np.concatenate([self.smallest, smallest], axis=1)
+            largest = np.concatenate([self.largest, largest], axis=1)
+        if smallest.shape[1] > k:
+            smallest = np.partition(smallest, k - 1, axis=1)[:, :k]
+            largest = np.partition(largest, largest.shape[1] - k, axis=1)[:, -k:]
+        self.smallest, self.largest = smallest, largest
+
+    def result(self) -> ChannelRange:
+        assert self.lo is not None and self.total is not None
+        mean = self.total / self.count
+        if self.method != "percentile":
+            return ChannelRange(self.lo.astype(np.float64), self.hi.astype(np.float64), mean)
+        return ChannelRange(self._percentile(PERCENTILES[0]), self._percentile(PERCENTILES[1]), mean)
+
+    def _percentile(self, q: float) -> np.ndarray:
+        """numpy's linear percentile of all ``count`` values per channel, from the kept tails."""
+        n = self.count
+        position = q / 100 * (n - 1)
+        below = math.floor(position)
+        above = min(below + 1, n - 1)
+        if q < 50:
+            values = np.sort(self.smallest, axis=1).astype(np.float64)
+            a, b = values[:, below], values[:, above]
+        else:
+            values = np.sort(self.largest, axis=1).astype(np.float64)
+            width = values.shape[1]
+            a, b = values[:, width - (n - below)], values[:, width - (n - above)]
+        fraction = position - below
+        return a + (b - a) * fraction
 
 
-def _channels_last(value: np.ndarray) -> np.ndarray:
-    """Rows of samples × channels (channel = axis 1)."""
+def _as_grid(value: np.ndarray) -> np.ndarray:
+    """``value`` viewed as [B, C, M, L]: channel axis 1, L the last axis (image columns),
+    M every axis between (1 for rank ≤ 3)."""
     if value.ndim < 2:
-        return value.reshape(-1, 1)
-    return np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
+        value = value.reshape(-1, 1)
+    rest = value.shape[2:]
+    last = rest[-1] if rest else 1
+    return value.reshape(value.shape[0], value.shape[1], -1, last)
+
+
+def _column_candidates(grid: np.ndarray, extrema: np.ndarray, k: int, *, low: bool) -> np.ndarray:
+    """[C, ≤ k·M]: per channel, the values of the ``k`` columns (b, l) with the smallest
+    (``low``) or largest ``extrema`` [B, C, L]; every value when there are ≤ k columns."""
+    batch, channels, middle, last = grid.shape
+    columns = batch * last
+    if columns <= k:
+        return np.moveaxis(grid, 1, 0).reshape(channels, -1)
+    keys = np.moveaxis(extrema, 1, 0).reshape(channels, columns)
+    index = np.argpartition(keys, k - 1, axis=1)[:, :k] if low else np.argpartition(keys, columns - k, axis=1)[:, columns - k :]
+    b, l = np.divmod(index, last)
+    return grid[b, np.arange(channels)[:, None], :, l].reshape(channels, -1)

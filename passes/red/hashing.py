@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.signal import fftconvolve
 from scipy.special import erf
 
 from onnxopt.graph import (
@@ -113,6 +112,8 @@ def hash_values(weights: np.ndarray, max_bins: int = 1 << 22) -> HashResult:
     if kernel.size <= 65:  # the usual short kernel: direct convolution is faster than FFT and exact-zero in gaps
         density = np.convolve(histogram, kernel, mode="same")
     else:
+        from scipy.signal import fftconvolve  # imported when used: scipy.signal is slow to import (it pulls scipy.stats)
+
         density = fftconvolve(histogram, kernel, mode="same")
         density[density < 1e-9 * density.max()] = 0.0  # FFT round-off in the tails would create spurious extrema
     segment = _segment_ids(density)
