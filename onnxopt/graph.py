@@ -18,6 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from .errors import UnsupportedModelError
+
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,24 @@ def import_graph(model: onnx.ModelProto, *, copy: bool = True) -> gs.Graph:
     if renamed:
         logger.info("renamed %d node(s) whose names repeat an earlier node's (e.g. %s)", len(renamed), renamed[0])
     return gs.import_onnx(model)
+
+
+#: Value types graphsurgeon can export (optional and map values it cannot write back).
+EXPORTABLE_VALUE_TYPES = frozenset({"tensor_type", "sequence_type", "sparse_tensor_type"})
+
+
+def check_value_types(graph: onnx.GraphProto) -> None:
+    """Raise UnsupportedModelError for a value of a type graphsurgeon cannot export
+    (optional, map), in ``graph`` or any body.  Checked before a rewritten graph is
+    exported, so such a model passes through unchanged when no pass rewrites it."""
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        kind = info.type.WhichOneof("value")
+        if kind is not None and kind not in EXPORTABLE_VALUE_TYPES:
+            raise UnsupportedModelError(f"value {info.name!r} has {kind.replace('_type', '')} type, which onnxopt cannot rewrite (tensors and sequences only)")
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                check_value_types(body)
 
 
 def make_node_names_unique(graph: onnx.GraphProto) -> list[str]:
@@ -84,6 +104,7 @@ def unused_initializers(model: onnx.ModelProto, graph: gs.Graph) -> list[str]:
 def export_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """Export ``graph`` keeping the template model's IR version and opsets; the metadata
     properties are ``metadata`` when given, else the template's."""
+    check_value_types(template.graph)
     model = gs.export_onnx(graph, do_type_check=True)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name

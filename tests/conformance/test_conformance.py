@@ -55,6 +55,7 @@ FAST = {
     "node/constantofshape/test_constantofshape_float_ones": OK,
     "node/if_/test_if_seq": OK,
     "node/loop/test_loop11": OK,
+    "node/loop/test_loop16_seq_none": REFUSED,  # optional type inside the body: graphsurgeon cannot export it
     "node/scan/test_scan9_sum": OK,
     "node/qlinearmatmul/test_qlinearmatmul_3D_int8_float32": OK,
     "node/qlinearconv/test_qlinearconv": OK,
