@@ -11,7 +11,7 @@ from onnxopt.registry import PassRegistry, Preset
 from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
-from .equalize import Equalize
+from .equalize import AbsorbHighBias, Equalize
 from .conv_bn_fold import FoldConvBn
 from .modular import ModularAccumulator
 from .pad_fusion import FusePadConv
@@ -30,6 +30,7 @@ BUILTIN_PASSES = (
     MergeNeurons,
     DecomposeDepthwise,
     Equalize,
+    AbsorbHighBias,
     Quantize,
     PowerQuant,
     Rex,
@@ -59,8 +60,8 @@ BUILTIN_PRESETS = (
     ),
     Preset(
         "dfq",
-        "the DFQ baseline (Nagel et al. 2019): default, then cross-layer equalization, then data-free quantization with SPIQ off (spiq=auto for DFQ + SPIQ)",
-        LOSSLESS + ("equalize", "quantize") + FINISH,
+        "the DFQ baseline (Nagel et al. 2019): default, then cross-layer equalization and high-bias absorption, then data-free quantization with SPIQ off (spiq=auto for DFQ + SPIQ)",
+        LOSSLESS + ("equalize", "absorb-high-bias", "quantize") + FINISH,
         {"spiq": False},
     ),
     Preset(

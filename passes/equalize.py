@@ -41,6 +41,19 @@ anything else than one path node or only layers (a residual Add, a Concat, a Sha
 non-homogeneous activations (Sigmoid, HardSwish, Gelu, Tanh, ...), Clip/Min/Max/Add/Sub
 without a constant per-channel operand, layers of different layouts.
 
+High-bias absorption (pass ``absorb-high-bias``, DFQ §4.1; lossy but nearly exact).  After
+equalization a channel with a small s_c may carry a large bias b1_c/s_c: a near-constant
+channel that stretches the per-tensor activation range.  With the kept BN statistics of the
+pre-activation x_c ~ N(β_c, γ_c²), x_c ≥ c_c = max(0, β_c − 3|γ_c|) almost always, and then
+ReLU(x − c) = ReLU(x) − c, min(ReLU(x − c), m − c) = min(ReLU(x), m) − c.  So the producer's bias
+loses c_c, a per-channel Min bound m_c becomes m_c − c_c (c_c is capped at m_c: a channel
+always above its bound is the constant m_c), and every reader gets the constant back in its
+bias: b2 += Σ_k W2[:, c, k]·c_c.  Exact wherever x_c ≥ c_c; refused (with the reason) for
+readers with zero padding (the padded border would read −c_c instead of 0) or a
+ConvTranspose, paths that are not Relu [+ Min] (Clip: run ``equalize`` first, it rewrites
+ReLU6 into Relu + Min; LeakyRelu is not a shift), and pre-activations without kept
+statistics.  The statistics' means move by −c_c.
+
 Statistics.  fold-batchnorm keeps each folded BN's output statistics (mean β_c, std |γ_c|)
 in the metadata that the quantize pass reads for its data-free ranges.  Every path tensor
 of an equalized pair now holds its old values divided by s_c, so its entry becomes
@@ -69,7 +82,7 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .bn_fold import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
-from .bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
+from .bn_fold.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 #: f(a·x) = a·f(x) for a > 0: nothing to change on them.
@@ -373,6 +386,30 @@ def rescale_statistics(metadata: dict[str, str], pairs: list[Pair]) -> int:
 
 
 # --------------------------------------------------------------------------- the pass
+def find_pairs(graph: gs.Graph, ctx: PassContext, what: str) -> list[Pair]:
+    """Every pair of the graph; the layers whose output cannot be one are refused ("<what>: why")."""
+    views: dict[int, LayerView] = {}
+    for node in graph.nodes:
+        if node.op in LAYER_OPS and is_default_domain(node):
+            try:
+                views[id(node)] = layer_view(node)
+            except Refused as reason:
+                ctx.refuse(f"layer {node_label(node)}", f"{what}: {reason}")
+    pairs = []
+    for node in graph.nodes:
+        producer = views.get(id(node))
+        if producer is None:
+            continue
+        try:
+            pair = match_pair(graph, producer, views)
+        except Refused as reason:
+            ctx.refuse(f"layer {node_label(node)}", f"{what}: {reason}")
+            continue
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
 class Equalize(Pass):
     name = "equalize"
     summary = "DFQ cross-layer equalization: balance the weight ranges of consecutive layers through ReLU/ReLU6 (exact rescaling)"
@@ -391,7 +428,7 @@ class Equalize(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        pairs = self._pairs(graph, ctx)
+        pairs = find_pairs(graph, ctx, "output not equalized")
         if not pairs:
             return PassResult(False, {"pairs_equalized": 0})
         sweeps, moved = equalize_pairs(pairs, int(self.options["max_sweeps"]), float(self.options["tolerance"]))
@@ -423,28 +460,81 @@ class Equalize(Pass):
             "scale_max": float(pair.scale.max()),
         }
 
-    @staticmethod
-    def _pairs(graph: gs.Graph, ctx: PassContext) -> list[Pair]:
-        views: dict[int, LayerView] = {}
-        for node in graph.nodes:
-            if node.op in LAYER_OPS and is_default_domain(node):
-                try:
-                    views[id(node)] = layer_view(node)
-                except Refused as reason:
-                    ctx.refuse(f"layer {node_label(node)}", str(reason))
-        pairs = []
-        for node in graph.nodes:
-            producer = views.get(id(node))
-            if producer is None:
-                continue
+# --------------------------------------------------------------------------- high-bias absorption
+def absorbable_shift(graph: gs.Graph, pair: Pair, statistics: dict[str, dict[str, Any]], sigmas: float) -> np.ndarray:
+    """c_c = min(max(0, β_c − k|γ_c|), m_c) for the pair, or Refused with why."""
+    entry = statistics.get(pair.tensors[0].name)
+    if entry is None or entry.get("axis", 1) != 1 or len(entry["mean"]) != len(pair.scale):
+        raise Refused(f"no kept BN statistics for {pair.tensors[0].name}")
+    ops = [n.op for n in pair.path if n.op != "Identity"]
+    if not ops or ops[0] != "Relu" or any(op != "Min" for op in ops[1:]):
+        hint = " (run equalize first: it rewrites ReLU6 as Relu + Min)" if "Clip" in ops else ""
+        raise Refused(f"the path {'→'.join(ops) or 'has no activation'} is not Relu [+ Min]{hint}")
+    for consumer in pair.consumers:
+        reason = leaf_shift_refusal(consumer.node)
+        if reason:
+            raise Refused(f"{consumer.node.op} {node_label(consumer.node)}: {reason}")
+    shift = np.maximum(0.0, np.asarray(entry["mean"]) - sigmas * np.abs(np.asarray(entry["std"])))
+    for index, node in enumerate(pair.path):
+        if node.op == "Min":
+            _, bound = channel_bound(node, pair.tensors[index], len(shift), pair.producer.layout, pair.rank)
+            shift = np.minimum(shift, np.maximum(bound, 0.0))
+    return shift
+
+
+def absorb_shift(graph: gs.Graph, pair: Pair, shift: np.ndarray, names: NameFactory) -> None:
+    """Move ``shift`` out of the producer's bias, the Min bounds, into the readers' biases."""
+    ones = np.ones_like(shift)
+    absorb_output(graph, pair.producer.node, ones, -shift, names)
+    dtype = constant_values(pair.producer.node, 1).dtype
+    for index, node in enumerate(pair.path):
+        if node.op == "Min":
+            slot, bound = channel_bound(node, pair.tensors[index], len(shift), pair.producer.layout, pair.rank)
+            set_constant_input(graph, node, slot, per_channel_constant(bound - shift, pair, dtype), names, base_name=f"{node_label(node)}_bound")
+    for consumer in pair.consumers:
+        absorb_input(graph, consumer.node, ones, -shift, names)
+
+
+class AbsorbHighBias(Pass):
+    name = "absorb-high-bias"
+    summary = "DFQ high-bias absorption: move the part of a ReLU input that is almost always positive (β − 3|γ|) into the next layer's bias"
+    lossless = False  # exact wherever the pre-activation stays above β − 3|γ|
+    tags = frozenset({"absorb-high-bias"})
+    request = "equalize"
+    runs_after = frozenset({"bn-fold", "prune", "equalize"})
+    runs_before = frozenset({"quantize"})
+    options_spec = {"sigmas": 3.0}
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if not self.options["sigmas"] >= 0:
+            raise PipelineError(f"absorb-high-bias: sigmas must be >= 0, got {self.options['sigmas']!r}")
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cleanup(graph)
+        names = NameFactory(graph)
+        metadata = ctx.shared.setdefault("metadata", {})
+        statistics = statistics_from_metadata(metadata)
+        absorbed, channels = [], 0
+        for pair in find_pairs(graph, ctx, "high bias not absorbed"):
+            label = node_label(pair.producer.node)
             try:
-                pair = match_pair(graph, producer, views)
+                shift = absorbable_shift(graph, pair, statistics, float(self.options["sigmas"]))
             except Refused as reason:
-                ctx.refuse(f"layer {node_label(node)}", f"output not equalized: {reason}")
+                ctx.refuse(f"layer {label}", f"high bias not absorbed: {reason}")
                 continue
-            if pair is not None:
-                pairs.append(pair)
-        return pairs
+            if not np.any(shift > 0):
+                continue
+            absorb_shift(graph, pair, shift, names)
+            for tensor in pair.tensors:
+                entry = statistics.get(tensor.name)
+                if entry is not None and len(entry["mean"]) == len(shift):
+                    entry["mean"] = [float(v) for v in np.asarray(entry["mean"]) - shift]
+            absorbed.append({"producer": label, "channels": int(np.count_nonzero(shift)), "shift_max": float(shift.max())})
+            channels += int(np.count_nonzero(shift))
+        if absorbed:
+            cleanup(graph)
+            metadata[STATISTICS_KEY] = statistics_to_metadata(statistics)
+        return PassResult(bool(absorbed), {"pairs_absorbed": len(absorbed), "channels_absorbed": channels, "pairs": absorbed})
 
 
-__all__ = ["Equalize", "LayerView", "layer_view", "balancing_scale"]
+__all__ = ["Equalize", "AbsorbHighBias", "LayerView", "layer_view", "balancing_scale"]
