@@ -29,6 +29,11 @@ def resolve_pipeline(registry: PassRegistry, passes: Sequence[str] | str | None,
     return names
 
 
+def preset_options(registry: PassRegistry, passes: Sequence[str] | str | None, preset: str | None) -> dict[str, Any]:
+    """The option defaults of the preset that chose the pipeline (none for an explicit list)."""
+    return {} if passes is not None else dict(registry.preset(preset or DEFAULT_PRESET).options)
+
+
 def optimize(
     model_or_path: ModelSource,
     passes: Sequence[str] | str | None = None,
@@ -55,7 +60,7 @@ def optimize(
 
         registry = builtin_registry()
     names = resolve_pipeline(registry, passes, preset)
-    pipeline = registry.build(names, options)
+    pipeline = registry.build(names, {**preset_options(registry, passes, preset), **options})
     model = load_model(model_or_path)
     manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op)
     report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))

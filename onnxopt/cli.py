@@ -156,7 +156,7 @@ def run_guarded(run: Callable[[], int], *, verbose: int = 0) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from onnxopt.passes import builtin_registry
 
-    from .api import resolve_pipeline
+    from .api import preset_options, resolve_pipeline
     from .demo import demo_model
     from .verify import check_input_names, load_inputs, parse_input_shapes, verify
 
@@ -176,7 +176,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     base = resolve_pipeline(registry, args.passes, args.preset)
     names, options = pipeline_from_flags(base, args)
-    options.update(parse_options(args.set))
+    options = {**preset_options(registry, args.passes, args.preset), **options, **parse_options(args.set)}
     pipeline = registry.build(names, options)
     input_shapes = parse_input_shapes(args.input_shape)
 

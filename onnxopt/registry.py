@@ -4,13 +4,14 @@ A :class:`PassRegistry` is an ordinary object (no import-time global state): the
 comes from :func:`onnxopt.passes.builtin_registry`, and a user can make their own, register
 extra passes and presets, and hand it to :func:`onnxopt.optimize`.
 
-Presets are plain data: a name, a description and a tuple of pass names.
+Presets are plain data: a name, a description, a tuple of pass names and option defaults
+(e.g. ``dfq`` turns SPIQ off); options the caller gives override a preset's.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .errors import PipelineError
@@ -22,6 +23,8 @@ class Preset:
     name: str
     description: str
     steps: tuple[str, ...]
+    #: option defaults of this pipeline (the caller's options override them)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class PassRegistry:
@@ -91,6 +94,8 @@ class PassRegistry:
         for preset in self._presets.values():
             lines.append(f"  {preset.name:<{width}}{preset.description}")
             lines.append(f"  {'':<{width}}= {','.join(preset.steps) or '(no passes)'}")
+            if preset.options:
+                lines.append(f"  {'':<{width}}  with {', '.join(f'{k}={v!r}' for k, v in preset.options.items())}")
         return "\n".join(lines)
 
 

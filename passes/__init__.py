@@ -11,6 +11,7 @@ from onnxopt.registry import PassRegistry, Preset
 from .bn_fold import FoldBatchNorm
 from .cleanup import EliminateDead, EliminateIdentity
 from .constant_folding import FoldConstants
+from .equalize import AbsorbHighBias, Equalize
 from .conv_bn_fold import FoldConvBn
 from .modular import ModularAccumulator
 from .pad_fusion import FusePadConv
@@ -28,6 +29,8 @@ BUILTIN_PASSES = (
     HashWeights,
     MergeNeurons,
     DecomposeDepthwise,
+    Equalize,
+    AbsorbHighBias,
     Quantize,
     PowerQuant,
     Rex,
@@ -54,6 +57,12 @@ BUILTIN_PRESETS = (
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
         LOSSLESS + ("quantize",) + FINISH,
+    ),
+    Preset(
+        "dfq",
+        "the DFQ baseline (Nagel et al. 2019): default, then cross-layer equalization and high-bias absorption, then data-free quantization with SPIQ off (spiq=auto for DFQ + SPIQ)",
+        LOSSLESS + ("equalize", "absorb-high-bias", "quantize") + FINISH,
+        {"spiq": False},
     ),
     Preset(
         "red",

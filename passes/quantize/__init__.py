@@ -79,7 +79,7 @@ from .calibration import CALIBRATION_OPTIONS, calibration_samples
 from .calibration import check_options as check_calibration_options
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .numerics import ActivationQuant, activation_quant
-from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, channel_bound, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
@@ -457,11 +457,16 @@ def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
 
 
 def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
-    """Follow single-reader Relu/Clip nodes after a layer output (the tensor ORT quantizes)."""
+    """Follow single-reader Relu/Clip nodes (and Min/Max with a per-channel constant bound,
+    the equalize pass's ReLU6) after a layer output (the tensor ORT quantizes)."""
     current = tensor
-    while len(current.outputs) == 1 and current.outputs[0].op in FOLLOWING_ACTIVATIONS and current.outputs[0].outputs:
+    while len(current.outputs) == 1 and current.outputs[0].outputs and _following(current.outputs[0]):
         current = current.outputs[0].outputs[0]
     return current
+
+
+def _following(node: gs.Node) -> bool:
+    return node.op in FOLLOWING_ACTIVATIONS or channel_bound(node) is not None
 
 
 def check_bit_widths(pass_name: str, options: dict[str, Any]) -> None:

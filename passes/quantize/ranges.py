@@ -9,7 +9,9 @@ tensors the quantized layers actually read:
 
 * Relu: range clipped at 0; mean of the rectified Gaussian
   ``E[ReLU(Y)] = β·Φ(β/σ) + σ·φ(β/σ)`` when the input is a BN output, else max(mean, 0);
-* Clip(a, b) (ReLU6): range clipped to [a, b];
+* Clip(a, b) (ReLU6): range clipped to [a, b]; Min/Max with a constant bound that is a
+  scalar or one value per channel (the per-channel ReLU6 bounds the equalize pass writes):
+  range clipped per channel;
 * Max/Average/GlobalAverage pooling, ReduceMean over spatial axes (PyTorch's
   ``x.mean((2, 3))``), Identity, Dropout, Flatten of a pooled tensor: the per-channel range
   is kept (a conservative bound for averages);
@@ -147,6 +149,8 @@ class RangeEstimator:
             return _clip(self.range(node.inputs[0]), *_clip_bounds(node))
         if node.op in PASS_THROUGH_OPS:
             return self.range(node.inputs[0])
+        if node.op in ("Min", "Max"):
+            return self._bound(node)
         if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (1, -3) and tensor.shape is not None and len(tensor.shape) == 4:
             parts = [self.range(t) for t in node.inputs]
             if any(p is None for p in parts):
@@ -168,6 +172,21 @@ class RangeEstimator:
             return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
         return None
 
+
+    def _bound(self, node: gs.Node) -> ChannelRange | None:
+        """Min/Max of a tensor and a per-channel (or scalar) constant: the range clipped per channel."""
+        found = channel_bound(node)
+        if found is None:
+            return None
+        index, bound = found
+        r = self.range(node.inputs[1 - index])
+        if r is None or bound.size not in (1, r.channels):
+            return None
+        clip = np.minimum if node.op == "Min" else np.maximum
+        moment = None
+        if node.op == "Min" and r.second_moment is not None and np.all(r.lo >= 0) and np.all(bound >= 0):
+            moment = np.minimum(r.second_moment, bound**2)
+        return ChannelRange(clip(r.lo, bound), clip(r.hi, bound), clip(r.mean, bound), second_moment=moment)
 
     def _slice(self, node: gs.Node) -> ChannelRange | None:
         """A Slice that leaves the channel axis alone keeps the per-channel range."""
@@ -218,6 +237,26 @@ def _relu(r: ChannelRange | None) -> ChannelRange | None:
     else:
         mean = np.maximum(r.mean, 0.0)
     return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean, second_moment=moment)
+
+
+def channel_bound(node: gs.Node) -> tuple[int, np.ndarray] | None:
+    """(index of the constant operand, its values as a vector of 1 or C) of a two-input Min/Max
+    whose constant broadcasts along axis 1 of the other operand only; None otherwise."""
+    if node.op not in ("Min", "Max") or len(node.inputs) != 2 or not is_default_domain(node):
+        return None
+    index = next((i for i in (1, 0) if constant_values(node, i) is not None), None)
+    if index is None or constant_values(node, 1 - index) is not None:
+        return None
+    bound = constant_values(node, index).astype(np.float64)
+    if bound.size == 1:
+        return index, bound.reshape(1)
+    shape = node.inputs[1 - index].shape
+    if shape is None or bound.ndim > len(shape) or len(shape) < 2:
+        return None
+    padded = (1,) * (len(shape) - bound.ndim) + bound.shape
+    if any(d != 1 for i, d in enumerate(padded) if i != 1):
+        return None
+    return index, bound.reshape(-1)
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:

@@ -10,6 +10,8 @@ same range ``[0, (2^b − 1)·S]``.  Deployment **[derived]**:
   commute with a positive per-channel scale);
 * a ReLU6 (Clip(0, 6)) on the way becomes a Relu: with ``s_c = min(6, hi_c)/(2^b − 1)`` the
   per-tensor quantizer's clip at (2^b − 1)·S reproduces the 6 on every channel;
+* a Min/Max with a per-channel constant bound (the ReLU6 the equalize pass writes) stays,
+  its bound divided by r_c too: min(x/r, m/r) = min(x, m)/r;
 * the reading layers take the multiplication (input columns × r_c), before their own
   per-output-channel weight quantization.
 
@@ -30,6 +32,7 @@ from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_la
 
 from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
 from .numerics import dequantize_weight, quantize_weight
+from .ranges import channel_bound
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
@@ -85,6 +88,16 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
                 return f"{source.name} feeds other nodes too (residual join)"
             current = source
             continue
+        bound = channel_bound(node)
+        if bound is not None and node.outputs[0] is current:
+            if current.shape is None:
+                return f"{node.op} {node_label(node)} output has no known rank"
+            chain.append(node)
+            source = node.inputs[1 - bound[0]]
+            if len(source.outputs) != 1:
+                return f"{source.name} feeds other nodes too (residual join)"
+            current = source
+            continue
         if node.op == "LayerNormalization" and node.outputs[0] is current:
             refusal = _layernorm_refusal(node)
             return refusal if refusal else SpiqPlan(node, chain, high)
@@ -125,6 +138,13 @@ def apply(graph: gs.Graph, spiq: SpiqPlan, ratio: np.ndarray, readers: list[gs.N
     else:
         absorb_output(graph, spiq.producer, inverse, zero, names)
     for node in spiq.chain:
+        bound = channel_bound(node)
+        if bound is not None:  # min(x/r, m/r) = min(x, m)/r
+            index, values = bound
+            rank = len(node.outputs[0].shape)
+            scaled = (np.broadcast_to(values, inverse.shape) * inverse).reshape(-1, *([1] * (rank - 2)))
+            set_constant_input(graph, node, index, scaled.astype(constant_values(node, index).dtype), names)
+            continue
         if node.op == "Clip":  # the quantizer's clip reproduces the upper bound (see module doc)
             node.op = "Relu"
             while len(node.inputs) > 1:  # graphsurgeon's synchronized lists: pop one by one
