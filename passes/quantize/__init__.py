@@ -82,6 +82,7 @@ from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_rang
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
@@ -220,6 +221,7 @@ class Quantize(Pass):
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
         records.extend(self._quantize_dynamic(graph, names))
+        float_readers = read_float_where_unfused(graph, dq_of)
         cleanup(graph)
         fusion = self._check_fusion(graph, ctx, quantized_layers, records, names)
         kinds = Counter(r["mode"] == "dynamic" for r in records)
@@ -233,6 +235,7 @@ class Quantize(Pass):
                 "layers_dynamic": kinds[True],
                 "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
                 "outputs_quantized": outputs_quantized,
+                "float_readers_restored": float_readers,
                 "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
                 **(fusion.stats() if fusion is not None else {}),
                 **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
@@ -509,6 +512,37 @@ class Quantize(Pass):
             dq_of[end.name] = quantize_activation(graph, end, quant, names)
             count += 1
         return count
+
+
+def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> int:
+    """Give the float tensor back to the readers of an activation DequantizeLinear that are
+    not quantized layers and whose output never reaches a QuantizeLinear (directly or through
+    Relu/Clip): ORT cannot fuse them (no QLinearAdd without a quantized output), so reading the
+    fake-quantized value only adds rounding error — e.g. the residual Add of a post-LN
+    transformer reading the LayerNorm output.  The number of inputs given back."""
+    restored = 0
+    for dq_output in dq_of.values():
+        source = float_source(dq_output)
+        if source is dq_output:
+            continue
+        for reader in list(dq_output.outputs):
+            if reader.op in LAYER_OPS or reader.op in QDQ_OPS or any(_reaches_quantize(out) for out in reader.outputs):
+                continue
+            for index, value in enumerate(reader.inputs):
+                if value is dq_output:
+                    reader.inputs[index] = source
+                    restored += 1
+    return restored
+
+
+def _reaches_quantize(tensor: gs.Tensor) -> bool:
+    """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip or a movement op."""
+    for reader in tensor.outputs:
+        if reader.op == "QuantizeLinear":
+            return True
+        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS) and any(_reaches_quantize(o) for o in reader.outputs):
+            return True
+    return False
 
 
 def check_dynamic_options(options: dict[str, Any]) -> None:

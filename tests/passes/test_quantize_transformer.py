@@ -138,3 +138,29 @@ def test_a_gemm_without_statistics_gets_the_dynamic_form_with_its_bias() -> None
     assert stats["layers_dynamic"] == 1 and stats["fused_by_ort"] == {"DynamicQuantizeMatMul": 1}
     x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
     assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
+def test_residual_add_of_a_post_ln_block_reads_the_float_layernorm_output() -> None:
+    """Post-LN (BERT): the LayerNorm output is quantized for the MatMul, but the residual Add
+    (its output goes to the next LayerNorm, never to a QuantizeLinear: ORT cannot fuse it)
+    reads the float tensor, not the fake-quantized one."""
+    from tests.conftest import text_model
+
+    rng = np.random.default_rng(5)
+    arrays = {
+        "g": rng.uniform(0.5, 1.5, 8).astype(np.float32), "b": rng.normal(0, 0.3, 8).astype(np.float32),
+        "w": (rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "bias": rng.normal(0, 0.1, 8).astype(np.float32),
+    }
+    body = [
+        "n = LayerNormalization <axis = -1, epsilon = 0.00001> (x, g, b)", "m = MatMul(n, w)", "a = Add(m, bias)",
+        "r = Add(a, n)", "y = LayerNormalization <axis = -1, epsilon = 0.00001> (r, g, b)",
+    ]
+    proto = text_model("(float[B,5,8] x) => (float[B,5,8] y)", body, arrays)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True)
+    (stats,) = [p.stats for p in report.passes if p.name == "quantize"]
+    assert stats["layers_quantized"] == 1 and stats["float_readers_restored"] == 1
+    (residual,) = [n for n in optimized.graph.node if n.output[0] == "r"]
+    producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    assert "n" in residual.input and producers["n"] == "LayerNormalization"
+    x = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
