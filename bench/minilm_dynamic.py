@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import op_counts, ort_optimized_model, ort_session, summarize, time_interleaved
+from bench.common import load_average, op_counts, ort_optimized_model, ort_session, summarize, time_interleaved
 from bench.quantize import SENTENCES, build_ort_dynamic
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,11 +110,13 @@ def measure(target_seconds: float) -> dict[str, Any]:
                 "ort_graph": ort_graph(path, tmp),
             }
         sessions = {key: ort_session(path, "all", 1, spinning=False) for key, path in paths.items()}
+        result["load_average_before"] = load_average()
         for batch in (1, BATCH):
             sample = {k: v[:batch] for k, v in feeds.items()}
             samples = time_interleaved(sessions, sample, warmup=5, min_runs=20, max_runs=2000, target_seconds=target_seconds)
             for key, values in samples.items():
                 result["configs"][key][f"latency_batch{batch}"] = summarize(values)
+        result["load_average_after"] = load_average()
     return result
 
 
@@ -141,7 +143,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "onnxopt's report lines:", ""]
     for key in ("onnxopt_auto", "onnxopt_all"):
         lines += [f"* `{key}`: " + " / ".join(f"`{line}`" for line in result["onnxopt"][key]["coverage_lines"])]
-    lines += ["", "Float MatMuls left in every configuration are the attention products (Q·Kᵀ, softmax·V): no constant weight."]
+    lines += [
+        "",
+        "Float MatMuls left in every configuration are the attention products (Q·Kᵀ, softmax·V): no constant weight.",
+        f"Load average (1, 5, 15 min) before / after the timing: {result.get('load_average_before')} / "
+        f"{result.get('load_average_after')} (a shared machine: medians within the IQRs are ties).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,9 +11,12 @@ Steps (METHODS.md §3):
    std |γ_c| per feature, METHODS.md §3) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
    bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
    (``"minmax"`` / ``"percentile"``).  The graph input has no statistics: the first layer
-   stays float unless ``input_range`` or calibration data is given.  Transformer tensors
-   without statistics (attention output, GELU output) leave their reader float; a MatMul
-   whose output is not quantized is still fused by ORT (MatMulIntegerToFloat).
+   stays float unless ``input_range`` or calibration data is given.  A MatMul/Gemm whose
+   input has no range (a transformer's attention output, GELU output) is quantized
+   *dynamically* (``dynamic_fallback="auto"``, :mod:`.dynamic`: DynamicQuantizeLinear →
+   MatMulInteger → Cast → Mul, ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat);
+   ``False`` keeps them float, ``"all"`` makes every MatMul/Gemm dynamic.  Readers of a
+   quantized tensor that ORT cannot fuse (e.g. a post-LN residual Add) read the float tensor.
 2. **SPIQ** (``spiq="auto"``, the default; ``True`` forces it where possible, ``False``
    never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
    the producer (÷; a Conv/Gemm/MatMul or a LayerNorm's γ, β) and the readers (×), see
@@ -40,6 +43,13 @@ Steps (METHODS.md §3):
 4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
+
+5. **Fusion check** (``check_fusion=True``, :mod:`.fusion`): the result is loaded in ORT's
+   CPU provider at ORT_ENABLE_ALL and the graph ORT builds tells which layers run as integer
+   kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
+   ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
+   Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
+   dynamic form, or put back in float; an unfused Conv is reported in ``not_fused``.
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
 upgrades an older model before the pipeline runs (a note in the report).
