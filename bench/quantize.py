@@ -742,7 +742,8 @@ def minilm_section(minilm: dict[str, Any]) -> list[str]:
         f"layers quantized / float {stats.get('layers_quantized', '?')} / {stats.get('layers_float', '?')}, SPIQ coverage "
         f"{stats.get('spiq_coverage', '?')} (in this post-LN BERT every LayerNorm output is also read by the residual Add, "
         "so the scales cannot be folded: per-tensor fallback); the attention output projections and the FFN output layers "
-        "read tensors without data-free statistics and stay float; float MatMul-like ops include the attention products.",
+        "read tensors without data-free statistics and get the dynamic form (dynamic_fallback='auto', see "
+        "bench/results/minilm_dynamic.md); float MatMul-like ops include the attention products.",
         "", *table(header, rows),
     ]
 

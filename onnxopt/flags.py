@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--prune", choices=("red",), help="prune with RED: hash-weights, merge-neurons, decompose-depthwise after the lossless passes")
     prune.add_argument("--prune-alpha", type=float, metavar="A", help="merge-neurons alpha in [0,1]: also merge this fraction of the closest neurons (lossy)")
 
-    rex = parser.add_argument_group("REx residual expansion (with --quantize; parallel low-bit branches, METHODS.md §5)")
+    rex = parser.add_argument_group("REx residual expansion (with --quantize; parallel low-bit branches, docs/rex.md)")
     rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
     rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
     rex.add_argument("--rex-allocation", choices=("network", "uniform"), help="where the budget goes: network = the channels whose relative error falls most per MAC across the model (default), uniform = the same share of every layer (the thesis's rule)")

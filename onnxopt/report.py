@@ -6,8 +6,10 @@
 (the original model itself fails in ORT on the random inputs).
 
 A pass whose stats hold a ``coverage`` entry (``{"verb", "unit", "done", "total", "left",
-"reasons": {label: count}}``, e.g. quantize) gets one counted line in the summary — a
-warning when it left some of them untouched — and a ``coverage`` entry in the JSON.
+"reasons": {label: count}}``, optionally ``"kinds"`` counts, e.g. quantize) gets one counted line in the summary — a
+warning when it left some of them untouched — and a ``coverage`` entry in the JSON.  With
+``"fused"`` (op → count of layers ORT runs with that integer kernel) and ``"not_fused"`` (a
+count), a second line says what ORT runs.
 """
 
 from __future__ import annotations
@@ -138,7 +140,11 @@ class Report:
         coverage = [(p.name, p.stats["coverage"]) for p in self.passes if isinstance(p.stats.get("coverage"), dict)]
         if coverage:
             lines.append("")
-            lines.extend(coverage_line(name, c) for name, c in coverage)
+            for name, c in coverage:
+                lines.append(coverage_line(name, c))
+                fused = fusion_line(name, c)
+                if fused:
+                    lines.append(fused)
         refusals = self.refusals
         if refusals:
             lines.append("")
@@ -157,12 +163,26 @@ def coverage_line(pass_name: str, coverage: dict[str, Any]) -> str:
     """``quantize: quantized 61/64 layers; 3 float: 2 no statistics, 1 non-constant weight``,
     prefixed with ``warning:`` when some were left untouched."""
     done, total = coverage["done"], coverage["total"]
+    kinds = coverage.get("kinds")
     line = f"{pass_name}: {coverage['verb']} {done}/{total} {coverage['unit']}"
+    line += f" ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})" if kinds else ""
     if done == total:
         return line
     reasons = sorted(coverage.get("reasons", {}).items(), key=lambda item: -item[1])
     detail = ", ".join(f"{n} {label}" for label, n in reasons)
     return f"warning: {line}; {total - done} {coverage['left']}" + (f": {detail}" if detail else "")
+
+
+def fusion_line(pass_name: str, coverage: dict[str, Any]) -> str | None:
+    """``quantize: ORT runs 24 MatMulIntegerToFloat, 12 DynamicQuantizeMatMul`` from the
+    coverage's ``fused`` counts (the kernels ORT was seen to build), a warning naming the
+    count of ``not_fused`` layers; None without a fusion check."""
+    if "fused" not in coverage:
+        return None
+    fused = ", ".join(f"{n} {op}" for op, n in coverage["fused"].items()) or "no integer kernel"
+    line = f"{pass_name}: ORT runs {fused}"
+    missing = coverage.get("not_fused", 0)
+    return f"warning: {line}; {missing} quantized layer(s) not fused: ORT runs them in float (see not rewritten)" if missing else line
 
 
 def _changes(p: PassReport) -> str:

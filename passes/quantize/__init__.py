@@ -3,18 +3,22 @@
 Before::   x ── Conv(W, b) ── Relu ── Conv(W2, b2) ── y
 After::    x ── Conv(W, b)' ── Relu ── Q ── DQ ── Conv(DQ(W2_int8), DQ(b2_int32)) ── Q ── DQ ── y
 
-Steps (METHODS.md §3):
+Steps (docs/quantization.md):
 
 1. **Ranges** of every tensor a quantizable layer (Conv, ConvTranspose, Gemm, MatMul with
    constant weights on [M, K] or [B, T, K] inputs — transformer linear layers) reads:
    data-free from BN statistics and from LayerNormalization statistics (output mean β_c,
-   std |γ_c| per feature, METHODS.md §3) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
+   std |γ_c| per feature, docs/quantization.md) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
    bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
    (``"minmax"`` / ``"percentile"``; ``calibration_data`` is an .npz, a folder of .npy files
-   or a folder of images with ``calibration_mean/std/layout``, see :mod:`.calibration`).  The graph input has no statistics: the first layer
-   stays float unless ``input_range`` or calibration data is given.  Transformer tensors
-   without statistics (attention output, GELU output) leave their reader float; a MatMul
-   whose output is not quantized is still fused by ORT (MatMulIntegerToFloat).
+   or a folder of images with ``calibration_mean/std/layout``, see :mod:`.calibration`).
+   The graph input has no statistics: the first layer
+   stays float unless ``input_range`` or calibration data is given.  A MatMul/Gemm whose
+   input has no range (a transformer's attention output, GELU output) is quantized
+   *dynamically* (``dynamic_fallback="auto"``, :mod:`.dynamic`: DynamicQuantizeLinear →
+   MatMulInteger → Cast → Mul, ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat);
+   ``False`` keeps them float, ``"all"`` makes every MatMul/Gemm dynamic.  Readers of a
+   quantized tensor that ORT cannot fuse (e.g. a post-LN residual Add) read the float tensor.
 2. **SPIQ** (``spiq="auto"``, the default; ``True`` forces it where possible, ``False``
    never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
    the producer (÷; a Conv/Gemm/MatMul or a LayerNorm's γ, β) and the readers (×), see
@@ -41,6 +45,13 @@ Steps (METHODS.md §3):
 4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
+
+5. **Fusion check** (``check_fusion=True``, :mod:`.fusion`): the result is loaded in ORT's
+   CPU provider at ORT_ENABLE_ALL and the graph ORT builds tells which layers run as integer
+   kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
+   ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
+   Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
+   dynamic form, or put back in float; an unfused Conv is reported in ``not_fused``.
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
 upgrades an older model before the pipeline runs (a note in the report).
@@ -77,12 +88,15 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed,
 from . import spiq as spiq_rewrite
 from .calibration import CALIBRATION_OPTIONS, calibration_samples
 from .calibration import check_options as check_calibration_options
+from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
+from .fusion import FusionCheck, check_fusion
 from .numerics import ActivationQuant, activation_quant
 from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, channel_bound, default_lambda
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
@@ -101,6 +115,10 @@ FLOAT_LABELS = (
     ("Gemm with", "Gemm with transA or alpha/beta"),
     ("MatMul other than", "MatMul not x × W"),
 )
+#: Static QDQ layers ORT does not fuse are re-emitted dynamically (or put back in float) for
+#: these ops; an unfused Conv (e.g. a last Conv whose output has no range: QLinearConv needs a
+#: quantized output) is reported in ``not_fused`` and kept.
+FALLBACK_OPS = frozenset({"MatMul", "Gemm"})
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
@@ -131,6 +149,8 @@ class Quantize(Pass):
         "add_range": "sum",
         "first_last_bits": 8,
         "int4_weights": False,
+        "dynamic_fallback": "auto",
+        "check_fusion": True,
     }
 
     # ------------------------------------------------------------------ checks
@@ -156,6 +176,7 @@ class Quantize(Pass):
                 f"quantize: int4_weights needs opset >= 21 (DequantizeLinear with INT4 input), the model has opset {graph.opset}: "
                 "convert it first, e.g. onnx.version_converter.convert_version(model, 21)"
             )
+        check_dynamic_options(o)
         if graph.opset < 13:
             raise PreconditionFailed(f"opset {graph.opset} < 13: per-axis DequantizeLinear needs opset 13")
 
@@ -166,6 +187,7 @@ class Quantize(Pass):
         candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
         self._float_reasons: Counter[str] = Counter()
         self._no_statistics = False
+        self._dynamic: list[gs.Node] = []
         layers = [n for n in candidates if self._layer_ok(n, ctx)]
         if not layers:
             return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
@@ -183,6 +205,9 @@ class Quantize(Pass):
         for tensor_name, readers in readers_of.items():
             tensor = readers[0].inputs[0]
             channel_range = ranges.get(tensor_name)
+            readers = self._take_dynamic(readers, channel_range is None)
+            if not readers:
+                continue
             if channel_range is None:
                 for reader in readers:
                     self._keep_float(ctx, reader, f"no statistics for its input {tensor_name}: kept in float")
@@ -203,17 +228,24 @@ class Quantize(Pass):
         int4_layers = self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
+        records.extend(self._quantize_dynamic(graph, names))
+        float_readers = read_float_where_unfused(graph, dq_of)
         cleanup(graph)
+        fusion = self._check_fusion(graph, ctx, quantized_layers, records, names)
+        kinds = Counter(r["mode"] == "dynamic" for r in records)
 
         spiq_count = sum(1 for r in records if r["mode"] == "spiq")
         return PassResult(
-            bool(quantized_layers),
+            bool(records),
             {
-                "layers_quantized": len(quantized_layers),
-                "layers_float": len(layers) - len(quantized_layers),
-                "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
+                "layers_quantized": len(records),
+                "layers_float": len(layers) - len(records),
+                "layers_dynamic": kinds[True],
+                "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
                 "outputs_quantized": outputs_quantized,
-                "coverage": self._coverage(len(candidates), len(quantized_layers)),
+                "float_readers_restored": float_readers,
+                "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
+                **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
                 **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
@@ -232,8 +264,95 @@ class Quantize(Pass):
         ctx.refuse(f"layer {node_label(node)}", reason)
         self._float_reasons[float_label(reason)] += 1
 
-    def _coverage(self, total: int, quantized: int) -> dict[str, Any]:
-        return {"verb": "quantized", "unit": "layers", "done": quantized, "total": total, "left": "float", "reasons": dict(self._float_reasons)}
+    def _coverage(self, total: int, quantized: int, static: int = 0, dynamic: int = 0, fusion: Any = None) -> dict[str, Any]:
+        coverage = {"verb": "quantized", "unit": "layers", "done": quantized, "total": total, "left": "float", "reasons": dict(self._float_reasons)}
+        if dynamic:
+            coverage["kinds"] = {"static": static, "dynamic": dynamic}
+        if fusion is not None and fusion.error is None:
+            coverage["fused"] = fusion.counts()
+            coverage["not_fused"] = len(fusion.not_fused)
+        return coverage
+
+    # ------------------------------------------------------------------ dynamic layers, fusion check
+    def _take_dynamic(self, readers: list[gs.Node], no_range: bool) -> list[gs.Node]:
+        """Move the MatMul/Gemm ``readers`` that get the dynamic form (no range for their input
+        with ``dynamic_fallback`` on, or every one with ``"all"``) to ``self._dynamic``; the rest."""
+        mode = self.options["dynamic_fallback"]
+        if mode is False or not (no_range or mode == "all"):
+            return readers
+        dynamic = [r for r in readers if can_be_dynamic(r)]
+        self._dynamic.extend(dynamic)
+        return [r for r in readers if not any(r is d for d in dynamic)]
+
+    def _quantize_dynamic(self, graph: gs.Graph, names: NameFactory) -> list[dict[str, Any]]:
+        """Emit the dynamic form for ``self._dynamic``; their records (mode "dynamic")."""
+        self._dynamic_cache: dict[str, Any] = {}
+        self._dynamic_weights: dict[str, str] = {}
+        records = []
+        for layer in self._dynamic:
+            label, tensor = node_label(layer), layer.inputs[0].name
+            bits = self._weight_bits(layer, self._edges)
+            self._dynamic_weights[label] = quantize_dynamic_layer(graph, layer, bits, self.options["per_channel"], self._dynamic_cache, names)
+            records.append({"layer": label, "input": tensor, "mode": "dynamic"})
+        return records
+
+    def _check_fusion(
+        self, graph: gs.Graph, ctx: PassContext, static_layers: list[gs.Node], records: list[dict[str, Any]], names: NameFactory
+    ) -> FusionCheck | None:
+        """What ORT runs for each quantized layer (:mod:`.fusion`); a static layer ORT does not
+        fuse is re-emitted in the dynamic form (MatMul/Gemm) or put back in float, then checked
+        again: no QDQ layer is left that ORT runs in float."""
+        if not self.options["check_fusion"] or not records:
+            return None
+        weights = {node_label(layer): static_weight_name(layer) for layer in static_layers}
+        weights.update(self._dynamic_weights)
+        check = check_fusion(self._export(graph, ctx), weights)
+        if check.error is not None:
+            ctx.refuse("ORT fusion check", f"not run ({check.error}): which layers ORT fuses is unknown")
+            return check
+        by_label = {node_label(layer): layer for layer in static_layers}
+        changed = False
+        for label, reason in check.not_fused.items():
+            layer = by_label.get(label)
+            if layer is None or layer.op not in FALLBACK_OPS or self._int4_layer(layer):
+                ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
+                continue
+            changed = True
+            record = next(r for r in records if r["layer"] == label)
+            float_weight = ctx.shared.get("quantized_weights", {}).pop(layer.outputs[0].name, (None,))[0]
+            if self._to_dynamic(graph, layer, names):
+                weights[label] = self._dynamic_weights[label]
+                record.update(mode="dynamic", static_not_fused=reason)
+                ctx.refuse(f"static QDQ of {label}", f"not fused by ORT ({reason}): emitted in the dynamic form instead")
+            else:
+                unquantize(graph, layer, names, float_weight)
+                records.remove(record)
+                weights.pop(label)
+                self._keep_float(ctx, layer, f"not fused by ORT ({reason}): put back in float (a QDQ layer ORT runs in float is slower than FP32)")
+        if changed:
+            cleanup(graph)
+            check = check_fusion(self._export(graph, ctx), weights)
+            for label, reason in check.not_fused.items():
+                ctx.refuse(f"layer {label}", f"not fused by ORT after the fallback: {reason}")
+        return check
+
+    def _int4_layer(self, layer: gs.Node) -> bool:
+        """INT4 weights are never fused by ORT's CPU provider: the user asked for size (INT4_NOTE)."""
+        return bool(self.options["int4_weights"]) and self._weight_bits(layer, self._edges) <= 4
+
+    def _to_dynamic(self, graph: gs.Graph, layer: gs.Node, names: NameFactory) -> bool:
+        """Re-emit a static QDQ MatMul/Gemm in the dynamic form with the same weight codes."""
+        codes = dequantized_weight_codes(layer) if self.options["dynamic_fallback"] is not False and layer.op in ("MatMul", "Gemm") else None
+        if codes is None:
+            return False
+        layer.inputs[0] = float_source(layer.inputs[0])
+        bias = dequantized_input(layer, 2) if layer.op == "Gemm" else None
+        self._dynamic_weights[node_label(layer)] = emit_dynamic(graph, layer, *codes, self._dynamic_cache, names, bias=bias)
+        return True
+
+    def _export(self, graph: gs.Graph, ctx: PassContext) -> Any:
+        template = ctx.shared.get("model")
+        return export_model(graph, template) if template is not None else gs.export_onnx(graph)
 
     def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
         """``quantize: 0 of N layers quantized: <cause>; <fix>``."""
@@ -393,8 +512,7 @@ class Quantize(Pass):
             if quant is None:
                 channel_range = ranges.get(end.name)
                 if channel_range is None:
-                    consequence = "ORT fuses it as MatMulIntegerToFloat" if layer.op == "MatMul" else "ORT will not fuse this layer"
-                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float, {consequence}")
+                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float (fused_by_ort says what ORT runs)")
                     continue
                 unsigned = bool(np.all(channel_range.lo >= 0))
                 low = 0.0 if unsigned else float(channel_range.lo.min())
@@ -402,6 +520,94 @@ class Quantize(Pass):
             dq_of[end.name] = quantize_activation(graph, end, quant, names)
             count += 1
         return count
+
+
+def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> int:
+    """Give the float tensor back to the readers of an activation DequantizeLinear that are
+    not quantized layers and whose output never reaches a QuantizeLinear (directly or through
+    Relu/Clip): ORT cannot fuse them (no QLinearAdd without a quantized output), so reading the
+    fake-quantized value only adds rounding error — e.g. the residual Add of a post-LN
+    transformer reading the LayerNorm output.  The number of inputs given back."""
+    restored = 0
+    for dq_output in dq_of.values():
+        source = float_source(dq_output)
+        if source is dq_output:
+            continue
+        for reader in list(dq_output.outputs):
+            if reader.op in LAYER_OPS or reader.op in QDQ_OPS or any(_reaches_quantize(out) for out in reader.outputs):
+                continue
+            for index, value in enumerate(reader.inputs):
+                if value is dq_output:
+                    reader.inputs[index] = source
+                    restored += 1
+    return restored
+
+
+def _reaches_quantize(tensor: gs.Tensor) -> bool:
+    """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip or a movement op."""
+    for reader in tensor.outputs:
+        if reader.op == "QuantizeLinear":
+            return True
+        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS) and any(_reaches_quantize(o) for o in reader.outputs):
+            return True
+    return False
+
+
+def check_dynamic_options(options: dict[str, Any]) -> None:
+    """``dynamic_fallback`` in (True, False, "auto", "all"); ``check_fusion`` a bool."""
+    if options["dynamic_fallback"] not in (True, False, "auto", "all"):
+        raise PipelineError(f"quantize: dynamic_fallback must be true, false, 'auto' or 'all', got {options['dynamic_fallback']!r}")
+    if not isinstance(options["check_fusion"], bool):
+        raise PipelineError(f"quantize: check_fusion must be true or false, got {options['check_fusion']!r}")
+
+
+def static_weight_name(layer: gs.Node) -> str:
+    """The name of the weight-codes initializer under a static layer's DequantizeLinear."""
+    source = layer.inputs[1]
+    return source.inputs[0].inputs[0].name if source.inputs and source.inputs[0].op == "DequantizeLinear" else source.name
+
+
+def float_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor under the activation QuantizeLinear → DequantizeLinear (and the < 8-bit
+    Clip) that :func:`.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs or dq.inputs[0].inputs[0].op != "QuantizeLinear":
+        return tensor
+    source = dq.inputs[0].inputs[0].inputs[0]
+    clip = source.inputs[0] if source.inputs else None
+    ours = clip is not None and clip.op == "Clip" and clip.name.startswith(f"{clip.inputs[0].name}_clip")  # the < 8-bit Clip
+    return clip.inputs[0] if ours else source
+
+
+def dequantized_input(layer: gs.Node, index: int) -> np.ndarray | None:
+    """Input ``index`` as float values: a constant, or the DequantizeLinear of constants."""
+    values = constant_values(layer, index)
+    if values is not None or optional_input(layer, index) is None:
+        return values
+    source = layer.inputs[index]
+    dq = source.inputs[0] if source.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in dq.inputs):
+        return None
+    codes, scales, zeros = (np.asarray(t.values) for t in dq.inputs[:3])
+    axis = int(dq.attrs.get("axis", 1))
+    shape = [1] * codes.ndim
+    if np.ndim(scales) == 1:
+        shape[axis if codes.ndim > 1 else 0] = -1
+    along = [] if np.ndim(scales) == 0 else shape
+    return ((codes.astype(np.float64) - zeros.reshape(along)) * scales.reshape(along)).astype(np.float32)
+
+
+def unquantize(graph: gs.Graph, layer: gs.Node, names: NameFactory, weight: np.ndarray | None) -> None:
+    """Put a static QDQ layer back in float: float input, its float ``weight`` (else the
+    dequantized one) and the dequantized bias."""
+    layer.inputs[0] = float_source(layer.inputs[0])
+    if weight is not None:
+        layer.inputs[1] = gs.Constant(names.new(f"{node_label(layer)}_float_weight"), weight.astype(np.float32))
+    for index in (1, 2):
+        if index < len(layer.inputs) and optional_input(layer, index) is not None and not isinstance(layer.inputs[index], gs.Constant):
+            values = dequantized_input(layer, index)
+            if values is not None:
+                layer.inputs[index] = gs.Constant(names.new(f"{node_label(layer)}_float_{index}"), values)
 
 
 def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> ActivationQuant | None:

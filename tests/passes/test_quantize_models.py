@@ -166,19 +166,21 @@ def test_mobilenet_v2_w8a8_spiq_keeps_predictions_and_beats_per_tensor(
 @pytest.mark.zoo
 def test_vit_tiny_linear_layers_run_as_integer_matmuls(zoo_cache: Path, tmp_path: Path) -> None:
     """ViT-tiny (zoo): the linear layers fed by a LayerNorm (qkv and mlp.0 of both blocks) are
-    quantized from the LayerNorm statistics, SPIQ folded into the LayerNorm; ORT fuses each
-    into MatMulIntegerToFloat; the attention MatMuls (no constant weight) and the layers
-    without statistics (attention proj, mlp.2 after GELU, head after Gather) stay float."""
+    quantized from the LayerNorm statistics, SPIQ folded into the LayerNorm, and ORT fuses each
+    into MatMulIntegerToFloat; the layers without statistics (attention proj, mlp.2 after GELU,
+    head after Gather) get the dynamic form (DynamicQuantizeMatMul); the attention MatMuls
+    (no constant weight) stay float."""
     from onnxopt.models.build import build_zoo_model
 
     path = build_zoo_model("vit_tiny", zoo_cache)
     model, stats, refusals = quantize(path, weight_bits=8, act_bits=8, spiq=True)
-    assert stats["layers_quantized"] == 4 and stats["spiq_coverage"] == 1.0
-    quantized = sorted(r["layer"] for r in stats["layers"])
-    assert all(("qkv" in name or "mlp.0" in name) for name in quantized), quantized
+    assert stats["layers_quantized"] == 9 and stats["layers_dynamic"] == 5 and stats["spiq_coverage"] == 1.0
+    static = sorted(r["layer"] for r in stats["layers"] if r["mode"] != "dynamic")
+    assert all(("qkv" in name or "mlp.0" in name) for name in static), static
     assert sum("weight is not a float initializer" in r["reason"] for r in refusals) == 4  # q·kᵀ and attn·v
     counts, fused, path_q = fused_graph(model, tmp_path)
-    assert counts["MatMulIntegerToFloat"] == 4, counts
+    assert counts["MatMulIntegerToFloat"] + counts["DynamicQuantizeMatMul"] == 9, counts
+    assert stats["fused_by_ort"] == {op: counts[op] for op in stats["fused_by_ort"]} and not stats["not_fused"]
     x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
     reference, got = outputs(session(path), x), outputs(fused, x)
     assert cosine(got, reference) > 0.999
