@@ -237,7 +237,7 @@ def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     data propagation.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(payload_free_skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # best effort: passes refuse what needs a missing shape  # noqa: BLE001
         return model
     result = onnx.ModelProto()
@@ -250,7 +250,7 @@ def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 SKELETON_MAX_ELEMENTS = 64  # initializers up to this size keep their data in the skeleton
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def payload_free_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A shallow stand-in of ``model`` for shape inference: its large initializers become
     typed graph inputs (no payload), everything else is kept."""
     skeleton = onnx.ModelProto()

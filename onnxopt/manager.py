@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import onnx
 
 from .errors import NothingToDoError, PipelineError, ValidationError
-from .graph import _skeleton, export_model, import_graph, unused_initializers, with_inferred_shapes
+from .graph import export_model, import_graph, payload_free_skeleton, unused_initializers, with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import measure
 from .pass_base import Pass, PassContext, PassResult, Refusal
@@ -75,7 +75,7 @@ def model_problem(model: onnx.ModelProto) -> str | None:
     warning says so."""
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         logger.warning("model above 2 GB: onnx.checker checks its graph, types and shapes but not the initializer payloads")
-        model = _skeleton(model)
+        model = payload_free_skeleton(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
