@@ -158,7 +158,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from .api import preset_options, resolve_pipeline
     from .demo import demo_model
-    from .verify import check_input_names, load_inputs, parse_input_shapes, verify
+    from .verify import check_input_names, check_loads_in_ort, load_inputs, parse_input_shapes, verify
 
     registry = builtin_registry()
     if args.list_passes:
@@ -205,6 +205,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     failed = report.verification is not None and report.verification.status == "failed"
     if args.output and not args.dry_run and not failed:
+        if optimized is not model:
+            check_loads_in_ort(optimized, model, "the pipeline")
         external = {"auto": None, "always": True, "never": False}[args.external_data]
         save_model(optimized, args.output, input_path=args.model, external_data=external)
     if args.report == "-":

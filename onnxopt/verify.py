@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputDataError, VerificationError
+from .errors import InputDataError, ValidationError, VerificationError
 from .graph import make_node_names_unique
 from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
@@ -301,6 +301,19 @@ def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_loads_in_ort(optimized: onnx.ModelProto, original: onnx.ModelProto, last_change: str) -> None:
+    """ValidationError (exit 8) when ONNX Runtime cannot load ``optimized`` but loads
+    ``original`` (a model ORT never could load is not onnxopt's doing)."""
+    try:
+        session(optimized)
+    except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
+        try:
+            session(original)
+        except Exception:  # noqa: BLE001
+            return
+        raise ValidationError(f"final check: {last_change} produced a model ONNX Runtime cannot load: {_first_line(exc)}") from exc
 
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -81,3 +81,22 @@ def test_unusable_sample_data_is_exit_11_before_any_work(capsys, tmp_path, demo_
         lines = err.strip().splitlines()
         assert code == 11 and len(lines) == 1 and fragment in lines[0], (extra, err)
         assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_output_ort_cannot_load_is_exit_8_and_not_written(capsys, tmp_path, demo_path, monkeypatch):
+    """The last line of defence before writing: ORT must load what onnxopt writes (when it
+    loads the input)."""
+    import importlib
+
+    verify = importlib.import_module("onnxopt.verify")  # the package exports a function of that name
+    real_session = verify.session
+
+    def refuses_rewritten_models(model, **kwargs):
+        if len(model.graph.node) < 20:  # the demo has 20 nodes; the optimized model fewer
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : simulated")
+        return real_session(model, **kwargs)
+
+    monkeypatch.setattr(verify, "session", refuses_rewritten_models)
+    code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx")
+    assert code == 8 and "ONNX Runtime cannot load" in err and "simulated" in err
+    assert not (tmp_path / "o.onnx").exists()
