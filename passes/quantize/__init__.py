@@ -106,8 +106,10 @@ INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not 
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
 MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
 #: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
+IN_BODY = "inside an If/Loop/Scan body: control-flow bodies are not quantized"
 FLOAT_LABELS = (
     ("no statistics", "no statistics"),
+    ("inside an If/Loop/Scan body", "inside control flow"),
     ("weight is not a float initializer", "non-constant weight"),
     ("float16", "float16 layers"),
     ("float64", "float64 layers"),
@@ -122,6 +124,7 @@ FALLBACK_OPS = frozenset({"MatMul", "Gemm"})
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
+    "inside control flow": "layers inside If/Loop/Scan bodies are not quantized yet; keep the compute outside control flow when exporting",
     "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
     "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
     "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",
@@ -189,6 +192,7 @@ class Quantize(Pass):
         self._no_statistics = False
         self._dynamic: list[gs.Node] = []
         layers = [n for n in candidates if self._layer_ok(n, ctx)]
+        candidates += self._count_body_layers(graph, ctx)
         if not layers:
             return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
         self._calibration_stats: dict[str, Any] = {}
@@ -258,6 +262,14 @@ class Quantize(Pass):
         if reason:
             self._keep_float(ctx, node, reason)
         return reason is None
+
+    def _count_body_layers(self, graph: gs.Graph, ctx: PassContext) -> list[gs.Node]:
+        """The layers inside If/Loop/Scan bodies: not quantized (yet), but counted and refused
+        so that the coverage line never hides them."""
+        found = [n for n in body_nodes(graph) if n.op in LAYER_OPS and is_default_domain(n)]
+        for node in found:
+            self._keep_float(ctx, node, IN_BODY)
+        return found
 
     def _keep_float(self, ctx: PassContext, node: gs.Node, reason: str) -> None:
         """Refuse ``node`` (reported) and count it under its short label for the coverage line."""
@@ -647,6 +659,17 @@ def no_layer_message(pass_name: str, coverage: dict[str, Any], cause: str | None
     cause = cause or ", ".join(f"{n} {label}" for label, n in reasons.most_common())
     fix = FIXES.get(main, "only Conv/ConvTranspose/Gemm/MatMul layers with constant float32 weights are quantized")
     return f"{pass_name}: 0 of {coverage['total']} layers quantized: {cause}; {fix}"
+
+
+def body_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Every node of every subgraph (If branches, Loop/Scan bodies) of ``graph``, nested too."""
+    found: list[gs.Node] = []
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for body in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(body, gs.Graph):
+                    found += list(body.nodes) + body_nodes(body)
+    return found
 
 
 def float_label(reason: str) -> str:

@@ -325,3 +325,29 @@ def test_gemm_after_a_spatial_reduce_mean_is_quantized(opset: int) -> None:
     assert next(n for n in optimized.graph.node if n.output[0] == gemm.input[0]).op_type == "DequantizeLinear"
     x = feeds(8)
     assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
+def test_layers_inside_an_if_body_are_counted_as_float_with_the_reason():
+    """A model whose Convs sit in If branches: the coverage line counts them, never 0/0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxopt
+    from onnxopt.errors import NothingToDoError
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    then_branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["t"], pads=[1, 1, 1, 1])], "then", [], [out("t")])
+    else_branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["e"], pads=[1, 1, 1, 1]), ], "else", [], [out("e")])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(NothingToDoError, match=r"0 of 2 layers quantized: 2 inside control flow; layers inside If/Loop/Scan bodies"):
+        onnxopt.optimize(model, preset="quantize", input_range=(-3.0, 3.0))
