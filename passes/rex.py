@@ -65,7 +65,7 @@ them concurrently.  Moving a branch into place (``rex_combine``, measured in ben
 * ``"dense"``: a full-width branch with zero rows: correct, but full MACs.
 * ``"fold"`` (K = 2, ≤ 4-bit weights): no branch at all; order 2 uses the step s1/m of the
   base scale so ``R¹ + R²`` is one int8 weight with per-channel scales (:mod:`.rex_fold`);
-  layers whose codes would not fit int8 are refused and use ``"gather"``.
+  layers whose codes would not fit int8 are refused and keep their base quantization.
 
 A layer whose output is not quantized (e.g. the classifier producing the graph output)
 sums the branches in float.
@@ -365,7 +365,7 @@ class Rex(Pass):
         names = NameFactory(graph)
         sites = self._sites(graph, ctx, operator, names)
         if o["rex_combine"] == "fold":
-            prepare_fold(sites, o, ctx)
+            sites = prepare_fold(sites, o, ctx)
         if o["rex_combine"] == "permute":
             selections = self._permuted_layout(graph, sites, operator, ctx)
         elif o["rex_allocation"] == "network":

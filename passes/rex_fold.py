@@ -22,7 +22,8 @@ channels whose relative error falls most per MAC, with the gain measured for thi
 operator), but the cost of a folded channel is MACs × its weight bits, not an extra branch:
 ``bops_relative_to_base`` counts each channel's MACs × the bits its codes need.
 
-Does not fit (refused per layer, those layers use the branch form ``gather`` instead):
+Does not fit (refused per layer: those layers keep their base quantization and the budget
+is γ × the MACs of the layers that fold):
 weights of ≥ 5 bits (at 5 bits, m = 15: 15·15 + 8 = 233 > 127; the first/last layers at
 8 bits), a divisor m > 2L (order-2 codes would clip).  K ≥ 3 is refused for the whole run
 (4 bits: L·(m² + m) + ⌈m/2⌉ = 396 > 127).  ``rex_fold_divisor`` sets m (default L).
@@ -93,17 +94,21 @@ def check_fold_options(options: dict[str, Any]) -> None:
         raise PipelineError("rex: rex_combine='fold' emits no branch: it cannot carry rex_input_expansion or rex_outliers; use a branch form")
 
 
-def prepare_fold(sites: list, options: dict[str, Any], ctx: PassContext) -> None:
-    """Give every site that fits its divisor m (``site.fold``); the others are refused
-    (reported) and keep the branch form ``gather``."""
+def prepare_fold(sites: list, options: dict[str, Any], ctx: PassContext) -> list:
+    """The sites whose codes fit int8, each given its divisor m (``site.fold``); the others
+    are refused (reported) and keep their base quantization: a branch beside a folded
+    network would bring back the re-quantized sum the fold removes (the 8-bit first/last
+    layers have little residual left anyway)."""
+    kept = []
     for site in sites:
         divisor = options["rex_fold_divisor"] or default_divisor(site.bits)
         reason = fold_refusal(site.bits, divisor)
         if reason:
-            ctx.refuse(f"layer {node_label(site.node)}", f"{reason}: expanded in the branch form (gather) instead")
-            site.combine, site.fold = "gather", None
-        else:
-            site.fold = divisor
+            ctx.refuse(f"layer {node_label(site.node)}", f"{reason}: left at its base quantization (a branch form, e.g. rex_combine='gather', expands it)")
+            continue
+        site.fold = divisor
+        kept.append(site)
+    return kept
 
 
 def base_step_quantize(sub: np.ndarray, q1: QuantizedWeight, channels: np.ndarray, divisor: int) -> QuantizedWeight:
