@@ -9,6 +9,8 @@ BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
 * ``w4a8_rex{25,50,75}``: ``preset="rex", weight_bits=4, act_bits=8, rex_order=2,
   rex_budget=γ`` (the defaults: network allocation, permute combine: Pad + QLinearAdd);
   ``_uniform``: the thesis's per-layer share; ``w4a8_rex100``: every channel expanded once;
+* ``w4a8_rex{25,50,75,100}_fold``: ``rex_combine="fold"`` (order 2 on the step s1/7 folded into
+  the base layer's int8 codes, passes/rex_fold.py); ``_fold_m14``: step s1/14 at 50 and 100 %;
 * the combine alternatives at γ = 50 %: ``_gather`` (a Gather of the uint8 codes per branch),
   ``_pad`` (a contiguous window per layer, uniform), ``_dense`` (full-width zero-row
   branches: full MACs), ``_float`` (branches summed in float without re-quantizing their
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -66,6 +67,7 @@ from .quantize import fidelity, load_data, ort_graph, run_model
 
 IMAGE_MODELS = ("mobilenet_v2", "efficientnet_lite0")
 BUDGETS = (0.25, 0.5, 0.75)
+FOLD_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 THREADS = (1, 2)
 
 
@@ -81,6 +83,11 @@ def image_configs() -> dict[str, dict[str, Any]]:
         configs[f"w4a8_rex50_{combine}"] = dict(rex, rex_budget=0.5, rex_combine=combine)
     configs["w4a8_rex50_pad"] = dict(rex, rex_budget=0.5, rex_combine="pad", rex_allocation="uniform")
     configs["w4a8_rex50_float"] = dict(rex, rex_budget=0.5, rex_requantize=False)
+    configs["w4a8_rex100_float"] = dict(rex, rex_budget=1.0, rex_requantize=False)  # the exact Σ the fold should reach
+    for g in FOLD_BUDGETS:  # order 2 on the step s1/7 folded into the base layer: one int8 QDQ layer per layer
+        configs[f"w4a8_rex{round(g * 100)}_fold"] = dict(rex, rex_budget=g, rex_combine="fold")
+    for g in (0.5, 1.0):  # step s1/14: order-2 codes span ±7 (REx's own b-bit operator for a residual of s1/2)
+        configs[f"w4a8_rex{round(g * 100)}_fold_m14"] = dict(rex, rex_budget=g, rex_combine="fold", rex_fold_divisor=14)
     return configs
 
 
@@ -90,13 +97,16 @@ def log(message: str) -> None:
 
 # --------------------------------------------------------------------------- BOPs
 def bops(model: onnx.ModelProto) -> float:
-    """Σ MACs × weight bits × activation bits over the MAC nodes (float operands: 32 bits)."""
+    """Σ MACs × weight bits × activation bits over the MAC nodes (float operands: 32 bits).
+    Weight bits are counted per output channel (a DequantizeLinear with an axis): the
+    channels a ``fold`` layer expanded need more bits than the others."""
     inferred = with_inferred_shapes(model)
     shapes = tensor_shapes(inferred)
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
 
-    def bits(name: str, weight: bool) -> int:
+    def bits(name: str, weight: bool) -> float:
+        """Bits of an operand: the mean over output channels of each channel's code bits."""
         node = producer.get(name)
         if node is None or node.op_type != "DequantizeLinear":
             return 32
@@ -105,8 +115,13 @@ def bops(model: onnx.ModelProto) -> float:
         codes = inits.get(node.input[0])
         if codes is None:
             return 8
-        peak = int(np.abs(numpy_helper.to_array(codes).astype(np.int64)).max(initial=0))
-        return max(2, math.ceil(math.log2(peak + 1)) + 1)
+        values = np.abs(numpy_helper.to_array(codes).astype(np.int64))
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        if axis is None or values.ndim < 2:
+            peaks = np.array([values.max(initial=0)])
+        else:
+            peaks = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).max(axis=1)
+        return float(np.mean(np.maximum(2, np.ceil(np.log2(peaks + 1)) + 1)))
 
     total = 0.0
     for node in model.graph.node:
@@ -265,6 +280,18 @@ def goals(results: dict[str, Any]) -> list[str]:
         within = r75["top1_agreement"] >= w8["top1_agreement"] - 0.005
         lines.append(f"* {name}: W4A8+75 % within 0.5 % agreement of W8A8: **{'met' if within else 'NOT met'}** "
                      f"({r75['top1_agreement']:.4f} vs {w8['top1_agreement']:.4f}; KL {r75['kl_mean']:.4f} vs {w8['kl_mean']:.4f})")
+        if "w4a8_rex100_fold" in f:
+            fold = [f[f"w4a8_rex{round(g * 100)}_fold"] for g in FOLD_BUDGETS]
+            r100, r75 = fold[-1], fold[-2]
+            lines.append(f"* {name}: fold +100 % KL within 1.3× W8A8's: **{'met' if r100['kl_mean'] <= 1.3 * w8['kl_mean'] else 'NOT met'}** "
+                         f"({r100['kl_mean']:.4f} vs 1.3 × {w8['kl_mean']:.4f} = {1.3 * w8['kl_mean']:.4f})")
+            lines.append(f"* {name}: fold +75 % top-1 agreement within 3 points of W8A8: "
+                         f"**{'met' if r75['top1_agreement'] >= w8['top1_agreement'] - 0.03 else 'NOT met'}** "
+                         f"({r75['top1_agreement']:.4f} vs {w8['top1_agreement']:.4f})")
+            kls = [r["kl_mean"] for r in (f["w4a8"], *fold)]
+            monotone = all(b <= a for a, b in zip(kls, kls[1:]))
+            lines.append(f"* {name}: fold KL non-increasing in the budget (0/25/50/75/100 %): **{'met' if monotone else 'NOT met'}** "
+                         f"({' / '.join(f'{k:.4f}' for k in kls)})")
     return lines
 
 
@@ -312,6 +339,12 @@ def render(data: dict[str, Any]) -> str:
             "summed with the branch and a tail quantized once, joined by a Concat of the codes instead of Pad) was measured "
             "slower during development (MobileNetV2 +50 %, 1 thread: 10.6 vs 8.8 ms; ORT runs 142 instead of 102 "
             "QLinearConv) and dropped.",
+            "* `fold` (`rex_combine=\"fold\"`, passes/rex_fold.py): order 2 uses the step s1/m of the base scale (m = 7 at "
+            "4 bits; `_m14`: m = 14), so R¹ + R² = (m·q1 + q2)·s1/m is one int8 weight with per-channel scales: no branch, "
+            "no Add, no re-quantization, the W4A8 graph's node count. A folded channel is the weight quantized on the grid "
+            "s1/m (m·L levels per side: 49 for m = 7, 98 for m = 14), so its BOPs count its code bits (7, or 8 for m = 14); "
+            "BOPs here are per output channel for every configuration. The 8-bit first/last layers do not fit (codes "
+            "beyond ±127) and keep their base quantization; the budget is γ × the MACs of the layers that fold.",
             "* Allocation: `w4a8_rex*` use `rex_allocation=\"network\"` (the default: channels taken across the model by "
             "relative error removed per MAC), `*_uniform` the thesis's rule (the same share of every layer).",
             "* SPIQ: with `rex` after `quantize` in one pipeline, SPIQ-auto folds SPIQ wherever possible (the W4 error "

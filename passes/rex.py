@@ -63,6 +63,9 @@ them concurrently.  Moving a branch into place (``rex_combine``, measured in ben
   and no permutation, but a window captures less error than the top channels.
 * ``"scatter"``: ScatterElements with reduction="add" into the base output (opset ≥ 16).
 * ``"dense"``: a full-width branch with zero rows: correct, but full MACs.
+* ``"fold"`` (K = 2, ≤ 4-bit weights): no branch at all; order 2 uses the step s1/m of the
+  base scale so ``R¹ + R²`` is one int8 weight with per-channel scales (:mod:`.rex_fold`);
+  layers whose codes would not fit int8 are refused and keep their base quantization.
 
 A layer whose output is not quantized (e.g. the classifier producing the graph output)
 sums the branches in float.
@@ -112,8 +115,9 @@ from .quantize import correct_matmul_bias
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
+from .rex_fold import base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
 
-COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense")
+COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense", "fold")
 ALLOCATIONS = ("uniform", "network")
 FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
 EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -151,14 +155,16 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
     outliers: int = 0, window: bool = False, selections: list[np.ndarray] | None = None,
-    error_weights: np.ndarray | None = None,
+    error_weights: np.ndarray | None = None, step_divisor: int | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
     residual norm, or the units ``selections[k − 2]`` when given (a network-wide allocation).
     ``axis`` is the scale axis (None: per tensor), ``out_axis`` the output channel axis of
     ``weight``; ``error_weights`` (broadcast to the weight, e.g. E[x_i²] of the input each
-    weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`."""
+    weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`.
+    ``step_divisor`` m: order k uses the step ``s1/m^{k−1}`` of the base scale instead of
+    the residual's own ``max|r|/(2^{b−1}−1)`` (the fold's operator, :mod:`.rex_fold`)."""
     weight = np.asarray(weight, np.float64)
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
@@ -204,7 +210,10 @@ def expand_weight(
             chosen = np.sort(np.argsort(-importance, kind="stable")[:keep])
         channels = np.flatnonzero(np.isin(units, chosen))
         sub = np.take(residual, channels, axis=out_axis).astype(np.float32)
-        qk = operator.quantize(sub, bits, axis)
+        if step_divisor:
+            qk = base_step_quantize(sub, q1, channels, step_divisor ** (k - 1))
+        else:
+            qk = operator.quantize(sub, bits, axis)
         rk = operator.dequantize(qk).astype(np.float64)
         index = [slice(None)] * residual.ndim
         index[out_axis] = channels
@@ -286,6 +295,7 @@ class LayerSite:
     output_range: tuple[float, float] | None  #: range of the quantizer after the layer's activation
     rank: int
     combine: str = "gather"  #: how this layer's branches are added (rex_combine; "permute" → "pad" on a prefix, or "gather")
+    fold: int | None = None  #: rex_combine="fold": the divisor m of the order-2 step s1/m (None: branches)
 
 
 class Rex(Pass):
@@ -306,6 +316,7 @@ class Rex(Pass):
         "rex_allocation": "network",
         "rex_weight_only": None,
         "rex_requantize": True,
+        "rex_fold_divisor": None,
     }
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -327,6 +338,7 @@ class Rex(Pass):
         if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
             raise PipelineError(f"rex: rex_weight_only must be None or a bit-width in 2..8, got {o['rex_weight_only']!r}")
         weight_operator(o["rex_operator"])  # unknown operator → clear error
+        check_fold_options(o)
         pipeline = ctx.shared.get("pipeline", ())
         if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared and "power-quant" in pipeline:
             raise PipelineError("rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them")
@@ -352,6 +364,8 @@ class Rex(Pass):
         operator = weight_operator(o["rex_operator"])
         names = NameFactory(graph)
         sites = self._sites(graph, ctx, operator, names)
+        if o["rex_combine"] == "fold":
+            sites = prepare_fold(sites, o, ctx)
         if o["rex_combine"] == "permute":
             selections = self._permuted_layout(graph, sites, operator, ctx)
         elif o["rex_allocation"] == "network":
@@ -363,16 +377,22 @@ class Rex(Pass):
             expansion = expand_weight(
                 site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups,
                 outliers=self._outliers(site), window=site.combine == "pad" and selection is None, selections=selection,
+                step_divisor=site.fold,
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
             if site.node.op == "MatMul" and site.mean is not None:  # its bias is in the Add after it: correct there
                 self._correct_matmul_branches(graph, site, expansion, names)
-            branches = self._emit(graph, site, expansion, operator, names)
             c = site.weight.shape[site.out_axis]
             macs = _layer_macs(site)
             base_bops += macs * site.bits
-            extra_bops += macs * site.bits * sum(len(ch) / c for ch in branches)
+            folded = None
+            if site.fold and len(expansion.orders) > 1:  # one int8 layer: each channel costs MACs × its code bits
+                branches, folded = [], fold_layer(graph, site, expansion, names)
+                extra_bops += macs * float(np.mean(channel_bits(folded, site.out_axis) - site.bits))
+            else:
+                branches = self._emit(graph, site, expansion, operator, names)
+                extra_bops += macs * site.bits * sum(len(ch) / c for ch in branches)
             layers.append(
                 {
                     "layer": node_label(site.node),
@@ -382,13 +402,14 @@ class Rex(Pass):
                     "residual_error": [round(e, 6) for e in expansion.errors],
                     "outliers": 0 if expansion.outliers is None else len(expansion.outliers[0]),
                     "branches": len(branches),
+                    **({"folded_channels": len(expansion.orders[1].channels), "folded_bits": int(channel_bits(folded, site.out_axis).max())} if folded else {}),
                 }
             )
         cleanup(graph)
         return PassResult(
             bool(extra_bops) or o["rex_weight_only"] is not None and bool(sites),
             {
-                "layers_expanded": sum(1 for layer in layers if layer["branches"]),
+                "layers_expanded": sum(1 for layer in layers if layer["branches"] or layer.get("folded_channels")),
                 "order": o["rex_order"],
                 "budget": o["rex_budget"],
                 "bops_relative_to_base": round((base_bops + extra_bops) / base_bops, 4) if base_bops else 1.0,
@@ -421,7 +442,7 @@ class Rex(Pass):
         for site in ctx.progress(sites, total=len(sites), label="profiling layers"):
             weights = input_moment_weights(site)
             dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, order, float(order - 1), site.groups,
-                                  outliers=self._outliers(site), error_weights=weights)
+                                  outliers=self._outliers(site), error_weights=weights, step_divisor=site.fold)
             unit_errors.append(np.array(dense.unit_errors))
             energy = np.square(site.weight, dtype=np.float64)
             signals.append(float((energy if weights is None else energy * weights).sum()))

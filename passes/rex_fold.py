@@ -1,0 +1,203 @@
+"""rex_combine="fold": a W4 base plus a REx order 2 folded into one int8 layer.
+
+ORT's CPU provider computes every fused QDQ layer with int8 weight codes, whatever the
+bit-width the codes were chosen for.  When the order-2 step of an expanded channel is an
+integer fraction of its base step, ``s2_c = s1_c / m``, the two orders add up to integer
+codes on one grid::
+
+    R¹_c + R²_c = q1·s1_c + q2·s2_c = (m·q1 + q2)·s2_c
+
+Order 1 is symmetric with ``|q1| ≤ L = 2^{b−1} − 1`` and leaves ``|W − R¹| ≤ s1/2`` (the
+scale is max|W|/L: nothing clips), so ``q2 = round((W − R¹)/s2)`` stays within ``±⌈m/2⌉``
+(b-bit codes as long as m ≤ 2L), and the folded codes within ``L·m + ⌈m/2⌉``.  At 4 bits
+with m = L = 7 that is ±53: int8 codes with the per-channel scale ``s2_c``.  Channels that
+are not expanded keep ``q1`` and ``s1_c``.  Per-output-channel weight scales make every
+budget a single QDQ layer: no branch, no Add, no re-quantization of a branch output, the
+base layer's latency, and the sum of the two orders is exact.
+
+Since ``m·q1`` is an integer, ``m·q1 + q2 = round(W/s2_c)``: a folded channel is the weight
+quantized on the grid ``s1_c/m``, i.e. with ``L·m`` levels per side (49 at 4 bits, m = 7:
+between 6 and 7 bits).  The budget γ and the network allocation keep their meaning (the
+channels whose relative error falls most per MAC, with the gain measured for this order-2
+operator), but the cost of a folded channel is MACs × its weight bits, not an extra branch:
+``bops_relative_to_base`` counts each channel's MACs × the bits its codes need.
+
+Does not fit (refused per layer: those layers keep their base quantization and the budget
+is γ × the MACs of the layers that fold):
+weights of ≥ 5 bits (at 5 bits, m = 15: 15·15 + 8 = 233 > 127; the first/last layers at
+8 bits), a divisor m > 2L (order-2 codes would clip).  K ≥ 3 is refused for the whole run
+(4 bits: L·(m² + m) + ⌈m/2⌉ = 396 > 127).  ``rex_fold_divisor`` sets m (default L).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import PipelineError
+from onnxopt.graph import NameFactory, constant_values, node_label, producer
+from onnxopt.pass_base import PassContext
+
+from .quantize.emit import quantize_layer_bias
+from .quantize.operators import QuantizedWeight, UniformWeightOperator
+
+INT8_PEAK = 127
+UNIFORM = UniformWeightOperator()
+
+
+def levels(bits: int) -> int:
+    """Largest symmetric code of a b-bit weight, L = 2^{b−1} − 1."""
+    return 2 ** (bits - 1) - 1
+
+
+def default_divisor(bits: int) -> int:
+    """m = L (order-2 codes within ±⌈L/2⌉), at least 2 (m = 1 would add nothing)."""
+    return max(levels(bits), 2)
+
+
+def fold_peak(bits: int, divisor: int) -> int:
+    """Largest |m·q1 + q2| of a folded channel: L·m + ⌈m/2⌉."""
+    return levels(bits) * divisor + math.ceil(divisor / 2)
+
+
+def fold_refusal(bits: int, divisor: int) -> str | None:
+    """Why a b-bit layer cannot fold order 2 with step s1/m into int8 codes (None: it can)."""
+    if divisor > 2 * levels(bits):
+        return f"rex fold: divisor m = {divisor} > 2·(2^{bits - 1} − 1): order-2 codes of a {bits}-bit residual would clip"
+    peak = fold_peak(bits, divisor)
+    if peak > INT8_PEAK:
+        return (f"rex fold: {bits}-bit weights with order-2 step s1/{divisor} need codes up to ±{peak} "
+                f"(L·m + ⌈m/2⌉) > 127: not one int8 layer")
+    return None
+
+
+def check_fold_options(options: dict[str, Any]) -> None:
+    """Run-wide refusals of rex_combine="fold" (PipelineError, exit 7)."""
+    if options["rex_combine"] != "fold":
+        if options["rex_fold_divisor"] is not None:
+            raise PipelineError("rex: rex_fold_divisor only applies to rex_combine='fold'")
+        return
+    divisor = options["rex_fold_divisor"]
+    if divisor is not None and (not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 2):
+        raise PipelineError(f"rex: rex_fold_divisor must be an integer m ≥ 2 (order-2 step s1/m), got {divisor!r}")
+    if options["rex_order"] > 2:
+        raise PipelineError(
+            f"rex: rex_combine='fold' folds one residual order into int8 codes; K = {options['rex_order']} does not fit "
+            "(4 bits, m = 7: order 3 needs codes up to ±396 > 127): use K = 2 or a branch form (permute, gather)"
+        )
+    if options["rex_operator"] != "uniform":
+        raise PipelineError(f"rex: rex_combine='fold' needs the uniform weight operator (integer codes on one grid), got {options['rex_operator']!r}")
+    if options["rex_input_expansion"] or options["rex_outliers"]:
+        raise PipelineError("rex: rex_combine='fold' emits no branch: it cannot carry rex_input_expansion or rex_outliers; use a branch form")
+
+
+def prepare_fold(sites: list, options: dict[str, Any], ctx: PassContext) -> list:
+    """The sites whose codes fit int8, each given its divisor m (``site.fold``); the others
+    are refused (reported) and keep their base quantization: a branch beside a folded
+    network would bring back the re-quantized sum the fold removes (the 8-bit first/last
+    layers have little residual left anyway)."""
+    kept = []
+    for site in sites:
+        divisor = options["rex_fold_divisor"] or default_divisor(site.bits)
+        reason = fold_refusal(site.bits, divisor)
+        if reason:
+            ctx.refuse(f"layer {node_label(site.node)}", f"{reason}: left at its base quantization (a branch form, e.g. rex_combine='gather', expands it)")
+            continue
+        site.fold = divisor
+        kept.append(site)
+    return kept
+
+
+def base_step_quantize(sub: np.ndarray, q1: QuantizedWeight, channels: np.ndarray, divisor: int) -> QuantizedWeight:
+    """Order-k codes of the residual ``sub`` (the weight's ``channels``) on the step
+    ``s1/divisor`` of the base scales ``q1`` (clipped to the b-bit range)."""
+    top = levels(q1.bits)
+    base = np.asarray(q1.scales, np.float32)
+    scales = (base if q1.axis is None else base[channels]) / np.float32(divisor)
+    shape = [1] * sub.ndim
+    if q1.axis is not None:
+        shape[q1.axis] = -1
+    codes = np.clip(np.round(sub / np.reshape(scales, shape)), -top, top).astype(np.int8)
+    return QuantizedWeight(codes, scales.astype(np.float32), q1.axis, q1.bits, {"divisor": divisor})
+
+
+def folded_weight(expansion, out_axis: int, divisor: int) -> QuantizedWeight:
+    """One int8 weight holding R¹ + R²: codes ``m·q1 + q2`` with scale ``s1/m`` on the
+    order-2 channels, ``q1`` with ``s1`` elsewhere (per-output-channel scales)."""
+    first, second = expansion.orders[0], expansion.orders[1]
+    c = first.q.codes.shape[out_axis]
+    codes = first.q.codes.astype(np.int32)
+    scales = np.broadcast_to(np.asarray(first.q.scales, np.float32), (c,)).copy()
+    index = [slice(None)] * codes.ndim
+    index[out_axis] = second.channels
+    codes[tuple(index)] = divisor * codes[tuple(index)] + second.q.codes.astype(np.int32)
+    scales[second.channels] = np.broadcast_to(second.q.scales, (len(second.channels),))
+    peak = int(np.abs(codes).max(initial=0))
+    if peak > INT8_PEAK:  # fold_refusal rules this out; a violation is a bug, not a user error
+        raise AssertionError(f"rex fold: folded codes reach {peak} > 127 (divisor {divisor})")
+    return QuantizedWeight(codes.astype(np.int8), scales, out_axis, 8, {"divisor": divisor})
+
+
+def channel_bits(q: QuantizedWeight, out_axis: int) -> np.ndarray:
+    """Signed bits each output channel's codes need: ⌈log2(max|code| + 1)⌉ + 1 (at least 2)."""
+    moved = np.abs(np.moveaxis(q.codes.astype(np.int32), out_axis, 0)).reshape(q.codes.shape[out_axis], -1)
+    return np.maximum(np.ceil(np.log2(moved.max(axis=1) + 1)).astype(int) + 1, 2)
+
+
+def fold_layer(graph: gs.Graph, site, expansion, names: NameFactory) -> QuantizedWeight:
+    """Replace the layer's weight DequantizeLinear by the folded one and move the bias to the
+    new scales (with the order-2 bias correction ``−R²·E[X]`` when the base was corrected);
+    returns the folded weight.  A MatMul's correction is made by the caller, in the Add after it."""
+    folded = folded_weight(expansion, site.out_axis, site.fold)
+    node = site.node
+    node.inputs[1] = UNIFORM.emit(graph, folded, names, f"{node_label(node)}_rex_fold_weight")
+    if node.op != "MatMul":
+        _fold_bias(graph, site, expansion.orders[1], folded.scales, names)
+    return folded
+
+
+def _fold_bias(graph: gs.Graph, site, second, scales: np.ndarray, names: NameFactory) -> None:
+    """Bias − R²·E[X] on the folded channels, re-quantized to int32 with S_x·s_w for the new
+    weight scales when it was quantized (ORT fuses only that form)."""
+    from .rex import _scalar, mean_shift  # imported here: rex imports this module lazily
+
+    node = site.node
+    bias, quantized = _current_bias(node)
+    had_bias = bias is not None
+    shift = None if site.mean is None else mean_shift(site, second.dequantized, second.channels)
+    if bias is None and shift is None:
+        return
+    c = site.weight.shape[site.out_axis]
+    bias = np.zeros(c) if bias is None else bias
+    if shift is not None:
+        bias[second.channels] -= shift
+    constant = gs.Constant(names.new(f"{node_label(node)}_rex_fold_bias"), bias.astype(np.float32))
+    if len(node.inputs) > 2:
+        node.inputs[2] = constant
+    else:
+        node.inputs.append(constant)
+    if site.input_dq is not None and (quantized or not had_bias):
+        quantize_layer_bias(graph, node, _scalar(site.input_dq.inputs[1]), scales, names)
+
+
+def _current_bias(node: gs.Node) -> tuple[np.ndarray | None, bool]:
+    """The layer's bias in float64 (dequantized when it is a DequantizeLinear of int32
+    codes) and whether it was quantized."""
+    if len(node.inputs) < 3 or node.inputs[2] is None or (isinstance(node.inputs[2], gs.Variable) and not node.inputs[2].inputs and not node.inputs[2].name):
+        return None, False
+    values = constant_values(node, 2)
+    if values is not None:
+        return values.astype(np.float64).copy(), False
+    dq = producer(node.inputs[2])
+    if dq is None or dq.op != "DequantizeLinear":
+        raise PipelineError(f"rex fold: bias of {node_label(node)} is neither a constant nor a DequantizeLinear of one")
+    codes, scale = constant_values(dq, 0), constant_values(dq, 1)
+    zero = constant_values(dq, 2)
+    zero = 0 if zero is None else zero.astype(np.float64)
+    return (codes.astype(np.float64) - zero) * scale.astype(np.float64), True
+
+
+__all__ = ["base_step_quantize", "check_fold_options", "fold_layer", "fold_peak", "fold_refusal", "folded_weight", "prepare_fold"]

@@ -1,0 +1,152 @@
+"""rex_combine="fold" (passes/rex_fold.py): the folded int8 codes are exactly R¹ + R², the
+emitted graph is the base QDQ graph (no branch, no Add) and computes the float sum of the
+branches, ORT fuses it like the base, it beats W4 and the re-quantized branch form, and
+layers / options whose codes would not fit int8 are refused with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnxopt.passes import rex as rex_module
+from onnxopt.passes.rex import expand_weight
+from onnxopt.passes.rex_fold import fold_peak, fold_refusal, folded_weight
+
+import onnxopt
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError, PipelineError
+from onnxopt.verify import run
+from tests.conftest import ops
+from tests.passes.test_rex import QUANT, UNIFORM, _input_shape, _scattered, conv_net, reference, single_layer, weights
+
+FOLD = dict(rex_order=2, rex_combine="fold")
+
+
+def _sum_of_orders(expansion, shape, out_axis) -> np.ndarray:
+    return sum(_scattered(o, shape, out_axis) for o in expansion.orders)
+
+
+@pytest.mark.parametrize("shape, axis, out_axis", [((24, 8, 3, 3), 0, 0), ((20, 16), 1, 1), ((20, 16), None, 0)])
+@pytest.mark.parametrize("divisor", [7, 14])
+def test_folded_codes_are_exactly_the_two_orders(shape, axis, out_axis, divisor):
+    w = weights(*shape, rng=np.random.default_rng(11))
+    expansion = expand_weight(w, 4, axis, out_axis, UNIFORM, 2, 0.5, step_divisor=divisor)
+    first, second = expansion.orders
+    assert 0 < len(second.channels) < shape[out_axis]
+    assert np.abs(second.q.codes).max() <= min(7, int(np.ceil(divisor / 2)))  # order 2 keeps b-bit codes
+    folded = folded_weight(expansion, out_axis, divisor)
+    codes = np.moveaxis(folded.codes.astype(np.int64), out_axis, 0)
+    q1 = np.moveaxis(first.q.codes.astype(np.int64), out_axis, 0)
+    q2 = np.moveaxis(second.q.codes.astype(np.int64), out_axis, 0)
+    rest = np.setdiff1d(np.arange(shape[out_axis]), second.channels)
+    np.testing.assert_array_equal(codes[second.channels], divisor * q1[second.channels] + q2)  # integer identity
+    np.testing.assert_array_equal(codes[rest], q1[rest])
+    assert np.abs(codes).max() <= fold_peak(4, divisor) <= 127
+    s1 = np.broadcast_to(first.q.scales, (shape[out_axis],))
+    np.testing.assert_allclose(folded.scales[second.channels], s1[second.channels] / divisor, rtol=1e-7)
+    np.testing.assert_array_equal(folded.scales[rest], s1[rest])
+    np.testing.assert_allclose(UNIFORM.dequantize(folded), _sum_of_orders(expansion, shape, out_axis), rtol=1e-6, atol=1e-9)
+    # m·q1 is an integer, so a folded channel is W rounded on the grid s1/m
+    scale = np.moveaxis(np.broadcast_to(folded.scales.reshape([-1] + [1] * (len(shape) - 1)), codes.shape), 0, 0)
+    grid = np.round(np.moveaxis(w.astype(np.float64), out_axis, 0) / scale)
+    assert np.mean(grid[second.channels] == codes[second.channels]) > 0.999  # up to float ties
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm", "matmul"])
+def test_fold_is_one_qdq_layer_computing_the_float_sum_of_the_branches(kind):
+    model, w, b, out_axis, groups = single_layer(kind)
+    base, _ = onnxopt.optimize(model, passes=["quantize"], bias_correction=False, **QUANT)
+    out, report = onnxopt.optimize(model, passes=["quantize", "rex"], validate=True, bias_correction=False, rex_budget=1.0,
+                                   rex_allocation="uniform", **FOLD, **QUANT)
+    assert ops(out) == ops(base)  # the same nodes: no branch, no Add, no re-quantization
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    layer = next(n for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul"))
+    weight_dq = next(n for n in out.graph.node if n.output[0] == layer.input[1])
+    assert 7 < np.abs(inits[weight_dq.input[0]].astype(int)).max() <= 53  # 7-bit codes on the grid s1/7
+    stats = next(p for p in report.passes if p.name == "rex").stats
+    assert stats["layers"][0]["folded_channels"] == w.shape[out_axis] and stats["layers"][0]["branches"] == 0
+    assert stats["bops_relative_to_base"] == pytest.approx(7 / 4)
+
+    expansion = expand_weight(w, 4, out_axis, out_axis, UNIFORM, 2, 1.0, groups, step_divisor=7)
+    x = np.random.default_rng(5).uniform(-3, 3, _input_shape(model)).astype(np.float32)
+    q = next(n for n in out.graph.node if n.op_type == "QuantizeLinear")
+    x_scale, x_zero = float(inits[q.input[1]]), int(inits[q.input[2]])
+    want = reference(kind, x.astype(np.float64), x_scale, x_zero, _sum_of_orders(expansion, w.shape, out_axis), b, expansion.orders[0].q.scales)
+    got = run(out, {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_fold_equals_the_float_summed_branch_form_with_the_same_operator(monkeypatch, tmp_path):
+    """On a network (bias correction on, network allocation, γ = 50 %): the folded model and
+    the gather branch form summed in float (rex_requantize=False) whose order 2 uses the
+    same step s1/7 compute the same outputs; ORT fuses every folded layer like the base."""
+    model = conv_net(np.random.default_rng(21))
+    x = {"x": np.random.default_rng(22).uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
+    folded, report = onnxopt.optimize(model, preset="rex", rex_budget=0.5, **FOLD, **QUANT)
+    base, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.0, **QUANT)
+    assert ops(folded) == ops(base)
+    kept = [layer.get("folded_channels", 0) for layer in next(p for p in report.passes if p.name == "rex").stats["layers"]]
+    assert sum(kept) > 0 and any(0 < k < c for k, c in zip(kept, (32, 32, 32, 10)))  # some layers partly folded
+
+    original = rex_module.expand_weight
+    monkeypatch.setattr(rex_module, "expand_weight", lambda *a, **k: original(*a, **{**k, "step_divisor": 7}))
+    branches, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.5, rex_combine="gather", rex_requantize=False, **QUANT)
+    assert ops(branches)["Conv"] > ops(folded)["Conv"]
+    want, got = run(branches, x)["y"], run(folded, x)["y"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+    path = tmp_path / "fold.onnx"
+    onnx.save(folded, path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(tmp_path / "ort.onnx"))
+    assert fused["QLinearConv"] == 3 and fused.get("Conv", 0) == 0 and fused.get("FusedConv", 0) == 0
+
+
+def test_full_fold_is_closer_to_float_than_w4_and_the_branch_form():
+    rng = np.random.default_rng(2024)
+    model = conv_net(rng)
+    x = {"x": rng.uniform(-3, 3, (1, 8, 16, 16)).astype(np.float32)}
+    ref = run(model, x)["y"]
+    kwargs = dict(preset="rex", rex_order=2, spiq=False, **QUANT)
+
+    def error(**options) -> float:
+        out, _ = onnxopt.optimize(model, **kwargs, **options)
+        return float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))
+
+    w4, fold = error(rex_budget=0.0), error(rex_budget=1.0, rex_combine="fold")
+    permute, gather = error(rex_budget=1.0), error(rex_budget=1.0, rex_combine="gather")
+    assert fold < min(permute, gather) < w4
+
+
+def test_fold_fits_int8_only_at_k2_and_up_to_4_bits():
+    assert fold_peak(4, 7) == 53 and fold_refusal(4, 7) is None and fold_refusal(4, 14) is None and fold_refusal(3, 3) is None
+    assert "> 127" in fold_refusal(5, 15) and "> 127" in fold_refusal(8, 127)
+    assert "clip" in fold_refusal(4, 15)
+    with pytest.raises(PipelineError, match="K = 3 does not fit"):
+        onnxopt.optimize(conv_net(), preset="rex", **{**FOLD, "rex_order": 3}, **QUANT)
+    for options, message in (({"rex_operator": "power"}, "uniform weight operator"), ({"rex_fold_divisor": 1}, "m ≥ 2"),
+                             ({"rex_input_expansion": True}, "rex_input_expansion")):
+        with pytest.raises(PipelineError, match=message):
+            onnxopt.optimize(conv_net(), preset="rex", **FOLD, **QUANT, **options)
+    with pytest.raises(PipelineError, match="only applies to rex_combine='fold'"):
+        onnxopt.optimize(conv_net(), preset="rex", rex_order=2, rex_fold_divisor=7, **QUANT)
+    with pytest.raises(OnnxoptError, match="not one int8 layer"):  # every layer at 5 bits: nothing folds, said loudly
+        onnxopt.optimize(conv_net(), preset="rex", **FOLD, **{**QUANT, "weight_bits": 5})
+
+
+def test_8_bit_first_and_last_layers_are_refused_and_kept(tmp_path, capsys):
+    """first_last_bits=8 (the default): the first Conv and the classifier cannot fold; they
+    are reported and left at their base quantization, the middle layers fold."""
+    out, report = onnxopt.optimize(conv_net(), preset="rex", rex_budget=1.0, **FOLD, **{**QUANT, "first_last_bits": 8})
+    rex = next(p for p in report.passes if p.name == "rex")
+    assert len([r for r in rex.refusals if "not one int8 layer" in r.reason]) == 2
+    assert [layer["folded_channels"] for layer in rex.stats["layers"]] == [32, 32]
+    src = tmp_path / "net.onnx"
+    onnx.save(conv_net(), src)
+    assert main([str(src), "-o", str(tmp_path / "f.onnx"), "--quantize", "w4a8", "--input-range=-3,3", "--rex", "2",
+                 "--rex-combine", "fold", "-q"]) == 0
+    assert ops(onnx.load(tmp_path / "f.onnx"))["Conv"] == 3
