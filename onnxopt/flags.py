@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
     rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
     rex.add_argument("--rex-allocation", choices=("network", "uniform"), help="where the budget goes: network = the channels whose relative error falls most per MAC across the model (default), uniform = the same share of every layer (the thesis's rule)")
-    rex.add_argument("--rex-combine", choices=("permute", "gather", "pad", "scatter", "dense", "fold"), help="how branches join the layer output: permute = reorder channel groups so expanded channels come first, Pad + Add (default), gather = a Gather of the branch codes (no reordering), fold = K=2 at <= 4 bits folded into one int8 layer (no branch)")
+    rex.add_argument("--rex-combine", choices=("auto", "fold", "permute", "gather", "pad", "scatter", "dense"), help="how the residual order joins the layer: fold = K=2 at <= 4 bits folded into one int8 layer with per-channel scales (no branch, the base's speed), permute = branches after a channel-group reorder, Pad + Add, gather = a Gather of the branch codes; auto (default) = fold where it applies, else permute")
     rex.add_argument("--rex-input-expansion", action="store_true", help="also expand the activations' quantization error (eqs. 3.20-3.21)")
 
     power = parser.add_argument_group("PowerQuant and modular arithmetic (custom ops with ONNX function bodies)")

@@ -47,7 +47,10 @@ moved into the full channel layout on the uint8 codes and summed with an Add tha
 into QLinearAdd.  The branches share only their input, so ORT's parallel executor can run
 them concurrently.  Moving a branch into place (``rex_combine``, measured in bench/rex.py):
 
-* ``"permute"`` (default): each channel group — a layer's output channels and every tensor
+``"auto"`` (default) is ``"fold"`` where it applies (K = 2, uniform operator, ≤ 4-bit base,
+no input expansion or outliers), else ``"permute"``.
+
+* ``"permute"``: each channel group — a layer's output channels and every tensor
   sharing their order, through activations, Q/DQ, depthwise Convs and residual Adds, up to
   the consumers' input channels (:mod:`.channel_permutation`) — is reordered once, exactly,
   so every order's channels are a prefix; branches are added with a Pad of the uint8 codes:
@@ -115,7 +118,7 @@ from .quantize import correct_matmul_bias
 from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
-from .rex_fold import base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
+from .rex_fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
 
 COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense", "fold")
 ALLOCATIONS = ("uniform", "network")
@@ -312,7 +315,7 @@ class Rex(Pass):
         "rex_input_expansion": False,
         "rex_outliers": False,
         "rex_operator": "uniform",
-        "rex_combine": "permute",
+        "rex_combine": "auto",
         "rex_allocation": "network",
         "rex_weight_only": None,
         "rex_requantize": True,
@@ -327,6 +330,8 @@ class Rex(Pass):
             raise PipelineError(f"rex: rex_budget must be a fraction in [0, K−1] (0.5 = 50 % extra output channels), got {o['rex_budget']!r}")
         if o["rex_allocation"] not in ALLOCATIONS:
             raise PipelineError(f"rex: rex_allocation must be one of {', '.join(ALLOCATIONS)}, got {o['rex_allocation']!r}")
+        if o["rex_combine"] == "auto":
+            o["rex_combine"] = auto_combine(o, ctx.shared.get("quantized_weights", {}))
         if o["rex_allocation"] == "network" and o["rex_combine"] == "pad":
             raise PipelineError("rex: rex_combine='pad' expands a contiguous window per layer; it cannot use rex_allocation='network'")
         if o["rex_combine"] not in COMBINE_MODES:

@@ -74,6 +74,22 @@ def fold_refusal(bits: int, divisor: int) -> str | None:
     return None
 
 
+def auto_combine(options: dict[str, Any], quantized_weights: dict[str, tuple]) -> str:
+    """``rex_combine="auto"`` (the default): ``"fold"`` where it applies — K = 2, the uniform
+    operator, no input expansion or outlier residue, and a base whose codes fold into int8
+    (≤ 4-bit weights) — since it runs at the base's speed; ``"permute"`` otherwise."""
+    fits = any(fold_refusal(record[1], default_divisor(record[1])) is None for record in quantized_weights.values())
+    applies = (
+        options["rex_order"] == 2
+        and options["rex_operator"] == "uniform"
+        and not options["rex_input_expansion"]
+        and not options["rex_outliers"]
+        and options["rex_weight_only"] is None
+        and fits
+    )
+    return "fold" if applies else "permute"
+
+
 def check_fold_options(options: dict[str, Any]) -> None:
     """Run-wide refusals of rex_combine="fold" (PipelineError, exit 7)."""
     if options["rex_combine"] != "fold":

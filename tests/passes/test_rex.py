@@ -236,14 +236,14 @@ def test_extra_macs_scale_with_the_budget():
         expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + gemm_extra + zero_units
         assert macs - base_macs == pytest.approx(expected)
     for budget in (0.25, 0.5):  # permute (default): no zero slots, and the classifier (graph output) keeps Gather
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
+        out, _ = onnxopt.optimize(model, preset="rex", rex_combine="permute", rex_order=2, rex_budget=budget, rex_allocation="uniform", **QUANT)
         expected = budget * (layer_macs["conv"] + layer_macs["dw"] + layer_macs["pw"]) + round(budget * 10) * 32 + 32
         assert count_macs(out)[0] - base_macs == pytest.approx(expected)
     for order, budget in ((2, 0.0), (1, 0.0), (1, 0.5)):  # nothing to add, in every combine form
         for combine in ("permute", "gather"):
             out, _ = onnxopt.optimize(model, preset="rex", rex_order=order, rex_budget=budget, rex_combine=combine, **QUANT)
             assert ops(out) == ops(base)
-    out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.0, **QUANT)
+    out, report = onnxopt.optimize(model, preset="rex", rex_combine="permute", rex_order=2, rex_budget=0.0, **QUANT)
     assert ops(out) == ops(base)  # γ = 0: nothing added
     assert next(p for p in report.passes if p.name == "rex").stats["bops_relative_to_base"] == 1.0
 
@@ -256,7 +256,7 @@ def test_network_allocation_spends_the_budget_where_error_per_mac_falls_most():
     base, _ = onnxopt.optimize(model, preset="quantize", **QUANT)
     base_macs, _ = count_macs(base)
     for budget in (0.1, 0.5):
-        out, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, **QUANT)
+        out, report = onnxopt.optimize(model, preset="rex", rex_combine="permute", rex_order=2, rex_budget=budget, **QUANT)
         layers = {layer["layer"]: layer for layer in next(p for p in report.passes if p.name == "rex").stats["layers"]}
         kept = {name: layer["kept_channels"][1:] for name, layer in layers.items()}
         assert [kept[name] for name in kept if "Gemm" in name] == [[10]]
@@ -286,7 +286,7 @@ def test_matmul_bias_correction_covers_the_branches():
     # a dynamic batch: with a static one ORT does not fuse the static QDQ MatMul and quantize emits it dynamically
     model = text_model("(float[B, 5, 8] x) => (float[B, 5, 6] y)", body, arrays)
     out, _ = onnxopt.optimize(model, passes=["quantize", "rex"], spiq=False, weight_bits=4, act_bits=8, first_last_bits=None,
-                              rex_order=2, rex_budget=1.0, rex_requantize=False, validate=True)
+                              rex_combine="permute", rex_order=2, rex_budget=1.0, rex_requantize=False, validate=True)
     expansion = expand_weight(arrays["w"], 4, 1, 1, UNIFORM, 2, 1.0)
     total = sum(_scattered(o, arrays["w"].shape, 1) for o in expansion.orders)
     add = next(n for n in out.graph.node if n.op_type == "Add" and any(i in {t.name for t in out.graph.initializer} for i in n.input))
@@ -342,7 +342,7 @@ def test_branches_fuse_into_integer_kernels_and_improve_fidelity(tmp_path):
     # uniform: every layer gets a branch (the network allocation may skip one); no SPIQ, whose
     # activation error on these random weights can exceed the weight error REx removes
     for budget in (0.0, 0.5, 1.0):
-        out, _ = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=budget, rex_allocation="uniform", spiq=False, **QUANT)
+        out, _ = onnxopt.optimize(model, preset="rex", rex_combine="permute", rex_order=2, rex_budget=budget, rex_allocation="uniform", spiq=False, **QUANT)
         errors[budget] = float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))
         if budget == 0.5:
             path = tmp_path / "rex.onnx"
@@ -414,7 +414,7 @@ def test_cli_flags(tmp_path, capsys):
     onnx.save(conv_net(), src)
     assert main([str(src), "-o", str(tmp_path / "a.onnx"), "--rex", "2", "-q"]) != 0
     assert "--quantize" in capsys.readouterr().err
-    assert main([str(src), "-o", str(tmp_path / "b.onnx"), "--quantize", "w4a8", "--input-range=-3,3", "--rex", "2", "--rex-budget", "50%", "-q"]) == 0
+    assert main([str(src), "-o", str(tmp_path / "b.onnx"), "--quantize", "w4a8", "--input-range=-3,3", "--rex", "2", "--rex-budget", "50%", "--rex-combine", "permute", "-q"]) == 0
     assert ops(onnx.load(tmp_path / "b.onnx"))["Conv"] == 6  # 3 layers + 3 order-2 branches (8-bit first/last layers too)
     assert [parse_budget(s) for s in ("0.5", "50", "50%", "150%")] == [0.5, 0.5, 0.5, 1.5]
     with pytest.raises(OnnxoptError):

@@ -118,7 +118,7 @@ def test_full_fold_is_closer_to_float_than_w4_and_the_branch_form():
         return float(np.sqrt(np.mean((run(out, x)["y"] - ref) ** 2)))
 
     w4, fold = error(rex_budget=0.0), error(rex_budget=1.0, rex_combine="fold")
-    permute, gather = error(rex_budget=1.0), error(rex_budget=1.0, rex_combine="gather")
+    permute, gather = error(rex_budget=1.0, rex_combine="permute"), error(rex_budget=1.0, rex_combine="gather")
     assert fold < min(permute, gather) < w4
 
 
@@ -133,7 +133,7 @@ def test_fold_fits_int8_only_at_k2_and_up_to_4_bits():
         with pytest.raises(PipelineError, match=message):
             onnxopt.optimize(conv_net(), preset="rex", **FOLD, **QUANT, **options)
     with pytest.raises(PipelineError, match="only applies to rex_combine='fold'"):
-        onnxopt.optimize(conv_net(), preset="rex", rex_order=2, rex_fold_divisor=7, **QUANT)
+        onnxopt.optimize(conv_net(), preset="rex", rex_order=2, rex_combine="permute", rex_fold_divisor=7, **QUANT)
     with pytest.raises(OnnxoptError, match="not one int8 layer"):  # every layer at 5 bits: nothing folds, said loudly
         onnxopt.optimize(conv_net(), preset="rex", **FOLD, **{**QUANT, "weight_bits": 5})
 
@@ -150,3 +150,15 @@ def test_8_bit_first_and_last_layers_are_refused_and_kept(tmp_path, capsys):
     assert main([str(src), "-o", str(tmp_path / "f.onnx"), "--quantize", "w4a8", "--input-range=-3,3", "--rex", "2",
                  "--rex-combine", "fold", "-q"]) == 0
     assert ops(onnx.load(tmp_path / "f.onnx"))["Conv"] == 3
+
+
+def test_auto_combine_folds_where_it_applies_and_keeps_branches_elsewhere():
+    """The default ``rex_combine="auto"``: K = 2 on a ≤ 4-bit base folds (no branch: the
+    same node counts as the base); K = 3 cannot fold and gets permute's branches."""
+    model = conv_net(np.random.default_rng(5))
+    base, _ = onnxopt.optimize(model, preset="quantize", **QUANT)
+    folded, report = onnxopt.optimize(model, preset="rex", rex_order=2, rex_budget=0.5, **QUANT)
+    stats = next(p for p in report.passes if p.name == "rex").stats
+    assert ops(folded) == ops(base) and stats["layers_expanded"] > 0
+    branched, _ = onnxopt.optimize(model, preset="rex", rex_order=3, rex_budget=0.5, **QUANT)
+    assert ops(branched)["Conv"] > ops(base)["Conv"]
