@@ -9,7 +9,7 @@ Samples: the first ``--samples`` (default 10) of the 20 ImageNet JPEGs of the
 ``imagenet_samples`` asset, given to onnxopt as the folder of JPEGs (its own documented
 preprocessing: shorter side 256, center crop 224, ImageNet mean/std, NCHW) or, with
 ``--data npz``, as an ``.npz`` of the same arrays (the only format older versions read).
-``quantize_static`` gets the same arrays one sample per ``get_next`` (as bench/quantize.py
+``quantize_static`` gets the same arrays one sample per ``get_next`` (as bench/fidelity.py
 calls it): QDQ, per-channel int8 weights, uint8 activations, MinMax, no ``quant_pre_process``.
 
 Each configuration runs as a separate process (imports and model loading included, as a

@@ -1,6 +1,6 @@
 """DFQ baseline benchmark: cross-layer equalization (the ``equalize`` pass) against and with SPIQ.
 
-Models, images and fidelity metrics are those of :mod:`bench.quantize` (its functions are
+Models, images and fidelity metrics are those of :mod:`bench.fidelity` (its functions are
 imported): the real pretrained MobileNetV2 and EfficientNet-Lite0 (BatchNormalization kept in
 the export), the 20 ImageNet samples in the first ``--views`` deterministic views, top-1
 agreement with FP32, mean KL(FP32 || config) of the softmax outputs, cosine of the logits,
@@ -41,7 +41,7 @@ import numpy as np
 
 import onnxopt
 from bench.common import environment, json_safe, table
-from bench.quantize import MODELS, error_text, fidelity, load_data, log, run_model, with_retry
+from bench.fidelity import MODELS, error_text, fidelity, load_data, log, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 WEIGHT_BITS = (8, 6, 4)

@@ -4,7 +4,7 @@ against ONNX Runtime's ``quantize_dynamic`` and FP32.
 Run: ``python -m bench.minilm_dynamic`` (writes ``bench/results/minilm_dynamic.{md,json}``).
 
 * Model: ``export_minilm(seq_len=32)`` (real weights, dynamic batch), inputs: the first 20
-  real sentences of :data:`bench.quantize.SENTENCES`, tokenized and padded to 32 tokens.
+  real sentences of :data:`bench.fidelity.SENTENCES`, tokenized and padded to 32 tokens.
 * Configurations: ``fp32`` (``onnxopt.optimize`` lossless default: constant-folded),
   ``ort_dynamic`` (``quantize_dynamic`` int8 weights, ORT's defaults, on that folded model:
   on the raw export the weights are Transpose outputs and it quantizes nothing),
@@ -32,7 +32,7 @@ import onnx
 
 import onnxopt
 from bench.common import load_average, op_counts, ort_optimized_model, ort_session, summarize, time_interleaved
-from bench.quantize import SENTENCES, build_ort_dynamic
+from bench.fidelity import SENTENCES, build_ort_dynamic
 
 RESULTS = Path(__file__).parent / "results"
 SEQ_LEN = 32

@@ -1,7 +1,7 @@
 """PowerQuant vs uniform quantization, and accumulator overflow (issue 8).
 
 Part 1 — real pretrained MobileNetV2 and EfficientNet-Lite0 (models/pretrained.py), the real
-ImageNet samples of bench/quantize.py (its ``load_data``/``run_model``/``fidelity``, imported),
+ImageNet samples of bench/fidelity.py (its ``load_data``/``run_model``/``fidelity``, imported),
 data-free:
 
 * uniform: the ``quantize`` preset (SPIQ-auto, bias correction, first/last layer 8-bit);
@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 import onnxopt
 from bench.common import environment, json_safe, load_average, ort_session, summarize, table, time_interleaved
-from bench.quantize import MODELS, fidelity, input_range, load_data, run_model
+from bench.fidelity import MODELS, fidelity, input_range, load_data, run_model
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {

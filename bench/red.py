@@ -35,7 +35,7 @@ from bench.common import (
     table,
     time_interleaved,
 )
-from bench.quantize import log_softmax
+from bench.fidelity import log_softmax
 from onnxopt.metrics import measure
 
 RESULTS = Path(__file__).parent / "results"

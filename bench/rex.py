@@ -2,7 +2,7 @@
 
 Image models: the real pretrained MobileNetV2 and EfficientNet-Lite0 (``export_pretrained``,
 BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
-:mod:`bench.quantize` (20 labelled ImageNet samples in 4 deterministic views = 80 inputs;
+:mod:`bench.fidelity` (20 labelled ImageNet samples in 4 deterministic views = 80 inputs;
 ``--quick``: 3 views).  Configurations, each ``onnxopt.optimize(fp32, preset=..., ...)``:
 
 * ``w8a8``, ``w6a8``, ``w4a8``: ``preset="quantize"`` (SPIQ-auto, the quantize defaults);
@@ -63,7 +63,7 @@ from .common import (
     table,
     time_interleaved,
 )
-from .quantize import fidelity, load_data, ort_graph, run_model
+from .fidelity import fidelity, load_data, ort_graph, run_model
 
 IMAGE_MODELS = ("mobilenet_v2", "efficientnet_lite0")
 BUDGETS = (0.25, 0.5, 0.75)

@@ -95,14 +95,14 @@ def _ort_level(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Calibration:
-    """What bench.quantize.build_ort_static reads from its data argument."""
+    """What bench.fidelity.build_ort_static reads from its data argument."""
 
     def __init__(self, images: np.ndarray) -> None:
         self.calibration = images
 
 
 def _ort_quant(spec: dict[str, Any]) -> dict[str, Any]:
-    from bench.quantize import build_ort_dynamic, build_ort_static, pre_process
+    from bench.fidelity import build_ort_dynamic, build_ort_static, pre_process
 
     dst = Path(spec["dst"])
     pre = dst.with_suffix(".pre.onnx")

@@ -2,7 +2,7 @@
 
 * ``mobilenet_v2`` / ``efficientnet_lite0``: the real pretrained ImageNet models
   (``onnxopt.models.pretrained.export_pretrained``, BN kept); evaluation inputs: foolbox's 20
-  labelled ImageNet validation images in deterministic views (``bench.quantize.VIEWS``:
+  labelled ImageNet validation images in deterministic views (``bench.fidelity.VIEWS``:
   center crop, its flip, tighter and wider crops), labels hold for every view; calibration
   (ORT quantize_static only): foolbox's 20 CIFAR-10 + 20 CIFAR-100 images upscaled to 224,
   never the evaluation images.
@@ -70,7 +70,7 @@ class Workload:
 # --------------------------------------------------------------------------- images
 def _imagenet(name: str, normalization: str) -> Callable[[bool], EvalSet]:
     def load(quick: bool) -> EvalSet:
-        from bench.quantize import calibration_images, image_views, with_retry
+        from bench.fidelity import calibration_images, image_views, with_retry
         from onnxopt.models.datasets import normalize
 
         views = 2 if quick else 4

@@ -16,7 +16,7 @@ from onnxopt.passes import equalize as equalize_module
 from onnxopt.passes.bn_fold import read_bn_statistics
 from onnxopt.verify import run
 from tests.conftest import assert_equivalent, initializers, ops, text_model
-from tests.passes.test_quantize import bn, cosine, with_data_statistics
+from tests.passes.quantize_builders import bn, cosine, with_data_statistics
 
 RNG = np.random.default_rng(20250115)
 PREFIX = ("eliminate-identity", "fold-constants", "fold-batchnorm")
