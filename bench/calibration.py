@@ -102,7 +102,7 @@ def run_ort_static(model: Path, npz: Path, name: str, out: Path) -> tuple[float,
 
 def fidelity(reference: Path, quantized: Path) -> dict[str, float]:
     from onnxopt.models.datasets import load_imagenet_samples
-    from onnxopt.verify import session
+    from onnxopt.runtime import session
 
     import onnx
 

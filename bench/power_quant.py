@@ -124,7 +124,7 @@ def bench_minilm() -> dict[str, Any]:
     """all-MiniLM-L6-v2 (seq 32): embedding cosine to FP32.  The uniform baseline is a = 1,
     where power-quant emits what the ``quantize`` pass emits (standard QDQ)."""
     from onnxopt.models.pretrained import export_minilm, load_minilm, minilm_tokenize
-    from onnxopt.verify import session
+    from onnxopt.runtime import session
 
     src = export_minilm(seq_len=32)
     tokenizer, _ = load_minilm()

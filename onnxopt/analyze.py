@@ -54,7 +54,7 @@ def observed_accumulators(model: onnx.ModelProto, inputs: dict[str, np.ndarray])
     """Layer label → all int32 accumulator values of the plain integer model on ``inputs``
     (the samples stack on axis 0; fed one at a time, or by the model's fixed batch size)."""
     import onnxopt
-    from onnxopt.verify import session
+    from onnxopt.runtime import session
 
     integer, report = onnxopt.optimize(model, passes=["modular-accumulator"], accumulator_bits=None)
     layers = report.passes[0].stats.get("layers", [])
@@ -111,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
 
 def _accumulators(args: argparse.Namespace) -> int:
     from .flags import parse_bits, parse_pair
-    from .verify import load_inputs
+    from .runtime import load_inputs
 
     protected = protected_inputs(args.model)
     if args.report:

@@ -27,7 +27,7 @@ from .manager import PassManager, validate_final_model
 from .output import check_output_path, data_file_candidates
 from .progress import Progress
 from .report import Report
-from .verify import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
+from .runtime import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
 
 EPILOG = """\
 examples:
@@ -158,7 +158,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from .api import preset_options, resolve_pipeline
     from .demo import demo_model
-    from .verify import check_input_names, check_loads_in_ort, load_inputs, parse_input_shapes, verify
+    from .runtime import check_input_names, load_inputs, parse_input_shapes
+    from .verify import check_loads_in_ort, verify
 
     registry = builtin_registry()
     if args.list_passes:
