@@ -543,8 +543,8 @@ def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> 
     restored = 0
     for dq_output in dq_of.values():
         source = float_source(dq_output)
-        if source is dq_output:
-            continue
+        if source is dq_output or _from_layer(source):
+            continue  # a quantized layer's own output quantizer makes it QLinearConv/QGemm: keep it
         for reader in list(dq_output.outputs):
             if reader.op in LAYER_OPS or reader.op in QDQ_OPS or any(_reaches_quantize(out) for out in reader.outputs):
                 continue
@@ -555,12 +555,28 @@ def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> 
     return restored
 
 
+#: pooling ORT runs on uint8 (QLinearGlobalAveragePool, QLinearAveragePool) between quantizers
+INTEGER_POOLS = frozenset({"GlobalAveragePool", "AveragePool"})
+
+
+def _from_layer(tensor: gs.Tensor) -> bool:
+    """``tensor`` is a Conv/Gemm/MatMul output, directly or after Relu/Clip (the tensor an
+    output quantizer reads; giving its readers the float value would unfuse the layer)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    while node is not None and node.op in FOLLOWING_ACTIVATIONS:
+        node = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
+    return node is not None and node.op in LAYER_OPS
+
+
 def _reaches_quantize(tensor: gs.Tensor) -> bool:
-    """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip or a movement op."""
+    """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip, a movement op or
+    average pooling."""
     for reader in tensor.outputs:
         if reader.op == "QuantizeLinear":
             return True
-        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS) and any(_reaches_quantize(o) for o in reader.outputs):
+        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS or reader.op in INTEGER_POOLS) and any(
+            _reaches_quantize(o) for o in reader.outputs
+        ):
             return True
     return False
 
