@@ -59,8 +59,8 @@ from .bn_fold import channels as ch
 from .bn_fold.absorb import input_channel_axis, output_channel_axis
 from .bn_fold.region import FoldImpossible
 from .bn_fold.region import input_axis_for as reshaped_input_axis
+from .common.ops import POOLING_OPS, QDQ_OPS, WITHOUT_TRANSPOSE_OPS
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 UNARY_OPS = frozenset(
     {
         "Identity", "Dropout", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
@@ -68,9 +68,7 @@ UNARY_OPS = frozenset(
         "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Cast", "ThresholdedRelu", "Shrink",
     }
 )  # fmt: skip
-POOLING_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "PRelu"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RESHAPING_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "ReduceMean"})
 OFF_CHANNEL_OPS = frozenset({"Pad", "Slice", "Concat", "Split", "Resize"})  # exact unless they act on the channel axis
 SAME_AXIS_OPS = UNARY_OPS | POOLING_OPS | QDQ_OPS | OFF_CHANNEL_OPS | {"Conv"}  # Conv: depthwise
@@ -158,7 +156,7 @@ def _constant_shape(tensor: gs.Tensor | None) -> tuple[int, ...] | None:
 
 def _layer_kind(node: gs.Node) -> str | None:
     """'dense', 'depthwise' or None (not a layer with constant weights); refuses grouped Convs."""
-    if node.op not in LAYER_OPS or not is_default_domain(node) or len(node.inputs) < 2:
+    if node.op not in WITHOUT_TRANSPOSE_OPS or not is_default_domain(node) or len(node.inputs) < 2:
         return None
     weight = _constant_shape(node.inputs[1])
     if weight is None or (node.op != "Conv" and len(weight) != 2):

@@ -44,8 +44,8 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .quantize.numerics import checked_scales
+from .common.ops import WITHOUT_TRANSPOSE_OPS
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 MAX_BITS = 31
 
 
@@ -157,7 +157,7 @@ def match(layer: gs.Node) -> IntegerLayer | str:
 def integer_layers(graph: gs.Graph) -> tuple[list[IntegerLayer], list[tuple[gs.Node, str]]]:
     found, refused = [], []
     for node in graph.nodes:
-        if node.op in LAYER_OPS and is_default_domain(node):
+        if node.op in WITHOUT_TRANSPOSE_OPS and is_default_domain(node):
             result = match(node)
             (refused.append((node, result)) if isinstance(result, str) else found.append(result))
     return found, refused

@@ -76,8 +76,8 @@ from .quantize.operators import QuantizedWeight
 from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
 from .quantize.calibration import check_options as check_calibration_options
 from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .common.ops import WITHOUT_TRANSPOSE_OPS
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
 TINY = 1e-12
@@ -355,7 +355,7 @@ class PowerQuant(Pass):
         cleanup(graph)
         names = NameFactory(graph)
         refusals_before = len(ctx.refusals)
-        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        candidates = [n for n in graph.nodes if n.op in WITHOUT_TRANSPOSE_OPS and is_default_domain(n)]
         refusals = {id(n): layer_refusal(n) for n in candidates}
         layers = [n for n in candidates if self._layer_ok(n, refusals[id(n)], ctx)]
         reasons = Counter(float_label(r) for r in refusals.values() if r)

@@ -119,11 +119,10 @@ from .quantize.emit import quantize_layer_bias, weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 from .rex_fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
+from .common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS
 
 COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense", "fold")
 ALLOCATIONS = ("uniform", "network")
-FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
-EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 OUTLIER_SIGMAS = 6.0
 
 
@@ -518,7 +517,7 @@ class Rex(Pass):
         records = ctx.shared.get("quantized_weights", {}) if bits_only is None else {}
         sites = []
         for node in list(graph.nodes):
-            if node.op not in EXPANDABLE_OPS or not node.outputs or not is_default_domain(node):
+            if node.op not in WITHOUT_TRANSPOSE_OPS or not node.outputs or not is_default_domain(node):
                 continue
             key = node.outputs[0].name
             if bits_only is None:

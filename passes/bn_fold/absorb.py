@@ -38,7 +38,7 @@ from onnxopt.graph import (
     substitute,
 )
 
-EXPRESSIVE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+from ..common.ops import EXPRESSIVE_OPS
 
 
 def expressive_refusal(node: gs.Node) -> str | None:

@@ -93,10 +93,8 @@ from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weigh
 from .fusion import FusionCheck, check_fusion
 from .numerics import ActivationQuant, activation_quant
 from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, channel_bound, default_lambda
+from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
@@ -117,10 +115,6 @@ FLOAT_LABELS = (
     ("Gemm with", "Gemm with transA or alpha/beta"),
     ("MatMul other than", "MatMul not x × W"),
 )
-#: Static QDQ layers ORT does not fuse are re-emitted dynamically (or put back in float) for
-#: these ops; an unfused Conv (e.g. a last Conv whose output has no range: QLinearConv needs a
-#: quantized output) is reported in ``not_fused`` and kept.
-FALLBACK_OPS = frozenset({"MatMul", "Gemm"})
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
@@ -326,7 +320,7 @@ class Quantize(Pass):
         changed = False
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
-            if layer is None or layer.op not in FALLBACK_OPS or self._int4_layer(layer):
+            if layer is None or layer.op not in MATRIX_OPS or self._int4_layer(layer):
                 ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
                 continue
             changed = True

@@ -32,8 +32,8 @@ from onnx import TensorProto
 from onnxopt.graph import NameFactory, constant_values, node_label
 
 from .numerics import quantize_weight
+from ..common.ops import MATRIX_OPS
 
-DYNAMIC_OPS = frozenset({"MatMul", "Gemm"})
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DynamicInput:
 def can_be_dynamic(layer: gs.Node) -> bool:
     """A MatMul/Gemm with a constant float weight matrix (``layer_refusal`` already passed)."""
     weight = constant_values(layer, 1)
-    return layer.op in DYNAMIC_OPS and weight is not None and weight.ndim == 2
+    return layer.op in MATRIX_OPS and weight is not None and weight.ndim == 2
 
 
 def matrix_weight(layer: gs.Node) -> np.ndarray:
@@ -152,4 +152,4 @@ def dequantized_weight_codes(layer: gs.Node) -> tuple[np.ndarray, np.ndarray] | 
     return codes, scales
 
 
-__all__ = ["DYNAMIC_OPS", "DynamicInput", "bias_second", "can_be_dynamic", "dequantized_weight_codes", "dynamic_input", "emit_dynamic", "quantize_dynamic_layer"]
+__all__ = ["DynamicInput", "bias_second", "can_be_dynamic", "dequantized_weight_codes", "dynamic_input", "emit_dynamic", "quantize_dynamic_layer"]

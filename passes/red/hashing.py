@@ -52,8 +52,8 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from ..quantize.ranges import bn_statistics
+from ..common.ops import LAYER_OPS
 
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MONOMODAL_FACTOR = (math.sqrt(2.0 / math.pi) + math.sqrt(3.0)) / math.sqrt(2.0 * math.pi)
 #: grid points per bandwidth and kernel half-width (in bandwidths) of the binned KDE
 BINS_PER_BANDWIDTH = 2

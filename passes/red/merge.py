@@ -58,13 +58,8 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
+from ..common.ops import ELEMENTWISE_OPS, HOMOGENEOUS_OPS, POOL_OPS
 
-ELEMENTWISE_OPS = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Identity", "Celu", "Mish", "ThresholdedRelu"}
-)
-#: σ(λz) = λσ(z) for λ > 0 (PRelu with a per-channel slope is homogeneous too but its slope is a per-channel parameter: kept out)
-HOMOGENEOUS_OPS = frozenset({"Relu", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten"})
-POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
 CONSTANT_ARITHMETIC = frozenset({"Add", "Sub", "Mul"})
 
 
