@@ -81,8 +81,8 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-from .bn_fold import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
-from .bn_fold.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
+from .common.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
+from .common.statistics import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
 from .common.ops import HOMOGENEOUS_ACTIVATIONS, NON_HOMOGENEOUS_OPS, WITHOUT_TRANSPOSE_OPS
 
 #: Elementwise ops with a constant operand that is rescaled with the channel:

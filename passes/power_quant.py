@@ -70,13 +70,14 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed,
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .quantize import Quantize, check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
-from .quantize.emit import weight_axis
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight
 from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
 from .quantize.calibration import check_options as check_calibration_options
-from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .quantize.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from .common.layers import transposed_weight, weight_axis
 from .common.ops import WITHOUT_TRANSPOSE_OPS
+from .common.statistics import bn_statistics
 
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
@@ -293,7 +294,7 @@ def emit_integer_layer(graph: gs.Graph, layer: gs.Node, codes: np.ndarray, scale
         scale_shape = out_scale.reshape(-1, *([1] * (codes.ndim - 2)))
         bias_shape = (-1, *([1] * (codes.ndim - 2)))
     else:
-        k_by_n = wdec.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else wdec
+        k_by_n = wdec.T if transposed_weight(layer) else wdec
         w_u8 = const("w_uint8", (k_by_n + 128).astype(np.uint8))
         acc = add("MatMulInteger", [x_u8, w_u8, zp_x, zp_w], var("acc", np.int32))
         scale_shape, bias_shape = out_scale, (-1,)

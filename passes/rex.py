@@ -52,7 +52,7 @@ no input expansion or outliers), else ``"permute"``.
 
 * ``"permute"``: each channel group — a layer's output channels and every tensor
   sharing their order, through activations, Q/DQ, depthwise Convs and residual Adds, up to
-  the consumers' input channels (:mod:`.channel_permutation`) — is reordered once, exactly,
+  the consumers' input channels (:mod:`.common.channel_permutation`) — is reordered once, exactly,
   so every order's channels are a prefix; branches are added with a Pad of the uint8 codes:
   no Gather, so no Transposes in ORT's NHWC graph.  The layers of one group share the
   order (channels sorted by their summed share of relative error removed), each keeping
@@ -113,12 +113,13 @@ from onnxopt.graph import (
 from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
-from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
+from .common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize import correct_matmul_bias
-from .quantize.emit import quantize_layer_bias, weight_axis
+from .quantize.emit import quantize_layer_bias
 from .quantize.numerics import checked_scales
 from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
 from .rex_fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
+from .common.layers import weight_axis
 from .common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS
 
 COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense", "fold")
@@ -456,7 +457,7 @@ class Rex(Pass):
         return unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total
 
     def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list:
-        """rex_combine="permute": reorder each channel group (:mod:`.channel_permutation`) so the
+        """rex_combine="permute": reorder each channel group (:mod:`.common.channel_permutation`) so the
         units every order expands are a prefix, then branches are added with Pad + Add.
 
         The group's layers (producers, and depthwise Convs inside it) share one order: its

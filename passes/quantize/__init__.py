@@ -92,8 +92,9 @@ from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, qua
 from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .fusion import FusionCheck, check_fusion
 from .numerics import ActivationQuant, activation_quant
-from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, channel_bound, default_lambda
+from .ranges import ChannelRange, RangeEstimator, calibrated_ranges, channel_bound, default_lambda
 from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
+from ..common.statistics import bn_statistics
 
 RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the

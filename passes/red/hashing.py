@@ -51,7 +51,7 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-from ..quantize.ranges import bn_statistics
+from ..common.statistics import bn_statistics
 from ..common.ops import LAYER_OPS
 
 MONOMODAL_FACTOR = (math.sqrt(2.0 / math.pi) + math.sqrt(3.0)) / math.sqrt(2.0 * math.pi)

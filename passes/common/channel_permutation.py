@@ -28,7 +28,7 @@ DequantizeLinear) also read by a node outside the rewrite is copied first.
 
 Channel axis: 1 for NCHW Conv tensors and Gemm outputs, the last axis for MatMul; moved
 through Flatten/Reshape/Squeeze/Unsqueeze/Transpose/ReduceMean by the same bookkeeping as
-fold-batchnorm (:mod:`.bn_fold.channels`) — Flatten of ``[N, C, 1, 1]`` keeps the channels,
+fold-batchnorm (:mod:`.channels`) — Flatten of ``[N, C, 1, 1]`` keeps the channels,
 Flatten of ``[N, C, H, W]`` mixes them and is refused.
 
 Refused: a group tensor that is a graph input or output, grouped Conv with 1 < group < C,
@@ -55,11 +55,11 @@ from onnxopt.graph import (
     string_attr,
 )
 
-from .bn_fold import channels as ch
-from .bn_fold.absorb import input_channel_axis, output_channel_axis
-from .bn_fold.region import FoldImpossible
-from .bn_fold.region import input_axis_for as reshaped_input_axis
-from .common.ops import POOLING_OPS, QDQ_OPS, WITHOUT_TRANSPOSE_OPS
+from . import channels as ch
+from .channels import FoldImpossible
+from .channels import input_axis_for as reshaped_input_axis
+from .layers import input_channel_axis, output_channel_axis, transposed_weight
+from .ops import POOLING_OPS, QDQ_OPS, WITHOUT_TRANSPOSE_OPS
 
 UNARY_OPS = frozenset(
     {
@@ -173,13 +173,13 @@ def _layer_kind(node: gs.Node) -> str | None:
 
 def _output_channels(layer: gs.Node) -> int:
     weight = _constant_shape(layer.inputs[1])
-    if layer.op == "Conv" or (layer.op == "Gemm" and layer.attrs.get("transB", 0)):
+    if layer.op == "Conv" or transposed_weight(layer):
         return int(weight[0])
     return int(weight[1])
 
 
 def _weight_output_axis(layer: gs.Node) -> int:
-    return 0 if layer.op == "Conv" or (layer.op == "Gemm" and layer.attrs.get("transB", 0)) else 1
+    return 0 if layer.op == "Conv" or transposed_weight(layer) else 1
 
 
 def _bias_axis(layer: gs.Node, channels: int) -> int | None:

@@ -38,7 +38,7 @@ from onnxopt.graph import (
     substitute,
 )
 
-from ..common.ops import EXPRESSIVE_OPS
+from .ops import EXPRESSIVE_OPS
 
 
 def expressive_refusal(node: gs.Node) -> str | None:
@@ -62,20 +62,6 @@ def expressive_refusal(node: gs.Node) -> str | None:
     if node.op in ("Conv", "ConvTranspose", "Gemm") and optional_input(node, 2) is not None and constant_values(node, 2) is None:
         return f"{label} bias is not an initializer"
     return None
-
-
-def output_channel_axis(node: gs.Node) -> int:
-    if node.op == "MatMul":
-        return len(node.outputs[0].shape) - 1 if node.outputs[0].shape is not None else -1
-    return 1
-
-
-def input_channel_axis(node: gs.Node) -> int:
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transA", 0) else 1
-    if node.op == "MatMul":
-        return len(node.inputs[0].shape) - 1 if node.inputs[0].shape is not None else -1
-    return 1
 
 
 def leaf_shift_refusal(node: gs.Node) -> str | None:
