@@ -43,8 +43,8 @@ from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_doma
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize.numerics import checked_scales
 from .common.layers import transposed_weight
+from .common.numerics import checked_scales
 from .common.ops import WITHOUT_TRANSPOSE_OPS
 
 MAX_BITS = 31

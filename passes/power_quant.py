@@ -70,12 +70,12 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed,
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .quantize import Quantize, check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
-from .quantize.numerics import checked_scales
-from .quantize.operators import QuantizedWeight
 from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
 from .quantize.calibration import check_options as check_calibration_options
 from .quantize.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
 from .common.layers import transposed_weight, weight_axis
+from .common.numerics import checked_scales
+from .common.operators import QuantizedWeight, register_operator
 from .common.ops import WITHOUT_TRANSPOSE_OPS
 from .common.statistics import bn_statistics
 
@@ -180,7 +180,7 @@ def search_exponent(weights: list[tuple[np.ndarray, int, int | None]], start: fl
 # --------------------------------------------------------------------------- REx interface
 class PowerWeightOperator:
     """PowerQuant as a weight operator (``WeightOperator`` protocol of
-    ``passes/quantize/operators.py``): quantize / dequantize / emit."""
+    ``passes/common/operators.py``): quantize / dequantize / emit."""
 
     name = "power"
 
@@ -533,5 +533,7 @@ class PowerQuant(Pass):
         base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
         set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
 
+
+register_operator("power", PowerWeightOperator)
 
 __all__ = ["PowerQuant", "PowerWeightOperator", "power_quantize", "power_dequantize", "search_exponent", "total_error", "reconstruction_error"]

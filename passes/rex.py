@@ -11,7 +11,7 @@ After (K = 2, budget γ)::
 
 Maths (docs/rex.md, thesis §3.1.4, Algorithm 2): ``R¹ = Q⁻¹(Q(W))`` is the base layer the
 quantize pass emitted; order k quantizes the remaining error, ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
-with the same weight operator (:mod:`.quantize.operators`: uniform per-channel; PowerQuant
+with the same weight operator (:mod:`.common.operators`: uniform per-channel; PowerQuant
 plugs in), so ``|W − Σ_k R^k| ≤ (1/(2^{b−1}−1))^{K−1} · s_{R^K}/2`` per weight (eq. 3.18).
 Sparse expansion (eq. 3.22): order k ≥ 2 keeps only the ``round(γ/(K−1)·C)`` output channels
 with the largest residual norm (structured, magnitude importance), so its branch computes
@@ -115,9 +115,9 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from .common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from .quantize import correct_matmul_bias
-from .quantize.emit import quantize_layer_bias
-from .quantize.numerics import checked_scales
-from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
+from .common.emit import quantize_layer_bias
+from .common.numerics import checked_scales
+from .common.operators import QuantizedWeight, WeightOperator, weight_operator
 from .rex_fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
 from .common.layers import weight_axis
 from .common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS

@@ -41,8 +41,8 @@ from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, constant_values, node_label, producer
 from onnxopt.pass_base import PassContext
 
-from .quantize.emit import quantize_layer_bias
-from .quantize.operators import QuantizedWeight, UniformWeightOperator
+from .common.emit import quantize_layer_bias
+from .common.operators import QuantizedWeight, UniformWeightOperator
 
 INT8_PEAK = 127
 UNIFORM = UniformWeightOperator()

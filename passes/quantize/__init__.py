@@ -42,7 +42,7 @@ Steps (docs/quantization.md):
    like the others), **bias correction** (eq. 3.8, ``bias_correction=True``, Conv/Gemm, and a
    MatMul whose bias is the constant operand of the Add reading it — a PyTorch Linear):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
-4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
+4. **Emission** (:mod:`..common.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
 
@@ -89,10 +89,10 @@ from . import spiq as spiq_rewrite
 from .calibration import CALIBRATION_OPTIONS, calibration_samples
 from .calibration import check_options as check_calibration_options
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
-from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .fusion import FusionCheck, check_fusion
-from .numerics import ActivationQuant, activation_quant
 from .ranges import ChannelRange, RangeEstimator, calibrated_ranges, channel_bound, default_lambda
+from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
+from ..common.numerics import ActivationQuant, activation_quant
 from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 from ..common.statistics import bn_statistics
 
@@ -576,7 +576,7 @@ def static_weight_name(layer: gs.Node) -> str:
 
 def float_source(tensor: gs.Tensor) -> gs.Tensor:
     """The float tensor under the activation QuantizeLinear → DequantizeLinear (and the < 8-bit
-    Clip) that :func:`.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
+    Clip) that :func:`..common.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
     dq = tensor.inputs[0] if tensor.inputs else None
     if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs or dq.inputs[0].inputs[0].op != "QuantizeLinear":
         return tensor

@@ -31,7 +31,7 @@ from onnx import TensorProto
 
 from onnxopt.graph import NameFactory, constant_values, node_label
 
-from .numerics import quantize_weight
+from ..common.numerics import quantize_weight
 from ..common.ops import MATRIX_OPS
 
 

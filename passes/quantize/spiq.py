@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer, set_constant_input
 
 from ..common.absorb import absorb_input, absorb_output, expressive_refusal
-from .numerics import dequantize_weight, quantize_weight
+from ..common.numerics import dequantize_weight, quantize_weight
 from .ranges import channel_bound
 from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
 

@@ -68,7 +68,8 @@ class UniformWeightOperator:
         return dequantized_constant(graph, base, np.ascontiguousarray(q.codes), q.scales, zeros, q.axis, names)
 
 
-#: Operator name -> factory; "power" (passes/power_quant.py) is added on first use.
+#: Operator name -> factory; "power" is registered by passes/power_quant.py when it is imported
+#: (``onnxopt.passes`` imports it, so it is there before any pass runs).
 _OPERATORS: dict[str, Callable[[], WeightOperator]] = {"uniform": UniformWeightOperator}
 
 
@@ -79,10 +80,6 @@ def register_operator(name: str, factory: Callable[[], WeightOperator]) -> None:
 
 def weight_operator(name: str) -> WeightOperator:
     """The registered operator called ``name`` (clear error otherwise)."""
-    if name == "power" and name not in _OPERATORS:
-        from ..power_quant import PowerWeightOperator  # imported here: power_quant imports this package
-
-        _OPERATORS["power"] = PowerWeightOperator
     if name not in _OPERATORS:
         raise PipelineError(f"unknown weight operator {name!r}; available: {', '.join(sorted(_OPERATORS))}")
     return _OPERATORS[name]()

@@ -27,7 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import NameFactory, constant_values
 
-from ..common.layers import weight_axis
+from .layers import weight_axis
 from .numerics import ActivationQuant, bias_codes, checked_scales, dequantize_weight, quantize_weight
 
 
