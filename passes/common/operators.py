@@ -2,7 +2,7 @@
 
 A :class:`WeightOperator` maps a float weight to stored codes (``quantize``), back to the
 float weight the layer computes with (``dequantize``: ``Q⁻¹(Q(W))``) and emits the ONNX
-nodes that produce that float weight from the stored codes (``emit``).  REx (passes/rex.py)
+nodes that produce that float weight from the stored codes (``emit``).  REx (passes/rex/)
 only talks to this interface: each expansion order is ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
 with the chosen operator, so a new quantizer (PowerQuant, passes/power_quant.py) plugs in by
 registering its operator with :func:`register_operator`.

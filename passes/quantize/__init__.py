@@ -216,7 +216,7 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        # read by rex (passes/rex.py): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction,
+        # read by rex (passes/rex/): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction,
         # E[X²] per input channel (data-free estimate, after SPIQ) for rex's error weighting
         ctx.shared["quantized_weights"] = {
             layer.outputs[0].name: (constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
