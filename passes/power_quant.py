@@ -21,7 +21,7 @@ Activations use the same a (with per-layer exponents: the reading layer's);
 ``power_activations=False`` quantizes them uniformly (a = 1, same ops) — an ablation.
 ``power_error_curve=True`` puts the error over a ∈ [0.2, 1] into the report.
 
-Activation ranges come from :mod:`onnxopt.passes.quantize.ranges` exactly as in the
+Activation ranges come from :mod:`onnxopt.passes.common.ranges` exactly as in the
 ``quantize`` pass (BN statistics with λ, or calibration data; the graph input stays float
 unless ``input_range`` is given).  Bias correction (eq. 3.8, ``bias_correction=True``, as in
 ``quantize``): ``b += (W − Q_a⁻¹(Q_a(W)))·E[X]`` with E[X] from the statistics.  Weights are stored as int8 codes (≥ 4× smaller than
@@ -69,14 +69,15 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import Quantize, check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
-from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
-from .quantize.calibration import check_options as check_calibration_options
-from .quantize.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from .quantize import Quantize
+from .common.calibration import CALIBRATION_OPTIONS, calibration_samples
+from .common.calibration import check_options as check_calibration_options
 from .common.layers import transposed_weight, weight_axis
 from .common.numerics import checked_scales
 from .common.operators import QuantizedWeight, register_operator
 from .common.ops import WITHOUT_TRANSPOSE_OPS
+from .common.quantization import check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
+from .common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
 from .common.statistics import bn_statistics
 
 EXPONENT_BOUNDS = (0.05, 1.0)

@@ -32,7 +32,7 @@ from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_la
 
 from ..common.absorb import absorb_input, absorb_output, expressive_refusal
 from ..common.numerics import dequantize_weight, quantize_weight
-from .ranges import channel_bound
+from ..common.ranges import channel_bound
 from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.

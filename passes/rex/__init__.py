@@ -119,7 +119,7 @@ from ..common.layers import weight_axis
 from ..common.numerics import checked_scales
 from ..common.operators import QuantizedWeight, WeightOperator, weight_operator
 from ..common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS
-from ..quantize import correct_matmul_bias
+from ..common.quantization import correct_matmul_bias
 from .fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
 from .site import LayerSite, input_moment_weights, mean_shift, scalar_value
 

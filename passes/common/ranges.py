@@ -4,7 +4,8 @@ Data-free (docs/quantization.md): the output of a BN is N(β_c, γ_c²) per chan
 is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
 come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
 fold-batchnorm keeps for the BNs it removed; a LayerNormalization over the last axis with
-constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output.  They are propagated **[derived]** to the
+constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output
+(:mod:`.statistics`).  They are propagated **[derived]** to the
 tensors the quantized layers actually read:
 
 * Relu: range clipped at 0; mean of the rectified Gaussian
@@ -44,7 +45,6 @@ from scipy.special import ndtr
 from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.graph import constant_values, is_default_domain, producer
 
-from ..common.statistics import bn_statistics, layernorm_statistics  # noqa: F401  (part of this module's API)
 
 PASS_THROUGH_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout", "Flatten"})
 
