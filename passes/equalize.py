@@ -82,8 +82,9 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .common.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
-from .common.statistics import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
+from .common.layers import transposed_weight
 from .common.ops import HOMOGENEOUS_ACTIVATIONS, NON_HOMOGENEOUS_OPS, WITHOUT_TRANSPOSE_OPS
+from .common.statistics import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
 
 #: Elementwise ops with a constant operand that is rescaled with the channel:
 #: op(x/s, c/s) = op(x, c)/s (Min/Max bounds, a MatMul's bias Add).
@@ -149,7 +150,7 @@ def layer_view(node: gs.Node) -> LayerView:
     if node.op == "Gemm":
         if node.attrs.get("transA", 0):
             raise Refused(f"{label} has transA")
-        rows = weight if node.attrs.get("transB", 0) else weight.T
+        rows = weight if transposed_weight(node) else weight.T
     else:
         rows = weight.T  # MatMul x[…, K] × W[K, N]
     out, depth = rows.shape

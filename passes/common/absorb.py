@@ -38,6 +38,7 @@ from onnxopt.graph import (
     substitute,
 )
 
+from .layers import transposed_weight
 from .ops import EXPRESSIVE_OPS
 
 
@@ -90,7 +91,7 @@ def absorb_output(graph: gs.Graph, node: gs.Node, scale: np.ndarray, shift: np.n
         set_constant_input(graph, node, 1, (weight * _convtranspose_output_factor(node, weight, scale)).astype(dtype), names)
         _set_bias(graph, node, scale * _bias(node, len(scale)) + shift, dtype, names)
     elif node.op == "Gemm":
-        trans_b = node.attrs.get("transB", 0)
+        trans_b = transposed_weight(node)
         factor = scale[:, None] if trans_b else scale[None, :]
         set_constant_input(graph, node, 1, (weight * factor).astype(dtype), names)
         beta = float(node.attrs.get("beta", 1.0))
@@ -140,7 +141,7 @@ def absorb_input(graph: gs.Graph, node: gs.Node, scale: np.ndarray, shift: np.nd
     elif node.op == "ConvTranspose":
         set_constant_input(graph, node, 1, (weight * per_channel(inverse, 0, weight.ndim)).astype(dtype), names)
     elif node.op == "Gemm":
-        trans_b = node.attrs.get("transB", 0)
+        trans_b = transposed_weight(node)
         new_weight = weight * (inverse[None, :] if trans_b else inverse[:, None])
         set_constant_input(graph, node, 1, new_weight.astype(dtype), names)
         if np.any(shift):

@@ -14,6 +14,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, constant_values, node_label, optional_input, set_constant_input
 
+from .layers import transposed_weight
+
 #: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
 FLOAT_LABELS = (
     ("no statistics", "no statistics"),
@@ -127,5 +129,5 @@ def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
             return None
         grouped = delta.reshape(groups, out // groups, per_group, -1)
         return np.einsum("gojk,gj->go", grouped, mean.reshape(groups, per_group)).reshape(out)
-    k_by_n = delta.T if layer.attrs.get("transB", 0) else delta
+    k_by_n = delta.T if transposed_weight(layer) else delta
     return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None

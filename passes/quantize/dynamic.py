@@ -31,6 +31,7 @@ from onnx import TensorProto
 
 from onnxopt.graph import NameFactory, constant_values, node_label
 
+from ..common.layers import transposed_weight
 from ..common.numerics import quantize_weight
 from ..common.ops import MATRIX_OPS
 
@@ -54,7 +55,7 @@ def can_be_dynamic(layer: gs.Node) -> bool:
 def matrix_weight(layer: gs.Node) -> np.ndarray:
     """The [K, N] weight of a MatMul or Gemm (Gemm's B transposed when ``transB``)."""
     weight = constant_values(layer, 1).astype(np.float32)
-    return weight.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else weight
+    return weight.T if transposed_weight(layer) else weight
 
 
 def dynamic_input(graph: gs.Graph, tensor: gs.Tensor, cache: dict[str, DynamicInput], names: NameFactory) -> DynamicInput:
@@ -145,7 +146,7 @@ def dequantized_weight_codes(layer: gs.Node) -> tuple[np.ndarray, np.ndarray] | 
     codes, scales = np.asarray(dq.inputs[0].values), np.asarray(dq.inputs[1].values, np.float32)
     if codes.dtype != np.int8 or codes.ndim != 2 or np.any(np.asarray(dq.inputs[2].values) != 0):
         return None
-    if layer.op == "Gemm" and layer.attrs.get("transB", 0):
+    if transposed_weight(layer):
         codes = codes.T
     if scales.ndim == 1 and scales.size != codes.shape[1]:
         return None

@@ -31,9 +31,10 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer, set_constant_input
 
 from ..common.absorb import absorb_input, absorb_output, expressive_refusal
+from ..common.layers import transposed_weight
 from ..common.numerics import dequantize_weight, quantize_weight
-from ..common.ranges import channel_bound
 from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
+from ..common.ranges import channel_bound
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
@@ -176,7 +177,7 @@ def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         kernel = rows.shape[1] // c_in
         return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
     if reader.op in ("Gemm", "MatMul"):
-        rows = weight if reader.op == "Gemm" and reader.attrs.get("transB", 0) else weight.T
+        rows = weight if transposed_weight(reader) else weight.T
         return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
     return None
 
