@@ -10,7 +10,7 @@ BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
   rex_budget=γ`` (the defaults: network allocation, permute combine: Pad + QLinearAdd);
   ``_uniform``: the thesis's per-layer share; ``w4a8_rex100``: every channel expanded once;
 * ``w4a8_rex{25,50,75,100}_fold``: ``rex_combine="fold"`` (order 2 on the step s1/7 folded into
-  the base layer's int8 codes, passes/rex_fold.py); ``_fold_m14``: step s1/14 at 50 and 100 %;
+  the base layer's int8 codes, passes/rex/fold.py); ``_fold_m14``: step s1/14 at 50 and 100 %;
 * the combine alternatives at γ = 50 %: ``_gather`` (a Gather of the uint8 codes per branch),
   ``_pad`` (a contiguous window per layer, uniform), ``_dense`` (full-width zero-row
   branches: full MACs), ``_float`` (branches summed in float without re-quantizing their
@@ -339,7 +339,7 @@ def render(data: dict[str, Any]) -> str:
             "summed with the branch and a tail quantized once, joined by a Concat of the codes instead of Pad) was measured "
             "slower during development (MobileNetV2 +50 %, 1 thread: 10.6 vs 8.8 ms; ORT runs 142 instead of 102 "
             "QLinearConv) and dropped.",
-            "* `fold` (`rex_combine=\"fold\"`, passes/rex_fold.py): order 2 uses the step s1/m of the base scale (m = 7 at "
+            "* `fold` (`rex_combine=\"fold\"`, passes/rex/fold.py): order 2 uses the step s1/m of the base scale (m = 7 at "
             "4 bits; `_m14`: m = 14), so R¹ + R² = (m·q1 + q2)·s1/m is one int8 weight with per-channel scales: no branch, "
             "no Add, no re-quantization, the W4A8 graph's node count. A folded channel is the weight quantized on the grid "
             "s1/m (m·L levels per side: 49 for m = 7, 98 for m = 14), so its BOPs count its code bits (7, or 8 for m = 14); "

@@ -81,19 +81,14 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-from .bn_fold import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
-from .bn_fold.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
+from .common.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
+from .common.layers import transposed_weight
+from .common.ops import HOMOGENEOUS_ACTIVATIONS, NON_HOMOGENEOUS_OPS, WITHOUT_TRANSPOSE_OPS
+from .common.statistics import STATISTICS_KEY, statistics_from_metadata, statistics_to_metadata
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-#: f(a·x) = a·f(x) for a > 0: nothing to change on them.
-HOMOGENEOUS_OPS = frozenset({"Relu", "LeakyRelu", "Identity"})
 #: Elementwise ops with a constant operand that is rescaled with the channel:
 #: op(x/s, c/s) = op(x, c)/s (Min/Max bounds, a MatMul's bias Add).
 BOUND_OPS = frozenset({"Min", "Max", "Add", "Sub"})
-#: Elementwise activations that do not commute with a positive scale (named as such in refusals).
-NON_HOMOGENEOUS_OPS = frozenset(
-    {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Erf", "ThresholdedRelu", "Exp", "Log", "Sqrt"}
-)
 #: A range below this share of the largest one counts as 0 (the channel keeps s = 1).
 ZERO_RANGE = 1e-12
 
@@ -138,7 +133,7 @@ class LayerView:
 def layer_view(node: gs.Node) -> LayerView:
     """The canonical view of a Conv/Gemm/MatMul, or Refused with the reason."""
     label = f"{node.op} {node_label(node)}"
-    if node.op not in LAYER_OPS or not is_default_domain(node):
+    if node.op not in WITHOUT_TRANSPOSE_OPS or not is_default_domain(node):
         raise Refused(f"{label} is not a Conv, Gemm or MatMul")
     reason = expressive_refusal(node)
     if reason:
@@ -155,7 +150,7 @@ def layer_view(node: gs.Node) -> LayerView:
     if node.op == "Gemm":
         if node.attrs.get("transA", 0):
             raise Refused(f"{label} has transA")
-        rows = weight if node.attrs.get("transB", 0) else weight.T
+        rows = weight if transposed_weight(node) else weight.T
     else:
         rows = weight.T  # MatMul x[…, K] × W[K, N]
     out, depth = rows.shape
@@ -225,7 +220,7 @@ def path_refusal(node: gs.Node, tensor: gs.Tensor, channels: int, layout: str, r
     label = f"{node.op} {node_label(node)}"
     if not is_default_domain(node):
         return f"{label} is a custom op"
-    if node.op not in HOMOGENEOUS_OPS | BOUND_OPS | {"Clip"}:
+    if node.op not in HOMOGENEOUS_ACTIVATIONS | BOUND_OPS | {"Clip"}:
         if node.op in NON_HOMOGENEOUS_OPS:
             return f"{label} is not positively homogeneous (f(x/s) ≠ f(x)/s)"
         return f"{label} is not an activation between two layers (only Relu, LeakyRelu, Identity, Clip, Min/Max/Add/Sub with a constant per channel)"
@@ -254,7 +249,7 @@ def match_pair(graph: gs.Graph, producer: LayerView, views: dict[int, LayerView]
         readers = list(tensor.outputs)
         if not readers:
             return None
-        if all(r.op in LAYER_OPS for r in readers):
+        if all(r.op in WITHOUT_TRANSPOSE_OPS for r in readers):
             return Pair(producer, [consumer_view(r, tensor, producer, views) for r in readers], path, tensors, np.ones(producer.outputs))
         if len(readers) > 1:
             kinds = ", ".join(sorted({f"{r.op}" for r in readers}))
@@ -390,7 +385,7 @@ def find_pairs(graph: gs.Graph, ctx: PassContext, what: str) -> list[Pair]:
     """Every pair of the graph; the layers whose output cannot be one are refused ("<what>: why")."""
     views: dict[int, LayerView] = {}
     for node in graph.nodes:
-        if node.op in LAYER_OPS and is_default_domain(node):
+        if node.op in WITHOUT_TRANSPOSE_OPS and is_default_domain(node):
             try:
                 views[id(node)] = layer_view(node)
             except Refused as reason:

@@ -43,9 +43,10 @@ from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_doma
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize.numerics import checked_scales
+from .common.layers import transposed_weight
+from .common.numerics import checked_scales
+from .common.ops import WITHOUT_TRANSPOSE_OPS
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 MAX_BITS = 31
 
 
@@ -128,10 +129,10 @@ def match(layer: gs.Node) -> IntegerLayer | str:
     codes = np.asarray(w_const.values)
     if codes.dtype != np.int8 or np.any(w_zero != 0):
         return "weight codes are not int8 with zero point 0"
-    out_axis = 0 if layer.op == "Conv" or (layer.op == "Gemm" and layer.attrs.get("transB", 0)) else 1
+    out_axis = 0 if layer.op == "Conv" or transposed_weight(layer) else 1
     if w_scale.size > 1 and w_axis % codes.ndim != out_axis:
         return "weight scales do not run along the output channels"
-    weight = codes.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else codes
+    weight = codes.T if transposed_weight(layer) else codes
     if layer.op != "Conv" and weight.ndim != 2:
         return "MatMul weight of rank ≠ 2"
     s_x = float(x_scale.reshape(()))
@@ -157,7 +158,7 @@ def match(layer: gs.Node) -> IntegerLayer | str:
 def integer_layers(graph: gs.Graph) -> tuple[list[IntegerLayer], list[tuple[gs.Node, str]]]:
     found, refused = [], []
     for node in graph.nodes:
-        if node.op in LAYER_OPS and is_default_domain(node):
+        if node.op in WITHOUT_TRANSPOSE_OPS and is_default_domain(node):
             result = match(node)
             (refused.append((node, result)) if isinstance(result, str) else found.append(result))
     return found, refused

@@ -21,7 +21,7 @@ Activations use the same a (with per-layer exponents: the reading layer's);
 ``power_activations=False`` quantizes them uniformly (a = 1, same ops) — an ablation.
 ``power_error_curve=True`` puts the error over a ∈ [0.2, 1] into the report.
 
-Activation ranges come from :mod:`onnxopt.passes.quantize.ranges` exactly as in the
+Activation ranges come from :mod:`onnxopt.passes.common.ranges` exactly as in the
 ``quantize`` pass (BN statistics with λ, or calibration data; the graph input stays float
 unless ``input_range`` is given).  Bias correction (eq. 3.8, ``bias_correction=True``, as in
 ``quantize``): ``b += (W − Q_a⁻¹(Q_a(W)))·E[X]`` with E[X] from the statistics.  Weights are stored as int8 codes (≥ 4× smaller than
@@ -69,15 +69,17 @@ from onnxopt.graph import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import Quantize, check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
-from .quantize.emit import weight_axis
-from .quantize.numerics import checked_scales
-from .quantize.operators import QuantizedWeight
-from .quantize.calibration import CALIBRATION_OPTIONS, calibration_samples
-from .quantize.calibration import check_options as check_calibration_options
-from .quantize.ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, default_lambda
+from .quantize import Quantize
+from .common.calibration import CALIBRATION_OPTIONS, calibration_samples
+from .common.calibration import check_options as check_calibration_options
+from .common.layers import transposed_weight, weight_axis
+from .common.numerics import checked_scales
+from .common.operators import QuantizedWeight, register_operator
+from .common.ops import WITHOUT_TRANSPOSE_OPS
+from .common.quantization import check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
+from .common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from .common.statistics import bn_statistics
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
 TINY = 1e-12
@@ -179,7 +181,7 @@ def search_exponent(weights: list[tuple[np.ndarray, int, int | None]], start: fl
 # --------------------------------------------------------------------------- REx interface
 class PowerWeightOperator:
     """PowerQuant as a weight operator (``WeightOperator`` protocol of
-    ``passes/quantize/operators.py``): quantize / dequantize / emit."""
+    ``passes/common/operators.py``): quantize / dequantize / emit."""
 
     name = "power"
 
@@ -293,7 +295,7 @@ def emit_integer_layer(graph: gs.Graph, layer: gs.Node, codes: np.ndarray, scale
         scale_shape = out_scale.reshape(-1, *([1] * (codes.ndim - 2)))
         bias_shape = (-1, *([1] * (codes.ndim - 2)))
     else:
-        k_by_n = wdec.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else wdec
+        k_by_n = wdec.T if transposed_weight(layer) else wdec
         w_u8 = const("w_uint8", (k_by_n + 128).astype(np.uint8))
         acc = add("MatMulInteger", [x_u8, w_u8, zp_x, zp_w], var("acc", np.int32))
         scale_shape, bias_shape = out_scale, (-1,)
@@ -355,7 +357,7 @@ class PowerQuant(Pass):
         cleanup(graph)
         names = NameFactory(graph)
         refusals_before = len(ctx.refusals)
-        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        candidates = [n for n in graph.nodes if n.op in WITHOUT_TRANSPOSE_OPS and is_default_domain(n)]
         refusals = {id(n): layer_refusal(n) for n in candidates}
         layers = [n for n in candidates if self._layer_ok(n, refusals[id(n)], ctx)]
         reasons = Counter(float_label(r) for r in refusals.values() if r)
@@ -532,5 +534,7 @@ class PowerQuant(Pass):
         base = np.zeros(len(correction)) if bias is None else bias.astype(np.float64)
         set_constant_input(graph, layer, 2, (base + correction).astype(np.float32), names, base_name=f"{node_label(layer)}_bias")
 
+
+register_operator("power", PowerWeightOperator)
 
 __all__ = ["PowerQuant", "PowerWeightOperator", "power_quantize", "power_dequantize", "search_exponent", "total_error", "reconstruction_error"]

@@ -41,13 +41,10 @@ name: the producer of the BN input writes it (as the classic Conv → BN fold do
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (
@@ -66,12 +63,12 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-from ..conv_bn_fold import bn_refusal, bn_scale_shift
-from .absorb import absorb_input, absorb_output
-from .channels import ChannelMap, tensor_rank
+from ..common.absorb import absorb_input, absorb_output
+from ..common.batchnorm import bn_refusal, bn_scale_shift
+from ..common.channels import ChannelMap, tensor_rank
+from ..common.statistics import STATISTICS_KEY, read_bn_statistics, statistics_from_metadata, statistics_to_metadata
 from .region import FoldImpossible, Region, discover, leaf_refusal, push_shift, recompute, root_axis_refusal, spread_scales
 
-STATISTICS_KEY = "onnxopt.bn_statistics"
 
 
 @dataclass
@@ -178,36 +175,6 @@ def mapped_constant(values: np.ndarray, channel_map: ChannelMap, rank: int) -> n
     return mapped.astype(values.dtype)
 
 
-# --------------------------------------------------------------------------- statistics
-def read_bn_statistics(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
-    """The statistics kept by fold-batchnorm: tensor name → {axis, mean, std, source}."""
-    return statistics_from_metadata({prop.key: prop.value for prop in model.metadata_props})
-
-
-def statistics_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Same as :func:`read_bn_statistics`, from a metadata_props mapping (a pass's view)."""
-    statistics = json.loads(metadata.get(STATISTICS_KEY, "{}"))
-    for entry in statistics.values():
-        for field in VECTOR_FIELDS:
-            if isinstance(entry.get(field), str):  # little-endian float32, base64
-                entry[field] = np.frombuffer(base64.b64decode(entry[field]), dtype="<f4").astype(np.float64).tolist()
-    return statistics
-
-
-def statistics_to_metadata(statistics: Mapping[str, dict[str, Any]]) -> str:
-    """The metadata value for ``statistics``: JSON whose per-channel vectors are base64
-    float32 (a third of the size of decimal text: BN statistics of EfficientNet-Lite0 take
-    ~140 KB instead of ~420 KB)."""
-    encoded = {}
-    for name, entry in statistics.items():
-        encoded[name] = dict(entry)
-        for field in VECTOR_FIELDS:
-            if field in entry:
-                encoded[name][field] = base64.b64encode(np.asarray(entry[field], dtype="<f4").tobytes()).decode("ascii")
-    return json.dumps(encoded, separators=(",", ":"))
-
-
-VECTOR_FIELDS = ("mean", "std")
 
 
 def _bn_output_statistics(bn: gs.Node, direction: str) -> dict[str, Any]:

@@ -32,15 +32,14 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import is_graph_output, node_label, producer
 
-from . import channels as ch
-from .absorb import EXPRESSIVE_OPS, expressive_refusal, input_channel_axis, leaf_shift_refusal, output_channel_axis
-from .channels import ChannelMap, NotTransparent
+from ..common import channels as ch
+from ..common.absorb import expressive_refusal, leaf_shift_refusal
+from ..common.channels import ChannelMap, FoldImpossible, NotTransparent, input_axis_for
+from ..common.layers import input_channel_axis, output_channel_axis
+from ..common.ops import EXPRESSIVE_OPS
 
 MAX_SPREAD_ROUNDS = 64
 
-
-class FoldImpossible(Exception):
-    """The map cannot be folded in this direction; the message is the reason."""
 
 
 @dataclass
@@ -220,18 +219,6 @@ def _spread_through(region: Region, node: gs.Node) -> bool:
         axis = input_axis_for(node, out.axis, inputs[0])
         changed |= _merge(region, inputs[0], axis, out.scale)
     return changed
-
-
-def input_axis_for(node: gs.Node, out_axis: int, data: gs.Tensor) -> int:
-    """The input axis that ``output_axis`` maps onto ``out_axis``."""
-    rank = ch.tensor_rank(data) or 0
-    for axis in range(rank):
-        try:
-            if ch.output_axis(node, axis) == out_axis:
-                return axis
-        except NotTransparent:
-            continue
-    raise FoldImpossible(f"{node.op} {node_label(node)}: cannot trace the channel axis back")
 
 
 def _spread_concat(region, node, inputs, known_in, output, known_out) -> bool:  # type: ignore[no-untyped-def]

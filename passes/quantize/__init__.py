@@ -11,7 +11,7 @@ Steps (docs/quantization.md):
    std |γ_c| per feature, docs/quantization.md) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
    bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
    (``"minmax"`` / ``"percentile"``; ``calibration_data`` is an .npz, a folder of .npy files
-   or a folder of images with ``calibration_mean/std/layout``, see :mod:`.calibration`).
+   or a folder of images with ``calibration_mean/std/layout``, see :mod:`..common.calibration`).
    The graph input has no statistics: the first layer
    stays float unless ``input_range`` or calibration data is given.  A MatMul/Gemm whose
    input has no range (a transformer's attention output, GELU output) is quantized
@@ -42,7 +42,7 @@ Steps (docs/quantization.md):
    like the others), **bias correction** (eq. 3.8, ``bias_correction=True``, Conv/Gemm, and a
    MatMul whose bias is the constant operand of the Add reading it — a PyTorch Linear):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
-4. **Emission** (:mod:`.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
+4. **Emission** (:mod:`..common.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
    (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
 
@@ -85,18 +85,26 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 
+from ..common.calibration import CALIBRATION_OPTIONS, calibration_samples
+from ..common.calibration import check_options as check_calibration_options
+from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
+from ..common.numerics import ActivationQuant, activation_quant
+from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
+from ..common.quantization import (
+    check_bit_widths,
+    check_range_options,
+    correct_matmul_bias,
+    float_label,
+    layer_refusal,
+    mean_shift,
+    no_layer_message,
+)
+from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, channel_bound, default_lambda
+from ..common.statistics import bn_statistics
 from . import spiq as spiq_rewrite
-from .calibration import CALIBRATION_OPTIONS, calibration_samples
-from .calibration import check_options as check_calibration_options
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
-from .emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from .fusion import FusionCheck, check_fusion
-from .numerics import ActivationQuant, activation_quant
-from .ranges import ChannelRange, RangeEstimator, bn_statistics, calibrated_ranges, channel_bound, default_lambda
 
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
@@ -105,30 +113,8 @@ SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
 MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
-#: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
 IN_BODY = "inside an If/Loop/Scan body: control-flow bodies are not quantized"
-FLOAT_LABELS = (
-    ("no statistics", "no statistics"),
-    ("inside an If/Loop/Scan body", "inside control flow"),
-    ("weight is not a float initializer", "non-constant weight"),
-    ("float16", "float16 layers"),
-    ("float64", "float64 layers"),
-    ("bias is not an initializer", "non-constant bias"),
-    ("Gemm with", "Gemm with transA or alpha/beta"),
-    ("MatMul other than", "MatMul not x × W"),
-)
-#: Static QDQ layers ORT does not fuse are re-emitted dynamically (or put back in float) for
-#: these ops; an unfused Conv (e.g. a last Conv whose output has no range: QLinearConv needs a
-#: quantized output) is reported in ``not_fused`` and kept.
-FALLBACK_OPS = frozenset({"MatMul", "Gemm"})
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
-#: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
-FIXES = {
-    "inside control flow": "layers inside If/Loop/Scan bodies are not quantized yet; keep the compute outside control flow when exporting",
-    "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
-    "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
-    "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",
-}
 
 
 class Quantize(Pass):
@@ -221,7 +207,7 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        # read by rex (passes/rex.py): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction,
+        # read by rex (passes/rex/): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction,
         # E[X²] per input channel (data-free estimate, after SPIQ) for rex's error weighting
         ctx.shared["quantized_weights"] = {
             layer.outputs[0].name: (constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
@@ -326,7 +312,7 @@ class Quantize(Pass):
         changed = False
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
-            if layer is None or layer.op not in FALLBACK_OPS or self._int4_layer(layer):
+            if layer is None or layer.op not in MATRIX_OPS or self._int4_layer(layer):
                 ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
                 continue
             changed = True
@@ -597,7 +583,7 @@ def static_weight_name(layer: gs.Node) -> str:
 
 def float_source(tensor: gs.Tensor) -> gs.Tensor:
     """The float tensor under the activation QuantizeLinear → DequantizeLinear (and the < 8-bit
-    Clip) that :func:`.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
+    Clip) that :func:`..common.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
     dq = tensor.inputs[0] if tensor.inputs else None
     if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs or dq.inputs[0].inputs[0].op != "QuantizeLinear":
         return tensor
@@ -648,33 +634,6 @@ def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> 
     return quants.get(node.outputs[0].name)
 
 
-def layer_refusal(node: gs.Node) -> str | None:
-    """Why the weight of layer ``node`` cannot be quantized (None when it can); shared with
-    the other quantizers (power-quant)."""
-    weight = constant_values(node, 1)
-    if weight is None or not np.issubdtype(weight.dtype, np.floating):
-        return "weight is not a float initializer"
-    if weight.dtype != np.float32:  # QuantizeLinear takes float16 only from opset 19, double never
-        return f"{weight.dtype} weights and activations: quantize supports float32 models only"
-    if optional_input(node, 2) is not None and constant_values(node, 2) is None:
-        return "bias is not an initializer"
-    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
-        return "Gemm with transA or alpha/beta ≠ 1"
-    if node.op == "MatMul" and (weight.ndim != 2 or not _matrix_rows(node.inputs[0], weight.shape[0])):
-        return "MatMul other than x[…, K] × constant matrix W[K, N]"
-    return None
-
-
-def no_layer_message(pass_name: str, coverage: dict[str, Any], cause: str | None = None) -> str:
-    """``<pass>: 0 of N layers quantized: <cause>; <fix>`` (the fix of the most frequent reason);
-    ``cause`` defaults to the counted reasons."""
-    if not coverage["total"]:
-        return f"{pass_name}: the model has no Conv, ConvTranspose, Gemm or MatMul layer to quantize"
-    reasons = Counter(coverage["reasons"])
-    main = reasons.most_common(1)[0][0] if reasons else "other"
-    cause = cause or ", ".join(f"{n} {label}" for label, n in reasons.most_common())
-    fix = FIXES.get(main, "only Conv/ConvTranspose/Gemm/MatMul layers with constant float32 weights are quantized")
-    return f"{pass_name}: 0 of {coverage['total']} layers quantized: {cause}; {fix}"
 
 
 def body_nodes(graph: gs.Graph) -> list[gs.Node]:
@@ -688,17 +647,6 @@ def body_nodes(graph: gs.Graph) -> list[gs.Node]:
     return found
 
 
-def float_label(reason: str) -> str:
-    """The short label of a refusal ``reason`` in the coverage line."""
-    return next((label for prefix, label in FLOAT_LABELS if reason.startswith(prefix)), "other")
-
-
-def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
-    """``tensor`` is a 2-D [M, K] or 3-D [B, T, K] input (transformer linear layer) with K = ``depth``."""
-    shape = tensor.shape
-    if shape is None or len(shape) not in (2, 3):
-        return False
-    return not isinstance(shape[-1], int) or shape[-1] == depth
 
 
 def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
@@ -714,59 +662,8 @@ def _following(node: gs.Node) -> bool:
     return node.op in FOLLOWING_ACTIVATIONS or channel_bound(node) is not None
 
 
-def check_bit_widths(pass_name: str, options: dict[str, Any]) -> None:
-    """The bit-width options quantize and power-quant share: weight_bits and act_bits in
-    2..8, first_last_bits None or in 2..8."""
-    for key in ("weight_bits", "act_bits"):
-        if not isinstance(options[key], int) or not 2 <= options[key] <= 8:
-            raise PipelineError(f"{pass_name}: {key} must be an integer in 2..8, got {options[key]!r}")
-    if options["first_last_bits"] is not None and options["first_last_bits"] not in range(2, 9):
-        raise PipelineError(f"{pass_name}: first_last_bits must be None or an integer in 2..8, got {options['first_last_bits']!r}")
 
 
-def check_range_options(pass_name: str, options: dict[str, Any]) -> None:
-    """The range options quantize and power-quant share: ``lam`` None or a finite number
-    > 0, ``input_range`` None or a finite pair low < high (a NaN/inf there would become a
-    NaN/inf quantization scale)."""
-    lam = options["lam"]
-    if lam is not None and not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and np.isfinite(lam) and lam > 0):
-        raise PipelineError(f"{pass_name}: lam must be a finite positive number of standard deviations, got {lam!r}")
-    if options["input_range"] is not None:
-        try:
-            low, high = (float(v) for v in options["input_range"])
-        except (TypeError, ValueError):
-            raise PipelineError(f"{pass_name}: input_range must be a pair (low, high), got {options['input_range']!r}") from None
-        if not (np.isfinite(low) and np.isfinite(high) and low < high):
-            raise PipelineError(f"{pass_name}: input_range needs finite low < high, got {options['input_range']!r}")
-
-
-def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:
-    """A MatMul's bias is the constant [N] operand of the Add reading its output (a Linear
-    exported from PyTorch): add the correction there.  False (left as is) without such an Add."""
-    out = layer.outputs[0]
-    if correction is None or len(out.outputs) != 1 or out.outputs[0].op != "Add":
-        return False
-    add = out.outputs[0]
-    index = 1 if add.inputs[0] is out else 0
-    bias = constant_values(add, index)
-    if bias is None or bias.shape[-1:] != correction.shape or bias.size != correction.size:
-        return False
-    corrected = (bias.astype(np.float64) + correction.reshape(bias.shape)).astype(bias.dtype)
-    set_constant_input(graph, add, index, corrected, names, base_name=f"{node_label(layer)}_bias")
-    return True
-
-
-def mean_shift(layer: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """(W − Ŵ)·E[X] per output channel (summed over kernel positions); None if shapes differ."""
-    if layer.op == "Conv":
-        groups = int(layer.attrs.get("group", 1))
-        out, per_group = delta.shape[0], delta.shape[1]
-        if len(mean) != groups * per_group:
-            return None
-        grouped = delta.reshape(groups, out // groups, per_group, -1)
-        return np.einsum("gojk,gj->go", grouped, mean.reshape(groups, per_group)).reshape(out)
-    k_by_n = delta.T if layer.attrs.get("transB", 0) else delta
-    return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
 
 
 __all__ = ["Quantize", "check_bit_widths", "correct_matmul_bias", "float_label", "layer_refusal", "no_layer_message"]

@@ -31,9 +31,10 @@ from onnx import TensorProto
 
 from onnxopt.graph import NameFactory, constant_values, node_label
 
-from .numerics import quantize_weight
+from ..common.layers import transposed_weight
+from ..common.numerics import quantize_weight
+from ..common.ops import MATRIX_OPS
 
-DYNAMIC_OPS = frozenset({"MatMul", "Gemm"})
 
 
 @dataclass
@@ -48,13 +49,13 @@ class DynamicInput:
 def can_be_dynamic(layer: gs.Node) -> bool:
     """A MatMul/Gemm with a constant float weight matrix (``layer_refusal`` already passed)."""
     weight = constant_values(layer, 1)
-    return layer.op in DYNAMIC_OPS and weight is not None and weight.ndim == 2
+    return layer.op in MATRIX_OPS and weight is not None and weight.ndim == 2
 
 
 def matrix_weight(layer: gs.Node) -> np.ndarray:
     """The [K, N] weight of a MatMul or Gemm (Gemm's B transposed when ``transB``)."""
     weight = constant_values(layer, 1).astype(np.float32)
-    return weight.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else weight
+    return weight.T if transposed_weight(layer) else weight
 
 
 def dynamic_input(graph: gs.Graph, tensor: gs.Tensor, cache: dict[str, DynamicInput], names: NameFactory) -> DynamicInput:
@@ -145,11 +146,11 @@ def dequantized_weight_codes(layer: gs.Node) -> tuple[np.ndarray, np.ndarray] | 
     codes, scales = np.asarray(dq.inputs[0].values), np.asarray(dq.inputs[1].values, np.float32)
     if codes.dtype != np.int8 or codes.ndim != 2 or np.any(np.asarray(dq.inputs[2].values) != 0):
         return None
-    if layer.op == "Gemm" and layer.attrs.get("transB", 0):
+    if transposed_weight(layer):
         codes = codes.T
     if scales.ndim == 1 and scales.size != codes.shape[1]:
         return None
     return codes, scales
 
 
-__all__ = ["DYNAMIC_OPS", "DynamicInput", "bias_second", "can_be_dynamic", "dequantized_weight_codes", "dynamic_input", "emit_dynamic", "quantize_dynamic_layer"]
+__all__ = ["DynamicInput", "bias_second", "can_be_dynamic", "dequantized_weight_codes", "dynamic_input", "emit_dynamic", "quantize_dynamic_layer"]

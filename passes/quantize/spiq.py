@@ -30,18 +30,14 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer, set_constant_input
 
-from ..bn_fold.absorb import absorb_input, absorb_output, expressive_refusal
-from .numerics import dequantize_weight, quantize_weight
-from .ranges import channel_bound
+from ..common.absorb import absorb_input, absorb_output, expressive_refusal
+from ..common.layers import transposed_weight
+from ..common.numerics import dequantize_weight, quantize_weight
+from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
+from ..common.ranges import channel_bound
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
-#: Ops that commute with a positive per-channel scale: (x/r) ↦ op(x)/r.
-HOMOGENEOUS_OPS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Identity"})
-PRODUCER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-#: Readers that only look at the shape: the per-channel scale does not concern them.
-SHAPE_READERS = frozenset({"Shape", "Size"})
-AVERAGING_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
 
 
 @dataclass
@@ -76,7 +72,7 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
         node = producer(current)
         if node is None:
             return "graph input (no producer to absorb the scales)"
-        if node.op in HOMOGENEOUS_OPS or (node.op == "Clip" and clip_high(node) is not None) or _channel_flatten(node):
+        if node.op in SCALE_COMMUTING_OPS or (node.op == "Clip" and clip_high(node) is not None) or _channel_flatten(node):
             if node.op == "Clip":
                 if averaged:  # the average of clipped values is not the clip of the average
                     return f"Clip {node_label(node)} is followed by an average: its bound cannot move into the quantizer"
@@ -101,7 +97,7 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
         if node.op == "LayerNormalization" and node.outputs[0] is current:
             refusal = _layernorm_refusal(node)
             return refusal if refusal else SpiqPlan(node, chain, high)
-        if node.op in PRODUCER_OPS and expressive_refusal(node) is None and node.outputs[0] is current:
+        if node.op in LAYER_OPS and expressive_refusal(node) is None and node.outputs[0] is current:
             if node.op == "MatMul" and (current.shape is None or len(current.shape) != 2):
                 return f"{node.op} {node_label(node)} output is not a matrix"
             return SpiqPlan(node, chain, high)
@@ -181,7 +177,7 @@ def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         kernel = rows.shape[1] // c_in
         return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
     if reader.op in ("Gemm", "MatMul"):
-        rows = weight if reader.op == "Gemm" and reader.attrs.get("transB", 0) else weight.T
+        rows = weight if transposed_weight(reader) else weight.T
         return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
     return None
 

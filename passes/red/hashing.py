@@ -51,9 +51,10 @@ from onnxopt.graph import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-from ..quantize.ranges import bn_statistics
+from ..common.layers import transposed_weight
+from ..common.ops import LAYER_OPS
+from ..common.statistics import bn_statistics
 
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MONOMODAL_FACTOR = (math.sqrt(2.0 / math.pi) + math.sqrt(3.0)) / math.sqrt(2.0 * math.pi)
 #: grid points per bandwidth and kernel half-width (in bandwidths) of the binned KDE
 BINS_PER_BANDWIDTH = 2
@@ -159,8 +160,7 @@ def network_bound(layers: list[dict[str, Any]]) -> float | None:
 def _fan_in(node: gs.Node, weights: np.ndarray) -> int:
     if node.op in ("Conv", "ConvTranspose"):
         return int(np.prod(weights.shape[1:]))
-    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
-    return int(weights.shape[1] if transposed else weights.shape[0])
+    return int(weights.shape[1] if transposed_weight(node) else weights.shape[0])
 
 
 class HashWeights(Pass):

@@ -58,13 +58,9 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
+from ..common.layers import transposed_weight
+from ..common.ops import ELEMENTWISE_OPS, HOMOGENEOUS_OPS, POOL_OPS
 
-ELEMENTWISE_OPS = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Identity", "Celu", "Mish", "ThresholdedRelu"}
-)
-#: σ(λz) = λσ(z) for λ > 0 (PRelu with a per-channel slope is homogeneous too but its slope is a per-channel parameter: kept out)
-HOMOGENEOUS_OPS = frozenset({"Relu", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten"})
-POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
 CONSTANT_ARITHMETIC = frozenset({"Add", "Sub", "Mul"})
 
 
@@ -159,7 +155,7 @@ def _producer(graph: gs.Graph, node: gs.Node, names: NameFactory) -> tuple[list[
         if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
             raise Refused("Gemm with transA or alpha/beta ≠ 1")
         weight = _float_constant(node, 1, "weight")
-        dim = 0 if node.attrs.get("transB", 0) else 1
+        dim = 0 if transposed_weight(node) else 1
         where = Channels(1, np.arange(weight.shape[dim]), weight.shape[dim])
         comps = [_rows(graph, node, 1, weight, dim, where, names)]
         if optional_input(node, 2) is not None:
@@ -264,7 +260,7 @@ def _consumer_writer(graph, node: gs.Node, tensor: gs.Tensor, where: Channels, n
     if node.op == "Conv" and node.attrs.get("group", 1) == 1 and where.axis == 1 and weight.shape[1] == where.total:
         return _columns(graph, node, weight, 1, where, names)
     if node.op == "Gemm" and not node.attrs.get("transA", 0) and where.axis == 1:
-        dim = 1 if node.attrs.get("transB", 0) else 0
+        dim = 1 if transposed_weight(node) else 0
         if weight.shape[dim] == where.total:
             return _columns(graph, node, weight, dim, where, names)
     rank = len(tensor.shape) if tensor.shape is not None else None

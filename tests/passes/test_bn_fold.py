@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxopt.passes.bn_fold import STATISTICS_KEY, read_bn_statistics, statistics_from_metadata, statistics_to_metadata
+from onnxopt.passes.common.statistics import STATISTICS_KEY, read_bn_statistics, statistics_from_metadata, statistics_to_metadata
 from tests.conftest import bn_line as bn, text_model as model, assert_equivalent, ops, run_passes
 
 RNG = np.random.default_rng(1234)

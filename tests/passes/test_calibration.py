@@ -1,4 +1,4 @@
-"""Calibration data (passes/quantize/calibration.py) and streaming calibration (ranges.py).
+"""Calibration data (passes/common/calibration.py) and streaming calibration (ranges.py).
 
 * the three formats (.npz, a folder of .npy files, a folder of images) load to the same
   arrays; the image preprocessing against an independent numpy/Pillow computation;
@@ -20,8 +20,8 @@ from PIL import Image
 
 from onnxopt.cli import main
 from onnxopt.errors import InputDataError, PipelineError
-from onnxopt.passes.quantize import ranges
-from onnxopt.passes.quantize.calibration import (
+from onnxopt.passes.common import ranges
+from onnxopt.passes.common.calibration import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImagePreprocessing,

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import onnxopt
 from onnxopt.graph import cleanup, export_model, import_graph, with_inferred_shapes
 from onnxopt.verify import run
-from onnxopt.passes.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
+from onnxopt.passes.common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from tests.conftest import assert_equivalent, text_model
 
 RNG = np.random.default_rng(7)

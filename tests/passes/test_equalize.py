@@ -13,7 +13,7 @@ from onnx import numpy_helper
 import onnxopt
 from onnxopt.errors import NothingToDoError
 from onnxopt.passes import equalize as equalize_module
-from onnxopt.passes.bn_fold import read_bn_statistics
+from onnxopt.passes.common.statistics import read_bn_statistics
 from onnxopt.verify import run
 from tests.conftest import assert_equivalent, initializers, ops, text_model
 from tests.passes.quantize_builders import bn, cosine, with_data_statistics

@@ -161,7 +161,7 @@ def test_weight_operator_protocol_round_trip() -> None:
 
     from onnxopt.graph import NameFactory
 
-    from onnxopt.passes.quantize.operators import weight_operator
+    from onnxopt.passes.common.operators import weight_operator
 
     assert isinstance(weight_operator("power"), PowerWeightOperator)  # how rex finds it (rex_operator="power")
     op = PowerWeightOperator(0.55)

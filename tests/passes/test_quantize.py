@@ -20,8 +20,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, numpy_helper
-from onnxopt.passes.quantize.emit import quantize_activation
-from onnxopt.passes.quantize.numerics import ActivationQuant, checked_scales
+from onnxopt.passes.common.emit import quantize_activation
+from onnxopt.passes.common.numerics import ActivationQuant, checked_scales
 from scipy.stats import norm
 
 import onnxopt

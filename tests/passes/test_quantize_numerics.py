@@ -11,8 +11,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.quantize.emit import quantize_activation
-from onnxopt.passes.quantize.numerics import (
+from onnxopt.passes.common.emit import quantize_activation
+from onnxopt.passes.common.numerics import (
     activation_quant,
     bias_codes,
     dequantize_weight,

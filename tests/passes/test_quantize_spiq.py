@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnxopt.passes.quantize import spiq
-from onnxopt.passes.quantize.numerics import dequantize_weight, quantize_weight
+from onnxopt.passes.common.numerics import dequantize_weight, quantize_weight
 
 from onnxopt.graph import NameFactory, cleanup, export_model, import_graph, with_inferred_shapes
 from onnxopt.verify import run, verify

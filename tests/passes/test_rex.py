@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from onnxopt.passes.quantize.numerics import bias_codes
-from onnxopt.passes.quantize.operators import (
+from onnxopt.passes.common.numerics import bias_codes
+from onnxopt.passes.common.operators import (
     QuantizedWeight,
     UniformWeightOperator,
     register_operator,

@@ -1,4 +1,4 @@
-"""rex_combine="fold" (passes/rex_fold.py): the folded int8 codes are exactly R¹ + R², the
+"""rex_combine="fold" (passes/rex/fold.py): the folded int8 codes are exactly R¹ + R², the
 emitted graph is the base QDQ graph (no branch, no Add) and computes the float sum of the
 branches, ORT fuses it like the base, it beats W4 and the re-quantized branch form, and
 layers / options whose codes would not fit int8 are refused with the reason."""
@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 from onnxopt.passes import rex as rex_module
 from onnxopt.passes.rex import expand_weight
-from onnxopt.passes.rex_fold import fold_peak, fold_refusal, folded_weight
+from onnxopt.passes.rex.fold import fold_peak, fold_refusal, folded_weight
 
 import onnxopt
 from onnxopt.cli import main

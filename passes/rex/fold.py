@@ -41,8 +41,9 @@ from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, constant_values, node_label, producer
 from onnxopt.pass_base import PassContext
 
-from .quantize.emit import quantize_layer_bias
-from .quantize.operators import QuantizedWeight, UniformWeightOperator
+from ..common.emit import quantize_layer_bias
+from ..common.operators import QuantizedWeight, UniformWeightOperator
+from .site import mean_shift, scalar_value
 
 INT8_PEAK = 127
 UNIFORM = UniformWeightOperator()
@@ -178,8 +179,6 @@ def fold_layer(graph: gs.Graph, site, expansion, names: NameFactory) -> Quantize
 def _fold_bias(graph: gs.Graph, site, second, scales: np.ndarray, names: NameFactory) -> None:
     """Bias − R²·E[X] on the folded channels, re-quantized to int32 with S_x·s_w for the new
     weight scales when it was quantized (ORT fuses only that form)."""
-    from .rex import _scalar, mean_shift  # imported here: rex imports this module lazily
-
     node = site.node
     bias, quantized = _current_bias(node)
     had_bias = bias is not None
@@ -196,7 +195,7 @@ def _fold_bias(graph: gs.Graph, site, second, scales: np.ndarray, names: NameFac
     else:
         node.inputs.append(constant)
     if site.input_dq is not None and (quantized or not had_bias):
-        quantize_layer_bias(graph, node, _scalar(site.input_dq.inputs[1]), scales, names)
+        quantize_layer_bias(graph, node, scalar_value(site.input_dq.inputs[1]), scales, names)
 
 
 def _current_bias(node: gs.Node) -> tuple[np.ndarray | None, bool]:

@@ -28,7 +28,7 @@ DequantizeLinear) also read by a node outside the rewrite is copied first.
 
 Channel axis: 1 for NCHW Conv tensors and Gemm outputs, the last axis for MatMul; moved
 through Flatten/Reshape/Squeeze/Unsqueeze/Transpose/ReduceMean by the same bookkeeping as
-fold-batchnorm (:mod:`.bn_fold.channels`) — Flatten of ``[N, C, 1, 1]`` keeps the channels,
+fold-batchnorm (:mod:`.channels`) — Flatten of ``[N, C, 1, 1]`` keeps the channels,
 Flatten of ``[N, C, H, W]`` mixes them and is refused.
 
 Refused: a group tensor that is a graph input or output, grouped Conv with 1 < group < C,
@@ -55,12 +55,12 @@ from onnxopt.graph import (
     string_attr,
 )
 
-from .bn_fold import channels as ch
-from .bn_fold.absorb import input_channel_axis, output_channel_axis
-from .bn_fold.region import FoldImpossible
-from .bn_fold.region import input_axis_for as reshaped_input_axis
+from . import channels as ch
+from .channels import FoldImpossible
+from .channels import input_axis_for as reshaped_input_axis
+from .layers import input_channel_axis, output_channel_axis, transposed_weight
+from .ops import POOLING_OPS, QDQ_OPS, WITHOUT_TRANSPOSE_OPS
 
-LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 UNARY_OPS = frozenset(
     {
         "Identity", "Dropout", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
@@ -68,9 +68,7 @@ UNARY_OPS = frozenset(
         "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Cast", "ThresholdedRelu", "Shrink",
     }
 )  # fmt: skip
-POOLING_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "PRelu"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 RESHAPING_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "ReduceMean"})
 OFF_CHANNEL_OPS = frozenset({"Pad", "Slice", "Concat", "Split", "Resize"})  # exact unless they act on the channel axis
 SAME_AXIS_OPS = UNARY_OPS | POOLING_OPS | QDQ_OPS | OFF_CHANNEL_OPS | {"Conv"}  # Conv: depthwise
@@ -158,7 +156,7 @@ def _constant_shape(tensor: gs.Tensor | None) -> tuple[int, ...] | None:
 
 def _layer_kind(node: gs.Node) -> str | None:
     """'dense', 'depthwise' or None (not a layer with constant weights); refuses grouped Convs."""
-    if node.op not in LAYER_OPS or not is_default_domain(node) or len(node.inputs) < 2:
+    if node.op not in WITHOUT_TRANSPOSE_OPS or not is_default_domain(node) or len(node.inputs) < 2:
         return None
     weight = _constant_shape(node.inputs[1])
     if weight is None or (node.op != "Conv" and len(weight) != 2):
@@ -175,13 +173,13 @@ def _layer_kind(node: gs.Node) -> str | None:
 
 def _output_channels(layer: gs.Node) -> int:
     weight = _constant_shape(layer.inputs[1])
-    if layer.op == "Conv" or (layer.op == "Gemm" and layer.attrs.get("transB", 0)):
+    if layer.op == "Conv" or transposed_weight(layer):
         return int(weight[0])
     return int(weight[1])
 
 
 def _weight_output_axis(layer: gs.Node) -> int:
-    return 0 if layer.op == "Conv" or (layer.op == "Gemm" and layer.attrs.get("transB", 0)) else 1
+    return 0 if layer.op == "Conv" or transposed_weight(layer) else 1
 
 
 def _bias_axis(layer: gs.Node, channels: int) -> int | None:

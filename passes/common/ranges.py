@@ -4,7 +4,8 @@ Data-free (docs/quantization.md): the output of a BN is N(β_c, γ_c²) per chan
 is ``[β − λ|γ|, β + λ|γ|]`` (λ = 9 at 8 bits, 4 at ≤ 6 bits by default).  The statistics
 come from the BNs still in the graph and from the ``onnxopt.bn_statistics`` metadata that
 fold-batchnorm keeps for the BNs it removed; a LayerNormalization over the last axis with
-constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output.  They are propagated **[derived]** to the
+constant γ, β gives the same per-feature statistics (mean β, std |γ|) on its output
+(:mod:`.statistics`).  They are propagated **[derived]** to the
 tensors the quantized layers actually read:
 
 * Relu: range clipped at 0; mean of the rectified Gaussian
@@ -44,7 +45,6 @@ from scipy.special import ndtr
 from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.graph import constant_values, is_default_domain, producer
 
-from ..bn_fold import statistics_from_metadata
 
 PASS_THROUGH_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout", "Flatten"})
 
@@ -72,41 +72,6 @@ def default_lambda(act_bits: int) -> float:
         return 4.0
     return 6.5
 
-
-def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tensor name → (mean, std) per channel (axis 1) from kept metadata and remaining BNs."""
-    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, entry in statistics_from_metadata(metadata).items():
-        if entry.get("axis", 1) == 1:
-            stats[name] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64))
-    for node in graph.nodes:
-        if node.op == "BatchNormalization" and is_default_domain(node):
-            gamma, beta = constant_values(node, 1), constant_values(node, 2)
-            if gamma is not None and beta is not None:
-                stats[node.outputs[0].name] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
-    stats.update(layernorm_statistics(graph))
-    return stats
-
-
-def layernorm_statistics(graph: gs.Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tensor name → (β, |γ|) per feature (last axis) of every LayerNormalization that
-    normalizes the last axis only, with constant 1-D scale γ (and bias β, else 0): its output
-    has mean β_c and standard deviation |γ_c| per feature, like a BN output (docs/quantization.md)."""
-    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for node in graph.nodes:
-        if node.op != "LayerNormalization" or not is_default_domain(node) or len(node.outputs) > 1 and not node.outputs[1].is_empty():
-            continue
-        gamma = constant_values(node, 1)
-        beta = constant_values(node, 2) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-        axis = int(node.attrs.get("axis", -1))
-        if gamma is None or gamma.ndim != 1 or rank is None or axis % rank != rank - 1:
-            continue
-        beta = np.zeros(len(gamma)) if beta is None else beta
-        if beta.shape != gamma.shape:
-            continue
-        stats[node.outputs[0].name] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
-    return stats
 
 
 class RangeEstimator:

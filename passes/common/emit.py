@@ -27,18 +27,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import NameFactory, constant_values
 
+from .layers import weight_axis
 from .numerics import ActivationQuant, bias_codes, checked_scales, dequantize_weight, quantize_weight
-
-
-def weight_axis(node: gs.Node) -> int | None:
-    """Axis of the weight holding output channels (None: per-tensor only)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1 if int(node.attrs.get("group", 1)) == 1 else None
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 1  # MatMul: B is [K, N]
 
 
 def quantize_activation(graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQuant, names: NameFactory) -> gs.Variable:

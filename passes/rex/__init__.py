@@ -11,7 +11,7 @@ After (K = 2, budget γ)::
 
 Maths (docs/rex.md, thesis §3.1.4, Algorithm 2): ``R¹ = Q⁻¹(Q(W))`` is the base layer the
 quantize pass emitted; order k quantizes the remaining error, ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
-with the same weight operator (:mod:`.quantize.operators`: uniform per-channel; PowerQuant
+with the same weight operator (:mod:`.common.operators`: uniform per-channel; PowerQuant
 plugs in), so ``|W − Σ_k R^k| ≤ (1/(2^{b−1}−1))^{K−1} · s_{R^K}/2`` per weight (eq. 3.18).
 Sparse expansion (eq. 3.22): order k ≥ 2 keeps only the ``round(γ/(K−1)·C)`` output channels
 with the largest residual norm (structured, magnitude importance), so its branch computes
@@ -52,7 +52,7 @@ no input expansion or outliers), else ``"permute"``.
 
 * ``"permute"``: each channel group — a layer's output channels and every tensor
   sharing their order, through activations, Q/DQ, depthwise Convs and residual Adds, up to
-  the consumers' input channels (:mod:`.channel_permutation`) — is reordered once, exactly,
+  the consumers' input channels (:mod:`.common.channel_permutation`) — is reordered once, exactly,
   so every order's channels are a prefix; branches are added with a Pad of the uint8 codes:
   no Gather, so no Transposes in ORT's NHWC graph.  The layers of one group share the
   order (channels sorted by their summed share of relative error removed), each keeping
@@ -67,7 +67,7 @@ no input expansion or outliers), else ``"permute"``.
 * ``"scatter"``: ScatterElements with reduction="add" into the base output (opset ≥ 16).
 * ``"dense"``: a full-width branch with zero rows: correct, but full MACs.
 * ``"fold"`` (K = 2, ≤ 4-bit weights): no branch at all; order 2 uses the step s1/m of the
-  base scale so ``R¹ + R²`` is one int8 weight with per-channel scales (:mod:`.rex_fold`);
+  base scale so ``R¹ + R²`` is one int8 weight with per-channel scales (:mod:`.fold`);
   layers whose codes would not fit int8 are refused and keep their base quantization.
 
 A layer whose output is not quantized (e.g. the classifier producing the graph output)
@@ -113,17 +113,18 @@ from onnxopt.graph import (
 from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
-from .channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
-from .quantize import correct_matmul_bias
-from .quantize.emit import quantize_layer_bias, weight_axis
-from .quantize.numerics import checked_scales
-from .quantize.operators import QuantizedWeight, WeightOperator, weight_operator
-from .rex_fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
+from ..common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
+from ..common.emit import quantize_layer_bias
+from ..common.layers import weight_axis
+from ..common.numerics import checked_scales
+from ..common.operators import QuantizedWeight, WeightOperator, weight_operator
+from ..common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS
+from ..common.quantization import correct_matmul_bias
+from .fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
+from .site import LayerSite, input_moment_weights, mean_shift, scalar_value
 
 COMBINE_MODES = ("permute", "gather", "pad", "scatter", "dense", "fold")
 ALLOCATIONS = ("uniform", "network")
-FOLLOWING_ACTIVATIONS = frozenset({"Relu", "Clip"})
-EXPANDABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 OUTLIER_SIGMAS = 6.0
 
 
@@ -167,7 +168,7 @@ def expand_weight(
     ``weight``; ``error_weights`` (broadcast to the weight, e.g. E[x_i²] of the input each
     weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`.
     ``step_divisor`` m: order k uses the step ``s1/m^{k−1}`` of the base scale instead of
-    the residual's own ``max|r|/(2^{b−1}−1)`` (the fold's operator, :mod:`.rex_fold`)."""
+    the residual's own ``max|r|/(2^{b−1}−1)`` (the fold's operator, :mod:`.fold`)."""
     weight = np.asarray(weight, np.float64)
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
@@ -282,25 +283,6 @@ def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- the pass
-@dataclass
-class LayerSite:
-    """Where a layer sits in the graph: its input quantizer and output quantizer, if any."""
-
-    node: gs.Node
-    weight: np.ndarray
-    bits: int
-    axis: int | None
-    out_axis: int
-    groups: int
-    mean: np.ndarray | None
-    moment: np.ndarray | None  #: E[x²] per input channel (data-free, from the quantize pass)
-    input_dq: gs.Node | None  #: DequantizeLinear producing the layer's input (per tensor)
-    output_range: tuple[float, float] | None  #: range of the quantizer after the layer's activation
-    rank: int
-    combine: str = "gather"  #: how this layer's branches are added (rex_combine; "permute" → "pad" on a prefix, or "gather")
-    fold: int | None = None  #: rex_combine="fold": the divisor m of the order-2 step s1/m (None: branches)
-
-
 class Rex(Pass):
     name = "rex"
     summary = "REx: expand each quantized layer into parallel low-bit residual branches (orders K, budget γ of extra output channels)"
@@ -457,7 +439,7 @@ class Rex(Pass):
         return unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total
 
     def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list:
-        """rex_combine="permute": reorder each channel group (:mod:`.channel_permutation`) so the
+        """rex_combine="permute": reorder each channel group (:mod:`.common.channel_permutation`) so the
         units every order expands are a prefix, then branches are added with Pad + Add.
 
         The group's layers (producers, and depthwise Convs inside it) share one order: its
@@ -518,7 +500,7 @@ class Rex(Pass):
         records = ctx.shared.get("quantized_weights", {}) if bits_only is None else {}
         sites = []
         for node in list(graph.nodes):
-            if node.op not in EXPANDABLE_OPS or not node.outputs or not is_default_domain(node):
+            if node.op not in WITHOUT_TRANSPOSE_OPS or not node.outputs or not is_default_domain(node):
                 continue
             key = node.outputs[0].name
             if bits_only is None:
@@ -553,7 +535,7 @@ class Rex(Pass):
         out_axis = weight_axis(node)
         groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         source = producer(node.inputs[0])
-        input_dq = source if source is not None and source.op == "DequantizeLinear" and _scalar(source.inputs[1]) is not None else None
+        input_dq = source if source is not None and source.op == "DequantizeLinear" and scalar_value(source.inputs[1]) is not None else None
         if node.op not in ("Conv", "Gemm", "MatMul"):
             mean = None
         combine = "gather" if self.options["rex_combine"] == "permute" else self.options["rex_combine"]  # permute: set per layer later
@@ -669,7 +651,7 @@ class Rex(Pass):
         if bias is not None:
             node.inputs.append(gs.Constant(names.new(f"{tag}_bias"), (-bias).astype(np.float32)))
             if site.input_dq is not None and source is None:
-                quantize_layer_bias(graph, node, _scalar(site.input_dq.inputs[1]), q.scales, names)
+                quantize_layer_bias(graph, node, scalar_value(site.input_dq.inputs[1]), q.scales, names)
         graph.nodes.append(node)
         return y
 
@@ -681,7 +663,7 @@ class Rex(Pass):
         chosen = np.unique(channels // per_group_out)
         wanted = (chosen[:, None] * per_group_in + np.arange(per_group_in)).reshape(-1).astype(np.int64)
         dq = producer(x)
-        on_codes = dq is not None and dq.op == "DequantizeLinear" and _scalar(dq.inputs[1]) is not None
+        on_codes = dq is not None and dq.op == "DequantizeLinear" and scalar_value(dq.inputs[1]) is not None
         source = dq.inputs[0] if on_codes else x
         picked = gs.Variable(names.new(f"{tag}_input_codes" if on_codes else f"{tag}_input"), dtype=source.dtype, shape=None)
         if np.all(np.diff(wanted) == 1):  # contiguous (combine="pad"): Slice, which ORT's NHWC layout handles
@@ -704,7 +686,7 @@ class Rex(Pass):
         label = f"{node_label(site.node)}_rex_input2"
         diff = gs.Variable(names.new(f"{label}_error"), dtype=np.float32, shape=None)
         graph.nodes.append(gs.Node("Sub", names.new(f"{label}_Sub"), inputs=[x, dq.outputs[0]], outputs=[diff]))
-        scale = float(_scalar(dq.inputs[1])) / 254.0
+        scale = float(scalar_value(dq.inputs[1])) / 254.0
         return self._requantize(graph, diff, (scale, 128), names, label)
 
     def _branch_bounds(self, site: LayerSite, expansion: Expansion, terms: list) -> list[tuple[float, int]]:
@@ -791,12 +773,6 @@ class Rex(Pass):
 
 
 # --------------------------------------------------------------------------- helpers
-def _scalar(tensor: gs.Tensor) -> np.float32 | None:
-    if isinstance(tensor, gs.Constant) and np.size(tensor.values) == 1:
-        return np.float32(np.asarray(tensor.values).reshape(()))
-    return None
-
-
 def _output_rank(node: gs.Node) -> int | None:
     if node.op == "Conv":
         weight = node.inputs[1]
@@ -818,7 +794,7 @@ def _output_range(node: gs.Node) -> tuple[float, float] | None:
         current = current.outputs[0].outputs[0]
     for reader in current.outputs:
         if reader.op == "QuantizeLinear":
-            scale, zero = _scalar(reader.inputs[1]), optional_input(reader, 2)
+            scale, zero = scalar_value(reader.inputs[1]), optional_input(reader, 2)
             zp = int(np.asarray(zero.values).reshape(())) if isinstance(zero, gs.Constant) else 0
             if scale is None:
                 return None
@@ -876,41 +852,6 @@ def _scatter_rows(q: QuantizedWeight, channels: np.ndarray, c: int, out_axis: in
         scales = np.ones(c, np.float32) * np.float32(np.max(q.scales))
         scales[channels] = q.scales
     return QuantizedWeight(codes, scales, q.axis, q.bits, dict(q.params))
-
-
-def _per_input_channel(site: LayerSite, vector: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
-    """``vector`` (one value per input channel of a possibly grouped Conv) at the input each
-    weight column of the output ``channels`` reads: [len(channels), C_in/groups]; None when
-    its length is not the Conv's input channel count."""
-    c, per_group_in = site.weight.shape[0], site.weight.shape[1]
-    if len(vector) != site.groups * per_group_in:
-        return None
-    return vector[(channels // (c // site.groups))[:, None] * per_group_in + np.arange(per_group_in)]
-
-
-def mean_shift(site: LayerSite, sub: np.ndarray, channels: np.ndarray) -> np.ndarray | None:
-    """R·E[X] for the output channels of the sub-weight ``sub`` (bias correction of eq. 3.8)."""
-    mean = site.mean
-    if site.node.op == "Conv":
-        read = _per_input_channel(site, mean, channels)
-        return None if read is None else (sub.reshape(*read.shape, -1).sum(-1) * read).sum(1)
-    k_by_n = sub.T if site.out_axis == 0 else sub
-    return mean @ k_by_n if len(mean) == k_by_n.shape[0] else None
-
-
-def input_moment_weights(site: LayerSite) -> np.ndarray | None:
-    """E[x_i²] of the input each weight multiplies, broadcastable to the weight (None when unknown)."""
-    moment, w = site.moment, site.weight
-    if moment is None:
-        return None
-    moment = np.asarray(moment, np.float64)
-    if site.node.op == "Conv":
-        read = _per_input_channel(site, moment, np.arange(w.shape[0]))
-        return None if read is None else read.reshape(*read.shape, *([1] * (w.ndim - 2)))
-    in_axis = 1 - site.out_axis
-    if len(moment) != w.shape[in_axis]:
-        return None
-    return moment[None, :] if in_axis == 1 else moment[:, None]
 
 
 def _inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list[int | None]]:

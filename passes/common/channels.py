@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_values, has_padding, is_default_domain, optional_input, string_attr
+from onnxopt.graph import constant_values, has_padding, is_default_domain, node_label, optional_input, string_attr
 
 SAME_VECTOR_OPS = frozenset(
     {
@@ -68,6 +68,10 @@ class ChannelMap:
     @staticmethod
     def unknown(axis: int, channels: int) -> "ChannelMap":
         return ChannelMap(axis, np.full(channels, np.nan), np.full(channels, np.nan))
+
+
+class FoldImpossible(Exception):
+    """The map cannot be folded (or permuted) in this direction; the message is the reason."""
 
 
 class NotTransparent(Exception):
@@ -304,3 +308,14 @@ def requirement(node: gs.Node) -> str | None:
         return "positive-scale"
     return None
 
+
+def input_axis_for(node: gs.Node, out_axis: int, data: gs.Tensor) -> int:
+    """The input axis that ``output_axis`` maps onto ``out_axis``."""
+    rank = tensor_rank(data) or 0
+    for axis in range(rank):
+        try:
+            if output_axis(node, axis) == out_axis:
+                return axis
+        except NotTransparent:
+            continue
+    raise FoldImpossible(f"{node.op} {node_label(node)}: cannot trace the channel axis back")

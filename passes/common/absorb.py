@@ -38,7 +38,8 @@ from onnxopt.graph import (
     substitute,
 )
 
-EXPRESSIVE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+from .layers import transposed_weight
+from .ops import EXPRESSIVE_OPS
 
 
 def expressive_refusal(node: gs.Node) -> str | None:
@@ -62,20 +63,6 @@ def expressive_refusal(node: gs.Node) -> str | None:
     if node.op in ("Conv", "ConvTranspose", "Gemm") and optional_input(node, 2) is not None and constant_values(node, 2) is None:
         return f"{label} bias is not an initializer"
     return None
-
-
-def output_channel_axis(node: gs.Node) -> int:
-    if node.op == "MatMul":
-        return len(node.outputs[0].shape) - 1 if node.outputs[0].shape is not None else -1
-    return 1
-
-
-def input_channel_axis(node: gs.Node) -> int:
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transA", 0) else 1
-    if node.op == "MatMul":
-        return len(node.inputs[0].shape) - 1 if node.inputs[0].shape is not None else -1
-    return 1
 
 
 def leaf_shift_refusal(node: gs.Node) -> str | None:
@@ -104,7 +91,7 @@ def absorb_output(graph: gs.Graph, node: gs.Node, scale: np.ndarray, shift: np.n
         set_constant_input(graph, node, 1, (weight * _convtranspose_output_factor(node, weight, scale)).astype(dtype), names)
         _set_bias(graph, node, scale * _bias(node, len(scale)) + shift, dtype, names)
     elif node.op == "Gemm":
-        trans_b = node.attrs.get("transB", 0)
+        trans_b = transposed_weight(node)
         factor = scale[:, None] if trans_b else scale[None, :]
         set_constant_input(graph, node, 1, (weight * factor).astype(dtype), names)
         beta = float(node.attrs.get("beta", 1.0))
@@ -154,7 +141,7 @@ def absorb_input(graph: gs.Graph, node: gs.Node, scale: np.ndarray, shift: np.nd
     elif node.op == "ConvTranspose":
         set_constant_input(graph, node, 1, (weight * per_channel(inverse, 0, weight.ndim)).astype(dtype), names)
     elif node.op == "Gemm":
-        trans_b = node.attrs.get("transB", 0)
+        trans_b = transposed_weight(node)
         new_weight = weight * (inverse[None, :] if trans_b else inverse[:, None])
         set_constant_input(graph, node, 1, new_weight.astype(dtype), names)
         if np.any(shift):

@@ -2,7 +2,7 @@
 
 A :class:`WeightOperator` maps a float weight to stored codes (``quantize``), back to the
 float weight the layer computes with (``dequantize``: ``Q⁻¹(Q(W))``) and emits the ONNX
-nodes that produce that float weight from the stored codes (``emit``).  REx (passes/rex.py)
+nodes that produce that float weight from the stored codes (``emit``).  REx (passes/rex/)
 only talks to this interface: each expansion order is ``R^k = Q⁻¹(Q(W − Σ_{j<k} R^j))``
 with the chosen operator, so a new quantizer (PowerQuant, passes/power_quant.py) plugs in by
 registering its operator with :func:`register_operator`.
@@ -68,7 +68,8 @@ class UniformWeightOperator:
         return dequantized_constant(graph, base, np.ascontiguousarray(q.codes), q.scales, zeros, q.axis, names)
 
 
-#: Operator name -> factory; "power" (passes/power_quant.py) is added on first use.
+#: Operator name -> factory; "power" is registered by passes/power_quant.py when it is imported
+#: (``onnxopt.passes`` imports it, so it is there before any pass runs).
 _OPERATORS: dict[str, Callable[[], WeightOperator]] = {"uniform": UniformWeightOperator}
 
 
@@ -79,10 +80,6 @@ def register_operator(name: str, factory: Callable[[], WeightOperator]) -> None:
 
 def weight_operator(name: str) -> WeightOperator:
     """The registered operator called ``name`` (clear error otherwise)."""
-    if name == "power" and name not in _OPERATORS:
-        from ..power_quant import PowerWeightOperator  # imported here: power_quant imports this package
-
-        _OPERATORS["power"] = PowerWeightOperator
     if name not in _OPERATORS:
         raise PipelineError(f"unknown weight operator {name!r}; available: {', '.join(sorted(_OPERATORS))}")
     return _OPERATORS[name]()
