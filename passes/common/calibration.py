@@ -137,7 +137,7 @@ def load_calibration_data(
     if not path.exists():
         raise InputDataError(f"calibration data {path}: no such file or folder")
     if path.is_file() and path.suffix.lower() == ".npz":
-        from onnxopt.verify import load_inputs
+        from onnxopt.runtime import load_inputs
 
         data = CalibrationData(load_inputs(path, model, batched=True), "npz", [path])
         for name, array in data.feeds.items():

@@ -251,7 +251,7 @@ def calibrated_ranges(
     (:class:`RunningRange`), so memory holds one batch of activations, not all of them.
     When a batched run fails or changes a tensor's channel count (a graph that is not
     batch-agnostic), calibration restarts one sample per run."""
-    from onnxopt.verify import session
+    from onnxopt.runtime import session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
