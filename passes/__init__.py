@@ -18,6 +18,7 @@ from .power_quant import PowerQuant
 from .quantize import Quantize
 from .red import DecomposeDepthwise, HashWeights, MergeNeurons
 from .rex import Rex
+from .weight_only import WeightOnlyQuantize
 
 BUILTIN_PASSES = (
     EliminateIdentity,
@@ -29,6 +30,7 @@ BUILTIN_PASSES = (
     MergeNeurons,
     DecomposeDepthwise,
     Quantize,
+    WeightOnlyQuantize,
     PowerQuant,
     Rex,
     ModularAccumulator,
@@ -54,6 +56,11 @@ BUILTIN_PRESETS = (
         "quantize",
         "default, then data-free static QDQ quantization with SPIQ scales (options weight_bits, act_bits, spiq, ...)",
         LOSSLESS + ("quantize",) + FINISH,
+    ),
+    Preset(
+        "weight-only",
+        "default, then weight-only block-wise quantization of MatMul/Gemm weights to ONNX Runtime's MatMulNBits (options weight_bits, block_size, symmetric, keep_8bit, ...)",
+        LOSSLESS + ("weight-only",) + FINISH,
     ),
     Preset(
         "red",
