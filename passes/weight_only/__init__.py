@@ -283,8 +283,8 @@ def summarize_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     if not records:
         return {}
     return {
-        "rtn_relative_error_mean": float(np.mean([r["rtn_relative_error"] for r in records])),
-        "relative_error_mean": float(np.mean([r["relative_error"] for r in records])),
+        "rtn_relative_error_mean": round(float(np.mean([r["rtn_relative_error"] for r in records])), 6),
+        "relative_error_mean": round(float(np.mean([r["relative_error"] for r in records])), 6),
     }
 
 
