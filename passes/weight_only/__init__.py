@@ -13,6 +13,10 @@ CPU kernels (MLAS) dequantize block by block inside the product.
 * ``scale_search`` (default True): per-block clipping search minimising the weight
   reconstruction error (never worse than round to nearest, block by block); False: round to
   nearest, as ONNX Runtime's own ``MatMulNBitsQuantizer`` does by default.
+* ``norm_weighting`` (default True): where a LayerNormalization / RMSNormalization (γ, β
+  constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
+  the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
+  (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
 * ``keep_8bit``: node-name (or weight-name) substrings of layers kept at 8 bits, e.g.
   ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (0: float products;
   4: int8 activations inside the kernel, faster, less exact).
@@ -66,6 +70,9 @@ class Layer:
     weight: np.ndarray
     key: tuple[int, int, float]
     bias: np.ndarray | None = None
+    #: E[x_k²] per input row from the normalization producing x (None: unweighted search).
+    row_weight: np.ndarray | None = None
+    norm: str | None = None
 
 
 class WeightOnlyQuantize(Pass):
@@ -86,6 +93,7 @@ class WeightOnlyQuantize(Pass):
         "refine_rounds": 2,
         "accuracy_level": 0,
         "keep_8bit": (),
+        "norm_weighting": True,
     }
 
     # ------------------------------------------------------------------ checks
@@ -95,7 +103,7 @@ class WeightOnlyQuantize(Pass):
             raise PipelineError(f"weight-only: weight_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (MatMulNBits), got {o['weight_bits']!r}")
         if o["block_size"] not in SUPPORTED_BLOCK_SIZES:
             raise PipelineError(f"weight-only: block_size must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}, got {o['block_size']!r}")
-        for key in ("symmetric", "scale_search"):
+        for key in ("symmetric", "scale_search", "norm_weighting"):
             if not isinstance(o[key], bool):
                 raise PipelineError(f"weight-only: {key} must be true or false, got {o[key]!r}")
         if o["accuracy_level"] not in ACCURACY_LEVELS:
@@ -118,9 +126,9 @@ class WeightOnlyQuantize(Pass):
         records = []
         for layer in ctx.progress(layers, total=len(layers), label="layers"):
             bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
-            key = (*layer.key, bits)
+            key = (*layer.key, bits, layer.norm)
             if key not in done:
-                result = self._quantize(layer.weight, bits)
+                result = self._quantize(layer, bits)
                 done[key] = (result, self._constants(result, layer, names))
             result, constants = done[key]
             self._rewrite(graph, layer, result, constants, names)
@@ -161,17 +169,21 @@ class WeightOnlyQuantize(Pass):
             ctx.refuse(f"layer {node_label(node)}", plan)
             self._reasons[float_label(plan)] += 1
             return None
+        if self.options["norm_weighting"]:
+            found = norm_statistics(node.inputs[0], plan.weight.shape[0])
+            if found is not None:
+                plan.norm, plan.row_weight = found
         return plan
 
     def _kept(self, node: gs.Node) -> bool:
         labels = (node.name or "", node.inputs[1].name)
         return any(pattern in label for pattern in self._keep for label in labels)
 
-    def _quantize(self, weight: np.ndarray, bits: int) -> BlockQuantized:
+    def _quantize(self, layer: Layer, bits: int) -> BlockQuantized:
         o = self.options
         return quantize_blocks(
-            weight, bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
-            steps=o["search_steps"], min_shrink=float(o["min_shrink"]), refine_rounds=o["refine_rounds"],
+            layer.weight, bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
+            steps=o["search_steps"], min_shrink=float(o["min_shrink"]), refine_rounds=o["refine_rounds"], row_weight=layer.row_weight,
         )
 
     def _constants(self, result: BlockQuantized, layer: Layer, names: NameFactory) -> list[gs.Constant]:
@@ -239,6 +251,28 @@ def plan_gemm(node: gs.Node) -> Layer | str:
     return Layer(node, np.ascontiguousarray(matrix), (id(node.inputs[1]), trans_b, alpha), bias)
 
 
+NORM_OPS = {("", "LayerNormalization"), ("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
+
+
+def norm_statistics(tensor: gs.Tensor, depth: int) -> tuple[str, np.ndarray] | None:
+    """(norm name, E[x_k²] ≈ γ_k² + β_k²) when ``tensor`` is the output of a last-axis
+    LayerNormalization / RMSNormalization with constant γ (and β) of ``depth`` features: the
+    normalized values have unit mean square per token, so γ and β set each feature's power
+    (the data-free statistics the quantize pass also reads).  None otherwise."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or (node.domain or "", node.op) not in NORM_OPS or node.outputs[0] is not tensor:
+        return None
+    if int(node.attrs.get("axis", -1)) != -1 and not (tensor.shape and int(node.attrs["axis"]) == len(tensor.shape) - 1):
+        return None
+    gamma, beta = constant_values(node, 1), constant_values(node, 2)
+    if gamma is None or gamma.size != depth or (beta is not None and beta.size != depth):
+        return None
+    power = np.square(gamma.reshape(-1).astype(np.float64))
+    if beta is not None:
+        power = power + np.square(beta.reshape(-1).astype(np.float64))
+    return node_label(node), power.astype(np.float32)
+
+
 def weight_refusal(weight: np.ndarray) -> str | None:
     if weight.dtype != np.float32:
         return f"weight is not float32 ({weight.dtype}): MatMulNBits is emitted for float32 models"
@@ -273,7 +307,7 @@ def layer_record(layer: Layer, result: BlockQuantized) -> dict[str, Any]:
     k, n = layer.weight.shape
     return {
         "layer": node_label(layer.node), "op": layer.node.op, "K": int(k), "N": int(n), "bits": result.bits,
-        "block_size": result.block_size, "symmetric": result.symmetric,
+        "block_size": result.block_size, "symmetric": result.symmetric, "weighted_by": layer.norm,
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
 

@@ -33,6 +33,10 @@ Quantizers (:func:`quantize_blocks`):
   never above round to nearest's, block by block.  (Float zero points, as HQQ emits, would
   fit better but make ONNX Runtime's CPU kernel leave its fast path.)
 
+With ``row_weight`` (E[x_k²] of the input feature k; the pass takes it from a LayerNorm's
+γ and β) the search minimises Σ_k E[x_k²]·(w_k − ŵ_k)², the expected output error of the
+block's column, instead of the plain weight error; the reported errors stay unweighted.
+
 Everything is vectorised over all blocks of a chunk of output columns (``CHUNK_ELEMENTS``
 weights per chunk bound the temporaries).
 """
@@ -149,11 +153,13 @@ def dequantize_packed(
 
 
 # --------------------------------------------------------------------------- quantizers
-def _encode(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (float32, integral) and squared error per block for scale/zero [.., n_blocks]."""
+def _encode(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (float32, integral) and squared error per block (weighted by ``rows`` [n_blocks,
+    block_size] when given) for scale/zero [.., n_blocks]."""
     inverse = 1.0 / np.where(scale == 0, 1.0, scale)
     q = np.clip(np.rint(w * inverse[..., None]) + zero[..., None], 0, top)
-    error = np.square((q - zero[..., None]) * scale[..., None] - w).sum(axis=-1)
+    squared = np.square((q - zero[..., None]) * scale[..., None] - w)
+    error = (squared if rows is None else squared * rows).sum(axis=-1)
     return q, error
 
 
@@ -174,20 +180,23 @@ def _rtn_params(w: np.ndarray, bits: int, symmetric: bool, shrink: float | np.nd
     return scale, zero
 
 
-def _refit(w: np.ndarray, q: np.ndarray, zero: np.ndarray, top: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares scale (and integer zero point) for fixed codes ``q``."""
+def _refit(
+    w: np.ndarray, q: np.ndarray, zero: np.ndarray, top: int, symmetric: bool, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) least-squares scale (and integer zero point) for fixed codes ``q``."""
+    r = np.ones(w.shape[-1:], np.float32) if rows is None else rows
     if not symmetric:  # w ≈ a·q + c, then z = round(−c/a)
-        n = w.shape[-1]
-        sq, sw = q.sum(-1), w.sum(-1)
-        sqq, sqw = np.square(q).sum(-1), (q * w).sum(-1)
+        n = np.broadcast_to(r.sum(-1), q.shape[:-1])
+        sq, sw = (r * q).sum(-1), (r * w).sum(-1)
+        sqq, sqw = (r * np.square(q)).sum(-1), (r * q * w).sum(-1)
         det = n * sqq - sq * sq
         a = np.where(det > 0, (n * sqw - sq * sw) / np.where(det > 0, det, 1.0), 0.0)
-        c = (sw - a * sq) / n
+        c = (sw - a * sq) / np.where(n > 0, n, 1.0)
         ok = a > TINY
         zero = np.where(ok, np.clip(np.rint(-c / np.where(ok, a, 1.0)), 0, top), zero).astype(np.float32)
     d = q - zero[..., None]
-    dd = np.square(d).sum(-1)
-    scale = np.where(dd > 0, (d * w).sum(-1) / np.where(dd > 0, dd, 1.0), 0.0)
+    dd = (r * np.square(d)).sum(-1)
+    scale = np.where(dd > 0, (r * d * w).sum(-1) / np.where(dd > 0, dd, 1.0), 0.0)
     return np.where(scale == 0, 1.0, scale).astype(np.float32), zero
 
 
@@ -224,27 +233,32 @@ def _candidates(w: np.ndarray, bits: int, symmetric: bool, scale: np.ndarray, ze
 
 
 def _quantize_chunk(
-    w: np.ndarray, bits: int, symmetric: bool, grid: np.ndarray | None, refine_rounds: int
+    w: np.ndarray, bits: int, symmetric: bool, grid: np.ndarray | None, refine_rounds: int, rows: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
-    """codes, scales, zero points, RTN squared error, final squared error of one chunk."""
+    """codes, scales, zero points, RTN squared error, final squared error of one chunk (the
+    errors unweighted, whatever the search minimised)."""
     top = 2**bits - 1
     scale, zero = _rtn_params(w, bits, symmetric)
-    q, error = _encode(w, scale, zero, top)
-    rtn_error = float(error.sum(dtype=np.float64))
-    if grid is not None:
-        state = (scale, zero, error, q)
-        for s2, z2 in _candidates(w, bits, symmetric, scale, zero, grid):
-            state = _keep_better(state, w, s2, z2, top)
-        for _ in range(refine_rounds):
-            state = _keep_better(state, w, *_refit(w, state[3], state[1], top, symmetric), top)
-        scale, zero, error, q = state
-    return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, float(error.sum(dtype=np.float64))
+    q, plain = _encode(w, scale, zero, top)
+    rtn_error = float(plain.sum(dtype=np.float64))
+    if grid is None:
+        return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, rtn_error
+    state = (scale, zero, plain if rows is None else _encode(w, scale, zero, top, rows)[1], q)
+    for s2, z2 in _candidates(w, bits, symmetric, scale, zero, grid):
+        state = _keep_better(state, w, s2, z2, top, rows)
+    for _ in range(refine_rounds):
+        state = _keep_better(state, w, *_refit(w, state[3], state[1], top, symmetric, rows), top, rows)
+    scale, zero, _, q = state
+    error = np.square((q - zero[..., None]) * scale[..., None] - w).sum(dtype=np.float64)
+    return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, float(error)
 
 
-def _keep_better(state: tuple[np.ndarray, ...], w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> tuple[np.ndarray, ...]:
-    """Per block, the candidate (scale, zero) where its squared error is lower than the current one."""
+def _keep_better(
+    state: tuple[np.ndarray, ...], w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Per block, the candidate (scale, zero) where its (weighted) squared error is lower than the current one."""
     current_scale, current_zero, current_error, current_q = state
-    q, error = _encode(w, scale, zero, top)
+    q, error = _encode(w, scale, zero, top, rows)
     better = error < current_error
     return (
         np.where(better, scale, current_scale).astype(np.float32),
@@ -264,8 +278,10 @@ def quantize_blocks(
     steps: int = 10,
     min_shrink: float = 0.7,
     refine_rounds: int = 2,
+    row_weight: np.ndarray | None = None,
 ) -> BlockQuantized:
-    """Quantize W[K, N] block-wise along K (see the module docstring)."""
+    """Quantize W[K, N] block-wise along K (see the module docstring).  ``row_weight`` [K]
+    (≥ 0, e.g. E[x_k²] of the input) weights the search's squared error per row of W."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if block_size not in SUPPORTED_BLOCK_SIZES:
@@ -277,11 +293,16 @@ def quantize_blocks(
     scales = np.empty((n, n_blocks), dtype=np.float32)
     zeros = np.empty((n, n_blocks), dtype=np.uint8)
     grid = shrink_grid(steps, min_shrink) if search else None
+    rows_weight = None
+    if row_weight is not None and search:
+        padded = np.zeros(n_blocks * block_size, dtype=np.float32)
+        padded[:k] = np.asarray(row_weight, dtype=np.float32) / max(float(np.mean(row_weight)), TINY)
+        rows_weight = padded.reshape(n_blocks, block_size)
     rows = max(1, CHUNK_ELEMENTS // max(w_all.shape[1] * w_all.shape[2], 1))
     rtn_total = total = sq_norm = 0.0
     for start in range(0, n, rows):
         part = slice(start, min(start + rows, n))
-        codes[part], scales[part], zeros[part], rtn_error, error = _quantize_chunk(w_all[part], bits, symmetric, grid, refine_rounds)
+        codes[part], scales[part], zeros[part], rtn_error, error = _quantize_chunk(w_all[part], bits, symmetric, grid, refine_rounds, rows_weight)
         rtn_total += rtn_error
         total += error
         sq_norm += float(np.square(w_all[part].astype(np.float64)).sum())

@@ -216,6 +216,38 @@ def test_keep_8bit_and_shared_weight():
     assert np.linalg.norm(got - reference) < 0.2 * np.linalg.norm(reference)
 
 
+def test_norm_weighting_lowers_output_error_behind_a_layernorm():
+    """γ spanning two decades: the search weighted by γ² + β² (the LayerNorm output's power per
+    feature) gives a smaller output error than the unweighted search, on real LayerNorm outputs."""
+    k, n = 256, 64
+    rng = np.random.default_rng(4)
+    gamma = np.exp(rng.uniform(np.log(0.1), np.log(10.0), k)).astype(np.float32)
+    beta = (rng.standard_normal(k) * 0.1).astype(np.float32)
+    w = heavy_tailed(k, n, seed=12)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1), helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [64, k])], [helper.make_tensor_value_info("y", 1, [64, n])],
+                              [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(beta, "b"), numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": (rng.standard_normal((64, k)) * 3 + 1).astype(np.float32)}
+    reference = run_ort(model, x)
+    errors = {}
+    for weighting in (False, True):
+        out, report = onnxopt.optimize(model, preset="weight-only", norm_weighting=weighting, validate=True)
+        (layer,) = next(p for p in report.passes if p.name == "weight-only").stats["layers"]
+        assert layer["weighted_by"] == ("ln" if weighting else None)
+        errors[weighting] = np.linalg.norm(run_ort(out, x) - reference) / np.linalg.norm(reference)
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_weighted_search_never_above_weighted_round_to_nearest():
+    weight = heavy_tailed(200, 32, seed=21)
+    rows = np.random.default_rng(3).uniform(0.01, 5.0, 200).astype(np.float32)
+    rtn = quantize_blocks(weight, 4, 32, search=False).dequantized()
+    searched = quantize_blocks(weight, 4, 32, row_weight=rows).dequantized()
+    weighted = lambda w_hat: float((rows[:, None] * np.square(w_hat - weight, dtype=np.float64)).sum())  # noqa: E731
+    assert weighted(searched) < weighted(rtn)
+
+
 # --------------------------------------------------------------------------- GPT-style, external data
 def gpt_style_model(layers: int = 2, d: int = 64, ff: int = 256, vocab: int = 97, seq: int = 8) -> onnx.ModelProto:
     """ids → embedding Gather → [LayerNorm → MatMul(d, d) → Add residual → LayerNorm → MatMul(d, ff) → Gelu
