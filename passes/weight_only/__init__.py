@@ -28,9 +28,9 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   A weight read by several layers is quantized once and shared.
 
 The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
-round to nearest and of the chosen quantization.  Memory: each weight is loaded and copied
-once (transposed, padded, float32) while it is quantized; the search's temporaries are
-bounded by :data:`.blockwise.CHUNK_ELEMENTS`.
+round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
+copied once (transposed, padded, float32) while it is quantized — the search's temporaries
+are bounded by :data:`.blockwise.CHUNK_ELEMENTS` — and only its packed bytes are kept.
 """
 
 from __future__ import annotations
@@ -64,15 +64,42 @@ FLOAT_LABELS = (
 
 @dataclass
 class Layer:
-    """A layer to rewrite: its node, W[K, N] as it multiplies x, and the bias of a Gemm."""
+    """A layer to rewrite: its node, its weight constant (read as W[K, N] = alpha·B or
+    alpha·Bᵀ, loaded only when quantized) and the bias of a Gemm."""
 
     node: gs.Node
-    weight: np.ndarray
-    key: tuple[int, int, float]
+    tensor: gs.Constant
+    k: int
+    n: int
+    trans_b: int = 0
+    alpha: float = 1.0
     bias: np.ndarray | None = None
     #: E[x_k²] per input row from the normalization producing x (None: unweighted search).
     row_weight: np.ndarray | None = None
     norm: str | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (id(self.tensor), self.trans_b, self.alpha)
+
+    def matrix(self) -> np.ndarray:
+        values = np.asarray(self.tensor.values)
+        matrix = values.T if self.trans_b else values
+        return np.ascontiguousarray(matrix * np.float32(self.alpha) if self.alpha != 1.0 else matrix)
+
+
+@dataclass
+class Packed:
+    """A quantized weight as stored (the MatMulNBits constants) and its errors; the codes
+    are not kept, so only the packed bytes of the weights done so far stay in memory."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    rtn_relative_error: float
+    relative_error: float
+    float_bytes: int
+    constants: list[gs.Constant]
 
 
 class WeightOnlyQuantize(Pass):
@@ -122,21 +149,20 @@ class WeightOnlyQuantize(Pass):
         self._reasons: Counter[str] = Counter()
         layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
         names = NameFactory(graph)
-        done: dict[tuple[Any, ...], tuple[BlockQuantized, list[gs.Constant]]] = {}
+        done: dict[tuple[Any, ...], Packed] = {}
         records = []
         for layer in ctx.progress(layers, total=len(layers), label="layers"):
             bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
             key = (*layer.key, bits, layer.norm)
             if key not in done:
-                result = self._quantize(layer, bits)
-                done[key] = (result, self._constants(result, layer, names))
-            result, constants = done[key]
-            self._rewrite(graph, layer, result, constants, names)
-            records.append(layer_record(layer, result))
+                done[key] = self._pack(self._quantize(layer, bits), layer, names)
+            self._rewrite(graph, layer, done[key], names)
+            records.append(layer_record(layer, done[key]))
+            layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
         if layers:
             cleanup(graph)
-        before = sum(result.codes.shape[0] * result.k * 4 for result, _ in done.values())
-        after = sum(int(sum(c.values.nbytes for c in constants)) for _, constants in done.values())
+        before = sum(packed.float_bytes for packed in done.values())
+        after = sum(int(sum(c.values.nbytes for c in packed.constants)) for packed in done.values())
         return PassResult(
             bool(layers),
             {
@@ -170,7 +196,7 @@ class WeightOnlyQuantize(Pass):
             self._reasons[float_label(plan)] += 1
             return None
         if self.options["norm_weighting"]:
-            found = norm_statistics(node.inputs[0], plan.weight.shape[0])
+            found = norm_statistics(node.inputs[0], plan.k)
             if found is not None:
                 plan.norm, plan.row_weight = found
         return plan
@@ -182,29 +208,29 @@ class WeightOnlyQuantize(Pass):
     def _quantize(self, layer: Layer, bits: int) -> BlockQuantized:
         o = self.options
         return quantize_blocks(
-            layer.weight, bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
+            layer.matrix(), bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
             steps=o["search_steps"], min_shrink=float(o["min_shrink"]), refine_rounds=o["refine_rounds"], row_weight=layer.row_weight,
         )
 
-    def _constants(self, result: BlockQuantized, layer: Layer, names: NameFactory) -> list[gs.Constant]:
-        """B, scales and (unless symmetric) zero points as fresh constants."""
-        base = layer.node.inputs[1].name
+    def _pack(self, result: BlockQuantized, layer: Layer, names: NameFactory) -> Packed:
+        """B, scales and (unless symmetric) zero points as fresh constants, and the errors."""
+        base = layer.tensor.name
         b, scales, zero_points = packed_tensors(result)
         constants = [gs.Constant(names.new(f"{base}_Q{result.bits}"), b), gs.Constant(names.new(f"{base}_scales"), scales)]
         if zero_points is not None:
             constants.append(gs.Constant(names.new(f"{base}_zero_points"), zero_points))
-        return constants
+        return Packed(result.bits, result.block_size, result.symmetric, result.rtn_relative_error, result.relative_error,
+                      layer.k * layer.n * 4, constants)
 
-    def _rewrite(self, graph: gs.Graph, layer: Layer, result: BlockQuantized, constants: list[gs.Constant], names: NameFactory) -> None:
+    def _rewrite(self, graph: gs.Graph, layer: Layer, packed: Packed, names: NameFactory) -> None:
         node = layer.node
-        inputs: list[gs.Tensor] = [node.inputs[0], *constants]
+        inputs: list[gs.Tensor] = [node.inputs[0], *packed.constants]
         if layer.bias is not None:
             inputs += [gs.Variable.empty()] * (5 - len(inputs))  # zero_points and g_idx absent
             inputs.append(gs.Constant(names.new(f"{node_label(node)}_bias"), layer.bias))
-        k, n = layer.weight.shape
-        attrs = {"K": int(k), "N": int(n), "bits": result.bits, "block_size": result.block_size, "accuracy_level": int(self.options["accuracy_level"])}
+        attrs = {"K": layer.k, "N": layer.n, "bits": packed.bits, "block_size": packed.block_size, "accuracy_level": int(self.options["accuracy_level"])}
         output = node.outputs[0]
-        fused = gs.Node("MatMulNBits", names.new(f"{node_label(node)}_Q{result.bits}"), attrs=attrs, inputs=inputs, outputs=[], domain=DOMAIN)
+        fused = gs.Node("MatMulNBits", names.new(f"{node_label(node)}_Q{packed.bits}"), attrs=attrs, inputs=inputs, outputs=[], domain=DOMAIN)
         detach(node)
         fused.outputs.append(output)
         graph.nodes.append(fused)
@@ -215,20 +241,21 @@ class WeightOnlyQuantize(Pass):
 
 # --------------------------------------------------------------------------- matching
 def plan_matmul(node: gs.Node) -> Layer | str:
-    """The Layer of ``x × W``, or why it cannot be rewritten."""
-    weight = constant_values(node, 1)
-    if weight is None:
-        return "constant left operand (W × x)" if constant_values(node, 0) is not None else "weight is not a constant (activation × activation)"
+    """The Layer of ``x × W``, or why it cannot be rewritten (nothing loaded)."""
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        return "constant left operand (W × x)" if isinstance(node.inputs[0], gs.Constant) else "weight is not a constant (activation × activation)"
     reason = weight_refusal(weight) or input_refusal(node.inputs[0])
     if reason:
         return reason
-    return Layer(node, weight, (id(node.inputs[1]), 0, 1.0))
+    k, n = (int(d) for d in weight.shape)
+    return Layer(node, weight, k, n)
 
 
 def plan_gemm(node: gs.Node) -> Layer | str:
     """The Layer of ``alpha·A × B' + beta·C``, or why it cannot be rewritten."""
-    weight = constant_values(node, 1)
-    if weight is None:
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
         return "weight is not a constant (Gemm of two activations)"
     reason = weight_refusal(weight)
     if reason:
@@ -237,18 +264,16 @@ def plan_gemm(node: gs.Node) -> Layer | str:
         return "Gemm with transA=1: MatMulNBits multiplies A as given (transpose A before the Gemm)"
     trans_b = int(node.attrs.get("transB", 0))
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    k_by_n = weight.T if trans_b else weight
-    matrix = k_by_n * np.float32(alpha) if alpha != 1.0 else k_by_n
+    k, n = (int(d) for d in (weight.shape[::-1] if trans_b else weight.shape))
     bias = None
     if optional_input(node, 2) is not None:
         c = constant_values(node, 2)
         if c is None:
             return "Gemm bias C is not a constant"
-        n = k_by_n.shape[1]
         if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
             return f"Gemm bias C of shape {list(c.shape)}: MatMulNBits takes a bias of [N] = [{n}]"
         bias = np.ascontiguousarray(np.broadcast_to(c.reshape(-1), (n,)) * np.float32(beta), dtype=np.float32)
-    return Layer(node, np.ascontiguousarray(matrix), (id(node.inputs[1]), trans_b, alpha), bias)
+    return Layer(node, weight, k, n, trans_b, alpha, bias)
 
 
 NORM_OPS = {("", "LayerNormalization"), ("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
@@ -273,11 +298,12 @@ def norm_statistics(tensor: gs.Tensor, depth: int) -> tuple[str, np.ndarray] | N
     return node_label(node), power.astype(np.float32)
 
 
-def weight_refusal(weight: np.ndarray) -> str | None:
-    if weight.dtype != np.float32:
-        return f"weight is not float32 ({weight.dtype}): MatMulNBits is emitted for float32 models"
-    if weight.ndim != 2:
-        return f"weight of rank {weight.ndim}: MatMulNBits takes a 2-D W[K, N]"
+def weight_refusal(weight: gs.Constant) -> str | None:
+    """Checked on the constant's type and shape, without loading its values."""
+    if np.dtype(weight.dtype) != np.float32:
+        return f"weight is not float32 ({np.dtype(weight.dtype)}): MatMulNBits is emitted for float32 models"
+    if len(weight.shape) != 2:
+        return f"weight of rank {len(weight.shape)}: MatMulNBits takes a 2-D W[K, N]"
     return None
 
 
@@ -303,10 +329,9 @@ def float_label(reason: str) -> str:
     return next((label for prefix, label in FLOAT_LABELS if reason.startswith(prefix)), "other")
 
 
-def layer_record(layer: Layer, result: BlockQuantized) -> dict[str, Any]:
-    k, n = layer.weight.shape
+def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
     return {
-        "layer": node_label(layer.node), "op": layer.node.op, "K": int(k), "N": int(n), "bits": result.bits,
+        "layer": node_label(layer.node), "op": layer.node.op, "K": layer.k, "N": layer.n, "bits": result.bits,
         "block_size": result.block_size, "symmetric": result.symmetric, "weighted_by": layer.norm,
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
