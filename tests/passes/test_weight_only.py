@@ -191,6 +191,15 @@ def test_refusals_are_counted_with_reasons():
     assert Counter(n.op_type for n in out.graph.node)["Gemm"] == 1
 
 
+def test_float16_weights_refused_with_the_reason():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    agraph (float16[4, 32] x) => (float16[4, 8] y) { y = MatMul (x, W) }"""
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(numpy_helper.from_array(heavy_tailed(32, 8).astype(np.float16), "W"))
+    with pytest.raises(NothingToDoError, match="0 of 1 MatMul/Gemm layers quantized: 1 non-float32 weight"):
+        onnxopt.optimize(model, preset="weight-only")
+
+
 def test_keep_8bit_and_shared_weight():
     w = heavy_tailed(64, 64, seed=9)
     head = heavy_tailed(64, 16, seed=10)
