@@ -38,7 +38,8 @@ With ``row_weight`` (E[x_k²] of the input feature k; the pass takes it from a L
 block's column, instead of the plain weight error; the reported errors stay unweighted.
 
 Everything is vectorised over all blocks of a chunk of output columns (``CHUNK_ELEMENTS``
-weights per chunk bound the temporaries).
+weights per chunk bound the temporaries; each chunk is transposed and padded on its own, so
+no full copy of W is made).
 """
 
 from __future__ import annotations
@@ -287,9 +288,8 @@ def quantize_blocks(
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     k, n = weight.shape
-    w_all = blocked(weight, block_size)
-    n_blocks = w_all.shape[1]
-    codes = np.empty(w_all.shape, dtype=np.uint8)
+    n_blocks = -(-k // block_size)
+    codes = np.empty((n, n_blocks, block_size), dtype=np.uint8)
     scales = np.empty((n, n_blocks), dtype=np.float32)
     zeros = np.empty((n, n_blocks), dtype=np.uint8)
     grid = shrink_grid(steps, min_shrink) if search else None
@@ -298,15 +298,15 @@ def quantize_blocks(
         padded = np.zeros(n_blocks * block_size, dtype=np.float32)
         padded[:k] = np.asarray(row_weight, dtype=np.float32) / max(float(np.mean(row_weight)), TINY)
         rows_weight = padded.reshape(n_blocks, block_size)
-    rows = max(1, CHUNK_ELEMENTS // max(w_all.shape[1] * w_all.shape[2], 1))
+    rows = max(1, CHUNK_ELEMENTS // max(n_blocks * block_size, 1))
     rtn_total = total = sq_norm = 0.0
     for start in range(0, n, rows):
         part = slice(start, min(start + rows, n))
-        codes[part], scales[part], zeros[part], rtn_error, error = _quantize_chunk(w_all[part], bits, symmetric, grid, refine_rounds, rows_weight)
+        w = blocked(weight[:, part], block_size)  # one chunk of columns at a time: no full transposed copy
+        codes[part], scales[part], zeros[part], rtn_error, error = _quantize_chunk(w, bits, symmetric, grid, refine_rounds, rows_weight)
         rtn_total += rtn_error
         total += error
-        sq_norm += float(np.square(w_all[part].astype(np.float64)).sum())
-    del w_all
+        sq_norm += float(np.square(w, dtype=np.float64).sum())
     return BlockQuantized(codes, scales.astype(weight.dtype), zeros, bits, block_size, k, symmetric, rtn_total, total, sq_norm)
 
 
