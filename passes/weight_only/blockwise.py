@@ -154,14 +154,25 @@ def dequantize_packed(
 
 
 # --------------------------------------------------------------------------- quantizers
+def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
+    """Codes (float32, integral) for scale/zero [.., n_blocks] (computed in place)."""
+    q = w * (1.0 / np.where(scale == 0, 1.0, scale))[..., None]
+    np.rint(q, out=q)
+    q += zero[..., None]
+    return np.clip(q, 0, top, out=q)
+
+
 def _encode(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (float32, integral) and squared error per block (weighted by ``rows`` [n_blocks,
-    block_size] when given) for scale/zero [.., n_blocks]."""
-    inverse = 1.0 / np.where(scale == 0, 1.0, scale)
-    q = np.clip(np.rint(w * inverse[..., None]) + zero[..., None], 0, top)
-    squared = np.square((q - zero[..., None]) * scale[..., None] - w)
-    error = (squared if rows is None else squared * rows).sum(axis=-1)
-    return q, error
+    """Codes and squared error per block (weighted by ``rows`` [n_blocks, block_size] when
+    given) for scale/zero [.., n_blocks]."""
+    q = _codes(w, scale, zero, top)
+    residual = q - zero[..., None]
+    residual *= scale[..., None]
+    residual -= w
+    np.square(residual, out=residual)
+    if rows is not None:
+        residual *= rows
+    return q, residual.sum(axis=-1)
 
 
 def _rtn_params(w: np.ndarray, bits: int, symmetric: bool, shrink: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -244,28 +255,29 @@ def _quantize_chunk(
     rtn_error = float(plain.sum(dtype=np.float64))
     if grid is None:
         return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, rtn_error
-    state = (scale, zero, plain if rows is None else _encode(w, scale, zero, top, rows)[1], q)
+    state = (scale, zero, plain if rows is None else _encode(w, scale, zero, top, rows)[1])
     for s2, z2 in _candidates(w, bits, symmetric, scale, zero, grid):
         state = _keep_better(state, w, s2, z2, top, rows)
     for _ in range(refine_rounds):
-        state = _keep_better(state, w, *_refit(w, state[3], state[1], top, symmetric, rows), top, rows)
-    scale, zero, _, q = state
-    error = np.square((q - zero[..., None]) * scale[..., None] - w).sum(dtype=np.float64)
-    return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, float(error)
+        q = _codes(w, state[0], state[1], top)
+        state = _keep_better(state, w, *_refit(w, q, state[1], top, symmetric, rows), top, rows)
+    scale, zero, _ = state
+    q, error = _encode(w, scale, zero, top)
+    return q.astype(np.uint8), scale, zero.astype(np.uint8), rtn_error, float(error.sum(dtype=np.float64))
 
 
 def _keep_better(
     state: tuple[np.ndarray, ...], w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
-    """Per block, the candidate (scale, zero) where its (weighted) squared error is lower than the current one."""
-    current_scale, current_zero, current_error, current_q = state
-    q, error = _encode(w, scale, zero, top, rows)
+    """Per block, the candidate (scale, zero) where its (weighted) squared error is lower than
+    the current one (only the per-block parameters are kept; the codes follow from them)."""
+    current_scale, current_zero, current_error = state
+    _, error = _encode(w, scale, zero, top, rows)
     better = error < current_error
     return (
         np.where(better, scale, current_scale).astype(np.float32),
         np.where(better, zero, current_zero).astype(np.float32),
         np.where(better, error, current_error),
-        np.where(better[..., None], q, current_q),
     )
 
 
