@@ -147,6 +147,7 @@ class WeightOnlyQuantize(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
         self._reasons: Counter[str] = Counter()
+        self._matched: set[str] = set()
         layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
         names = NameFactory(graph)
         done: dict[tuple[Any, ...], Packed] = {}
@@ -159,6 +160,9 @@ class WeightOnlyQuantize(Pass):
             self._rewrite(graph, layer, done[key], names)
             records.append(layer_record(layer, done[key]))
             layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
+        unmatched = [p for p in self._keep if p not in self._matched]
+        for pattern in unmatched:
+            ctx.refuse(f"keep_8bit {pattern!r}", "matches no quantized MatMul/Gemm (node or weight name): nothing kept at 8 bits for it")
         if layers:
             cleanup(graph)
         before = sum(packed.float_bytes for packed in done.values())
@@ -168,6 +172,8 @@ class WeightOnlyQuantize(Pass):
             {
                 "layers_quantized": len(layers),
                 "weights_quantized": len(done),
+                "layers_8bit": sum(1 for r in records if r["bits"] == 8 and self.options["weight_bits"] != 8),
+                **({"keep_8bit_unmatched": unmatched} if unmatched else {}),
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
                 **summarize_errors(records),
@@ -202,8 +208,10 @@ class WeightOnlyQuantize(Pass):
         return plan
 
     def _kept(self, node: gs.Node) -> bool:
-        labels = (node.name or "", node.inputs[1].name)
-        return any(pattern in label for pattern in self._keep for label in labels)
+        """Whether a keep_8bit pattern is in the node's or its weight's name (matches are recorded)."""
+        hits = {p for p in self._keep if p in (node.name or "") or p in node.inputs[1].name}
+        self._matched |= hits
+        return bool(hits)
 
     def _quantize(self, layer: Layer, bits: int) -> BlockQuantized:
         o = self.options

@@ -218,7 +218,12 @@ def test_keep_8bit_and_shared_weight():
     mlp = [n for n in nbits_nodes(out) if n.name.startswith("block.")]
     assert mlp[0].input[1:] == mlp[1].input[1:]  # the shared weight is quantized and stored once
     stats = next(p for p in report.passes if p.name == "weight-only").stats
-    assert stats["weights_quantized"] == 2 and stats["layers_quantized"] == 3
+    assert stats["weights_quantized"] == 2 and stats["layers_quantized"] == 3 and stats["layers_8bit"] == 1
+    # a pattern that matches nothing is said, not ignored
+    _, report = onnxopt.optimize(model, preset="weight-only", keep_8bit=["lm_head", "embed_tokens", "H"])  # "H": the head's weight name
+    weight_only = next(p for p in report.passes if p.name == "weight-only")
+    assert weight_only.stats["keep_8bit_unmatched"] == ["embed_tokens"]
+    assert any(r.subject == "keep_8bit 'embed_tokens'" and "matches no" in r.reason for r in weight_only.refusals)
     x = RNG.standard_normal((1, 64)).astype(np.float32)
     reference = run_ort(model, {"x": x})
     got = run_ort(out, {"x": x})
