@@ -36,6 +36,7 @@ examples:
   onnxopt model.onnx -o out.onnx --passes fold-constants,fold-conv-bn --report report.json
   onnxopt model.onnx -o model.int8.onnx --quantize w8a8   data-free W8A8 QDQ (SPIQ scales)
   onnxopt model.onnx -o out.onnx --quantize w4a8 --rex 2 --rex-budget 50%
+  onnxopt decoder.onnx -o decoder.w4.onnx --quantize w4 --keep-8bit lm_head   weight-only MatMulNBits (LLMs)
   onnxopt model.onnx -o out.onnx --prune red            data-free redundancy pruning
   onnxopt model.onnx -o out.onnx --quantize w4a8 --power-quant
   onnxopt analyze accumulators model.int8.onnx --bits 16

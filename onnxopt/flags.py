@@ -7,6 +7,7 @@ rewrite after it, dead-code removal last)::
 
     --prune red                  hash-weights, merge-neurons, decompose-depthwise
     --quantize wNaM              quantize            (power-quant with --power-quant)
+    --quantize wN                weight-only         (MatMulNBits; --block-size, --symmetric, --keep-8bit)
     --rex K                      rex                 (needs --quantize)
     --modular-accumulator BITS   modular-accumulator (needs --quantize, uniform)
 
@@ -26,7 +27,7 @@ from .errors import PipelineError
 RED_PASSES = ("hash-weights", "merge-neurons", "decompose-depthwise")
 
 # Where a pass added by a flag goes: before the first pass of the pipeline ranked after it.
-CANONICAL_ORDER = (*RED_PASSES, "quantize", "power-quant", "rex", "modular-accumulator", "eliminate-dead")
+CANONICAL_ORDER = (*RED_PASSES, "quantize", "weight-only", "power-quant", "rex", "modular-accumulator", "eliminate-dead")
 
 
 #: Flags whose value may start with "-" (a negative number): ``--input-range -3,3``.
@@ -53,7 +54,14 @@ def join_negative_values(argv: Sequence[str]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The argument groups of the compression flags."""
     quant = parser.add_argument_group("quantization (lossy; emits standard QDQ that ONNX Runtime fuses)")
-    quant.add_argument("--quantize", metavar="wNaM", help="quantize weights to N bits and activations to M bits (2..8), e.g. w8a8, w4a8")
+    quant.add_argument(
+        "--quantize", metavar="wNaM|wN",
+        help="quantize weights to N bits and activations to M bits (2..8), e.g. w8a8, w4a8; wN (w4, w8, w2) quantizes "
+        "only the MatMul/Gemm weights, block-wise, to ONNX Runtime's MatMulNBits (float activations; decoder LLMs)",
+    )
+    quant.add_argument("--block-size", type=int, metavar="N", help="with --quantize wN: K rows per scale (16, 32, 64, 128, 256; default 32)")
+    quant.add_argument("--symmetric", action="store_true", help="with --quantize wN: no zero points (slightly faster kernel, larger error)")
+    quant.add_argument("--keep-8bit", metavar="NAME,...", help="with --quantize wN: layers whose node or weight name contains one of these stay at 8 bits (e.g. lm_head,embed)")
     quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
     quant.add_argument("--act-ranges", choices=("bn", "minmax", "percentile"), help="activation ranges: from BN statistics (default, data-free) or calibration data")
     quant.add_argument("--calibration-data", metavar="PATH", help="calibration samples: an .npz (one array per graph input, batch on axis 0), a folder of .npy files or a folder of images (.jpg/.png; resized, center-cropped, ImageNet-normalised)")
@@ -92,7 +100,7 @@ def pipeline_from_flags(base: Sequence[str], args: argparse.Namespace) -> tuple[
     """(pass names, options): ``base`` with the passes the compression flags need."""
     options: dict[str, Any] = {}
     wanted: list[str] = []
-    for family in (pruning_options, quantization_options, power_options, rex_options):
+    for family in (pruning_options, weight_only_options, quantization_options, power_options, rex_options):
         family_options, family_passes = family(args)
         options.update(family_options)
         wanted += family_passes
@@ -115,11 +123,37 @@ def insert_passes(names: list[str], wanted: Sequence[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- families
+def parse_weight_only(spec: str | None) -> int | None:
+    """``w4`` → 4 (weights only); None for anything else."""
+    match = re.fullmatch(r"w(\d+)", (spec or "").strip().lower())
+    return int(match.group(1)) if match else None
+
+
+def weight_only_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Options of the weight-only pass and the pass itself, for ``--quantize wN``."""
+    given = {
+        "block_size": args.block_size,
+        "symmetric": True if args.symmetric else None,
+        "keep_8bit": [p.strip() for p in args.keep_8bit.split(",") if p.strip()] if args.keep_8bit else None,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
+    bits = parse_weight_only(args.quantize)
+    if bits is None:
+        if options:
+            raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wN (weight-only, e.g. w4)")
+        return {}, []
+    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--rex", args.rex), ("--modular-accumulator", args.modular_accumulator)) if value is not None]
+    if others:
+        raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
+    options["weight_bits"] = bits
+    return options, ["weight-only"]
+
+
 def parse_bits(spec: str) -> tuple[int, int]:
     """``w8a8`` → (8, 8)."""
     match = re.fullmatch(r"w(\d+)a(\d+)", spec.strip().lower())
     if not match:
-        raise PipelineError(f"bad --quantize {spec!r}: expected wNaM, e.g. w8a8 or w4a8")
+        raise PipelineError(f"bad --quantize {spec!r}: expected wNaM (e.g. w8a8, w4a8) or wN for weight-only (e.g. w4)")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -141,7 +175,7 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):
         raise PipelineError(f"bad --lambda {args.lam!r}: expected a finite number of standard deviations > 0, e.g. 6")
-    if args.quantize is None:
+    if args.quantize is None or parse_weight_only(args.quantize) is not None:
         if options:
             raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wNaM")
         return {}, []

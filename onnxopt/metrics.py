@@ -24,7 +24,7 @@ import onnx
 from .graph import with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, serialized_size, tensor_bytes
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits")
 
 
 @dataclass
@@ -139,6 +139,9 @@ def _label(node: onnx.NodeProto) -> str:
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
     op = node.op_type
+    if op == "MatMulNBits":  # com.microsoft: x[..., K] × W[K, N] with K, N as attributes (no inferred output shape)
+        x = shapes.get(node.input[0])
+        return None if x is None or None in x else int(np.prod(x[:-1], dtype=np.int64) * _attr(node, "K", 0) * _attr(node, "N", 0))
     weight_index = 3 if op in ("QLinearConv", "QLinearMatMul") else 1
     data_index = 0
     names = list(node.input)

@@ -19,6 +19,7 @@ from .power_quant import PowerQuant
 from .quantize import Quantize
 from .red import DecomposeDepthwise, HashWeights, MergeNeurons
 from .rex import Rex
+from .weight_only import WeightOnlyQuantize
 
 BUILTIN_PASSES = (
     EliminateIdentity,
@@ -32,6 +33,7 @@ BUILTIN_PASSES = (
     Equalize,
     AbsorbHighBias,
     Quantize,
+    WeightOnlyQuantize,
     PowerQuant,
     Rex,
     ModularAccumulator,
@@ -63,6 +65,11 @@ BUILTIN_PRESETS = (
         "the DFQ baseline (Nagel et al. 2019): default, then cross-layer equalization and high-bias absorption, then data-free quantization with SPIQ off (spiq=auto for DFQ + SPIQ)",
         LOSSLESS + ("equalize", "absorb-high-bias", "quantize") + FINISH,
         {"spiq": False},
+    ),
+    Preset(
+        "weight-only",
+        "default, then weight-only block-wise quantization of MatMul/Gemm weights to ONNX Runtime's MatMulNBits (options weight_bits, block_size, symmetric, keep_8bit, ...)",
+        LOSSLESS + ("weight-only",) + FINISH,
     ),
     Preset(
         "red",

@@ -1,0 +1,358 @@
+"""weight-only: block-wise low-bit weights in ONNX Runtime's ``com.microsoft.MatMulNBits``.
+
+Before::   x[…, K] ── MatMul(W[K, N]) ── y          x[M, K] ── Gemm(B, C; transB, alpha, beta) ── y
+After::    x[…, K] ── MatMulNBits(B_packed, scales, zero_points[, bias]) ── y
+
+Activations stay float; only the constant weight of every ``MatMul`` (x × W) and ``Gemm``
+is stored at ``weight_bits`` (4; also 2 and 8) in blocks of ``block_size`` (32; 16–256)
+consecutive K rows per output column, each with a float scale and — unless ``symmetric`` —
+a uint8 zero point (:mod:`.blockwise` has the layout and the quantizers).  Decoding one
+token at batch 1 reads every weight once, so latency follows the weight bytes; ONNX Runtime's
+CPU kernels (MLAS) dequantize block by block inside the product.
+
+* ``scale_search`` (default True): per-block clipping search minimising the weight
+  reconstruction error (never worse than round to nearest, block by block); False: round to
+  nearest, as ONNX Runtime's own ``MatMulNBitsQuantizer`` does by default.
+* ``norm_weighting`` (default True): where a LayerNormalization / RMSNormalization (γ, β
+  constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
+  the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
+  (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
+* ``keep_8bit``: node-name (or weight-name) substrings of layers kept at 8 bits, e.g.
+  ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (0: float products;
+  4: int8 activations inside the kernel, faster, less exact).
+* Gemm: ``transB`` reads B as [N, K] (transposed before quantizing), ``alpha`` scales the
+  weight, ``beta·C`` of shape [N] (or [1, N] or a scalar) becomes the op's bias input.
+  Refused with the reason: Gemm with ``transA``, a bias C of another shape or not constant.
+* Refused (counted in the coverage line): weights that are not float32 initializers,
+  weights of rank ≠ 2, a constant left operand, inputs whose rank is unknown or < 2.
+  A weight read by several layers is quantized once and shared.
+
+The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
+round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
+copied once (transposed, padded, float32) while it is quantized — the search's temporaries
+are bounded by :data:`.blockwise.CHUNK_ELEMENTS` — and only its packed bytes are kept.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import PipelineError
+from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
+from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
+
+from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+
+DOMAIN = "com.microsoft"
+LAYER_OPS = frozenset({"MatMul", "Gemm"})
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: Why a layer stayed float: reason prefix -> short label of the coverage line.
+FLOAT_LABELS = (
+    ("weight is not a constant", "activation × activation"),
+    ("constant left operand", "constant left operand"),
+    ("weight is not float32", "non-float32 weight"),
+    ("weight of rank", "weight rank ≠ 2"),
+    ("input rank", "input rank unknown or < 2"),
+    ("Gemm", "Gemm form"),
+)
+
+
+@dataclass
+class Layer:
+    """A layer to rewrite: its node, its weight constant (read as W[K, N] = alpha·B or
+    alpha·Bᵀ, loaded only when quantized) and the bias of a Gemm."""
+
+    node: gs.Node
+    tensor: gs.Constant
+    k: int
+    n: int
+    trans_b: int = 0
+    alpha: float = 1.0
+    bias: np.ndarray | None = None
+    #: E[x_k²] per input row from the normalization producing x (None: unweighted search).
+    row_weight: np.ndarray | None = None
+    norm: str | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (id(self.tensor), self.trans_b, self.alpha)
+
+    def matrix(self) -> np.ndarray:
+        values = np.asarray(self.tensor.values)
+        matrix = values.T if self.trans_b else values
+        return np.ascontiguousarray(matrix * np.float32(self.alpha) if self.alpha != 1.0 else matrix)
+
+
+@dataclass
+class Packed:
+    """A quantized weight as stored (the MatMulNBits constants) and its errors; the codes
+    are not kept, so only the packed bytes of the weights done so far stay in memory."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    rtn_relative_error: float
+    relative_error: float
+    float_bytes: int
+    constants: list[gs.Constant]
+
+
+class WeightOnlyQuantize(Pass):
+    name = "weight-only"
+    summary = "weight-only block-wise 2/4/8-bit quantization of MatMul/Gemm weights to ONNX Runtime's MatMulNBits (float activations)"
+    lossless = False
+    tags = frozenset({"weight-only"})
+    request = "weight-only"
+    #: The op lives in com.microsoft (version 1) and needs no newer default-domain op.
+    min_opset = None
+    options_spec = {
+        "weight_bits": 4,
+        "block_size": 32,
+        "symmetric": False,
+        "scale_search": True,
+        "search_steps": 10,
+        "min_shrink": 0.7,
+        "refine_rounds": 2,
+        "accuracy_level": 0,
+        "keep_8bit": (),
+        "norm_weighting": True,
+    }
+
+    # ------------------------------------------------------------------ checks
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        if o["weight_bits"] not in SUPPORTED_BITS:
+            raise PipelineError(f"weight-only: weight_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (MatMulNBits), got {o['weight_bits']!r}")
+        if o["block_size"] not in SUPPORTED_BLOCK_SIZES:
+            raise PipelineError(f"weight-only: block_size must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}, got {o['block_size']!r}")
+        for key in ("symmetric", "scale_search", "norm_weighting"):
+            if not isinstance(o[key], bool):
+                raise PipelineError(f"weight-only: {key} must be true or false, got {o[key]!r}")
+        if o["accuracy_level"] not in ACCURACY_LEVELS:
+            raise PipelineError(f"weight-only: accuracy_level must be one of 0..4, got {o['accuracy_level']!r}")
+        if not (isinstance(o["search_steps"], int) and o["search_steps"] >= 1):
+            raise PipelineError(f"weight-only: search_steps must be an integer >= 1, got {o['search_steps']!r}")
+        if not 0 < o["min_shrink"] <= 1:
+            raise PipelineError(f"weight-only: min_shrink must be in (0, 1], got {o['min_shrink']!r}")
+        if not (isinstance(o["refine_rounds"], int) and o["refine_rounds"] >= 0):
+            raise PipelineError(f"weight-only: refine_rounds must be an integer >= 0, got {o['refine_rounds']!r}")
+        self._keep = keep_patterns(o["keep_8bit"])
+
+    # ------------------------------------------------------------------ main
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        self._reasons: Counter[str] = Counter()
+        self._matched: set[str] = set()
+        layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
+        names = NameFactory(graph)
+        done: dict[tuple[Any, ...], Packed] = {}
+        records = []
+        for layer in ctx.progress(layers, total=len(layers), label="layers"):
+            bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
+            key = (*layer.key, bits, layer.norm)
+            if key not in done:
+                done[key] = self._pack(self._quantize(layer, bits), layer, names)
+            self._rewrite(graph, layer, done[key], names)
+            records.append(layer_record(layer, done[key]))
+            layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
+        unmatched = [p for p in self._keep if p not in self._matched]
+        for pattern in unmatched:
+            ctx.refuse(f"keep_8bit {pattern!r}", "matches no quantized MatMul/Gemm (node or weight name): nothing kept at 8 bits for it")
+        if layers:
+            cleanup(graph)
+        before = sum(packed.float_bytes for packed in done.values())
+        after = sum(int(sum(c.values.nbytes for c in packed.constants)) for packed in done.values())
+        return PassResult(
+            bool(layers),
+            {
+                "layers_quantized": len(layers),
+                "weights_quantized": len(done),
+                "layers_8bit": sum(1 for r in records if r["bits"] == 8 and self.options["weight_bits"] != 8),
+                **({"keep_8bit_unmatched": unmatched} if unmatched else {}),
+                "weight_bytes_before": before,
+                "weight_bytes_after": after,
+                **summarize_errors(records),
+                "coverage": self._coverage(len(candidates), len(layers)),
+                "layers": records,
+            },
+        )
+
+    def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
+        coverage = result.stats.get("coverage")
+        if coverage is None:
+            return super().nothing_done(result, refusals)
+        if not coverage["total"]:
+            return f"{self.name}: the model has no MatMul or Gemm layer (weight-only quantization rewrites x × W with a constant W)"
+        reasons = ", ".join(f"{n} {label}" for label, n in Counter(coverage["reasons"]).most_common())
+        return (
+            f"{self.name}: 0 of {coverage['total']} MatMul/Gemm layers quantized: {reasons}; only x × W with W a constant "
+            "float32 initializer is rewritten (run the default passes first so Transpose(W) and similar fold into initializers)"
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _plan(self, node: gs.Node, ctx: PassContext) -> Layer | None:
+        plan = plan_matmul(node) if node.op == "MatMul" else plan_gemm(node)
+        if isinstance(plan, str):
+            ctx.refuse(f"layer {node_label(node)}", plan)
+            self._reasons[float_label(plan)] += 1
+            return None
+        if self.options["norm_weighting"]:
+            found = norm_statistics(node.inputs[0], plan.k)
+            if found is not None:
+                plan.norm, plan.row_weight = found
+        return plan
+
+    def _kept(self, node: gs.Node) -> bool:
+        """Whether a keep_8bit pattern is in the node's or its weight's name (matches are recorded)."""
+        hits = {p for p in self._keep if p in (node.name or "") or p in node.inputs[1].name}
+        self._matched |= hits
+        return bool(hits)
+
+    def _quantize(self, layer: Layer, bits: int) -> BlockQuantized:
+        o = self.options
+        return quantize_blocks(
+            layer.matrix(), bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
+            steps=o["search_steps"], min_shrink=float(o["min_shrink"]), refine_rounds=o["refine_rounds"], row_weight=layer.row_weight,
+        )
+
+    def _pack(self, result: BlockQuantized, layer: Layer, names: NameFactory) -> Packed:
+        """B, scales and (unless symmetric) zero points as fresh constants, and the errors."""
+        base = layer.tensor.name
+        b, scales, zero_points = packed_tensors(result)
+        constants = [gs.Constant(names.new(f"{base}_Q{result.bits}"), b), gs.Constant(names.new(f"{base}_scales"), scales)]
+        if zero_points is not None:
+            constants.append(gs.Constant(names.new(f"{base}_zero_points"), zero_points))
+        return Packed(result.bits, result.block_size, result.symmetric, result.rtn_relative_error, result.relative_error,
+                      layer.k * layer.n * 4, constants)
+
+    def _rewrite(self, graph: gs.Graph, layer: Layer, packed: Packed, names: NameFactory) -> None:
+        node = layer.node
+        inputs: list[gs.Tensor] = [node.inputs[0], *packed.constants]
+        if layer.bias is not None:
+            inputs += [gs.Variable.empty()] * (5 - len(inputs))  # zero_points and g_idx absent
+            inputs.append(gs.Constant(names.new(f"{node_label(node)}_bias"), layer.bias))
+        attrs = {"K": layer.k, "N": layer.n, "bits": packed.bits, "block_size": packed.block_size, "accuracy_level": int(self.options["accuracy_level"])}
+        output = node.outputs[0]
+        fused = gs.Node("MatMulNBits", names.new(f"{node_label(node)}_Q{packed.bits}"), attrs=attrs, inputs=inputs, outputs=[], domain=DOMAIN)
+        detach(node)
+        fused.outputs.append(output)
+        graph.nodes.append(fused)
+
+    def _coverage(self, total: int, done: int) -> dict[str, Any]:
+        return {"verb": "quantized", "unit": "MatMul/Gemm layers", "done": done, "total": total, "left": "float", "reasons": dict(self._reasons)}
+
+
+# --------------------------------------------------------------------------- matching
+def plan_matmul(node: gs.Node) -> Layer | str:
+    """The Layer of ``x × W``, or why it cannot be rewritten (nothing loaded)."""
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        return "constant left operand (W × x)" if isinstance(node.inputs[0], gs.Constant) else "weight is not a constant (activation × activation)"
+    reason = weight_refusal(weight) or input_refusal(node.inputs[0])
+    if reason:
+        return reason
+    k, n = (int(d) for d in weight.shape)
+    return Layer(node, weight, k, n)
+
+
+def plan_gemm(node: gs.Node) -> Layer | str:
+    """The Layer of ``alpha·A × B' + beta·C``, or why it cannot be rewritten."""
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        return "weight is not a constant (Gemm of two activations)"
+    reason = weight_refusal(weight)
+    if reason:
+        return reason
+    if node.attrs.get("transA", 0):
+        return "Gemm with transA=1: MatMulNBits multiplies A as given (transpose A before the Gemm)"
+    trans_b = int(node.attrs.get("transB", 0))
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    k, n = (int(d) for d in (weight.shape[::-1] if trans_b else weight.shape))
+    bias = None
+    if optional_input(node, 2) is not None:
+        c = constant_values(node, 2)
+        if c is None:
+            return "Gemm bias C is not a constant"
+        if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            return f"Gemm bias C of shape {list(c.shape)}: MatMulNBits takes a bias of [N] = [{n}]"
+        bias = np.ascontiguousarray(np.broadcast_to(c.reshape(-1), (n,)) * np.float32(beta), dtype=np.float32)
+    return Layer(node, weight, k, n, trans_b, alpha, bias)
+
+
+NORM_OPS = {("", "LayerNormalization"), ("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
+
+
+def norm_statistics(tensor: gs.Tensor, depth: int) -> tuple[str, np.ndarray] | None:
+    """(norm name, E[x_k²] ≈ γ_k² + β_k²) when ``tensor`` is the output of a last-axis
+    LayerNormalization / RMSNormalization with constant γ (and β) of ``depth`` features: the
+    normalized values have unit mean square per token, so γ and β set each feature's power
+    (the data-free statistics the quantize pass also reads).  None otherwise."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or (node.domain or "", node.op) not in NORM_OPS or node.outputs[0] is not tensor:
+        return None
+    if int(node.attrs.get("axis", -1)) != -1 and not (tensor.shape and int(node.attrs["axis"]) == len(tensor.shape) - 1):
+        return None
+    gamma, beta = constant_values(node, 1), constant_values(node, 2)
+    if gamma is None or gamma.size != depth or (beta is not None and beta.size != depth):
+        return None
+    power = np.square(gamma.reshape(-1).astype(np.float64))
+    if beta is not None:
+        power = power + np.square(beta.reshape(-1).astype(np.float64))
+    return node_label(node), power.astype(np.float32)
+
+
+def weight_refusal(weight: gs.Constant) -> str | None:
+    """Checked on the constant's type and shape, without loading its values."""
+    if np.dtype(weight.dtype) != np.float32:
+        return f"weight is not float32 ({np.dtype(weight.dtype)}): MatMulNBits is emitted for float32 models"
+    if len(weight.shape) != 2:
+        return f"weight of rank {len(weight.shape)}: MatMulNBits takes a 2-D W[K, N]"
+    return None
+
+
+def input_refusal(tensor: gs.Tensor) -> str | None:
+    shape = tensor.shape
+    if shape is None or len(shape) < 2:
+        return f"input rank {'unknown' if shape is None else len(shape)}: MatMulNBits reads x of rank >= 2 (run shape inference or give the input's shape)"
+    return None
+
+
+def keep_patterns(value: Any) -> tuple[str, ...]:
+    """``keep_8bit`` as substrings: a list/tuple of strings or one comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(p for p in value if p)
+    raise PipelineError(f"weight-only: keep_8bit must be a list of node-name substrings, got {value!r}")
+
+
+def float_label(reason: str) -> str:
+    return next((label for prefix, label in FLOAT_LABELS if reason.startswith(prefix)), "other")
+
+
+def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
+    return {
+        "layer": node_label(layer.node), "op": layer.node.op, "K": layer.k, "N": layer.n, "bits": result.bits,
+        "block_size": result.block_size, "symmetric": result.symmetric, "weighted_by": layer.norm,
+        "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
+    }
+
+
+def summarize_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean relative weight error over layers, round to nearest and chosen."""
+    if not records:
+        return {}
+    return {
+        "rtn_relative_error_mean": round(float(np.mean([r["rtn_relative_error"] for r in records])), 6),
+        "relative_error_mean": round(float(np.mean([r["relative_error"] for r in records])), 6),
+    }
+
+
+__all__ = ["WeightOnlyQuantize", "plan_gemm", "plan_matmul"]
