@@ -44,6 +44,8 @@ def optimize(
     max_rounds: int = 1,
     progress: bool = False,
     allow_no_op: bool = False,
+    report: Report | None = None,
+    checked: bool = False,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and return the new ModelProto and the report.
@@ -53,7 +55,9 @@ def optimize(
     ``validate`` runs onnx.checker (full_check) after every pass.  The input is not modified.
     A requested compression (quantize, power-quant, rex, modular-accumulator, the RED
     passes) that rewrites nothing raises NothingToDoError naming the cause and the fix,
-    unless ``allow_no_op`` (sweeps that want the report either way).
+    unless ``allow_no_op`` (sweeps that want the report either way).  ``report`` is filled
+    in (the CLI's carries the input and output paths); ``checked`` skips the input checker
+    for a ModelProto that ``load_model`` already checked.
     """
     if registry is None:
         from onnxopt.passes import builtin_registry
@@ -61,8 +65,8 @@ def optimize(
         registry = builtin_registry()
     names = resolve_pipeline(registry, passes, preset)
     pipeline = registry.build(names, {**preset_options(registry, passes, preset), **options})
-    model = load_model(model_or_path)
+    model = load_model(model_or_path, check=not (checked and isinstance(model_or_path, onnx.ModelProto)))
     manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op)
-    report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))
-    optimized, report = manager.run(model, report)
-    return optimized, report
+    if report is None:
+        report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))
+    return manager.run(model, report)

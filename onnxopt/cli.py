@@ -23,9 +23,8 @@ from .errors import OnnxoptError, PipelineError, VerificationError
 from .flags import add_arguments as add_compression_arguments
 from .flags import join_negative_values, pipeline_from_flags
 from .io import load_model, protected_inputs, save_model
-from .manager import PassManager, validate_final_model
+from .manager import validate_final_model
 from .output import check_output_path, data_file_candidates
-from .progress import Progress
 from .report import Report
 from .runtime import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
 
@@ -157,7 +156,7 @@ def run_guarded(run: Callable[[], int], *, verbose: int = 0) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from onnxopt.passes import builtin_registry
 
-    from .api import preset_options, resolve_pipeline
+    from .api import optimize, preset_options, resolve_pipeline
     from .demo import demo_model
     from .runtime import check_input_names, load_inputs, parse_input_shapes
     from .verify import check_loads_in_ort, verify
@@ -179,7 +178,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     base = resolve_pipeline(registry, args.passes, args.preset)
     names, options = pipeline_from_flags(base, args)
     options = {**preset_options(registry, args.passes, args.preset), **options, **parse_options(args.set)}
-    pipeline = registry.build(names, options)
+    registry.build(names, options)  # bad pass names or option values fail here, before the model is read
     input_shapes = parse_input_shapes(args.input_shape)
 
     model = demo_model() if args.demo else load_model(args.model)
@@ -188,11 +187,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("--input-shape only shapes the random inputs of --verify; add --verify")
     if args.inputs:
         load_inputs(args.inputs, model)  # a bad file fails now, not after the passes ran
-    manager = PassManager(
-        pipeline, validate=args.validate or args.verify, max_rounds=args.max_rounds, progress=Progress(enabled=not args.quiet)
+    optimized, report = optimize(
+        model,
+        names,
+        registry=registry,
+        validate=args.validate or args.verify,
+        max_rounds=args.max_rounds,
+        progress=not args.quiet,
+        report=Report(input_path="<demo>" if args.demo else args.model, output_path=args.output),
+        checked=True,
+        **options,
     )
-    report = Report(input_path="<demo>" if args.demo else args.model, output_path=args.output)
-    optimized, report = manager.run(model, report)
     if args.inline_functions:
         from onnxopt.runtime_ops import inline_functions
 
