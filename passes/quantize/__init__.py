@@ -113,6 +113,10 @@ SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
 MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
+#: spiq="auto" with calibration data: per tensor everywhere.  The error estimate is built for
+#: BN-statistics ranges; with min/max ranges from samples, per tensor gave lower KL to FP32 on
+#: every model of bench/results/third_party.md (e.g. EfficientNet-Lite0 10 samples).
+SPIQ_AUTO_CALIBRATED = "per tensor: ranges measured on calibration data (--spiq forces SPIQ)"
 IN_BODY = "inside an If/Loop/Scan body: control-flow bodies are not quantized"
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 
@@ -234,6 +238,7 @@ class Quantize(Pass):
                 "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
                 "outputs_quantized": outputs_quantized,
                 "float_readers_restored": float_readers,
+                **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] != "bn" else {}),
                 "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
                 **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
@@ -442,6 +447,8 @@ class Quantize(Pass):
             return True
         if "rex" in ctx.shared.get("pipeline", ()):  # REx will expand the weights: estimates made for weight_bits do not hold
             return True
+        if self.options["act_ranges"] != "bn":  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
+            return False
         moment = self._moment(r)
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)
         errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"])

@@ -365,3 +365,17 @@ def test_cli_quantizes_a_bn_folded_model_from_a_folder_of_npy_files(tmp_path: Pa
     reference, got = run(proto, {"x": samples})["y"], run(quantized, {"x": samples})["y"]
     cosine = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
     assert cosine > 0.99, cosine
+
+
+def test_spiq_auto_stays_per_tensor_with_calibrated_ranges_and_spiq_forces_it(tmp_path: Path) -> None:
+    """spiq="auto" with calibration data: per tensor everywhere (the estimate is built for BN
+    ranges; per tensor measured better with samples), said in the stats; --spiq still folds."""
+    proto = folded_net()
+    np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((10, 3, 12, 12)).astype(np.float32))
+    common = dict(act_ranges="minmax", calibration_data=str(tmp_path / "cal.npz"))
+    _, report = run_passes(proto, "quantize", **common)
+    stats = next(p for p in report.passes if p.name == "quantize").stats
+    assert stats["spiq_coverage"] == 0.0 and stats["spiq_auto"].startswith("per tensor: ranges measured on calibration data")
+    _, forced = run_passes(proto, "quantize", spiq=True, **common)
+    forced_stats = next(p for p in forced.passes if p.name == "quantize").stats
+    assert forced_stats["spiq_coverage"] > 0 and "spiq_auto" not in forced_stats
