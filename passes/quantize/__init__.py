@@ -46,9 +46,10 @@ Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the Pas
 upgrades an older model before the pipeline runs (a note in the report).
 
 Refused (reported per layer): non-constant or non-float32 weights (float16/float64 models:
-convert to float32 first), Gemm with transA or alpha/beta ≠ 1, inputs without statistics.
+convert to float32 first), Gemm with transA or alpha/beta ≠ 1, inputs without statistics;
+layers inside If/Loop/Scan bodies are not entered (counted as float, one refusal line).
 The stats carry a ``coverage`` entry (layers quantized of all Conv/ConvTranspose/Gemm/MatMul,
-the float ones counted by reason) that the report prints as one line.  When no layer is
+subgraphs included, the float ones counted by reason) that the report prints as one line.  When no layer is
 quantized the run stops with a NothingToDoError naming the cause and the fix (e.g. no
 statistics at all and no calibration data: pass calibration samples or export with BN kept).
 """
@@ -102,11 +103,15 @@ FLOAT_LABELS = (
     ("MatMul other than", "MatMul not x × W"),
 )
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
+#: The coverage label of Conv/Gemm/MatMul layers inside control-flow bodies (not entered).
+SUBGRAPH_LABEL = "inside If/Loop/Scan bodies"
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
     "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
     "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
     "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",
+    SUBGRAPH_LABEL: "quantize works on the main graph only: export the model without data-dependent control flow "
+                    "(e.g. torch.onnx.export of the traced module) so its layers are in the main graph",
 }
 
 
@@ -166,9 +171,14 @@ class Quantize(Pass):
         candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
         self._float_reasons: Counter[str] = Counter()
         self._no_statistics = False
+        inner = subgraph_layer_count(graph)
+        if inner:  # counted, so the coverage line and a no-op's message say where they are
+            ctx.refuse(f"{inner} layer(s) inside If/Loop/Scan bodies", "quantize works on the main graph only: kept in float")
+            self._float_reasons[SUBGRAPH_LABEL] += inner
+        total = len(candidates) + inner
         layers = [n for n in candidates if self._layer_ok(n, ctx)]
         if not layers:
-            return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
+            return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(total, 0)})
         self._calibration_stats: dict[str, Any] = {}
         ranges = self._ranges(graph, ctx, layers)
         self._edges = (layers[0], layers[-1])
@@ -213,7 +223,7 @@ class Quantize(Pass):
                 "layers_float": len(layers) - len(quantized_layers),
                 "spiq_coverage": round(spiq_count / len(records), 4) if records else 0.0,
                 "outputs_quantized": outputs_quantized,
-                "coverage": self._coverage(len(candidates), len(quantized_layers)),
+                "coverage": self._coverage(total, len(quantized_layers)),
                 **self._calibration_stats,
                 **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
@@ -437,10 +447,19 @@ def no_layer_message(pass_name: str, coverage: dict[str, Any], cause: str | None
     if not coverage["total"]:
         return f"{pass_name}: the model has no Conv, ConvTranspose, Gemm or MatMul layer to quantize"
     reasons = Counter(coverage["reasons"])
-    main = reasons.most_common(1)[0][0] if reasons else "other"
+    main = "no statistics" if cause == NO_STATISTICS else reasons.most_common(1)[0][0] if reasons else "other"
     cause = cause or ", ".join(f"{n} {label}" for label, n in reasons.most_common())
     fix = FIXES.get(main, "only Conv/ConvTranspose/Gemm/MatMul layers with constant float32 weights are quantized")
     return f"{pass_name}: 0 of {coverage['total']} layers quantized: {cause}; {fix}"
+
+
+def subgraph_layer_count(graph: gs.Graph) -> int:
+    """Conv/ConvTranspose/Gemm/MatMul nodes inside the If/Loop/Scan bodies of ``graph`` (nested ones included)."""
+    count = 0
+    for node in graph.nodes:
+        for body in node.subgraphs():
+            count += sum(1 for n in body.nodes if n.op in LAYER_OPS and is_default_domain(n)) + subgraph_layer_count(body)
+    return count
 
 
 def float_label(reason: str) -> str:
