@@ -9,6 +9,8 @@
     python -m bench bn-fold|quantize [args]              # the per-family benchmarks (bench/bn_fold.py, bench/quantize.py)
     python -m bench conformance [args]                   # default pipeline on the ONNX backend test models (bench/conformance.py)
     python -m bench all --conformance ...                # the suite, then the conformance run into the same --out
+    python -m bench third-party [--quick]                # BN-folded third-party exports, calibrated (bench/third_party.py)
+    python -m bench all --third-party ...                # the suite, then the third-party run into the same --out
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def cmd_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from bench import conformance
 
         conformance.main(["--out", args.out])
+    if args.third_party:
+        from bench import third_party
+
+        third_party.main(["--out", args.out, *([] if args.full else ["--quick"])])
     if args.readme:
         cmd_readme(argparse.Namespace(results=args.out))
     return 0
@@ -80,7 +86,7 @@ def cmd_install(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["bn-fold"], ["quantize"], ["conformance"]):
+    if argv[:1] in (["bn-fold"], ["quantize"], ["conformance"], ["third-party"]):
         import importlib
 
         return importlib.import_module(f"bench.{argv[0].replace('-', '_')}").main(argv[1:])
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", action="store_true", help="then regenerate README's Results section")
     p.add_argument("--conformance", action="store_true",
                    help="then run bench/conformance.py (ONNX backend test models; minutes) into --out")
+    p.add_argument("--third-party", action="store_true",
+                   help="then run bench/third_party.py (BN-folded exports calibrated on 10 samples vs quantize_static; ~15 min) into --out")
     p.set_defaults(func=cmd_all)
     p = sub.add_parser("list", help="configurations and models, and whether available here")
     p.set_defaults(func=cmd_list)
@@ -109,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("bn-fold", help="the BN folding benchmark (bench/bn_fold.py; see its --help)")
     sub.add_parser("quantize", help="the quantization benchmark (bench/quantize.py; see its --help)")
     sub.add_parser("conformance", help="the default pipeline on the ONNX backend test models (bench/conformance.py; see its --help)")
+    sub.add_parser("third-party", help="BN-folded third-party exports calibrated on 10 samples vs quantize_static (bench/third_party.py; see its --help)")
     args = parser.parse_args(argv)
     try:
         return args.func(args, argv)

@@ -283,6 +283,8 @@ class Quantize(Pass):
         mode = self.options["dynamic_fallback"]
         if mode is False or not (no_range or mode == "all"):
             return readers
+        if mode == "auto" and self._no_statistics:
+            return readers  # no statistics anywhere (a BN-folded CNN): the fix is calibration data, not a lone dynamic layer
         dynamic = [r for r in readers if can_be_dynamic(r)]
         self._dynamic.extend(dynamic)
         return [r for r in readers if not any(r is d for d in dynamic)]

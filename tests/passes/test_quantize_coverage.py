@@ -83,6 +83,49 @@ def test_model_without_layers_is_an_error() -> None:
         onnxopt.optimize(proto, preset="quantize")
 
 
+def if_model(conv_before: bool) -> onnx.ModelProto:
+    """``If(ReduceMax(r) > -1e30)`` with a Conv in each branch, reading ``r`` = the input or, with
+    ``conv_before``, Relu(Conv(input)) in the main graph: layers inside control-flow bodies."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    arrays = {"w1": weights(8, 3, 3, 3), "b1": weights(8), "w2": weights(4, 8 if conv_before else 3, 1, 1), "b2": weights(4),
+              "floor": np.array(-1e30, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])] if conv_before else []
+    r = "r" if conv_before else "x"
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Conv", [r, "w2", "b2"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+
+    nodes += [helper.make_node("ReduceMax", [r], ["m"], keepdims=0), helper.make_node("Greater", ["m", "floor"], ["cond"]),
+              helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_layers_only_inside_if_bodies_are_named_not_called_absent(tmp_path) -> None:
+    np.savez(tmp_path / "cal.npz", x=feeds(10)["x"])
+    with pytest.raises(NothingToDoError) as info:
+        onnxopt.optimize(if_model(conv_before=False), preset="quantize", act_ranges="minmax", calibration_data=str(tmp_path / "cal.npz"))
+    assert str(info.value).startswith("quantize: 0 of 2 layers quantized: 2 inside If/Loop/Scan bodies; quantize works on the main graph only")
+
+
+def test_layers_inside_if_bodies_count_in_the_coverage(tmp_path) -> None:
+    np.savez(tmp_path / "cal.npz", x=feeds(10)["x"])
+    proto = if_model(conv_before=True)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", act_ranges="minmax", calibration_data=str(tmp_path / "cal.npz"))
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (1, 3, {"inside If/Loop/Scan bodies": 2})
+    assert "warning: quantize: quantized 1/3 layers; 2 float: 2 inside If/Loop/Scan bodies" in report.format_table().splitlines()
+    assert ops(optimized)["DequantizeLinear"] >= 2 and ops(optimized)["If"] == 1
+    x = feeds()
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
 # --------------------------------------------------------------------------- coverage line
 def test_partial_coverage_is_a_counted_line_and_a_json_entry() -> None:
     proto = bn_model(extra_matmul=True)
@@ -349,5 +392,21 @@ def test_layers_inside_an_if_body_are_counted_as_float_with_the_reason():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
-    with pytest.raises(NothingToDoError, match=r"0 of 2 layers quantized: 2 inside control flow; layers inside If/Loop/Scan bodies"):
+    with pytest.raises(NothingToDoError, match=r"0 of 2 layers quantized: 2 inside If/Loop/Scan bodies; quantize works on the main graph only"):
         onnxopt.optimize(model, preset="quantize", input_range=(-3.0, 3.0))
+
+
+def test_a_statistics_free_cnn_asks_for_data_instead_of_quantizing_its_classifier_dynamically():
+    """dynamic_fallback="auto" only where the model has statistics somewhere: a BN-folded CNN
+    whose lone Gemm could go dynamic still stops with exit 10 naming --calibration-data."""
+    from tests.conftest import text_model
+
+    rng = np.random.default_rng(4)
+    arrays = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "wf": rng.standard_normal((10, 4)).astype(np.float32)}
+    proto = text_model(
+        "(float[N,3,8,8] x) => (float[N,10] y)",
+        ["c = Conv <pads = [1,1,1,1]> (x, w)", "r = Relu(c)", "p = GlobalAveragePool(r)", "f = Flatten(p)", "y = Gemm <transB = 1> (f, wf)"],
+        arrays,
+    )
+    with pytest.raises(NothingToDoError, match="0 of 2 layers quantized: no BatchNormalization/LayerNormalization statistics.*--calibration-data"):
+        onnxopt.optimize(proto, preset="quantize")

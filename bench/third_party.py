@@ -1,0 +1,763 @@
+"""Third-party models: quantizing ONNX files onnxopt did not export itself (project issue 14).
+
+Models, all with real weights: the pretrained MobileNetV2 and EfficientNet-Lite0
+(``onnxopt.models.pretrained.load_pretrained``) and the project's Fashion-MNIST BN-ResNet
+(``onnxopt.models.train_fashion_mnist``, trained once and cached), each exported the way a
+third party would: ``torch.onnx.export(model.eval(), x, path, dynamo=False,
+opset_version=V)`` with torch's defaults, so BatchNorm is folded into the Convs and the
+file carries no BN statistics.  Cases (:data:`CASES`): opsets 11, 12 and 17 with a
+dynamic batch axis; MobileNetV2 at opset 17 with a static batch of 1; and the Fashion-MNIST
+opset-17 graph moved into both branches of an ``If`` whose condition depends on the input
+(:func:`wrap_in_if`), the shape of a model exported from control flow.
+
+Per case (:func:`bench_model`, also what the test runs on a tiny model):
+
+* **onnxopt**: ``python -m onnxopt SRC -o OUT --quantize w8a8 --calibration-data DATA
+  --report R.json`` in a subprocess, DATA = a folder of the first 10 ImageNet JPEGs (with
+  ``--calibration-mean/--calibration-std`` for EfficientNet-Lite0's ``(255x - 127)/128``) or
+  an .npz of 10 Fashion-MNIST test images.  Wall time of the process and the report's
+  ``total_seconds``; the report's ``coverage`` entry.
+* **quantize_static**: ONNX Runtime's ``quant_pre_process`` then ``quantize_static`` (QDQ,
+  per-channel int8 weights, uint8 activations, MinMax; bench/quantize.py's call) on the same
+  10 samples, one per ``get_next``, in a subprocess (:data:`ORT_STATIC_SCRIPT`): wall time of
+  the process, of the call, and of the pre-processing.  Its per-channel QDQ output of an
+  opset < 13 file does not load in ORT (DequantizeLinear's ``axis`` needs opset 13); that
+  failure is recorded and the file is then upgraded to opset 13 with
+  ``onnx.version_converter`` (what onnxopt does itself) and quantized again; the numbers are
+  those of the second attempt.
+* **Layers quantized**: Conv/Gemm/MatMul whose weight is a constant, counted in every
+  (sub)graph of the FP32 file; quantized = its weight comes from a DequantizeLinear in the
+  output (:func:`layer_counts`); shown beside the report's own coverage line.
+* **Fidelity vs FP32** (ORT_ENABLE_ALL): top-1 agreement, mean KL(FP32 || config), on
+  inputs never used for calibration: the other 10 ImageNet images in the first ``views``
+  deterministic views of bench/quantize.py (standard crop, flip, tighter crop, wider crop),
+  or the next ``fashion_inputs`` Fashion-MNIST test images.
+* **Latency** (ORT_ENABLE_ALL, batch 1, 1 and 2 intra-op threads): FP32 / onnxopt /
+  quantize_static in one process, warmed up, timed round-robin
+  (:func:`bench.common.time_interleaved`, spinning off); medians.
+* **Diagnostic** (opset-17 dynamic exports): the fidelity of the same onnxopt run with
+  ``--no-spiq``, to show what the SPIQ scale folding does with calibrated ranges.
+* **No calibration data**: ``python -m onnxopt SRC -o OUT --quantize w8a8``: the exit code
+  (10 expected), the error line and whether it names ``--calibration-data``, and whether
+  no output was written.
+
+Plus the BN-preserving export (``onnxopt.export_torch`` via ``export_pretrained``) of
+MobileNetV2 quantized data-free (``--quantize w8a8``, no data), measured like the others,
+to compare with the BN-folded opset-17 export calibrated on 10 images.
+
+Goals (stated met / not met in the results): >= 95 % of the layers quantized on every
+model; fidelity >= quantize_static's (agreement >= and mean KL <=); latency <= 1.05x
+quantize_static's and < FP32 at 1 and 2 threads; calibration time <= quantize_static's
+(process wall time, ORT's without its pre-processing, and report.total_seconds vs the
+call); exit 10 naming ``--calibration-data`` without data; BN-folded + 10 samples within 2
+points of agreement and 1.5x the mean KL of data-free on the BN-preserving export.
+
+    python -m bench third-party [--quick] [--only mobilenet_v2,fashion_mnist] [--out bench/results]
+
+writes ``<out>/third_party.md`` and ``<out>/third_party.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from bench.common import (
+    Timing,
+    compact_number_lists,
+    environment,
+    json_safe,
+    load_average,
+    ort_session,
+    settings_record,
+    summarize,
+    table,
+    time_interleaved,
+)
+from bench.quantize import VIEWS, error_text, fidelity, log, run_model
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+ONNXOPT = [sys.executable, "-m", "onnxopt"]
+THREADS = (1, 2)
+CALIBRATION_SAMPLES = 10
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+TITLES = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite0": "EfficientNet-Lite0", "fashion_mnist": "Fashion-MNIST BN-ResNet"}
+#: --calibration-mean/std of EfficientNet-Lite0's (255x - 127)/128 on images in [0, 1]
+EFFICIENTNET_IMAGE_ARGS = ["--calibration-mean", f"{127 / 255:.6f}", "--calibration-std", f"{128 / 255:.6f}"]
+GOALS = {"coverage": 0.95, "vs_static": 1.05, "agreement_points": 2.0, "kl_ratio": 1.5, "exit_code": 10}
+CONFIGS = ("fp32", "onnxopt", "ort_static")
+NO_SPIQ = "onnxopt_no_spiq"  # diagnostic: the same run with --no-spiq (fidelity only, opset-17 dynamic exports)
+
+ORT_STATIC_SCRIPT = """
+import json, sys, time, numpy as np, onnx, onnxruntime as ort
+from onnx import version_converter
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+src, stem, dst, data = sys.argv[1:5]
+samples = dict(np.load(data))
+def error(exc):
+    return f"{type(exc).__name__}: {str(exc).strip()[:600]}"
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        count = len(next(iter(samples.values())))
+        self._it = iter([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
+    def get_next(self):
+        return next(self._it, None)
+def attempt(path):
+    record, start = {}, time.perf_counter()
+    try:
+        quant_pre_process(path, stem + ".pre.onnx")
+        record["pre_process"], path = True, stem + ".pre.onnx"
+    except Exception as exc:  # ORT's pre-processing cannot handle every graph: quantize the original
+        record["pre_process"], record["pre_process_error"] = False, error(exc)
+    record["pre_process_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    quantize_static(path, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    record["call_seconds"] = time.perf_counter() - start
+    try:
+        ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        record["load_error"] = error(exc)
+    return record
+start = time.perf_counter()
+record = attempt(src)
+opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+if "load_error" in record and opset < 13:  # per-channel QDQ needs opset 13: upgrade as onnxopt does, then again
+    failed = {**record, "seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    onnx.save(version_converter.convert_version(onnx.load(src), 13), stem + ".op13.onnx")
+    convert = time.perf_counter() - start
+    record = {**attempt(stem + ".op13.onnx"), "convert_seconds": convert, "converted_from_opset": opset, "failed_attempt": failed}
+print("ORT_STATIC " + json.dumps(record))
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # a key of TITLES
+    opset: int
+    dynamic: bool = True
+    wrap_if: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}_op{self.opset}_{'dyn' if self.dynamic else 'static'}{'_if' if self.wrap_if else ''}"
+
+    @property
+    def title(self) -> str:
+        batch = "dynamic batch" if self.dynamic else "static batch 1"
+        return f"{TITLES[self.model]}, opset {self.opset}, {batch}" + (", body inside If" if self.wrap_if else "")
+
+
+CASES = (
+    *(Case(model, opset) for model in ("mobilenet_v2", "efficientnet_lite0", "fashion_mnist") for opset in (11, 12, 17)),
+    Case("mobilenet_v2", 17, dynamic=False),
+    Case("fashion_mnist", 17, wrap_if=True),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    views: int  # ImageNet views of the 10 evaluation images
+    fashion_inputs: int  # Fashion-MNIST evaluation images
+    timing: Timing
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> "Settings":
+        if quick:
+            return cls(True, views=3, fashion_inputs=300, timing=Timing(warmup=3, min_runs=30, max_runs=30, target_seconds=0.0))
+        return cls(False, views=len(VIEWS), fashion_inputs=1000, timing=Timing(warmup=5, min_runs=30, max_runs=200, target_seconds=3.0))
+
+
+@dataclass
+class Samples:
+    """What a model is calibrated and evaluated with."""
+
+    calibration: dict[str, np.ndarray]  # graph input -> the calibration samples (what quantize_static gets)
+    onnxopt_data: Path  # what --calibration-data gets: the same samples as images or as an .npz
+    onnxopt_args: list[str]  # extra calibration flags (image normalisation)
+    inputs: np.ndarray  # evaluation inputs, never used for calibration
+    labels: np.ndarray
+    views: list[str]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- models
+def torch_model(name: str) -> tuple[Any, tuple[int, ...]]:
+    """(module in eval mode, input shape of one sample) with the real weights."""
+    if name == "fashion_mnist":
+        from onnxopt.models.train_fashion_mnist import load_trained, train_and_export
+
+        return load_trained(train_and_export(log=False)["state_dict"]), (1, 28, 28)
+    from onnxopt.models.pretrained import load_pretrained
+
+    return load_pretrained(name).eval(), (3, 224, 224)
+
+
+def export_plain(module: Any, sample_shape: Sequence[int], path: Path, opset: int, dynamic: bool) -> Path:
+    """torch's default TorchScript export (BN folded, no statistics left), input ``input``."""
+    import warnings
+
+    import torch
+
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), torch.zeros(1, *sample_shape), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+def _prefixed(graph: onnx.GraphProto, prefix: str, keep: set[str]) -> onnx.GraphProto:
+    """A branch body: ``graph``'s nodes with every tensor not in ``keep`` renamed ``prefix + name``."""
+    def rename(name: str) -> str:
+        return name if not name or name in keep else prefix + name
+
+    body = onnx.GraphProto(name=prefix.rstrip("/"))
+    for node in graph.node:
+        copy = body.node.add()
+        copy.CopyFrom(node)
+        copy.name = prefix + node.name
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+    for out in graph.output:
+        info = body.output.add()
+        info.CopyFrom(out)
+        info.name = rename(out.name)
+    return body
+
+
+def wrap_in_if(src: Path, dst: Path) -> Path:
+    """``src`` with its whole body in both branches of ``If(ReduceMax(input) > -1e30)``: a
+    condition that depends on the input, so no optimizer can fold the If away.  The
+    initializers stay in the main graph (read from the outer scope), as exporters emit them."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    keep = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    x = graph.input[0].name
+    nodes = [
+        helper.make_node("ReduceMax", [x], ["if_max"], keepdims=0),
+        helper.make_node("Greater", ["if_max", "if_floor"], ["if_cond"]),
+        helper.make_node("If", ["if_cond"], [o.name for o in graph.output],
+                         then_branch=_prefixed(graph, "then/", keep), else_branch=_prefixed(graph, "else/", keep)),
+    ]
+    floor = helper.make_tensor("if_floor", TensorProto.FLOAT, [], [-1e30])
+    wrapped = helper.make_graph(nodes, graph.name + "_in_if", list(graph.input), list(graph.output), [*graph.initializer, floor])
+    out = helper.make_model(wrapped, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    out.ir_version = model.ir_version
+    onnx.checker.check_model(out, full_check=True)
+    onnx.save(out, str(dst))
+    return dst
+
+
+def export_case(case: Case, workdir: Path) -> Path:
+    module, shape = torch_model(case.model)
+    plain = export_plain(module, shape, workdir / f"{case.key.removesuffix('_if')}.onnx", case.opset, case.dynamic)
+    return wrap_in_if(plain, workdir / f"{case.key}.onnx") if case.wrap_if else plain
+
+
+# --------------------------------------------------------------------------- data
+def imagenet_samples(name: str, views: int, workdir: Path) -> Samples:
+    """The first 10 ImageNet JPEGs for calibration (as a folder for onnxopt), the other 10 in
+    ``views`` views of bench/quantize.py for evaluation; normalised for ``name``."""
+    from bench.quantize import NORMALIZATION, image_views
+    from onnxopt.models.datasets import imagenet_sample_files, normalize, preprocess_image
+
+    files = imagenet_sample_files()
+    calibration_files = [path for path, _ in files[:CALIBRATION_SAMPLES]]
+    folder = workdir / f"calibration_{name}"
+    folder.mkdir(exist_ok=True)
+    for path in calibration_files:
+        shutil.copy(path, folder / path.name)
+    norm = NORMALIZATION[name]
+    calibration = normalize(np.stack([preprocess_image(p) for p in calibration_files]), norm).astype(np.float32)
+    images, labels, view_names = image_views(views)
+    held_out = np.tile(np.arange(len(files)) >= CALIBRATION_SAMPLES, views)
+    return Samples(
+        {"input": calibration}, folder, EFFICIENTNET_IMAGE_ARGS if norm == "efficientnet" else [],
+        normalize(images[held_out], norm).astype(np.float32), labels[held_out], [v for v, h in zip(view_names, held_out) if h],
+        f"{int(held_out.sum())} inputs: the {len(files) - CALIBRATION_SAMPLES} ImageNet images not used for calibration "
+        f"x {views} views ({', '.join(v[0] for v in VIEWS[:views])})",
+        {"calibration_files": [p.name for p in calibration_files]},
+    )
+
+
+def fashion_samples(count: int, workdir: Path) -> Samples:
+    """The first 10 Fashion-MNIST test images for calibration (an .npz), the next ``count`` for evaluation."""
+    from onnxopt.models.datasets import load_fashion_mnist
+    from onnxopt.models.train_fashion_mnist import preprocess
+
+    test_x, test_y = load_fashion_mnist("test")
+    calibration = preprocess(test_x[:CALIBRATION_SAMPLES])
+    npz = workdir / "calibration_fashion_mnist.npz"
+    np.savez(npz, input=calibration)
+    stop = CALIBRATION_SAMPLES + count
+    return Samples({"input": calibration}, npz, [], preprocess(test_x[CALIBRATION_SAMPLES:stop]),
+                   test_y[CALIBRATION_SAMPLES:stop].astype(np.int64), [VIEWS[0][0]] * count,
+                   f"Fashion-MNIST test images {CALIBRATION_SAMPLES}..{stop - 1} (0..{CALIBRATION_SAMPLES - 1} calibrate)")
+
+
+def load_samples(name: str, settings: Settings, workdir: Path) -> Samples:
+    if name == "fashion_mnist":
+        return fashion_samples(settings.fashion_inputs, workdir)
+    return imagenet_samples(name, settings.views, workdir)
+
+
+# --------------------------------------------------------------------------- layers
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found += _graphs(sub)
+    return found
+
+
+def layer_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Conv/Gemm/MatMul nodes with a constant weight (input 1: an initializer or a Constant of any
+    enclosing scope, or a DequantizeLinear of one), in every (sub)graph; how many read a DequantizeLinear."""
+    graphs = _graphs(model.graph)
+    constants = {t.name for g in graphs for t in g.initializer}
+    constants |= {o for g in graphs for n in g.node if n.op_type == "Constant" for o in n.output}
+    dequantized = {o for g in graphs for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
+    layers = [n for g in graphs for n in g.node if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
+    weighted = [n for n in layers if n.input[1] in constants or n.input[1] in dequantized]
+    in_subgraphs = sum(1 for g in graphs[1:] for n in g.node if n.op_type in LAYER_OPS)
+    return {"layers": len(weighted), "quantized": sum(1 for n in weighted if n.input[1] in dequantized), "in_subgraphs": in_subgraphs}
+
+
+def coverage(source: onnx.ModelProto, output: onnx.ModelProto) -> dict[str, Any]:
+    """Layers quantized in ``output`` of the constant-weight layers of ``source``."""
+    before, after = layer_counts(source), layer_counts(output)
+    share = after["quantized"] / before["layers"] if before["layers"] else 0.0
+    return {"layers": before["layers"], "quantized": after["quantized"], "share": share,
+            "layers_in_output": after["layers"], "layers_in_subgraphs": before["in_subgraphs"]}
+
+
+# --------------------------------------------------------------------------- quantizers
+def run_onnxopt(src: Path, dst: Path, data: Path | None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``python -m onnxopt SRC -o DST --quantize w8a8 [--calibration-data DATA ...]``: exit code, the
+    error line, wall time, and from the JSON report total_seconds, coverage and notes."""
+    report = dst.with_suffix(".report.json")
+    cmd = [*ONNXOPT, str(src), "-o", str(dst), "--quantize", "w8a8", "--report", str(report), "-q"]
+    if data is not None:
+        cmd += ["--calibration-data", str(data), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxopt:")]
+    record: dict[str, Any] = {
+        "command": " ".join(["onnxopt", src.name, "-o", dst.name, "--quantize", "w8a8",
+                             *(["--calibration-data", Path(data).name, *extra] if data is not None else [])]),
+        "exit_code": proc.returncode, "message": errors[0] if errors else "", "wall_seconds": wall,
+        "wrote_output": dst.exists(), "traceback": "Traceback" in proc.stderr,
+    }
+    if report.exists():
+        data_ = json.loads(report.read_text())
+        quant = next((p for p in data_.get("passes", []) if p["name"] == "quantize"), {})
+        record.update({"total_seconds": data_["total_seconds"], "report_coverage": data_.get("coverage", {}).get("quantize"),
+                       "notes": data_.get("notes", []), "quantize_pass_seconds": quant.get("seconds"),
+                       "calibration": {k: v for k, v in quant.get("stats", {}).items() if k.startswith("calibration")}})
+    return record
+
+
+def run_quantize_static(src: Path, dst: Path, calibration: dict[str, np.ndarray], workdir: Path) -> dict[str, Any]:
+    """ORT's quant_pre_process + quantize_static (QDQ, per-channel, MinMax) in a subprocess."""
+    npz = workdir / f"{dst.stem}.calibration.npz"
+    np.savez(npz, **calibration)
+    cmd = [sys.executable, "-c", ORT_STATIC_SCRIPT, str(src), str(workdir / dst.stem), str(dst), str(npz)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - start
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("ORT_STATIC ")), None)
+    if proc.returncode or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"exit_code": proc.returncode, "error": tail[:400], "wall_seconds": wall}
+    return {"exit_code": 0, "wall_seconds": wall, **json.loads(line[len("ORT_STATIC ") :])}
+
+
+# --------------------------------------------------------------------------- measures
+def measure_fidelity(paths: dict[str, Path], samples: Samples) -> dict[str, Any]:
+    reference = run_model(paths["fp32"], samples.inputs)
+    result = {}
+    for key, path in paths.items():
+        try:
+            got = reference if key == "fp32" else run_model(path, samples.inputs)
+            result[key] = fidelity(reference, got, samples.labels, samples.views)
+        except Exception as exc:  # noqa: BLE001 - e.g. ORT cannot run one of the outputs
+            result[key] = {"error": error_text(exc)}
+    return result
+
+
+def measure_latency(paths: dict[str, Path], feed: np.ndarray, timing: Timing) -> dict[str, Any]:
+    blocks: dict[str, Any] = {}
+    for threads in THREADS:
+        try:
+            sessions = {key: ort_session(path, "all", threads, spinning=False) for key, path in paths.items()}
+            name = next(iter(sessions.values())).get_inputs()[0].name
+            load = load_average()
+            samples = time_interleaved(sessions, {name: feed}, **timing.kwargs())
+            blocks[str(threads)] = {"stats": {k: summarize(v) for k, v in samples.items()}, "load_average_before": load}
+        except Exception as exc:  # noqa: BLE001
+            blocks[str(threads)] = {"error": error_text(exc)}
+    return blocks
+
+
+def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, title: str = "", no_spiq: bool = False) -> dict[str, Any]:
+    """One FP32 model: onnxopt (calibrated) vs quantize_static, coverage, fidelity, latency, time,
+    and the run without calibration data.  The row of the results table.  ``no_spiq`` also
+    measures the fidelity of ``--no-spiq`` (a diagnostic configuration, not timed)."""
+    row: dict[str, Any] = {"title": title or src.stem, "source": src.name, "eval_inputs": samples.description,
+                           "errors": [], **samples.extra}
+    source = onnx.load(str(src))
+    row["opset"] = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
+    row["batch"] = source.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "static"
+    row["bn_in_source"] = sum(1 for g in _graphs(source.graph) for n in g.node if n.op_type == "BatchNormalization")
+    row["onnxopt"] = run_onnxopt(src, workdir / f"{src.stem}.onnxopt.onnx", samples.onnxopt_data, samples.onnxopt_args)
+    row["ort_static"] = run_quantize_static(src, workdir / f"{src.stem}.ort_static.onnx", samples.calibration, workdir)
+    row["no_data"] = run_onnxopt(src, workdir / f"{src.stem}.nodata.onnx", None)
+    row["no_data"]["names_flag"] = "--calibration-data" in row["no_data"]["message"]
+    keys = ["onnxopt", "ort_static"]
+    if no_spiq:
+        keys.append(NO_SPIQ)
+        row[NO_SPIQ] = run_onnxopt(src, workdir / f"{src.stem}.{NO_SPIQ}.onnx", samples.onnxopt_data, [*samples.onnxopt_args, "--no-spiq"])
+    paths = {"fp32": src}
+    for key in keys:
+        out = workdir / f"{src.stem}.{key}.onnx"
+        if row[key]["exit_code"] == 0 and out.exists():
+            paths[key] = out
+            row[key]["coverage"] = coverage(source, onnx.load(str(out)))
+            row[key]["size_bytes"] = out.stat().st_size
+        else:
+            row["errors"].append(f"{key}: exit {row[key]['exit_code']}: {row[key].get('message') or row[key].get('error', '')}")
+            if key == "onnxopt" and row[key]["exit_code"] == GOALS["exit_code"]:  # quantized nothing: no model, 0 layers
+                row[key]["coverage"] = {**coverage(source, source), "layers_in_output": None}
+    row["fidelity"] = measure_fidelity(paths, samples)
+    row["latency"] = measure_latency({k: p for k, p in paths.items() if k in CONFIGS}, samples.inputs[:1], timing)
+    return row
+
+
+def bench_case(case: Case, settings: Settings, workdir: Path) -> dict[str, Any]:
+    src = export_case(case, workdir)
+    samples = load_samples(case.model, settings, workdir)
+    no_spiq = case.opset == 17 and case.dynamic and not case.wrap_if
+    return {"case": case.key, "model": case.model, **bench_model(src, samples, settings.timing, workdir, case.title, no_spiq)}
+
+
+def bench_bn_preserved(settings: Settings, workdir: Path) -> dict[str, Any]:
+    """MobileNetV2 exported with BN kept (onnxopt's own export): data-free W8A8 fidelity."""
+    from onnxopt.models.pretrained import export_pretrained
+
+    src = Path(export_pretrained("mobilenet_v2"))
+    local = workdir / "mobilenet_v2_bn_preserved.onnx"
+    shutil.copy(src, local)
+    samples = load_samples("mobilenet_v2", settings, workdir)
+    run = run_onnxopt(local, workdir / "mobilenet_v2_bn_preserved.onnxopt.onnx", None)
+    row: dict[str, Any] = {"case": "mobilenet_v2_bn_preserved", "title": "MobileNetV2, BN-preserving export (onnxopt.export_torch), data-free",
+                           "onnxopt": run, "errors": []}
+    out = workdir / "mobilenet_v2_bn_preserved.onnxopt.onnx"
+    if run["exit_code"] == 0:
+        row["onnxopt"]["coverage"] = coverage(onnx.load(str(local)), onnx.load(str(out)))
+        row["fidelity"] = measure_fidelity({"fp32": local, "onnxopt": out}, samples)
+    else:
+        row["errors"].append(f"onnxopt: exit {run['exit_code']}: {run['message']}")
+    return row
+
+
+# --------------------------------------------------------------------------- goals
+def _fid(row: dict[str, Any], key: str) -> dict[str, Any] | None:
+    rec = row.get("fidelity", {}).get(key)
+    return rec if rec and "error" not in rec else None
+
+
+def _median(row: dict[str, Any], threads: int, key: str) -> float | None:
+    stats = row.get("latency", {}).get(str(threads), {}).get("stats", {}).get(key)
+    return stats["median_ms"] if stats else None
+
+
+def goal(text: str, verdicts: dict[str, bool | None], values: dict[str, str]) -> dict[str, Any]:
+    known = [v for v in verdicts.values() if v is not None]
+    met = None if not known else all(known) and len(known) == len(verdicts)
+    failed = [k for k, v in verdicts.items() if v is False]
+    missing = [k for k, v in verdicts.items() if v is None]
+    return {"goal": text, "met": met, "failed": failed, "missing": missing, "values": values}
+
+
+def data_is_the_fix(row: dict[str, Any]) -> bool:
+    """The calibrated onnxopt run quantized something: the run without data should name --calibration-data."""
+    return row["onnxopt"].get("exit_code") == 0
+
+
+def ort_process_seconds(ort: dict[str, Any]) -> float:
+    """quantize_static's process wall time without what onnxopt does not do: ORT's pre-processing
+    and, on an opset < 13 file, the first attempt whose output ORT could not load."""
+    return ort["wall_seconds"] - ort["pre_process_seconds"] - ort.get("failed_attempt", {}).get("seconds", 0.0)
+
+
+def evaluate_goals(rows: list[dict[str, Any]], bn_row: dict[str, Any] | None) -> list[dict[str, Any]]:
+    goals = []
+    cov = {r["case"]: r["onnxopt"].get("coverage", {}).get("share") for r in rows}
+    goals.append(goal(f"onnxopt quantizes >= {GOALS['coverage']:.0%} of the constant-weight Conv/Gemm/MatMul layers on every model",
+                      {k: None if v is None else v >= GOALS["coverage"] for k, v in cov.items()},
+                      {k: "no output" if v is None else f"{v:.0%}" for k, v in cov.items()}))
+    fid_v, fid_s = {}, {}
+    for r in rows:
+        ours, ort = _fid(r, "onnxopt"), _fid(r, "ort_static")
+        fid_v[r["case"]] = None if not ours or not ort else ours["top1_agreement"] >= ort["top1_agreement"] and ours["kl_mean"] <= ort["kl_mean"]
+        fid_s[r["case"]] = "-" if not ours or not ort else (
+            f"agreement {ours['top1_agreement']:.1%} vs {ort['top1_agreement']:.1%}, KL {ours['kl_mean']:.4f} vs {ort['kl_mean']:.4f}")
+    goals.append(goal("fidelity >= quantize_static's (top-1 agreement >= and mean KL <=, vs FP32)", fid_v, fid_s))
+    for threads in THREADS:
+        lat_v, lat_s = {}, {}
+        for r in rows:
+            ours, ort, fp32 = (_median(r, threads, k) for k in CONFIGS[1:] + CONFIGS[:1])
+            lat_v[r["case"]] = None if None in (ours, ort, fp32) else ours <= GOALS["vs_static"] * ort and ours < fp32
+            lat_s[r["case"]] = "-" if None in (ours, ort, fp32) else f"{ours / ort:.2f}x static, {ours / fp32:.2f}x FP32"
+        goals.append(goal(f"latency <= {GOALS['vs_static']}x quantize_static's and < FP32 at {threads} thread(s)", lat_v, lat_s))
+    time_v, time_s = {}, {}
+    for r in rows:
+        ours, ort = r["onnxopt"], r["ort_static"]
+        if ours.get("exit_code") or ort.get("exit_code") or "total_seconds" not in ours:
+            time_v[r["case"]], time_s[r["case"]] = None, "-"
+            continue
+        ort_wall = ort_process_seconds(ort)
+        time_v[r["case"]] = ours["wall_seconds"] <= ort_wall and ours["total_seconds"] <= ort["call_seconds"]
+        time_s[r["case"]] = f"process {ours['wall_seconds']:.1f} vs {ort_wall:.1f} s, in-process {ours['total_seconds']:.1f} vs {ort['call_seconds']:.1f} s"
+    goals.append(goal("calibrated quantization time <= quantize_static's (process wall time without ORT's pre-processing, "
+                      "and report.total_seconds vs the quantize_static call)", time_v, time_s))
+    exit_v = {r["case"]: r["no_data"]["exit_code"] == GOALS["exit_code"] and r["no_data"]["names_flag"] == data_is_the_fix(r)
+              and not r["no_data"]["wrote_output"] for r in rows}
+    goals.append(goal("without --calibration-data: exit 10, no output written, and an error line naming --calibration-data "
+                      "exactly where data is the fix (the calibrated run quantizes)", exit_v,
+                      {r["case"]: f"exit {r['no_data']['exit_code']}: {r['no_data']['message']}" for r in rows}))
+    goals.append(bn_goal(rows, bn_row))
+    return goals
+
+
+def bn_goal(rows: list[dict[str, Any]], bn_row: dict[str, Any] | None) -> dict[str, Any]:
+    text = (f"MobileNetV2 BN-folded (opset 17) + 10 samples: top-1 agreement at most {GOALS['agreement_points']:g} points below and mean KL "
+            f"at most {GOALS['kl_ratio']}x data-free W8A8 on the BN-preserving export")
+    folded = next((r for r in rows if r["case"] == "mobilenet_v2_op17_dyn"), None)
+    ours, free = (_fid(folded, "onnxopt") if folded else None), (_fid(bn_row, "onnxopt") if bn_row else None)
+    if not ours or not free:
+        return goal(text, {"mobilenet_v2": None}, {"mobilenet_v2": "not run"})
+    points = 100 * (free["top1_agreement"] - ours["top1_agreement"])
+    ratio = ours["kl_mean"] / free["kl_mean"]
+    met = points <= GOALS["agreement_points"] and ratio <= GOALS["kl_ratio"]
+    return goal(text, {"mobilenet_v2": met}, {"mobilenet_v2": (
+        f"agreement {ours['top1_agreement']:.1%} vs {free['top1_agreement']:.1%} data-free; KL {ours['kl_mean']:.4f} vs "
+        f"{free['kl_mean']:.4f} ({ratio:.2f}x)")})
+
+
+# --------------------------------------------------------------------------- markdown
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _cov(rec: dict[str, Any]) -> str:
+    c = rec.get("coverage")
+    if not c:
+        return "-"
+    return f"{c['quantized']}/{c['layers']} ({c['share']:.0%})"
+
+
+def _report_cov(rec: dict[str, Any]) -> str:
+    c = rec.get("report_coverage")
+    return "-" if not c else f"{c['done']}/{c['total']}"
+
+
+def _fid_cells(row: dict[str, Any], key: str) -> list[str]:
+    rec = _fid(row, key)
+    return ["-", "-"] if not rec else [_pct(rec["top1_agreement"]), f"{rec['kl_mean']:.4f}"]
+
+
+def _ms(row: dict[str, Any], threads: int, key: str) -> str:
+    value = _median(row, threads, key)
+    return "-" if value is None else f"{value:.3g}"
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        ours, ort = r["onnxopt"], r["ort_static"]
+        fp32 = _fid(r, "fp32")
+        out.append([
+            r["title"], _cov(ours), _report_cov(ours), _cov(ort),
+            *_fid_cells(r, "onnxopt"), *_fid_cells(r, "ort_static"),
+            "-" if not fp32 else f"{fp32['accuracy_all'][0]}/{fp32['accuracy_all'][1]}",
+            " / ".join(_ms(r, 1, k) for k in CONFIGS), " / ".join(_ms(r, 2, k) for k in CONFIGS),
+            f"{ours['wall_seconds']:.1f} ({ours.get('total_seconds', float('nan')):.1f})",
+            "-" if ort.get("exit_code") else (f"{ort['wall_seconds']:.1f} ({ort['call_seconds']:.1f} + pre {ort['pre_process_seconds']:.1f}"
+                                               + (" + failed try" if "failed_attempt" in ort else "") + ")"),
+            f"{r['no_data']['exit_code']}" + (", names --calibration-data" if r["no_data"]["names_flag"] else ", names another cause"),
+        ])
+    return out
+
+
+SUMMARY_HEADER = [
+    "model", "onnxopt layers quantized", "report coverage", "quantize_static layers", "onnxopt agreement", "onnxopt KL",
+    "static agreement", "static KL", "FP32 top-1 (labels)", "1 thr ms FP32 / ours / static", "2 thr ms FP32 / ours / static",
+    "onnxopt s: process (report)", "static s: process (call + pre)", "no data: exit",
+]
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    env, rows, bn = data["environment"], data["rows"], data.get("bn_preserved")
+    verdict = {True: "met", False: "**NOT met**", None: "n/a"}
+    goal_rows = []
+    for g in data["goals"]:
+        detail = "; ".join(f"{k}: {v}" for k, v in g["values"].items() if k in g["failed"] or k in g["missing"] or len(g["values"]) == 1)
+        tail = f"failed on {', '.join(g['failed'])}" if g["failed"] else ""
+        tail += (("; " if tail else "") + f"not measured on {', '.join(g['missing'])}") if g["missing"] else ""
+        goal_rows.append([g["goal"], verdict[g["met"]], "; ".join(x for x in (tail, detail) if x) or "every model"])
+    lines = [
+        "# Third-party models: BN-folded exports at opsets 11-17, calibrated with 10 real samples",
+        "",
+        f"Generated by `{data['command']}` on {env['date']} ({'quick' if data['settings']['quick'] else 'full'} mode, "
+        f"{data['seconds']:.0f} s), {env['cpus_usable']} usable CPU(s) shared with other jobs "
+        f"(1-minute load average at the start {data['load_average_start']}); source {env['git_commit'] or '?'}"
+        f"{' + uncommitted changes' if env['git_dirty_files'] else ''}. What is measured and how: the docstring of "
+        "bench/third_party.py. Raw numbers: third_party.json.",
+        "",
+        "## Goals", "",
+        *table(["goal", "verdict", "where / measured"], goal_rows),
+        "",
+        "## Per model", "",
+        "onnxopt = `onnxopt SRC -o OUT --quantize w8a8 --calibration-data <10 samples>`; static = ORT `quant_pre_process` + "
+        "`quantize_static` (QDQ, per-channel, MinMax) on the same 10 samples. Layers quantized = constant-weight "
+        "Conv/Gemm/MatMul of the FP32 file (subgraphs included) whose weight reads a DequantizeLinear in the output; "
+        "report coverage = the `coverage` entry of onnxopt's JSON report. Agreement / KL: vs FP32 in ORT. Latency: "
+        "ORT_ENABLE_ALL, batch 1, medians of interleaved runs. Times: wall time of the process (report.total_seconds; "
+        "for ORT the quantize_static call + its pre-processing).",
+        "",
+        *table(SUMMARY_HEADER, summary_rows(rows)),
+        "",
+        "Evaluation inputs: " + "; ".join(dict.fromkeys(f"{TITLES.get(r.get('model', ''), r['title'])}: {r['eval_inputs']}" for r in rows)) + ".",
+        "",
+    ]
+    diag = [[r["title"], *_fid_cells(r, "onnxopt"), *_fid_cells(r, NO_SPIQ), *_fid_cells(r, "ort_static")] for r in rows if NO_SPIQ in r]
+    if diag:
+        lines += ["## Diagnostic: the same calibrated run with `--no-spiq`", "",
+                  "Fidelity only (not timed), on the opset-17 dynamic-batch exports: whether the SPIQ scale folding "
+                  "(`spiq=auto`, the default) helps or hurts when the ranges come from 10 calibration samples.", "",
+                  *table(["model", "default agreement", "default KL", "--no-spiq agreement", "--no-spiq KL",
+                          "static agreement", "static KL"], diag), ""]
+    if bn:
+        ours = _fid(bn, "onnxopt")
+        lines += ["## BN-preserving export, data-free", "",
+                  f"{bn['title']}: `{bn['onnxopt']['command']}`: exit {bn['onnxopt']['exit_code']}, layers quantized "
+                  f"{_cov(bn['onnxopt'])} (the first Conv reads the graph input, which has no statistics: float by default), "
+                  + ("no fidelity" if not ours else f"top-1 agreement {ours['top1_agreement']:.1%}, mean KL {ours['kl_mean']:.4f}")
+                  + " on the same evaluation inputs as the MobileNetV2 rows.", ""]
+    problems = [f"- {r['title']}: {e}" for r in [*rows, *([bn] if bn else [])] for e in r.get("errors", [])]
+    problems += [f"- {r['title']}: quantize_static ran without ORT's pre-processing ({r['ort_static']['pre_process_error']})"
+                 for r in rows if r["ort_static"].get("pre_process") is False]
+    problems += [f"- {r['title']}: quantize_static's output of the opset-{r['ort_static']['converted_from_opset']} file does not load "
+                 f"in ORT (`{load_error_tail(r['ort_static']['failed_attempt'].get('load_error', ''))}`); its numbers are for the file "
+                 "upgraded to opset 13 with onnx.version_converter (what onnxopt does itself)" for r in rows if "failed_attempt" in r["ort_static"]]
+    problems += [f"- {r['title']}: quantize_static's output does not load in ORT: {r['ort_static']['load_error']}"
+                 for r in rows if "load_error" in r["ort_static"]]
+    said: dict[str, list[str]] = {}
+    for r in rows:
+        said.setdefault(r["no_data"]["message"] or "(nothing)", []).append(r["title"])
+    problems += [f"- without calibration data ({'; '.join(titles)}): `{message}`" for message, titles in said.items()]
+    notes = sorted({n for r in rows for n in r["onnxopt"].get("notes", [])})
+    lines += ["## Messages, failures and notes", "", *(problems or ["none"]), "",
+              "onnxopt report notes seen: " + ("; ".join(f"`{n}`" for n in notes) if notes else "none") + ".", ""]
+    return "\n".join(lines)
+
+
+def load_error_tail(message: str) -> str:
+    """The part of an ORT load error that says what is wrong (not the temporary path)."""
+    tail = message.split("failed:", 1)[-1]
+    return tail[tail.rfind("Error "):] if "Error " in tail else tail[-200:]
+
+
+# --------------------------------------------------------------------------- main
+def write_results(data: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "third_party.json", out / "third_party.md"
+    json_path.write_text(compact_number_lists(json.dumps(json_safe(data), indent=1, default=str)) + "\n", encoding="utf-8")
+    md_path.write_text(render_markdown(data), encoding="utf-8")
+    return json_path, md_path
+
+
+def guarded(what: str, fn: Callable[[], dict[str, Any]], fallback: dict[str, Any]) -> dict[str, Any]:
+    """``fn()``, or ``fallback`` with the error when it raises: one model's failure loses no other."""
+    t0 = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        result = {**fallback, "errors": [f"benchmark error: {error_text(exc)}"]}
+    log(f"  {what}: {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def empty_row(case: Case) -> dict[str, Any]:
+    blank = {"exit_code": None, "wall_seconds": float("nan"), "message": "", "names_flag": False, "wrote_output": False}
+    return {"case": case.key, "model": case.model, "title": case.title, "eval_inputs": "-", "onnxopt": dict(blank),
+            "ort_static": {"exit_code": None}, "no_data": dict(blank)}
+
+
+def run(cases: Sequence[Case], settings: Settings, command: str, bn_preserved: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    env, load_start = environment(), load_average()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_third_party_") as tmp:
+        for i, case in enumerate(cases, 1):
+            log(f"[{i}/{len(cases)}] {case.title}")
+            workdir = Path(tmp) / case.key
+            workdir.mkdir()
+            rows.append(guarded(case.key, lambda: bench_case(case, settings, workdir), empty_row(case)))
+        bn_row = None
+        if bn_preserved:
+            log("MobileNetV2 BN-preserving export, data-free")
+            workdir = Path(tmp) / "bn_preserved"
+            workdir.mkdir()
+            bn_row = guarded("bn_preserved", lambda: bench_bn_preserved(settings, workdir),
+                             {"case": "mobilenet_v2_bn_preserved", "title": "MobileNetV2, BN-preserving export", "onnxopt": {}})
+    return {
+        "benchmark": "third_party", "command": command, "settings": settings_record(settings), "environment": env,
+        "load_average_start": load_start, "cases": [asdict(c) | {"key": c.key} for c in cases], "goals": evaluate_goals(rows, bn_row),
+        "rows": rows, "bn_preserved": bn_row, "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench third-party", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results)")
+    parser.add_argument("--quick", action="store_true", help="fewer evaluation inputs and timed runs")
+    parser.add_argument("--only", help=f"comma-separated models ({', '.join(TITLES)}); default: all")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else list(TITLES)
+    unknown = sorted(set(models) - set(TITLES))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(TITLES)}")
+    command = ("python -m bench third-party " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    cases = [c for c in CASES if c.model in models]
+    data = run(cases, Settings.for_mode(args.quick), command, bn_preserved="mobilenet_v2" in models)
+    json_path, md_path = write_results(data, args.out)
+    log(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
