@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import InputDataError, ValidationError, VerificationError
+from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .runtime import (  # noqa: F401 - re-exported: verify's public names before runtime.py existed
     DEFAULT_BATCH,
     DEFAULT_DYNAMIC_DIM,
@@ -126,7 +127,10 @@ class VerifyResult:
 # --------------------------------------------------------------------------- inputs
 def check_loads_in_ort(optimized: onnx.ModelProto, original: onnx.ModelProto, last_change: str) -> None:
     """ValidationError (exit 8) when ONNX Runtime cannot load ``optimized`` but loads
-    ``original`` (a model ORT never could load is not onnxopt's doing)."""
+    ``original`` (a model ORT never could load is not onnxopt's doing).  Above protobuf's
+    2 GB limit the check is skipped: it would write a temporary copy of every weight."""
+    if tensor_bytes(optimized) > EXTERNAL_DATA_THRESHOLD:
+        return
     try:
         session(optimized)
     except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
