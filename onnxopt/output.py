@@ -152,7 +152,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def _is_legacy_staging(entry: os.DirEntry, now: float) -> bool:
-    """``.<name>.<8 chars>`` holding only ``<name>`` and/or ``<name>.data``, idle for an hour."""
+    """``.<name>.<8 chars>`` holding ``<name>`` and/or ``<name>.data`` and nothing else, idle
+    for an hour (an empty folder of that shape may be anybody's: it is left alone)."""
     match = re.match(r"^\.(.+)\.([a-z0-9_]{8})$", entry.name)
     if match is None:
         return False
@@ -162,7 +163,7 @@ def _is_legacy_staging(entry: os.DirEntry, now: float) -> bool:
         idle = now - entry.stat(follow_symlinks=False).st_mtime
     except OSError:
         return False
-    return contents <= {target, target + ".data"} and idle > _LEGACY_STAGING_AGE
+    return bool(contents) and contents <= {target, target + ".data"} and idle > _LEGACY_STAGING_AGE
 
 
 def data_file_candidates(path: Path) -> tuple[str, str]:

@@ -156,9 +156,12 @@ def test_stale_staging_folders_are_removed(tmp_path, demo):
     os.utime(legacy, (1, 1))
     unrelated = tmp_path / ".git12345"
     unrelated.mkdir()
+    empty_lookalike = tmp_path / ".cache.override"  # legacy staging shape, but empty: not ours to judge
+    empty_lookalike.mkdir()
+    os.utime(empty_lookalike, (1, 1))
     io.save_model(demo, tmp_path / "out.onnx")
     assert not stale.exists() and not legacy.exists()
-    assert live.exists() and unrelated.exists()
+    assert live.exists() and unrelated.exists() and empty_lookalike.exists()
 
 
 def test_outputs_get_normal_permissions(tmp_path, demo):
