@@ -99,7 +99,10 @@ def directory_lock(directory: Path) -> Iterator[None]:
         yield  # a folder we cannot open for reading: write unlocked
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock (some network mounts): write unlocked
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
