@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--no-bias-correction", action="store_true", help="skip the data-free bias correction (eq. 3.8)")
     quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer instead of per output channel")
     quant.add_argument(
+        "--dynamic-fallback", choices=("auto", "on", "off", "all"),
+        help="MatMul/Gemm layers without an activation range: auto (default) quantizes them dynamically (DynamicQuantizeLinear, "
+        "ORT's DynamicQuantizeMatMul) when the model has statistics elsewhere, on always, off keeps them float, all makes every "
+        "MatMul/Gemm dynamic",
+    )
+    quant.add_argument(
         "--int4-weights", action="store_true",
         help="store weights of <= 4 bits as INT4 (needs opset >= 21): a smaller file, but ONNX Runtime's CPU provider does not fuse "
         "INT4 DequantizeLinear, so those layers run in float (slower than the default int8 storage)",
@@ -171,6 +177,7 @@ def quantization_options(args: argparse.Namespace) -> tuple[dict[str, Any], list
         "bias_correction": False if args.no_bias_correction else None,
         "per_channel": False if args.per_tensor_weights else None,
         "int4_weights": True if args.int4_weights else None,
+        "dynamic_fallback": {"auto": "auto", "on": True, "off": False, "all": "all", None: None}[args.dynamic_fallback],
     }
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):

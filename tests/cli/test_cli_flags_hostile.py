@@ -100,3 +100,22 @@ def test_an_output_ort_cannot_load_is_exit_8_and_not_written(capsys, tmp_path, d
     code, _, err = _cli(capsys, demo_path, "-o", tmp_path / "o.onnx")
     assert code == 8 and "ONNX Runtime cannot load" in err and "simulated" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_dynamic_fallback_flag_reaches_the_quantize_pass(capsys, tmp_path):
+    """--dynamic-fallback on: a statistics-free Gemm is quantized dynamically (auto asks for data)."""
+    import numpy as np
+
+    from tests.conftest import text_model
+
+    rng = np.random.default_rng(3)
+    proto = text_model("(float[N,16] x) => (float[N,6] y)", ["y = Gemm <transB = 1> (x, w, b)"],
+                       {"w": rng.standard_normal((6, 16)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)})
+    onnx.save(proto, str(tmp_path / "g.onnx"))
+    code, _, err = _cli(capsys, tmp_path / "g.onnx", "-o", tmp_path / "auto.onnx", "--quantize", "w8a8")
+    assert code == 10 and "--calibration-data" in err
+    code, _, err = _cli(capsys, tmp_path / "g.onnx", "-o", tmp_path / "on.onnx", "--quantize", "w8a8", "--dynamic-fallback", "on")
+    assert code == 0, err
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in onnx.load(str(tmp_path / "on.onnx")).graph.node}
+    code, _, err = _cli(capsys, tmp_path / "g.onnx", "-o", tmp_path / "x.onnx", "--dynamic-fallback", "on")
+    assert code == 7 and "need --quantize" in err
