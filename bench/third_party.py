@@ -603,7 +603,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             *_fid_cells(r, "onnxopt"), *_fid_cells(r, "ort_static"),
             "-" if not fp32 else f"{fp32['accuracy_all'][0]}/{fp32['accuracy_all'][1]}",
             " / ".join(_ms(r, 1, k) for k in CONFIGS), " / ".join(_ms(r, 2, k) for k in CONFIGS),
-            f"{ours['wall_seconds']:.1f} ({ours.get('total_seconds', float('nan')):.1f})",
+            f"{ours['wall_seconds']:.1f}" + (f" ({ours['total_seconds']:.1f})" if "total_seconds" in ours else " (no model)"),
             "-" if ort.get("exit_code") else (f"{ort['wall_seconds']:.1f} ({ort['call_seconds']:.1f} + pre {ort['pre_process_seconds']:.1f}"
                                                + (" + failed try" if "failed_attempt" in ort else "") + ")"),
             f"{r['no_data']['exit_code']}" + (", names --calibration-data" if r["no_data"]["names_flag"] else ", names another cause"),
@@ -674,6 +674,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                  "upgraded to opset 13 with onnx.version_converter (what onnxopt does itself)" for r in rows if "failed_attempt" in r["ort_static"]]
     problems += [f"- {r['title']}: quantize_static's output does not load in ORT: {r['ort_static']['load_error']}"
                  for r in rows if "load_error" in r["ort_static"]]
+    problems += [f"- {r['title']}: quantize_static exited 0 but quantized none of the {r['ort_static']['coverage']['layers']} layers "
+                 "(silently)" for r in rows if r["ort_static"].get("coverage", {}).get("quantized", 1) == 0]
     said: dict[str, list[str]] = {}
     for r in rows:
         said.setdefault(r["no_data"]["message"] or "(nothing)", []).append(r["title"])
