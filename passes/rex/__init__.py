@@ -285,7 +285,7 @@ def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarr
 # --------------------------------------------------------------------------- the pass
 class Rex(Pass):
     name = "rex"
-    summary = "REx: expand each quantized layer into parallel low-bit residual branches (orders K, budget γ of extra output channels)"
+    summary = "REx: expand the quantization error of each quantized layer (orders K, budget γ): folded into one int8 layer (K=2, <= 4 bits) or parallel low-bit branches"
     lossless = False
     tags = frozenset({"rex"})
     request = "rex"
