@@ -327,8 +327,8 @@ def render(data: dict[str, Any]) -> str:
             "* `scatter`: ScatterElements(reduction=add) runs in float and is slow in ORT.",
             "* `float`: branches summed in float (`rex_requantize=False`): exact Σ of the branches, slightly better KL, but "
             "no layer fuses into QLinearConv.",
-            "* `permute` (default): each channel group (a layer's outputs and every tensor sharing their order, across residual "
-            "Adds and depthwise Convs; passes/channel_permutation.py) is reordered once so the expanded channels come "
+            "* `permute` (the default before `auto`; now used where `fold` does not apply): each channel group (a layer's outputs and every tensor sharing their order, across residual "
+            "Adds and depthwise Convs; passes/common/channel_permutation.py) is reordered once so the expanded channels come "
             "first; branches are added with Pad + Add (no Gather, so no Transposes: MobileNetV2 +50 % has 7 Transposes in "
             "the ORT graph against 143 for `gather`; 8–12 % faster here). The layers of a group share one channel order, so "
             "each expands the top channels of the group's summed score rather than its own: against `gather` that cost "
