@@ -12,6 +12,8 @@ enough to fill ``target_seconds`` per configuration, at most ``max_runs``.
 
 from __future__ import annotations
 
+import argparse
+
 import concurrent.futures
 import dataclasses
 import datetime
@@ -278,6 +280,15 @@ def onnxoptimizer_optimize(src: str, dst: str, passes: Sequence[str] | None) -> 
 
 
 # --------------------------------------------------------------------------- result files
+def chosen_models(parser: argparse.ArgumentParser, only: str | None, known: Sequence[str]) -> list[str]:
+    """The models of ``--only a,b`` (all of ``known`` without it); an unknown name is a usage error."""
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(known)}")
+    return names
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import onnxopt
-from bench.common import environment, json_safe, table
+from bench.common import chosen_models, environment, json_safe, table
 from bench.fidelity import MODELS, error_text, fidelity, load_data, log, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -227,10 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=2, help="views of the 20 ImageNet samples (1-4, default 2 = 40 inputs)")
     parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(MODELS)})")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    names = chosen_models(parser, args.only, list(MODELS))
     start = time.perf_counter()
     env = environment()
     results: dict[str, dict[str, Any]] = {}

@@ -96,6 +96,7 @@ import onnx
 
 import onnxopt
 from bench.common import (
+    chosen_models,
     compact_number_lists,
     environment,
     json_safe,
@@ -540,10 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer latency runs, one onnxopt repeat (~2 min)")
     parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(MODELS)})")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    names = chosen_models(parser, args.only, list(MODELS))
     command = ("python -m bench.quantize " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = run(names, Settings.for_mode(args.quick), command)
     json_path, md_path = write_results(data, args.out)

@@ -77,6 +77,7 @@ from onnx import TensorProto, helper
 
 from bench.common import (
     Timing,
+    chosen_models,
     compact_number_lists,
     environment,
     json_safe,
@@ -749,10 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer evaluation inputs and timed runs")
     parser.add_argument("--only", help=f"comma-separated models ({', '.join(TITLES)}); default: all")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else list(TITLES)
-    unknown = sorted(set(models) - set(TITLES))
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(TITLES)}")
+    models = chosen_models(parser, args.only, list(TITLES))
     command = ("python -m bench third-party " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     cases = [c for c in CASES if c.model in models]
     data = run(cases, Settings.for_mode(args.quick), command, bn_preserved="mobilenet_v2" in models)
