@@ -47,6 +47,16 @@ def import_graph(model: onnx.ModelProto, *, copy: bool = True) -> gs.Graph:
 EXPORTABLE_VALUE_TYPES = frozenset({"tensor_type", "sequence_type", "sparse_tensor_type"})
 
 
+def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs of ``node`` (If branches, Loop/Scan bodies), from its graph attributes."""
+    return [body for attribute in node.attribute for body in ([attribute.g] if attribute.HasField("g") else attribute.graphs)]
+
+
+def subgraph_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Every node of every subgraph of ``graph`` (If branches, Loop/Scan bodies), nested too."""
+    return [inner for node in graph.nodes for body in node.subgraphs() for inner in [*body.nodes, *subgraph_nodes(body)]]
+
+
 def check_value_types(graph: onnx.GraphProto) -> None:
     """Raise UnsupportedModelError for a value of a type graphsurgeon cannot export
     (optional, map), in ``graph`` or any body.  Checked before a rewritten graph is
@@ -56,9 +66,8 @@ def check_value_types(graph: onnx.GraphProto) -> None:
         if kind is not None and kind not in EXPORTABLE_VALUE_TYPES:
             raise UnsupportedModelError(f"value {info.name!r} has {kind.replace('_type', '')} type, which onnxopt cannot rewrite (tensors and sequences only)")
     for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                check_value_types(body)
+        for body in proto_bodies(node):
+            check_value_types(body)
 
 
 def make_node_names_unique(graph: onnx.GraphProto) -> list[str]:
@@ -176,9 +185,8 @@ def drop_outer_scope_copies(graph: onnx.GraphProto, outer: frozenset[str] = froz
                 field.extend(kept)
     visible = outer | _defined_names(graph)
     for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                drop_outer_scope_copies(body, visible)
+        for body in proto_bodies(node):
+            drop_outer_scope_copies(body, visible)
 
 
 def _initializer_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:

@@ -82,6 +82,7 @@ from onnxopt.graph import (
     node_label,
     optional_input,
     set_constant_input,
+    subgraph_nodes,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 
@@ -257,7 +258,7 @@ class Quantize(Pass):
     def _count_body_layers(self, graph: gs.Graph, ctx: PassContext) -> list[gs.Node]:
         """The layers inside If/Loop/Scan bodies: not quantized (yet), but counted and refused
         so that the coverage line never hides them."""
-        found = [n for n in body_nodes(graph) if n.op in LAYER_OPS and is_default_domain(n)]
+        found = [n for n in subgraph_nodes(graph) if n.op in LAYER_OPS and is_default_domain(n)]
         for node in found:
             self._keep_float(ctx, node, IN_BODY)
         return found
@@ -643,17 +644,6 @@ def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> 
     return quants.get(node.outputs[0].name)
 
 
-
-
-def body_nodes(graph: gs.Graph) -> list[gs.Node]:
-    """Every node of every subgraph (If branches, Loop/Scan bodies) of ``graph``, nested too."""
-    found: list[gs.Node] = []
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for body in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(body, gs.Graph):
-                    found += list(body.nodes) + body_nodes(body)
-    return found
 
 
 
