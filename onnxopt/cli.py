@@ -173,7 +173,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("give one input: MODEL or --demo")
     if not args.output and not args.dry_run:
         parser.error("missing -o OUTPUT (or --dry-run to write nothing)")
-    report_protected = _check_output_paths(args)
+    input_files, report_protected = _check_output_paths(args)
 
     base = resolve_pipeline(registry, args.passes, args.preset)
     names, options = pipeline_from_flags(base, args)
@@ -185,8 +185,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     check_input_names(model, input_shapes)  # before any work, --verify or not
     if input_shapes and not (args.verify or args.inputs):
         logging.getLogger(__name__).warning("--input-shape only shapes the random inputs of --verify; add --verify")
-    if args.inputs:
-        load_inputs(args.inputs, model)  # a bad file fails now, not after the passes ran
+    sample_inputs = load_inputs(args.inputs, model) if args.inputs else None  # a bad file fails now, before the passes
     optimized, report = optimize(
         model,
         names,
@@ -206,7 +205,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.verify or args.inputs:
         start = time.perf_counter()
-        report.verification = verify(model, optimized, inputs=args.inputs, input_shapes=input_shapes, atol=args.atol, rtol=args.rtol)
+        report.verification = verify(
+            model, optimized, inputs=sample_inputs, input_shapes=input_shapes, atol=args.atol, rtol=args.rtol,
+            inputs_label=f"inputs from {args.inputs}",
+        )
         report.verification.judged = report.lossless
         logging.getLogger(__name__).info("verification took %.2fs", time.perf_counter() - start)
 
@@ -215,7 +217,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if optimized is not model:
             check_loads_in_ort(optimized, model, "the pipeline")
         external = {"auto": None, "always": True, "never": False}[args.external_data]
-        save_model(optimized, args.output, input_path=args.model, external_data=external)
+        save_model(optimized, args.output, input_path=args.model, external_data=external, protected=input_files)
     if args.report == "-":
         print(json.dumps(report.to_dict(), indent=2))
     elif args.report:
@@ -233,17 +235,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_paths(args: argparse.Namespace) -> list[tuple[Path, str]]:
-    """Refuse bad -o/--report targets before any work; return what the report may not replace."""
-    protected = protected_inputs(args.model)
+def _check_output_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Refuse bad -o/--report targets before any work; return the files no output may
+    replace (the input and its external data) and those the report may not replace."""
+    input_files = protected_inputs(args.model)
+    protected = list(input_files)
     if args.output:
         check_output_path(args.output, protected=protected, what="output")
         output = Path(args.output)
-        protected = protected + [(output, "the output model")]
+        protected += [(output, "the output model")]
         protected += [(output.parent / name, "the output's external data file") for name in data_file_candidates(output)]
     if args.report and args.report != "-":
         check_output_path(args.report, protected=protected, what="report")
-    return protected
+    return input_files, protected
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

@@ -167,6 +167,7 @@ def save_model(
     *,
     input_path: str | os.PathLike | None = None,
     external_data: bool | None = None,
+    protected: list[tuple[Path, str]] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path written.
 
@@ -175,10 +176,12 @@ def save_model(
     None means "only when needed" (tensors above :data:`EXTERNAL_DATA_THRESHOLD`); the data
     then goes to ``<name>.data`` (or ``<name>.1.data``, alternating, so the previous output
     stays whole until the new one is in place).  True puts every tensor into the data file.
-    ``model`` is left unchanged.
+    ``protected`` is :func:`protected_inputs` of ``input_path`` when the caller already has
+    it (reading the input's references parses the input file).  ``model`` is left unchanged.
     """
     path = Path(path)
-    protected = protected_inputs(input_path)
+    if protected is None:
+        protected = protected_inputs(input_path)
     check_output_path(path, protected=protected, what="output")
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD

@@ -167,14 +167,16 @@ def verify(
     seed: int = 0,
     atol: float = 1e-5,
     rtol: float = 1e-4,
+    inputs_label: str = "given inputs",
 ) -> VerifyResult:
-    """Compare ``optimized`` with ``original`` in ORT on the same inputs."""
+    """Compare ``optimized`` with ``original`` in ORT on the same inputs; ``inputs_label``
+    names feeds given as arrays in the report (e.g. the file they were loaded from)."""
     if inputs is None:
         feeds, source = random_inputs(original, input_shapes, seed), f"random inputs, seed {seed}"
     elif isinstance(inputs, (str, os.PathLike)):
         feeds, source = load_inputs(inputs, original), f"inputs from {inputs}"
     else:
-        feeds, source = dict(inputs), "given inputs"
+        feeds, source = dict(inputs), inputs_label
     try:
         reference = run(original, feeds)
     except Exception as exc:  # ORT's errors have no common base class  # noqa: BLE001
