@@ -27,6 +27,7 @@ unknown.  A fold that only needs the channel count never depends on the other di
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -256,22 +257,20 @@ def concat_axis(node: gs.Node) -> int:
 
 def channel_sizes(node: gs.Node, axis: int) -> list[int]:
     """Channel counts of the Concat inputs along ``axis`` (static shapes required)."""
-    sizes = []
-    for tensor in node.inputs:
-        dim = channel_count(tensor, axis)
-        if dim is None:
-            raise NotTransparent(f"Concat input {tensor.name} has no static channel count")
-        sizes.append(dim)
-    return sizes
+    return _static_counts(node.inputs, axis, "Concat input")
 
 
 def split_sizes(node: gs.Node, axis: int) -> list[int]:
     """Sizes of the Split outputs along ``axis``."""
+    return _static_counts(node.outputs, axis, "Split output")
+
+
+def _static_counts(tensors: Sequence[gs.Tensor], axis: int, what: str) -> list[int]:
     sizes = []
-    for tensor in node.outputs:
+    for tensor in tensors:
         dim = channel_count(tensor, axis)
         if dim is None:
-            raise NotTransparent(f"Split output {tensor.name} has no static channel count")
+            raise NotTransparent(f"{what} {tensor.name} has no static channel count")
         sizes.append(dim)
     return sizes
 
