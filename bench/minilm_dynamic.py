@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 import onnxopt
 from bench.common import load_average, op_counts, ort_optimized_model, ort_session, summarize, time_interleaved

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from .errors import InputNotFoundError, InvalidModelError, UnsupportedModelError
-from .output import check_output_path, replace_model_files, same_file
+from .output import check_output_path, replace_model_files
 
 ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 

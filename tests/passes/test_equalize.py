@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import onnxopt
 from onnxopt.errors import NothingToDoError
