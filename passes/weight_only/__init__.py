@@ -46,10 +46,11 @@ from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
+from ..common.layers import transposed_weight
+from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
 
 DOMAIN = "com.microsoft"
-LAYER_OPS = frozenset({"MatMul", "Gemm"})
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 #: Why a layer stayed float: reason prefix -> short label of the coverage line.
 FLOAT_LABELS = (
@@ -145,7 +146,7 @@ class WeightOnlyQuantize(Pass):
 
     # ------------------------------------------------------------------ main
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        candidates = [n for n in graph.nodes if n.op in MATRIX_OPS and is_default_domain(n)]
         self._reasons: Counter[str] = Counter()
         self._matched: set[str] = set()
         layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
@@ -270,7 +271,7 @@ def plan_gemm(node: gs.Node) -> Layer | str:
         return reason
     if node.attrs.get("transA", 0):
         return "Gemm with transA=1: MatMulNBits multiplies A as given (transpose A before the Gemm)"
-    trans_b = int(node.attrs.get("transB", 0))
+    trans_b = int(transposed_weight(node))
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     k, n = (int(d) for d in (weight.shape[::-1] if trans_b else weight.shape))
     bias = None
