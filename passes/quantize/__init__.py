@@ -90,7 +90,7 @@ from ..common.calibration import CALIBRATION_OPTIONS, calibration_samples
 from ..common.calibration import check_options as check_calibration_options
 from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from ..common.numerics import ActivationQuant, activation_quant
-from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
+from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 from ..common.quantization import (
     check_bit_widths,
     check_range_options,
@@ -551,10 +551,6 @@ def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> 
     return restored
 
 
-#: pooling ORT runs on uint8 (QLinearGlobalAveragePool, QLinearAveragePool) between quantizers
-INTEGER_POOLS = frozenset({"GlobalAveragePool", "AveragePool"})
-
-
 def _from_layer(tensor: gs.Tensor) -> bool:
     """``tensor`` is a Conv/Gemm/MatMul output, directly or after Relu/Clip (the tensor an
     output quantizer reads; giving its readers the float value would unfuse the layer)."""
@@ -566,11 +562,11 @@ def _from_layer(tensor: gs.Tensor) -> bool:
 
 def _reaches_quantize(tensor: gs.Tensor) -> bool:
     """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip, a movement op or
-    average pooling."""
+    average pooling (ORT runs it on uint8 between quantizers: QLinear(Global)AveragePool)."""
     for reader in tensor.outputs:
         if reader.op == "QuantizeLinear":
             return True
-        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS or reader.op in INTEGER_POOLS) and any(
+        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS or reader.op in AVERAGING_OPS) and any(
             _reaches_quantize(o) for o in reader.outputs
         ):
             return True
