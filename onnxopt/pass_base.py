@@ -13,6 +13,13 @@ Ordering: ``tags`` name what a pass is (its own name is always a tag); ``runs_af
 tags that, when present in the same pipeline, must be scheduled earlier, ``runs_before``
 tags that must be scheduled later.  The PassManager validates this before running.
 
+Options: a pass declares ``Options``, a frozen dataclass derived from
+:class:`~onnxopt.options.PassOptions` (one typed field per option, with its default and CLI
+flag, and ``check()`` for the rules between fields).  They are built and checked when the
+pipeline is assembled, before any pass runs; ``requires`` keeps only the checks that need
+the graph.  ``self.options`` is that dataclass (also readable as a mapping).  A pass may
+still give a plain ``options_spec`` dict (name → default; numbers type-checked only).
+
 Compressions: a pass serving a user's request (``request = "quantize"``, ``"prune"``, ...)
 must rewrite something.  When every pass of a request in the pipeline rewrote nothing the
 PassManager raises :class:`~onnxopt.errors.NothingToDoError` with ``nothing_done``'s line
@@ -31,6 +38,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
 import onnx_graphsurgeon as gs
 
 from .errors import PipelineError
+from .options import PassOptions
 from .progress import Progress
 
 T = TypeVar("T")
@@ -105,20 +113,33 @@ class Pass:
     tags: ClassVar[frozenset[str]] = frozenset()
     runs_after: ClassVar[frozenset[str]] = frozenset()
     runs_before: ClassVar[frozenset[str]] = frozenset()
-    #: Option name -> default value.  Options given to the pipeline reach passes declaring them.
+    #: The typed options (a frozen PassOptions dataclass); None for a pass without options
+    #: or one that declares a plain ``options_spec`` dict instead.
+    Options: ClassVar[type[PassOptions] | None] = None
+    #: Option name -> default value (derived from ``Options`` when it is declared).
+    #: Options given to the pipeline reach the passes declaring them.
     options_spec: ClassVar[Mapping[str, Any]] = {}
     #: The compression this pass serves; when all its passes rewrite nothing, the run fails.
     request: ClassVar[str | None] = None
     #: Oldest default-domain opset the rewrite can emit into (the manager upgrades older models).
     min_opset: ClassVar[int | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("Options") is not None:
+            cls.options_spec = cls.Options.defaults()
+
     def __init__(self, **options: Any) -> None:
+        """Build and check the options (PipelineError naming the option on a bad value)."""
+        if self.Options is not None:
+            self.options: Mapping[str, Any] = self.Options.build(self.name, options)
+            return
         unknown = set(options) - set(self.options_spec)
         if unknown:
             raise PipelineError(f"pass {self.name} has no option(s) {', '.join(sorted(unknown))}")
         for key, value in options.items():
             check_option_type(self.name, key, value, self.options_spec[key])
-        self.options: dict[str, Any] = {**self.options_spec, **options}
+        self.options = {**self.options_spec, **options}
 
     @classmethod
     def all_tags(cls) -> frozenset[str]:

@@ -48,6 +48,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import cleanup, count_ops, has_subgraph, is_default_domain, static_shape
+from onnxopt.options import PassOptions
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 NEVER_FOLDED = frozenset(
@@ -362,11 +363,18 @@ def count_all_ops(graph: gs.Graph) -> dict[str, int]:
     return counts
 
 
+@dataclass(frozen=True)
+class FoldConstantsOptions(PassOptions):
+    #: the largest constant a fold may produce
+    max_constant_bytes: int = 64 << 20
+    #: a fold may not grow the constants it comes from more than this many times
+    max_constant_growth: float = 4.0
+
 class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate pure-constant subgraphs (Q/DQ and random ops excluded) into initializers"
     tags = frozenset({"cleanup"})
-    options_spec = {"max_constant_bytes": 64 << 20, "max_constant_growth": 4.0}
+    Options = FoldConstantsOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)

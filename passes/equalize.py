@@ -68,7 +68,6 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
 from onnxopt.graph import (
     NameFactory,
     cleanup,
@@ -79,6 +78,7 @@ from onnxopt.graph import (
     node_label,
     set_constant_input,
 )
+from onnxopt.options import OptionProblem, PassOptions
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from .common.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
@@ -405,6 +405,31 @@ def find_pairs(graph: gs.Graph, ctx: PassContext, what: str) -> list[Pair]:
     return pairs
 
 
+@dataclass(frozen=True)
+class EqualizeOptions(PassOptions):
+    #: the most equalization sweeps over the network
+    max_sweeps: int = 50
+    #: stop when no scale moves more than this (relative)
+    tolerance: float = 1e-4
+
+    def check(self) -> None:
+        super().check()
+        if self.max_sweeps < 1:
+            raise OptionProblem("max_sweeps", f"must be a positive integer, got {self.max_sweeps!r}")
+        if not self.tolerance > 0:
+            raise OptionProblem("tolerance", f"must be positive, got {self.tolerance!r}")
+
+
+@dataclass(frozen=True)
+class AbsorbHighBiasOptions(PassOptions):
+    #: absorb β − sigmas·|γ|, the part of the pre-activation that is almost always positive
+    sigmas: float = 3.0
+
+    def check(self) -> None:
+        super().check()
+        if not self.sigmas >= 0:
+            raise OptionProblem("sigmas", f"must be >= 0, got {self.sigmas!r}")
+
 class Equalize(Pass):
     name = "equalize"
     summary = "DFQ cross-layer equalization: balance the weight ranges of consecutive layers through ReLU/ReLU6 (exact rescaling)"
@@ -412,13 +437,7 @@ class Equalize(Pass):
     request = "equalize"
     runs_after = frozenset({"bn-fold", "prune"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"max_sweeps": 50, "tolerance": 1e-4}
-
-    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if not isinstance(self.options["max_sweeps"], int) or self.options["max_sweeps"] < 1:
-            raise PipelineError(f"equalize: max_sweeps must be a positive integer, got {self.options['max_sweeps']!r}")
-        if not self.options["tolerance"] > 0:
-            raise PipelineError(f"equalize: tolerance must be positive, got {self.options['tolerance']!r}")
+    Options = EqualizeOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
@@ -498,11 +517,7 @@ class AbsorbHighBias(Pass):
     request = "equalize"
     runs_after = frozenset({"bn-fold", "prune", "equalize"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"sigmas": 3.0}
-
-    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if not self.options["sigmas"] >= 0:
-            raise PipelineError(f"absorb-high-bias: sigmas must be >= 0, got {self.options['sigmas']!r}")
+    Options = AbsorbHighBiasOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_domain, node_label, optional_input, producer
+from onnxopt.options import OptionProblem, PassOptions, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
@@ -202,6 +203,17 @@ def rewrite(graph: gs.Graph, item: IntegerLayer, bits: int | None, names: NameFa
     return acc
 
 
+@dataclass(frozen=True)
+class ModularOptions(PassOptions):
+    #: the accumulator width the integer layers wrap to ('auto': per layer, the safe width)
+    accumulator_bits: int | Literal["auto"] | None = option("auto", flag="--modular-accumulator")
+
+    def check(self) -> None:
+        super().check()
+        bits = self.accumulator_bits
+        if isinstance(bits, int) and not 2 <= bits <= MAX_BITS:
+            raise OptionProblem("accumulator_bits", f"must be an integer in 2..{MAX_BITS}, 'auto' or None, got {bits!r}")
+
 class ModularAccumulator(Pass):
     name = "modular-accumulator"
     summary = "rewrite QDQ layers into integer ModularConv/ModularMatMul whose accumulator wraps to b bits (or 'auto': per-layer safe width)"
@@ -210,12 +222,9 @@ class ModularAccumulator(Pass):
     request = "modular-accumulator"
     min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"quantize"})
-    options_spec = {"accumulator_bits": "auto"}
+    Options = ModularOptions
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        bits = self.options["accumulator_bits"]
-        if not (bits is None or bits == "auto" or (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= MAX_BITS)):
-            raise PipelineError(f"modular-accumulator: accumulator_bits must be an integer in 2..{MAX_BITS}, 'auto' or None, got {bits!r}")
         if graph.opset < MIN_OPSET:
             raise PreconditionFailed(f"opset {graph.opset} < {MIN_OPSET}: the custom-op function bodies need CastLike")
 

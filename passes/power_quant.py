@@ -49,13 +49,12 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
 from onnxopt.graph import (
     NameFactory,
     cleanup,
@@ -66,17 +65,17 @@ from onnxopt.graph import (
     per_channel,
     set_constant_input,
 )
+from onnxopt.options import OptionProblem, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .quantize import Quantize
-from .common.calibration import CALIBRATION_OPTIONS, calibration_samples
-from .common.calibration import check_options as check_calibration_options
+from .common.calibration import calibration_samples
 from .common.layers import transposed_weight, weight_axis
 from .common.numerics import checked_scales
 from .common.operators import QuantizedWeight, register_operator
 from .common.ops import WITHOUT_TRANSPOSE_OPS
-from .common.quantization import check_bit_widths, check_range_options, float_label, layer_refusal, mean_shift, no_layer_message
+from .common.quantization import QuantizationOptions, float_label, layer_refusal, mean_shift, no_layer_message
 from .common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
 from .common.statistics import bn_statistics
 
@@ -311,6 +310,27 @@ def emit_integer_layer(graph: gs.Graph, layer: gs.Node, codes: np.ndarray, scale
 
 
 # --------------------------------------------------------------------------- the pass
+@dataclass(frozen=True)
+class PowerQuantOptions(QuantizationOptions):
+    """power-quant's options (the shared ones in QuantizationOptions)."""
+
+    #: the exponent a of x ↦ sign(x)|x|^a; None searches it (Nelder–Mead)
+    power_exponent: float | None = option(None, flag="--power-quant")
+    #: one exponent per layer instead of one for the network
+    power_per_layer: bool = option(False, flag="--power-per-layer")
+    #: record the error curve of the exponent search in the report
+    power_error_curve: bool = False
+    #: integer accumulation where exact: True, False or where the exponent allows it
+    power_integer: bool | Literal["auto"] = "auto"
+    #: power-quantize the activations too (False: uniform activations)
+    power_activations: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if self.power_exponent is not None and not 0 < self.power_exponent <= 1:
+            raise OptionProblem("power_exponent", f"must be None (search) or a number in (0, 1], got {self.power_exponent!r}")
+
+
 class PowerQuant(Pass):
     name = "power-quant"
     summary = "PowerQuant: non-uniform power quantization (exponent by Nelder–Mead) of weights and activations, custom ops with ONNX function bodies"
@@ -319,37 +339,9 @@ class PowerQuant(Pass):
     request = "power-quant"
     min_opset = MIN_OPSET  # CastLike in the function bodies
     runs_after = frozenset({"bn-fold", "fold-batchnorm"})
-    options_spec = {
-        "weight_bits": 8,
-        "act_bits": 8,
-        "power_exponent": None,
-        "power_per_layer": False,
-        "power_error_curve": False,
-        "power_integer": "auto",
-        "act_ranges": "bn",
-        **CALIBRATION_OPTIONS,
-        "lam": None,
-        "input_range": None,
-        "add_range": "sum",
-        "first_last_bits": 8,
-        "bias_correction": True,
-        "power_activations": True,
-    }
+    Options = PowerQuantOptions
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        o = self.options
-        check_bit_widths(self.name, o)
-        check_range_options(self.name, o)
-        a = o["power_exponent"]
-        if a is not None and not (isinstance(a, (int, float)) and 0 < float(a) <= 1):
-            raise PipelineError(f"power-quant: power_exponent must be None (search) or a number in (0, 1], got {a!r}")
-        if o["power_integer"] not in ("auto", False, True):
-            raise PipelineError(f"power-quant: power_integer must be 'auto', true or false, got {o['power_integer']!r}")
-        if o["act_ranges"] not in ("bn", "minmax", "percentile"):
-            raise PipelineError(f"power-quant: act_ranges must be bn, minmax or percentile, got {o['act_ranges']!r}")
-        if o["act_ranges"] != "bn" and not o["calibration_data"]:
-            raise PipelineError(f"power-quant: act_ranges={o['act_ranges']!r} needs calibration data")
-        check_calibration_options(self.name, o)
         if graph.opset < MIN_OPSET:
             raise PreconditionFailed(f"opset {graph.opset} < {MIN_OPSET}: the custom-op function bodies need CastLike")
 

@@ -31,16 +31,16 @@ FEW_SAMPLES are flagged in the pass statistics.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from onnxopt.errors import InputDataError, PipelineError
+from onnxopt.options import OptionProblem, PassOptions, option
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +53,6 @@ CROP_FRACTION = 0.875
 #: Fewer samples than this still run, with a warning in the pass statistics.
 FEW_SAMPLES = 8
 #: The options the quantize and power-quant passes declare for the data (with their defaults).
-CALIBRATION_OPTIONS: dict[str, Any] = {"calibration_data": None, "calibration_mean": None, "calibration_std": None, "calibration_layout": None}
 IMAGE_OPTIONS = ("calibration_mean", "calibration_std", "calibration_layout")
 
 
@@ -87,21 +86,27 @@ class CalibrationData:
 
 
 # --------------------------------------------------------------------------- options
-def check_options(pass_name: str, options: Mapping[str, Any]) -> None:
-    """PipelineError for bad ``calibration_mean/std/layout`` values."""
-    for key in ("calibration_mean", "calibration_std"):
-        if options.get(key) is not None:
-            values = _floats(options[key])
-            if values is None or len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
-                raise PipelineError(f"{pass_name}: {key} must be one number or three (one per RGB channel), got {options[key]!r}")
-            if key == "calibration_std" and min(values) <= 0:
-                raise PipelineError(f"{pass_name}: calibration_std must be positive, got {options[key]!r}")
-    layout = options.get("calibration_layout")
-    if layout is not None and str(layout).upper() not in LAYOUTS:
-        raise PipelineError(f"{pass_name}: calibration_layout must be NCHW or NHWC, got {layout!r}")
-    given = [key for key in IMAGE_OPTIONS if options.get(key) is not None]
-    if given and not options.get("calibration_data"):
-        raise PipelineError(f"{pass_name}: {', '.join(given)} preprocess calibration images; give them with calibration_data (a folder of images)")
+@dataclass(frozen=True)
+class CalibrationOptions(PassOptions):
+    """The calibration options of the quantizers (``--calibration-data`` and the image
+    preprocessing flags)."""
+
+    calibration_data: str | os.PathLike | None = option(None, flag="--calibration-data")
+    calibration_mean: float | tuple[float, ...] | None = option(None, flag="--calibration-mean")
+    calibration_std: float | tuple[float, ...] | None = option(None, flag="--calibration-std")
+    calibration_layout: Literal["NCHW", "NHWC", "nchw", "nhwc"] | None = option(None, flag="--calibration-layout")
+
+    def check(self) -> None:
+        super().check()
+        for key in ("calibration_mean", "calibration_std"):
+            values = _floats(self[key]) if self[key] is not None else None
+            if values is not None and len(values) not in (1, 3):
+                raise OptionProblem(key, f"must be one number or three (one per RGB channel), got {self[key]!r}")
+            if key == "calibration_std" and values is not None and min(values) <= 0:
+                raise OptionProblem(key, f"must be positive, got {self[key]!r}")
+        given = [key for key in IMAGE_OPTIONS if self[key] is not None]
+        if given and not self.calibration_data:
+            raise OptionProblem(given[0], f"preprocesses calibration images; give them with calibration_data (--calibration-data, a folder of images)")
 
 
 def preprocessing_from_options(options: Mapping[str, Any]) -> ImagePreprocessing:

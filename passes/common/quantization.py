@@ -6,14 +6,16 @@ the bit-width and range options, and the bias correction (W − Ŵ)·E[X] (DFQ).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, constant_values, node_label, optional_input, set_constant_input
+from onnxopt.options import OptionProblem, option
 
+from .calibration import CalibrationOptions
 from .layers import transposed_weight
 
 #: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
@@ -79,30 +81,37 @@ def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
     return not isinstance(shape[-1], int) or shape[-1] == depth
 
 
-def check_bit_widths(pass_name: str, options: dict[str, Any]) -> None:
-    """The bit-width options quantize and power-quant share: weight_bits and act_bits in
-    2..8, first_last_bits None or in 2..8."""
-    for key in ("weight_bits", "act_bits"):
-        if not isinstance(options[key], int) or not 2 <= options[key] <= 8:
-            raise PipelineError(f"{pass_name}: {key} must be an integer in 2..8, got {options[key]!r}")
-    if options["first_last_bits"] is not None and options["first_last_bits"] not in range(2, 9):
-        raise PipelineError(f"{pass_name}: first_last_bits must be None or an integer in 2..8, got {options['first_last_bits']!r}")
+@dataclass(frozen=True)
+class QuantizationOptions(CalibrationOptions):
+    """The options quantize and power-quant share: bit-widths, where activation ranges come
+    from (BN/LayerNorm statistics or calibration data) and how wide they are."""
 
+    weight_bits: int = option(8, flag="--quantize")
+    act_bits: int = option(8, flag="--quantize")
+    #: bits of the first and last layers (None: the same as the others)
+    first_last_bits: int | None = 8
+    act_ranges: Literal["bn", "minmax", "percentile"] = option("bn", flag="--act-ranges")
+    #: BN range width in standard deviations (None: 9 at 8 bits, 4 at <= 6 bits)
+    lam: float | None = option(None, flag="--lambda")
+    input_range: tuple[float, float] | None = option(None, flag="--input-range")
+    add_range: Literal["sum", "independent"] = "sum"
+    bias_correction: bool = option(True, flag="--no-bias-correction")
 
-def check_range_options(pass_name: str, options: dict[str, Any]) -> None:
-    """The range options quantize and power-quant share: ``lam`` None or a finite number
-    > 0, ``input_range`` None or a finite pair low < high (a NaN/inf there would become a
-    NaN/inf quantization scale)."""
-    lam = options["lam"]
-    if lam is not None and not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and np.isfinite(lam) and lam > 0):
-        raise PipelineError(f"{pass_name}: lam must be a finite positive number of standard deviations, got {lam!r}")
-    if options["input_range"] is not None:
-        try:
-            low, high = (float(v) for v in options["input_range"])
-        except (TypeError, ValueError):
-            raise PipelineError(f"{pass_name}: input_range must be a pair (low, high), got {options['input_range']!r}") from None
-        if not (np.isfinite(low) and np.isfinite(high) and low < high):
-            raise PipelineError(f"{pass_name}: input_range needs finite low < high, got {options['input_range']!r}")
+    def check(self) -> None:
+        super().check()
+        for key in ("weight_bits", "act_bits"):
+            if not 2 <= self[key] <= 8:
+                raise OptionProblem(key, f"must be an integer in 2..8, got {self[key]!r}")
+        if self.first_last_bits is not None and self.first_last_bits not in range(2, 9):
+            raise OptionProblem("first_last_bits", f"must be None or an integer in 2..8, got {self.first_last_bits!r}")
+        if self.lam is not None and self.lam <= 0:
+            raise OptionProblem("lam", f"must be a finite positive number of standard deviations, got {self.lam!r}")
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise OptionProblem("input_range", f"needs finite low < high, got {self.input_range!r}")
+        if self.act_ranges != "bn" and not self.calibration_data:
+            raise OptionProblem("act_ranges", f"{self.act_ranges!r} needs calibration data (--calibration-data x.npz)")
+        if self.act_ranges == "bn" and self.calibration_data:
+            raise OptionProblem("calibration_data", "is only used with act_ranges='minmax' or 'percentile'")
 
 
 def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:

@@ -67,7 +67,8 @@ statistics at all and no calibration data: pass calibration samples or export wi
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -84,16 +85,15 @@ from onnxopt.graph import (
     set_constant_input,
     subgraph_nodes,
 )
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
 
-from ..common.calibration import CALIBRATION_OPTIONS, calibration_samples
-from ..common.calibration import check_options as check_calibration_options
+from ..common.calibration import calibration_samples
 from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from ..common.numerics import ActivationQuant, activation_quant
 from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 from ..common.quantization import (
-    check_bit_widths,
-    check_range_options,
+    QuantizationOptions,
     correct_matmul_bias,
     float_label,
     layer_refusal,
@@ -106,7 +106,6 @@ from . import spiq as spiq_rewrite
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
 from .fusion import FusionCheck, check_fusion
 
-RANGE_MODES = ("bn", "minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
 #: BN range, so a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
@@ -122,6 +121,22 @@ IN_BODY = "inside an If/Loop/Scan body: control-flow bodies are not quantized"
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 
 
+@dataclass(frozen=True)
+class QuantizeOptions(QuantizationOptions):
+    """The quantize pass's options (the shared ones in QuantizationOptions)."""
+
+    #: per-output-channel weight scales (False: one per layer)
+    per_channel: bool = option(True, flag="--per-tensor-weights")
+    #: SPIQ activation scales folded into the weights: True, False, or where the estimate is lower
+    spiq: bool | Literal["auto"] = option("auto", flag="--spiq")
+    #: store <= 4-bit weights as INT4 (opset >= 21; ORT's CPU provider does not fuse them)
+    int4_weights: bool = option(False, flag="--int4-weights")
+    #: MatMul/Gemm layers without an activation range: quantized dynamically
+    dynamic_fallback: bool | Literal["auto", "all"] = option("auto", flag="--dynamic-fallback")
+    #: count the layers ORT really fuses (and re-emit the MatMuls it does not)
+    check_fusion: bool = True
+
+
 class Quantize(Pass):
     name = "quantize"
     summary = "data-free static quantization to QDQ with per-channel SPIQ scales folded into weights (wNaM)"
@@ -130,47 +145,15 @@ class Quantize(Pass):
     request = "quantize"
     min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"bn-fold"})
-    options_spec = {
-        "weight_bits": 8,
-        "act_bits": 8,
-        "per_channel": True,
-        "spiq": "auto",
-        "act_ranges": "bn",
-        **CALIBRATION_OPTIONS,
-        "lam": None,
-        "bias_correction": True,
-        "input_range": None,
-        "add_range": "sum",
-        "first_last_bits": 8,
-        "int4_weights": False,
-        "dynamic_fallback": "auto",
-        "check_fusion": True,
-    }
+    Options = QuantizeOptions
 
     # ------------------------------------------------------------------ checks
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        o = self.options
-        check_bit_widths(self.name, o)
-        if o["spiq"] not in (True, False, "auto"):
-            raise PipelineError(f"quantize: spiq must be true, false or 'auto', got {o['spiq']!r}")
-        if o["act_ranges"] not in RANGE_MODES:
-            raise PipelineError(f"quantize: act_ranges must be one of {', '.join(RANGE_MODES)}, got {o['act_ranges']!r}")
-        if o["act_ranges"] != "bn" and not o["calibration_data"]:
-            raise PipelineError(f"quantize: act_ranges={o['act_ranges']!r} needs calibration data (--calibration-data x.npz)")
-        if o["act_ranges"] == "bn" and o["calibration_data"]:
-            raise PipelineError("quantize: calibration_data is only used with act_ranges='minmax' or 'percentile'")
-        check_calibration_options(self.name, o)
-        if o["add_range"] not in ("sum", "independent"):
-            raise PipelineError(f"quantize: add_range must be 'sum' or 'independent', got {o['add_range']!r}")
-        check_range_options(self.name, o)
-        if not isinstance(o["int4_weights"], bool):
-            raise PipelineError(f"quantize: int4_weights must be true or false, got {o['int4_weights']!r}")
-        if o["int4_weights"] and graph.opset < 21:
+        if self.options["int4_weights"] and graph.opset < 21:
             raise PipelineError(
                 f"quantize: int4_weights needs opset >= 21 (DequantizeLinear with INT4 input), the model has opset {graph.opset}: "
                 "convert it first, e.g. onnx.version_converter.convert_version(model, 21)"
             )
-        check_dynamic_options(o)
         if graph.opset < 13:
             raise PreconditionFailed(f"opset {graph.opset} < 13: per-axis DequantizeLinear needs opset 13")
 
@@ -573,14 +556,6 @@ def _reaches_quantize(tensor: gs.Tensor) -> bool:
     return False
 
 
-def check_dynamic_options(options: dict[str, Any]) -> None:
-    """``dynamic_fallback`` in (True, False, "auto", "all"); ``check_fusion`` a bool."""
-    if options["dynamic_fallback"] not in (True, False, "auto", "all"):
-        raise PipelineError(f"quantize: dynamic_fallback must be true, false, 'auto' or 'all', got {options['dynamic_fallback']!r}")
-    if not isinstance(options["check_fusion"], bool):
-        raise PipelineError(f"quantize: check_fusion must be true or false, got {options['check_fusion']!r}")
-
-
 def static_weight_name(layer: gs.Node) -> str:
     """The name of the weight-codes initializer under a static layer's DequantizeLinear."""
     source = layer.inputs[1]
@@ -661,4 +636,4 @@ def _following(node: gs.Node) -> bool:
 
 
 
-__all__ = ["Quantize", "check_bit_widths", "correct_matmul_bias", "float_label", "layer_refusal", "no_layer_message"]
+__all__ = ["Quantize", "QuantizeOptions", "correct_matmul_bias", "float_label", "layer_refusal", "no_layer_message"]

@@ -29,11 +29,11 @@ non-constant weights, no parameter saving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
 from onnxopt.graph import (
     NameFactory,
     cleanup,
@@ -43,6 +43,7 @@ from onnxopt.graph import (
     optional_input,
     string_attr,
 )
+from onnxopt.options import PassOptions
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 LAYOUTS = ("auto", "padded", "bucketed")
@@ -90,6 +91,13 @@ def choose_layout(rank: np.ndarray, option: str) -> str:
     return "bucketed" if padded > (1 + PADDING_WASTE_LIMIT) * int(rank.sum()) else "padded"
 
 
+@dataclass(frozen=True)
+class DepthwiseOptions(PassOptions):
+    #: how close to exact the decomposition must be (relative)
+    tolerance: float = 1e-6
+    #: how the uneven depthwise groups are laid out
+    layout: Literal["auto", "padded", "bucketed"] = "auto"
+
 class DecomposeDepthwise(Pass):
     name = "decompose-depthwise"
     summary = "RED++ uneven depthwise-separable decomposition of k×k Convs (per-input-channel kernel basis), where eq. 2.11 saves parameters"
@@ -98,11 +106,9 @@ class DecomposeDepthwise(Pass):
     request = "prune"
     runs_after = frozenset({"bn-fold", "hash-weights", "merge-neurons"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"tolerance": 1e-6, "layout": "auto"}
+    Options = DepthwiseOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if self.options["layout"] not in LAYOUTS:
-            raise PipelineError(f"decompose-depthwise: layout must be one of {', '.join(LAYOUTS)}, got {self.options['layout']!r}")
         names = NameFactory(graph)
         layers = []
         for conv in ctx.progress([n for n in graph.nodes if n.op == "Conv" and is_default_domain(n)], label="convs"):

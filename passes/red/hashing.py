@@ -49,6 +49,7 @@ from onnxopt.graph import (
     optional_input,
     set_constant_input,
 )
+from onnxopt.options import OptionProblem, PassOptions
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 from ..common.layers import transposed_weight
@@ -163,6 +164,16 @@ def _fan_in(node: gs.Node, weights: np.ndarray) -> int:
     return int(weights.shape[1] if transposed_weight(node) else weights.shape[0])
 
 
+@dataclass(frozen=True)
+class HashingOptions(PassOptions):
+    #: the most hash bins of one layer's weights
+    max_bins: int = 1 << 22
+
+    def check(self) -> None:
+        super().check()
+        if self.max_bins < 1:
+            raise OptionProblem("max_bins", f"must be an integer >= 1, got {self.max_bins}")
+
 class HashWeights(Pass):
     name = "hash-weights"
     summary = "RED adaptive KDE weight hashing per layer (few distinct values; reports the data-free error bound U)"
@@ -171,7 +182,7 @@ class HashWeights(Pass):
     request = "prune"
     runs_after = frozenset({"bn-fold"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"max_bins": 1 << 22}
+    Options = HashingOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         names = NameFactory(graph)

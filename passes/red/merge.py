@@ -57,6 +57,7 @@ from onnxopt.graph import (
     optional_input,
     set_constant_input,
 )
+from onnxopt.options import OptionProblem, PassOptions
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from ..common.layers import transposed_weight
 from ..common.ops import ELEMENTWISE_OPS, HOMOGENEOUS_OPS, POOL_OPS
@@ -424,6 +425,22 @@ def apply(match: LayerMatch, signature: np.ndarray, grouping: Grouping) -> int:
     return int(keep.size)
 
 
+@dataclass(frozen=True)
+class MergeOptions(PassOptions):
+    #: also merge this fraction of the closest neurons (lossy; 0 merges exact duplicates only)
+    alpha: float = 0.0
+    #: merge neurons equal up to a positive factor (through homogeneous activations)
+    angular: bool = True
+    #: keep the merged layer's width a multiple of this
+    channel_multiple: int = 8
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise OptionProblem("alpha", f"must be in [0, 1], got {self.alpha}")
+        if self.channel_multiple < 1:
+            raise OptionProblem("channel_multiple", f"must be an integer >= 1, got {self.channel_multiple}")
+
 class MergeNeurons(Pass):
     name = "merge-neurons"
     summary = "RED merge of identical (after hashing) / collinear (ReLU paths) / α-closest output neurons; the consumer's columns are summed"
@@ -432,14 +449,10 @@ class MergeNeurons(Pass):
     request = "prune"
     runs_after = frozenset({"bn-fold", "hash-weights"})
     runs_before = frozenset({"quantize"})
-    options_spec = {"alpha": 0.0, "angular": True, "channel_multiple": 8}
+    Options = MergeOptions
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        alpha = float(self.options["alpha"])
-        if not 0.0 <= alpha <= 1.0:
-            from onnxopt.errors import PipelineError
-
-            raise PipelineError(f"merge-neurons: alpha must be in [0, 1], got {alpha}")
+        alpha = self.options["alpha"]
         names = NameFactory(graph)
         layers = []
         for node in ctx.progress([n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and is_default_domain(n)], label="layers"):

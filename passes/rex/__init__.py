@@ -94,6 +94,7 @@ layers whose output shape rank is unknown, non-default domains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -111,6 +112,7 @@ from onnxopt.graph import (
     with_inferred_shapes,
 )
 from onnxopt.metrics import tensor_shapes
+from onnxopt.options import OptionProblem, PassOptions, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from ..common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
@@ -283,6 +285,50 @@ def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- the pass
+@dataclass(frozen=True)
+class RexOptions(PassOptions):
+    """REx's options: the expansion order, its budget, where it goes and how it is combined."""
+
+    #: expansion order K (1 = the quantized layer only)
+    rex_order: int = option(2, flag="--rex")
+    #: extra output channels over all orders >= 2, as a fraction of the layers' (0.5 = 50 %)
+    rex_budget: float = option(0.5, flag="--rex-budget")
+    #: also expand the activations' quantization error
+    rex_input_expansion: bool = option(False, flag="--rex-input-expansion")
+    #: weight-only: an outlier residue added in float (True: 8-bit, or its bits 1..8)
+    rex_outliers: bool | int = False
+    #: the registered weight operator of the branches ("uniform", "power", ...)
+    rex_operator: str = "uniform"
+    rex_combine: Literal["auto", "permute", "gather", "pad", "scatter", "dense", "fold"] = option("auto", flag="--rex-combine")
+    rex_allocation: Literal["network", "uniform"] = option("network", flag="--rex-allocation")
+    #: expand float weights directly at this bit-width (no quantize pass before)
+    rex_weight_only: int | None = None
+    #: requantize each branch's output before the sum (as ORT's integer kernels do)
+    rex_requantize: bool = True
+    #: rex_combine="fold": the divisor m of the order-2 step s1/m (None: the default 7)
+    rex_fold_divisor: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.rex_order < 1:
+            raise OptionProblem("rex_order", f"must be an integer K ≥ 1, got {self.rex_order!r}")
+        if not 0 <= self.rex_budget <= max(1, self.rex_order - 1):
+            raise OptionProblem("rex_budget", f"must be a fraction in [0, K−1] (0.5 = 50 % extra output channels), got {self.rex_budget!r}")
+        if self.rex_outliers not in (False, True, *range(1, 9)):
+            raise OptionProblem("rex_outliers", f"must be false, true (8-bit residue) or the residue's bits 1..8, got {self.rex_outliers!r}")
+        if self.rex_outliers and self.rex_weight_only is None:
+            raise OptionProblem("rex_outliers", "needs rex_weight_only (the outlier residue is added in float; transformer linear layers)")
+        if self.rex_weight_only is not None and self.rex_weight_only not in range(2, 9):
+            raise OptionProblem("rex_weight_only", f"must be None or a bit-width in 2..8, got {self.rex_weight_only!r}")
+        if self.rex_fold_divisor is not None and self.rex_fold_divisor < 2:
+            raise OptionProblem("rex_fold_divisor", f"must be an integer m ≥ 2 (order-2 step s1/m), got {self.rex_fold_divisor!r}")
+        if self.rex_allocation == "network" and self.rex_combine == "pad":
+            raise OptionProblem("rex_combine", "'pad' expands a contiguous window per layer; it cannot use rex_allocation='network'")
+        weight_operator(self.rex_operator)  # unknown operator → clear error
+        if self.rex_combine != "auto":
+            check_fold_options(self)
+
+
 class Rex(Pass):
     name = "rex"
     summary = "REx: expand the quantization error of each quantized layer (orders K, budget γ): folded into one int8 layer (K=2, <= 4 bits) or parallel low-bit branches"
@@ -291,41 +337,13 @@ class Rex(Pass):
     request = "rex"
     min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"quantize"})
-    options_spec = {
-        "rex_order": 2,
-        "rex_budget": 0.5,
-        "rex_input_expansion": False,
-        "rex_outliers": False,
-        "rex_operator": "uniform",
-        "rex_combine": "auto",
-        "rex_allocation": "network",
-        "rex_weight_only": None,
-        "rex_requantize": True,
-        "rex_fold_divisor": None,
-    }
+    Options = RexOptions
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
-        if not isinstance(o["rex_order"], int) or isinstance(o["rex_order"], bool) or o["rex_order"] < 1:
-            raise PipelineError(f"rex: rex_order must be an integer K ≥ 1, got {o['rex_order']!r}")
-        if not isinstance(o["rex_budget"], (int, float)) or not 0 <= o["rex_budget"] <= max(1, o["rex_order"] - 1):
-            raise PipelineError(f"rex: rex_budget must be a fraction in [0, K−1] (0.5 = 50 % extra output channels), got {o['rex_budget']!r}")
-        if o["rex_allocation"] not in ALLOCATIONS:
-            raise PipelineError(f"rex: rex_allocation must be one of {', '.join(ALLOCATIONS)}, got {o['rex_allocation']!r}")
-        if o["rex_combine"] == "auto":
-            o["rex_combine"] = auto_combine(o, ctx.shared.get("quantized_weights", {}))
-        if o["rex_allocation"] == "network" and o["rex_combine"] == "pad":
-            raise PipelineError("rex: rex_combine='pad' expands a contiguous window per layer; it cannot use rex_allocation='network'")
-        if o["rex_combine"] not in COMBINE_MODES:
-            raise PipelineError(f"rex: rex_combine must be one of {', '.join(COMBINE_MODES)}, got {o['rex_combine']!r}")
-        if o["rex_outliers"] not in (False, True, *range(1, 9)):
-            raise PipelineError(f"rex: rex_outliers must be false, true (8-bit residue) or the residue's bits 1..8, got {o['rex_outliers']!r}")
-        if o["rex_outliers"] and o["rex_weight_only"] is None:
-            raise PipelineError("rex: rex_outliers needs rex_weight_only (the outlier residue is added in float; transformer linear layers)")
-        if o["rex_weight_only"] is not None and o["rex_weight_only"] not in range(2, 9):
-            raise PipelineError(f"rex: rex_weight_only must be None or a bit-width in 2..8, got {o['rex_weight_only']!r}")
-        weight_operator(o["rex_operator"])  # unknown operator → clear error
-        check_fold_options(o)
+        #: the combine form of this run (rex_combine, with "auto" resolved on the quantized layers)
+        self.combine = auto_combine(o, ctx.shared.get("quantized_weights", {})) if o["rex_combine"] == "auto" else o["rex_combine"]
+        check_fold_options({**o, "rex_combine": self.combine})
         pipeline = ctx.shared.get("pipeline", ())
         if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared and "power-quant" in pipeline:
             raise PipelineError("rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them")
@@ -351,9 +369,9 @@ class Rex(Pass):
         operator = weight_operator(o["rex_operator"])
         names = NameFactory(graph)
         sites = self._sites(graph, ctx, operator, names)
-        if o["rex_combine"] == "fold":
+        if self.combine == "fold":
             sites = prepare_fold(sites, o, ctx)
-        if o["rex_combine"] == "permute":
+        if self.combine == "permute":
             selections = self._permuted_layout(graph, sites, operator, ctx)
         elif o["rex_allocation"] == "network":
             selections = allocate_network(*self._profile(graph, sites, operator, ctx))
@@ -538,7 +556,7 @@ class Rex(Pass):
         input_dq = source if source is not None and source.op == "DequantizeLinear" and scalar_value(source.inputs[1]) is not None else None
         if node.op not in ("Conv", "Gemm", "MatMul"):
             mean = None
-        combine = "gather" if self.options["rex_combine"] == "permute" else self.options["rex_combine"]  # permute: set per layer later
+        combine = "gather" if self.combine == "permute" else self.combine  # permute: set per layer later
         return LayerSite(node, np.asarray(weight, np.float32), bits, out_axis if per_channel else None, out_axis, groups, mean, moment, input_dq,
                          _output_range(node), _output_rank(node), combine)
 

@@ -44,6 +44,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
+from onnxopt.options import OptionProblem, PassOptions, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from ..common.layers import transposed_weight
@@ -103,6 +104,45 @@ class Packed:
     constants: list[gs.Constant]
 
 
+@dataclass(frozen=True)
+class WeightOnlyOptions(PassOptions):
+    """weight-only's options: bits, block size, zero points and the data-free scale search."""
+
+    weight_bits: int = option(4, flag="--quantize")
+    #: K rows per scale
+    block_size: int = option(32, flag="--block-size")
+    #: no zero points
+    symmetric: bool = option(False, flag="--symmetric")
+    #: per-block clipping/zero-point search (False: round to nearest)
+    scale_search: bool = True
+    search_steps: int = 10
+    #: the smallest clipping factor the search tries
+    min_shrink: float = 0.7
+    #: least-squares refits of scale and zero point after the search
+    refine_rounds: int = 2
+    #: MatMulNBits accuracy_level (0 = the kernel's default)
+    accuracy_level: int = 0
+    #: layers whose node or weight name contains one of these stay at 8 bits
+    keep_8bit: tuple[str, ...] | str | None = option((), flag="--keep-8bit")
+    #: weight the rows by the LayerNorm (γ² + β²) feeding the layer
+    norm_weighting: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if self.weight_bits not in SUPPORTED_BITS:
+            raise OptionProblem("weight_bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))} (MatMulNBits), got {self.weight_bits!r}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise OptionProblem("block_size", f"must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}, got {self.block_size!r}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise OptionProblem("accuracy_level", f"must be one of 0..4, got {self.accuracy_level!r}")
+        if self.search_steps < 1:
+            raise OptionProblem("search_steps", f"must be an integer >= 1, got {self.search_steps!r}")
+        if not 0 < self.min_shrink <= 1:
+            raise OptionProblem("min_shrink", f"must be in (0, 1], got {self.min_shrink!r}")
+        if self.refine_rounds < 0:
+            raise OptionProblem("refine_rounds", f"must be an integer >= 0, got {self.refine_rounds!r}")
+
+
 class WeightOnlyQuantize(Pass):
     name = "weight-only"
     summary = "weight-only block-wise 2/4/8-bit quantization of MatMul/Gemm weights to ONNX Runtime's MatMulNBits (float activations)"
@@ -111,38 +151,10 @@ class WeightOnlyQuantize(Pass):
     request = "weight-only"
     #: The op lives in com.microsoft (version 1) and needs no newer default-domain op.
     min_opset = None
-    options_spec = {
-        "weight_bits": 4,
-        "block_size": 32,
-        "symmetric": False,
-        "scale_search": True,
-        "search_steps": 10,
-        "min_shrink": 0.7,
-        "refine_rounds": 2,
-        "accuracy_level": 0,
-        "keep_8bit": (),
-        "norm_weighting": True,
-    }
+    Options = WeightOnlyOptions
 
-    # ------------------------------------------------------------------ checks
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        o = self.options
-        if o["weight_bits"] not in SUPPORTED_BITS:
-            raise PipelineError(f"weight-only: weight_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (MatMulNBits), got {o['weight_bits']!r}")
-        if o["block_size"] not in SUPPORTED_BLOCK_SIZES:
-            raise PipelineError(f"weight-only: block_size must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}, got {o['block_size']!r}")
-        for key in ("symmetric", "scale_search", "norm_weighting"):
-            if not isinstance(o[key], bool):
-                raise PipelineError(f"weight-only: {key} must be true or false, got {o[key]!r}")
-        if o["accuracy_level"] not in ACCURACY_LEVELS:
-            raise PipelineError(f"weight-only: accuracy_level must be one of 0..4, got {o['accuracy_level']!r}")
-        if not (isinstance(o["search_steps"], int) and o["search_steps"] >= 1):
-            raise PipelineError(f"weight-only: search_steps must be an integer >= 1, got {o['search_steps']!r}")
-        if not 0 < o["min_shrink"] <= 1:
-            raise PipelineError(f"weight-only: min_shrink must be in (0, 1], got {o['min_shrink']!r}")
-        if not (isinstance(o["refine_rounds"], int) and o["refine_rounds"] >= 0):
-            raise PipelineError(f"weight-only: refine_rounds must be an integer >= 0, got {o['refine_rounds']!r}")
-        self._keep = keep_patterns(o["keep_8bit"])
+        self._keep = keep_patterns(self.options["keep_8bit"])
 
     # ------------------------------------------------------------------ main
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -225,9 +225,9 @@ def test_cli_bad_calibration_data_is_one_line_with_exit_code_11(tmp_path: Path, 
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({"calibration_mean": [0.5, 0.5]}, "calibration_mean must be one number or three"),
-        ({"calibration_std": 0.0}, "calibration_std must be positive"),
-        ({"calibration_layout": "CHWN"}, "calibration_layout must be NCHW or NHWC"),
+        ({"calibration_mean": [0.5, 0.5]}, r"calibration_mean \(--calibration-mean\) of pass quantize must be one number or three"),
+        ({"calibration_std": 0.0}, r"calibration_std \(--calibration-std\) of pass quantize must be positive"),
+        ({"calibration_layout": "CHWN"}, r"calibration_layout \(--calibration-layout\) of pass quantize must be 'NCHW', 'NHWC'"),
         ({"calibration_std": 0.5}, "calibration_std apply to a folder of images"),
     ],
 )

@@ -458,5 +458,5 @@ def model_bias(model: onnx.ModelProto) -> np.ndarray:
 
 
 def test_outliers_need_weight_only_mode():
-    with pytest.raises(PipelineError, match="rex_outliers needs rex_weight_only"):
+    with pytest.raises(PipelineError, match="rex_outliers of pass rex needs rex_weight_only"):
         onnxopt.optimize(conv_net(), preset="rex", rex_outliers=True, **QUANT)
