@@ -25,6 +25,7 @@ from .flags import join_negative_values, pipeline_from_flags
 from .io import load_model, protected_inputs, save_model
 from .manager import validate_final_model
 from .output import check_output_path, data_file_candidates
+from .registry import PassRegistry
 from .report import Report
 from .runtime import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM
 
@@ -51,7 +52,12 @@ exit codes: 0 ok, 2 usage, 3 input not found, 4 invalid ONNX, 5 unsupported mode
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: PassRegistry | None = None) -> argparse.ArgumentParser:
+    """The parser; the compression flags come from ``registry``'s pass families (default: the built-in ones)."""
+    if registry is None:
+        from onnxopt.passes import builtin_registry
+
+        registry = builtin_registry()
     parser = argparse.ArgumentParser(
         prog="onnxopt",
         description="Optimize an ONNX model with exact graph rewrites and write a model stock ONNX Runtime runs.",
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--max-rounds", type=int, default=1, help="repeat the pipeline while it changes the graph, at most N times")
 
-    add_compression_arguments(parser)
+    add_compression_arguments(parser, registry)
 
     check = parser.add_argument_group("verification")
     check.add_argument(
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--report", metavar="FILE", help="write the JSON report here ('-': to standard output; the summary table goes to standard error)")
     out.add_argument("--external-data", choices=("auto", "always", "never"), default="auto", help="store tensors in <output>.data")
+    out.add_argument("--inline-functions", action="store_true", help="inline the custom ops' function bodies (for consumers without model-local functions)")
     out.add_argument("--dry-run", action="store_true", help="run and report, write no model")
     out.add_argument("--demo", action="store_true", help="optimize the bundled example model instead of MODEL")
     out.add_argument("--save-demo", metavar="FILE", help="write the bundled example model to FILE and exit")
@@ -124,13 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .analyze import main as analyze_main
 
         return analyze_main(argv[1:])
-    parser = build_parser()
+    from onnxopt.passes import builtin_registry
+
+    registry = builtin_registry()
+    parser = build_parser(registry)
     args = parser.parse_args(join_negative_values(argv))
     logging.basicConfig(
         level=logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="onnxopt: %(levelname)s: %(message)s",
     )
-    return run_guarded(lambda: _run(parser, args), verbose=args.verbose)
+    return run_guarded(lambda: _run(parser, args, registry), verbose=args.verbose)
 
 
 def run_guarded(run: Callable[[], int], *, verbose: int = 0) -> int:
@@ -153,15 +163,12 @@ def run_guarded(run: Callable[[], int], *, verbose: int = 0) -> int:
         return 1
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from onnxopt.passes import builtin_registry
-
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: PassRegistry) -> int:
     from .api import optimize, preset_options, resolve_pipeline
     from .demo import demo_model
     from .runtime import check_input_names, load_inputs, parse_input_shapes
     from .verify import check_loads_in_ort, verify
 
-    registry = builtin_registry()
     if args.list_passes:
         print(registry.describe())
         return 0
@@ -176,7 +183,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     input_files, report_protected = _check_output_paths(args)
 
     base = resolve_pipeline(registry, args.passes, args.preset)
-    names, options = pipeline_from_flags(base, args)
+    names, options = pipeline_from_flags(base, args, registry)
     options = {**preset_options(registry, args.passes, args.preset), **options, **parse_options(args.set)}
     registry.build(names, options)  # bad pass names or option values fail here, before the model is read
     input_shapes = parse_input_shapes(args.input_shape)

@@ -13,6 +13,10 @@ Ordering: ``tags`` name what a pass is (its own name is always a tag); ``runs_af
 tags that, when present in the same pipeline, must be scheduled earlier, ``runs_before``
 tags that must be scheduled later.  The PassManager validates this before running.
 
+Stage: where a pass goes when a CLI flag adds it to a pipeline (``--quantize`` adds
+quantize to the default pipeline): before the first pass of a later :class:`Stage`, and
+before any pass that must run after it.
+
 Options: a pass declares ``Options``, a frozen dataclass derived from
 :class:`~onnxopt.options.PassOptions` (one typed field per option, with its default and CLI
 flag, and ``check()`` for the rules between fields).  They are built and checked when the
@@ -33,6 +37,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 import onnx_graphsurgeon as gs
@@ -103,6 +108,16 @@ def check_option_type(pass_name: str, key: str, value: Any, default: Any) -> Non
         raise PipelineError(f"option {key} of pass {pass_name} must be {kind}, got {value!r}")
 
 
+class Stage(IntEnum):
+    """The phases of a pipeline, in order (a pass's ``stage``)."""
+
+    CLEANUP = 0  #: lossless cleanup and folding (the default pipeline)
+    PRUNE = 1  #: pruning and the rewrites that prepare quantization (RED, equalization)
+    QUANTIZE = 2  #: quantization (QDQ, weight-only, PowerQuant)
+    EXPAND = 3  #: rewrites of quantized layers (REx, modular accumulators)
+    FINISH = 4  #: dead-code removal
+
+
 class Pass:
     """Base class of all passes.  Subclasses set the class attributes and implement call."""
 
@@ -113,6 +128,10 @@ class Pass:
     tags: ClassVar[frozenset[str]] = frozenset()
     runs_after: ClassVar[frozenset[str]] = frozenset()
     runs_before: ClassVar[frozenset[str]] = frozenset()
+    #: Where a CLI flag inserts this pass (see Stage).
+    stage: ClassVar[Stage] = Stage.CLEANUP
+    #: The pass this one takes the place of when a flag asks for it (power-quant: quantize).
+    replaces: ClassVar[str | None] = None
     #: The typed options (a frozen PassOptions dataclass); None for a pass without options
     #: or one that declares a plain ``options_spec`` dict instead.
     Options: ClassVar[type[PassOptions] | None] = None

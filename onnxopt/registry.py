@@ -4,6 +4,8 @@ A :class:`PassRegistry` is an ordinary object (no import-time global state): the
 comes from :func:`onnxopt.passes.builtin_registry`, and a user can make their own, register
 extra passes and presets, and hand it to :func:`onnxopt.optimize`.
 
+Pass families add their CLI flags (:class:`~onnxopt.flags.FlagFamily`) with ``add_flags``.
+
 Presets are plain data: a name, a description, a tuple of pass names and option defaults
 (e.g. ``dfq`` turns SPIQ off); options the caller gives override a preset's.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .errors import PipelineError
+from .flags import FlagFamily
 from .pass_base import Pass
 
 
@@ -31,6 +34,7 @@ class PassRegistry:
     def __init__(self) -> None:
         self._passes: dict[str, type[Pass]] = {}
         self._presets: dict[str, Preset] = {}
+        self._flags: list[FlagFamily] = []
 
     # -- registration
     def register(self, pass_cls: type[Pass]) -> type[Pass]:
@@ -45,6 +49,10 @@ class PassRegistry:
         for step in preset.steps:
             self.get(step)
         self._presets[preset.name] = preset
+
+    def add_flags(self, family: FlagFamily) -> None:
+        """CLI flags of a pass family (their groups appear in --help in this order)."""
+        self._flags.append(family)
 
     # -- lookup
     def get(self, name: str) -> type[Pass]:
@@ -64,6 +72,9 @@ class PassRegistry:
 
     def presets(self) -> list[Preset]:
         return list(self._presets.values())
+
+    def flag_families(self) -> list[FlagFamily]:
+        return list(self._flags)
 
     # -- pipelines
     def build(self, names: Iterable[str], options: Mapping[str, Any] | None = None) -> list[Pass]:

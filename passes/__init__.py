@@ -20,6 +20,12 @@ from .quantize import Quantize
 from .red import DecomposeDepthwise, HashWeights, MergeNeurons
 from .rex import Rex
 from .weight_only import WeightOnlyQuantize
+from . import modular
+from .power_quant.flags import FLAGS as POWER_QUANT_FLAGS
+from .quantize.flags import FLAGS as QUANTIZE_FLAGS
+from .red.flags import FLAGS as RED_FLAGS
+from .rex.flags import FLAGS as REX_FLAGS
+from .weight_only.flags import FLAGS as WEIGHT_ONLY_FLAGS
 
 BUILTIN_PASSES = (
     EliminateIdentity,
@@ -39,6 +45,9 @@ BUILTIN_PASSES = (
     ModularAccumulator,
     EliminateDead,
 )
+
+# The CLI flags of each family, in --help order (also the order their checks run in).
+BUILTIN_FLAGS = (RED_FLAGS, QUANTIZE_FLAGS, WEIGHT_ONLY_FLAGS, POWER_QUANT_FLAGS, REX_FLAGS, modular.FLAGS)
 
 # The lossless default pipeline; the lossy presets insert their passes before eliminate-dead.
 LOSSLESS = ("eliminate-identity", "fold-constants", "fold-batchnorm", "fuse-pad-conv")
@@ -97,7 +106,9 @@ def builtin_registry() -> PassRegistry:
         registry.register(pass_cls)
     for preset in BUILTIN_PRESETS:
         registry.add_preset(preset)
+    for family in BUILTIN_FLAGS:
+        registry.add_flags(family)
     return registry
 
 
-__all__ = ["builtin_registry", "BUILTIN_PASSES", "BUILTIN_PRESETS"]
+__all__ = ["builtin_registry", "BUILTIN_FLAGS", "BUILTIN_PASSES", "BUILTIN_PRESETS"]

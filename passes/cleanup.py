@@ -48,12 +48,13 @@ from onnxopt.graph import (
     static_shape,
     substitute,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Stage
 
 
 class EliminateDead(Pass):
     name = "eliminate-dead"
     summary = "remove nodes that reach no graph output and unused initializers"
+    stage = Stage.FINISH
     tags = frozenset({"cleanup"})
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -79,7 +79,7 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.options import OptionProblem, PassOptions
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Stage
 
 from .common.absorb import absorb_input, absorb_output, expressive_refusal, leaf_shift_refusal
 from .common.layers import transposed_weight
@@ -433,6 +433,7 @@ class AbsorbHighBiasOptions(PassOptions):
 class Equalize(Pass):
     name = "equalize"
     summary = "DFQ cross-layer equalization: balance the weight ranges of consecutive layers through ReLU/ReLU6 (exact rescaling)"
+    stage = Stage.PRUNE
     tags = frozenset({"equalize"})
     request = "equalize"
     runs_after = frozenset({"bn-fold", "prune"})
@@ -512,6 +513,7 @@ def absorb_shift(graph: gs.Graph, pair: Pair, shift: np.ndarray, names: NameFact
 class AbsorbHighBias(Pass):
     name = "absorb-high-bias"
     summary = "DFQ high-bias absorption: move the part of a ReLU input that is almost always positive (β − 3|γ|) into the next layer's bias"
+    stage = Stage.PRUNE
     lossless = False  # exact wherever the pre-activation stays above β − 3|γ|
     tags = frozenset({"absorb-high-bias"})
     request = "equalize"

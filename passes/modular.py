@@ -31,17 +31,20 @@ scaling, outside the accumulator — reported, not refused).
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.errors import PipelineError
+from onnxopt.flags import FlagFamily
 from onnxopt.graph import NameFactory, cleanup, constant_values, is_default_domain, node_label, optional_input, producer
 from onnxopt.options import OptionProblem, PassOptions, option
-from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Stage
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
 from .common.layers import transposed_weight
@@ -217,6 +220,7 @@ class ModularOptions(PassOptions):
 class ModularAccumulator(Pass):
     name = "modular-accumulator"
     summary = "rewrite QDQ layers into integer ModularConv/ModularMatMul whose accumulator wraps to b bits (or 'auto': per-layer safe width)"
+    stage = Stage.EXPAND
     lossless = False
     tags = frozenset({"modular-accumulator"})
     request = "modular-accumulator"
@@ -252,3 +256,26 @@ class ModularAccumulator(Pass):
 
 
 __all__ = ["ModularAccumulator", "IntegerLayer", "integer_layers", "match", "rewrite", "bits_for"]
+
+
+# --------------------------------------------------------------------------- CLI flags
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("modular arithmetic (custom ops with ONNX function bodies)")
+    group.add_argument("--modular-accumulator", metavar="BITS|auto", help="after --quantize: integer layers whose accumulator wraps to BITS bits ('auto': per-layer safe width)")
+
+
+def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """``--modular-accumulator BITS|auto`` → the pass and its accumulator_bits."""
+    if args.modular_accumulator is None:
+        return {}, []
+    if args.quantize is None or args.power_quant is not None:
+        raise PipelineError("--modular-accumulator needs --quantize wNaM (uniform QDQ quantization)")
+    spec = args.modular_accumulator.strip().lower()
+    if spec == "auto":
+        return {"accumulator_bits": "auto"}, ["modular-accumulator"]
+    if spec.isdigit():
+        return {"accumulator_bits": int(spec)}, ["modular-accumulator"]
+    raise PipelineError(f"bad --modular-accumulator {args.modular_accumulator!r}: expected BITS (2..31) or auto")
+
+
+FLAGS = FlagFamily("modular-accumulator", add_arguments, pipeline_options)

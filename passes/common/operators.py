@@ -68,7 +68,7 @@ class UniformWeightOperator:
         return dequantized_constant(graph, base, np.ascontiguousarray(q.codes), q.scales, zeros, q.axis, names)
 
 
-#: Operator name -> factory; "power" is registered by passes/power_quant.py when it is imported
+#: Operator name -> factory; "power" is registered by passes/power_quant/ when it is imported
 #: (``onnxopt.passes`` imports it, so it is there before any pass runs).
 _OPERATORS: dict[str, Callable[[], WeightOperator]] = {"uniform": UniformWeightOperator}
 

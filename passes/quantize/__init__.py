@@ -86,7 +86,7 @@ from onnxopt.graph import (
     subgraph_nodes,
 )
 from onnxopt.options import option
-from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal, Stage
 
 from ..common.calibration import calibration_samples
 from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
@@ -140,6 +140,7 @@ class QuantizeOptions(QuantizationOptions):
 class Quantize(Pass):
     name = "quantize"
     summary = "data-free static quantization to QDQ with per-channel SPIQ scales folded into weights (wNaM)"
+    stage = Stage.QUANTIZE
     lossless = False
     tags = frozenset({"quantize"})
     request = "quantize"

@@ -44,7 +44,7 @@ from onnxopt.graph import (
     string_attr,
 )
 from onnxopt.options import PassOptions
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Stage
 
 LAYOUTS = ("auto", "padded", "bucketed")
 #: auto layout: bucket when padding adds more than this share of depthwise channels
@@ -101,6 +101,7 @@ class DepthwiseOptions(PassOptions):
 class DecomposeDepthwise(Pass):
     name = "decompose-depthwise"
     summary = "RED++ uneven depthwise-separable decomposition of k×k Convs (per-input-channel kernel basis), where eq. 2.11 saves parameters"
+    stage = Stage.PRUNE
     lossless = False  # exact up to `tolerance` (rank truncation)
     tags = frozenset({"prune", "red"})
     request = "prune"

@@ -50,7 +50,7 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.options import OptionProblem, PassOptions
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Stage
 
 from ..common.layers import transposed_weight
 from ..common.ops import LAYER_OPS
@@ -177,6 +177,7 @@ class HashingOptions(PassOptions):
 class HashWeights(Pass):
     name = "hash-weights"
     summary = "RED adaptive KDE weight hashing per layer (few distinct values; reports the data-free error bound U)"
+    stage = Stage.PRUNE
     lossless = False
     tags = frozenset({"prune", "red"})
     request = "prune"

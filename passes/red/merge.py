@@ -58,7 +58,7 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.options import OptionProblem, PassOptions
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, Stage
 from ..common.layers import transposed_weight
 from ..common.ops import ELEMENTWISE_OPS, HOMOGENEOUS_OPS, POOL_OPS
 
@@ -444,6 +444,7 @@ class MergeOptions(PassOptions):
 class MergeNeurons(Pass):
     name = "merge-neurons"
     summary = "RED merge of identical (after hashing) / collinear (ReLU paths) / α-closest output neurons; the consumer's columns are summed"
+    stage = Stage.PRUNE
     lossless = False  # exact unless alpha > 0; declared lossy because alpha may be set
     tags = frozenset({"prune", "red"})
     request = "prune"

@@ -113,7 +113,7 @@ from onnxopt.graph import (
 )
 from onnxopt.metrics import tensor_shapes
 from onnxopt.options import OptionProblem, PassOptions, option
-from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
+from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.channel_permutation import ChannelGroup, PermutationRefused, channel_group, permute
 from ..common.emit import quantize_layer_bias
@@ -332,6 +332,7 @@ class RexOptions(PassOptions):
 class Rex(Pass):
     name = "rex"
     summary = "REx: expand the quantization error of each quantized layer (orders K, budget γ): folded into one int8 layer (K=2, <= 4 bits) or parallel low-bit branches"
+    stage = Stage.EXPAND
     lossless = False
     tags = frozenset({"rex"})
     request = "rex"

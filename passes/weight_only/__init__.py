@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import PipelineError
 from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
 from onnxopt.options import OptionProblem, PassOptions, option
-from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
+from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.layers import transposed_weight
 from ..common.ops import MATRIX_OPS
@@ -146,6 +146,7 @@ class WeightOnlyOptions(PassOptions):
 class WeightOnlyQuantize(Pass):
     name = "weight-only"
     summary = "weight-only block-wise 2/4/8-bit quantization of MatMul/Gemm weights to ONNX Runtime's MatMulNBits (float activations)"
+    stage = Stage.QUANTIZE
     lossless = False
     tags = frozenset({"weight-only"})
     request = "weight-only"

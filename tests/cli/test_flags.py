@@ -7,13 +7,15 @@ import pytest
 from onnxopt.cli import build_parser
 from onnxopt.errors import PipelineError
 from onnxopt.flags import pipeline_from_flags
+from onnxopt.passes import builtin_registry
 from onnxopt.passes import BUILTIN_PRESETS
 
 DEFAULT = next(p.steps for p in BUILTIN_PRESETS if p.name == "default")
 
 
 def compose(*flags: str, base=DEFAULT):
-    return pipeline_from_flags(base, build_parser().parse_args(["m.onnx", "-o", "o.onnx", *flags]))
+    registry = builtin_registry()
+    return pipeline_from_flags(base, build_parser(registry).parse_args(["m.onnx", "-o", "o.onnx", *flags]), registry)
 
 
 def test_no_flag_keeps_the_base():
@@ -56,3 +58,33 @@ def test_flag_dependencies_are_errors():
         compose("--power-quant")
     with pytest.raises(PipelineError, match="need --quantize"):
         compose("--spiq")
+
+
+def test_a_family_registered_elsewhere_brings_its_flags_and_its_place_in_the_order() -> None:
+    """A pass family outside onnxopt declares its stage and flags; the kernel has no list of
+    pass names: ``--smooth`` inserts its pass after pruning and before quantization."""
+    import argparse
+
+    from onnxopt.flags import FlagFamily
+    from onnxopt.pass_base import Pass, PassResult, Stage
+
+    class Smooth(Pass):
+        name = "smooth"
+        summary = "a third-party pass"
+        stage = Stage.PRUNE
+        runs_after = frozenset({"prune"})
+
+        def call(self, graph, ctx):
+            return PassResult(False)
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument_group("smoothing").add_argument("--smooth", action="store_true")
+
+    registry = builtin_registry()
+    registry.register(Smooth)
+    registry.add_flags(FlagFamily("smooth", add, lambda args: ({}, ["smooth"] if args.smooth else [])))
+    parser = build_parser(registry)
+    base = list(registry.preset("default").steps)
+    names, _ = pipeline_from_flags(base, parser.parse_args(["m.onnx", "-o", "o.onnx", "--smooth", "--prune", "red", "--quantize", "w8a8"]), registry)
+    assert names == [*base[:-1], "hash-weights", "merge-neurons", "decompose-depthwise", "smooth", "quantize", "eliminate-dead"]
+    assert "--smooth" in parser.format_help()

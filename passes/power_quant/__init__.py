@@ -66,18 +66,18 @@ from onnxopt.graph import (
     set_constant_input,
 )
 from onnxopt.options import OptionProblem, option
-from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal
+from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal, Stage
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from .quantize import Quantize
-from .common.calibration import calibration_samples
-from .common.layers import transposed_weight, weight_axis
-from .common.numerics import checked_scales
-from .common.operators import QuantizedWeight, register_operator
-from .common.ops import WITHOUT_TRANSPOSE_OPS
-from .common.quantization import QuantizationOptions, float_label, layer_refusal, mean_shift, no_layer_message
-from .common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
-from .common.statistics import bn_statistics
+from ..quantize import Quantize
+from ..common.calibration import calibration_samples
+from ..common.layers import transposed_weight, weight_axis
+from ..common.numerics import checked_scales
+from ..common.operators import QuantizedWeight, register_operator
+from ..common.ops import WITHOUT_TRANSPOSE_OPS
+from ..common.quantization import QuantizationOptions, float_label, layer_refusal, mean_shift, no_layer_message
+from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from ..common.statistics import bn_statistics
 
 EXPONENT_BOUNDS = (0.05, 1.0)
 CURVE = np.round(np.arange(0.2, 1.0001, 0.05), 4)
@@ -334,6 +334,8 @@ class PowerQuantOptions(QuantizationOptions):
 class PowerQuant(Pass):
     name = "power-quant"
     summary = "PowerQuant: non-uniform power quantization (exponent by Nelder–Mead) of weights and activations, custom ops with ONNX function bodies"
+    stage = Stage.QUANTIZE
+    replaces = "quantize"  # --power-quant swaps it in for quantize
     lossless = False
     tags = frozenset({"quantize", "power-quant"})
     request = "power-quant"

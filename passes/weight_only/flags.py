@@ -1,0 +1,40 @@
+"""The weight-only family's CLI flags: ``--quantize wN`` (the flag itself is declared by
+the quantize family) with ``--block-size``, ``--symmetric`` and ``--keep-8bit``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from onnxopt.errors import PipelineError
+from onnxopt.flags import FlagFamily, parse_weight_only
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("weight-only quantization (--quantize wN: MatMul/Gemm weights to ONNX Runtime's MatMulNBits)")
+    group.add_argument("--block-size", type=int, metavar="N", help="with --quantize wN: K rows per scale (16, 32, 64, 128, 256; default 32)")
+    group.add_argument("--symmetric", action="store_true", help="with --quantize wN: no zero points (slightly faster kernel, larger error)")
+    group.add_argument("--keep-8bit", metavar="NAME,...", help="with --quantize wN: layers whose node or weight name contains one of these stay at 8 bits (e.g. lm_head,embed)")
+
+
+def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Options of the weight-only pass and the pass itself, for ``--quantize wN``."""
+    given = {
+        "block_size": args.block_size,
+        "symmetric": True if args.symmetric else None,
+        "keep_8bit": [p.strip() for p in args.keep_8bit.split(",") if p.strip()] if args.keep_8bit else None,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
+    bits = parse_weight_only(args.quantize)
+    if bits is None:
+        if options:
+            raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wN (weight-only, e.g. w4)")
+        return {}, []
+    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--rex", args.rex), ("--modular-accumulator", args.modular_accumulator)) if value is not None]
+    if others:
+        raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
+    options["weight_bits"] = bits
+    return options, ["weight-only"]
+
+
+FLAGS = FlagFamily("weight-only", add_arguments, pipeline_options)
