@@ -2,7 +2,8 @@
 
 Running a pipeline:
 
-1. the declared ordering constraints are checked before anything runs;
+1. the declared ordering constraints, and that every artifact a pass needs is produced by
+   an earlier pass, are checked before anything runs;
 2. when a pass declares a ``min_opset`` above the model's, the model is upgraded once
    (onnx.version_converter, metadata kept; a note in the report, UnsupportedModelError if
    the conversion fails), then imported once into a graphsurgeon graph that every pass
@@ -25,20 +26,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import onnx
 
 from .errors import NothingToDoError, PipelineError, ValidationError
-from .graph import export_model, import_graph, payload_free_skeleton, unused_initializers, with_inferred_shapes
+from .graph import import_graph, payload_free_skeleton, unused_initializers, with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import measure
-from .pass_base import Pass, PassContext, PassResult, Refusal
+from .pass_base import Pass, PassContext, PassResult, PipelineRun, Refusal
 from .progress import Progress
 from .report import PassReport, Report
 from .upgrade import upgrade_for
 
 logger = logging.getLogger(__name__)
+
+
+def check_pipeline(passes: Sequence[Pass]) -> None:
+    """Raise PipelineError if a pass is scheduled against a declared ordering constraint, or
+    needs an artifact that no earlier pass produces."""
+    check_ordering(passes)
+    for index, consumer in enumerate(passes):
+        for kind in sorted(consumer.required_artifacts(), key=lambda k: k.__name__):
+            if not any(kind in early.produces for early in passes[:index]):
+                raise PipelineError(consumer.missing_artifact(kind, passes[:index]))
 
 
 def check_ordering(passes: Sequence[Pass]) -> None:
@@ -101,7 +112,7 @@ class PassManager:
     ) -> None:
         if max_rounds < 1:
             raise PipelineError("max_rounds must be at least 1")
-        check_ordering(passes)
+        check_pipeline(passes)
         self.passes = list(passes)
         self.validate = validate
         self.max_rounds = max_rounds
@@ -126,26 +137,22 @@ class PassManager:
         graph = import_graph(inferred, copy=inferred is model)
         current = model
         metrics = report.before = measure(model, inferred=inferred)
-        shared: dict[str, Any] = {
-            # eliminate-dead reports (and so exports) the initializers the import already dropped.
-            "unused_initializers": unused_initializers(model, graph),
-            # the model's metadata_props; passes may add entries (e.g. kept BN statistics).
-            "metadata": {p.key: p.value for p in model.metadata_props},
-            # the input model, as the template for passes that export the graph mid-pass.
-            "model": model,
-            # the pipeline's pass names, in order (a pass may adapt to what runs after it)
-            "pipeline": tuple(p.name for p in self.passes),
-        }
+        run = PipelineRun(
+            template=model,
+            metadata={p.key: p.value for p in model.metadata_props},
+            passes=tuple(self.passes),
+            unused_initializers=unused_initializers(model, graph),
+        )
         last_change = ""
         for round_index in range(self.max_rounds):
             changed = False
             outcomes: list[tuple[Pass, PassResult, list[Refusal]]] = []
             for index, pass_ in enumerate(self.passes):
-                ctx = PassContext(pass_.name, progress=self.progress, shared=shared)
+                ctx = PassContext(pass_.name, progress=self.progress, run=run)
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
                 if result.modified:
-                    current = export_model(graph, model, shared["metadata"])
+                    current = ctx.export(graph)
                     last_change = pass_.name
                     if self.validate:
                         validate_model(current, pass_.name)

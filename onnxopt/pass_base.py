@@ -17,6 +17,12 @@ Stage: where a pass goes when a CLI flag adds it to a pipeline (``--quantize`` a
 quantize to the default pipeline): before the first pass of a later :class:`Stage`, and
 before any pass that must run after it.
 
+Artifacts: what one pass leaves for a later one is a typed object (``ctx.publish(obj)``,
+``ctx.artifact(Type)``).  The producer lists its type in ``produces``, the consumer in
+``consumes`` (or ``required_artifacts()`` when it depends on the options); a pipeline whose
+consumer has no producer before it is refused before anything runs.  The run's template
+model and metadata are ``ctx.export(graph)`` and ``ctx.metadata``.
+
 Options: a pass declares ``Options``, a frozen dataclass derived from
 :class:`~onnxopt.options.PassOptions` (one typed field per option, with its default and CLI
 flag, and ``check()`` for the rules between fields).  They are built and checked when the
@@ -38,11 +44,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence, TypeVar
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import PipelineError
+from .graph import export_model
 from .options import PassOptions
 from .progress import Progress
 
@@ -72,16 +80,63 @@ class Refusal:
         return {"subject": self.subject, "reason": self.reason}
 
 
-class PassContext:
-    """Per-pass services: options, logging, refusal recording, progress."""
+@dataclass
+class PipelineRun:
+    """What the passes of one pipeline run share, typed (the PassManager makes one per run)."""
 
-    def __init__(self, pass_name: str, *, progress: Progress | None = None, shared: dict[str, Any] | None = None) -> None:
+    #: the input model: IR version, opsets and functions of mid-pass exports (:meth:`PassContext.export`)
+    template: onnx.ModelProto | None = None
+    #: the model's metadata_props; passes add entries (e.g. the BN statistics fold-batchnorm keeps)
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: the pipeline, in order
+    passes: tuple["Pass", ...] = ()
+    #: initializers the import already dropped (eliminate-dead reports them)
+    unused_initializers: list[str] = field(default_factory=list)
+    #: artifact type → the artifact an earlier pass published (see Pass.produces)
+    artifacts: dict[type, Any] = field(default_factory=dict)
+
+
+class PassContext:
+    """Per-pass services: options, logging, refusal recording, progress, and the run's
+    shared state (template model, metadata, artifacts)."""
+
+    def __init__(self, pass_name: str, *, progress: Progress | None = None, run: PipelineRun | None = None) -> None:
         self.pass_name = pass_name
         self.logger = logging.getLogger(f"onnxopt.passes.{pass_name}")
         self.refusals: list[Refusal] = []
         self._progress = progress or Progress(enabled=False)
-        #: State shared by all passes of one pipeline run (e.g. statistics kept for later passes).
-        self.shared: dict[str, Any] = shared if shared is not None else {}
+        self.run = run if run is not None else PipelineRun()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props of this run (passes may add entries)."""
+        return self.run.metadata
+
+    def publish(self, artifact: Any) -> None:
+        """Leave ``artifact`` for later passes (they find it by its type)."""
+        self.run.artifacts[type(artifact)] = artifact
+
+    def artifact(self, kind: type[T]) -> T | None:
+        """The ``kind`` artifact an earlier pass published; None when none did."""
+        return self.run.artifacts.get(kind)
+
+    def consumed_later(self, kind: type) -> bool:
+        """Whether a pass after this one in the pipeline uses the ``kind`` artifact."""
+        names = [p.name for p in self.run.passes]
+        later = self.run.passes[names.index(self.pass_name) + 1 :] if self.pass_name in names else ()
+        return any(kind in p.required_artifacts() for p in later)
+
+    def export(self, graph: gs.Graph) -> onnx.ModelProto:
+        """The graph as it is now, as a model with the run's IR version, opsets and metadata
+        (a plain export outside a pipeline run)."""
+        if self.run.template is None:
+            return gs.export_onnx(graph)
+        return export_model(graph, self.run.template, self.run.metadata)
+
+    def take_unused_initializers(self) -> list[str]:
+        """The initializers the import dropped, once (eliminate-dead counts them)."""
+        names, self.run.unused_initializers = self.run.unused_initializers, []
+        return names
 
     def refuse(self, subject: str, reason: str) -> None:
         """Record that ``subject`` was left unchanged because of ``reason``."""
@@ -128,6 +183,10 @@ class Pass:
     tags: ClassVar[frozenset[str]] = frozenset()
     runs_after: ClassVar[frozenset[str]] = frozenset()
     runs_before: ClassVar[frozenset[str]] = frozenset()
+    #: Artifact types this pass publishes (``ctx.publish``) for later passes.
+    produces: ClassVar[frozenset[type]] = frozenset()
+    #: Artifact types this pass needs from an earlier pass (see required_artifacts).
+    consumes: ClassVar[frozenset[type]] = frozenset()
     #: Where a CLI flag inserts this pass (see Stage).
     stage: ClassVar[Stage] = Stage.CLEANUP
     #: The pass this one takes the place of when a flag asks for it (power-quant: quantize).
@@ -163,6 +222,15 @@ class Pass:
     @classmethod
     def all_tags(cls) -> frozenset[str]:
         return cls.tags | {cls.name}
+
+    def required_artifacts(self) -> frozenset[type]:
+        """The artifacts this pass needs with its options (default: ``consumes``); the
+        pipeline is refused before it runs when no earlier pass produces one of them."""
+        return self.consumes
+
+    def missing_artifact(self, kind: type, earlier: Sequence["Pass"]) -> str:
+        """The message when no pass of ``earlier`` produces ``kind``: the cause and the fix."""
+        return f"pass {self.name} needs the {kind.__name__} an earlier pass produces, and no pass before it does"
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         """Raise PreconditionFailed(reason) if the pass cannot run on ``graph``."""

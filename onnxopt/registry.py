@@ -80,7 +80,8 @@ class PassRegistry:
     def build(self, names: Iterable[str], options: Mapping[str, Any] | None = None) -> list[Pass]:
         """Instantiate the passes ``names``, giving each the options it declares.
 
-        Every option must be declared by at least one pass of the pipeline.
+        Every option must be declared by at least one pass of the pipeline; the options are
+        type-checked, and the ordering and artifacts checked, before any pass runs.
         """
         classes = [self.get(name) for name in names]
         options = dict(options or {})
@@ -91,7 +92,11 @@ class PassRegistry:
                 f"option(s) {', '.join(unknown)} not used by any pass of the pipeline "
                 f"({', '.join(cls.name for cls in classes) or 'empty'})"
             )
-        return [cls(**{k: v for k, v in options.items() if k in cls.options_spec}) for cls in classes]
+        from .manager import check_pipeline
+
+        passes = [cls(**{k: v for k, v in options.items() if k in cls.options_spec}) for cls in classes]
+        check_pipeline(passes)
+        return passes
 
     def describe(self) -> str:
         """The --list-passes text."""

@@ -65,7 +65,7 @@ class EliminateDead(Pass):
         removed_nodes = sum(nodes_before.values()) - sum(nodes_after.values())
         removed_constants = len(constants_before - _constant_names(graph))
         # Initializers nothing reads never reach the graphsurgeon graph (the manager lists them).
-        removed_constants += len(ctx.shared.pop("unused_initializers", ()))
+        removed_constants += len(ctx.take_unused_initializers())
         modified = bool(removed_nodes or removed_constants)
         return PassResult(modified, {"nodes_removed": removed_nodes, "initializers_removed": removed_constants})
 

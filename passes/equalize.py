@@ -451,7 +451,7 @@ class Equalize(Pass):
             ctx.logger.warning("equalize: not converged after %d sweeps (last move %.3g); the rewrite is exact anyway", sweeps, moved)
         clips = [label for pair in pairs for label in apply_pair(graph, pair, names)]
         cleanup(graph)
-        updated = rescale_statistics(ctx.shared.setdefault("metadata", {}), pairs)
+        updated = rescale_statistics(ctx.metadata, pairs)
         return PassResult(
             True,
             {
@@ -524,7 +524,7 @@ class AbsorbHighBias(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        metadata = ctx.shared.setdefault("metadata", {})
+        metadata = ctx.metadata
         statistics = statistics_from_metadata(metadata)
         absorbed, channels = [], 0
         for pair in find_pairs(graph, ctx, "high bias not absorbed"):

@@ -208,7 +208,7 @@ class FoldBatchNorm(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        metadata = ctx.shared.setdefault("metadata", {})
+        metadata = ctx.metadata
         statistics = statistics_from_metadata(metadata)
         folded: list[dict[str, Any]] = []
         candidates = [n for n in graph.nodes if n.op == "BatchNormalization" and is_default_domain(n)]

@@ -82,6 +82,27 @@ def _matrix_rows(tensor: gs.Tensor, depth: int) -> bool:
 
 
 @dataclass(frozen=True)
+class QuantizedLayer:
+    """What the quantize pass leaves for later passes (REx) about one layer it quantized."""
+
+    #: the float weight, after the SPIQ scales were folded into it
+    float_weight: np.ndarray
+    bits: int
+    per_channel: bool
+    #: E[x] per input channel that the bias correction used (None without bias correction)
+    input_mean: np.ndarray | None
+    #: E[x²] per input channel (data-free estimate, after SPIQ), for REx's error weighting
+    input_moment: np.ndarray | None
+
+
+@dataclass
+class QuantizedLayers:
+    """The quantize pass's artifact: the layers it quantized statically, by output tensor name."""
+
+    layers: dict[str, QuantizedLayer]
+
+
+@dataclass(frozen=True)
 class QuantizationOptions(CalibrationOptions):
     """The options quantize and power-quant share: bit-widths, where activation ranges come
     from (BN/LayerNorm statistics or calibration data) and how wide they are."""

@@ -59,7 +59,6 @@ from onnxopt.graph import (
     NameFactory,
     cleanup,
     constant_values,
-    export_model,
     is_default_domain,
     node_label,
     per_channel,
@@ -472,13 +471,12 @@ class PowerQuant(Pass):
                     given[tensor.name] = ChannelRange(np.full(c, low), np.full(c, high), np.full(c, (low + high) / 2))
         wanted = [layer.inputs[0] for layer in layers]
         if self.options["act_ranges"] == "bn":
-            stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
+            stats = bn_statistics(graph, ctx.metadata)
             lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
             estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
             found = {t.name: estimator.range(t) for t in wanted}
             return {k: v for k, v in found.items() if v is not None}
-        template = ctx.shared.get("model")
-        model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
+        model = ctx.export(graph)
         samples = calibration_samples(self.name, self.options, model).feeds
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))

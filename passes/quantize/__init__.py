@@ -78,7 +78,6 @@ from onnxopt.graph import (
     NameFactory,
     cleanup,
     constant_values,
-    export_model,
     is_default_domain,
     node_label,
     optional_input,
@@ -94,6 +93,8 @@ from ..common.numerics import ActivationQuant, activation_quant
 from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 from ..common.quantization import (
     QuantizationOptions,
+    QuantizedLayer,
+    QuantizedLayers,
     correct_matmul_bias,
     float_label,
     layer_refusal,
@@ -147,6 +148,7 @@ class Quantize(Pass):
     min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"bn-fold"})
     Options = QuantizeOptions
+    produces = frozenset({QuantizedLayers})
 
     # ------------------------------------------------------------------ checks
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -196,14 +198,14 @@ class Quantize(Pass):
             records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
 
         quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        # read by rex (passes/rex/): float weight after SPIQ folding, bits, per-channel, E[X] used by bias correction,
-        # E[X²] per input channel (data-free estimate, after SPIQ) for rex's error weighting
-        ctx.shared["quantized_weights"] = {
-            layer.outputs[0].name: (constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
-                                    means.get(layer.inputs[0].name) if self.options["bias_correction"] else None,
-                                    moments.get(layer.inputs[0].name))
+        self._quantized = QuantizedLayers({
+            layer.outputs[0].name: QuantizedLayer(
+                constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
+                means.get(layer.inputs[0].name) if self.options["bias_correction"] else None, moments.get(layer.inputs[0].name),
+            )
             for layer in quantized_layers
-        }
+        })
+        ctx.publish(self._quantized)
         int4_layers = self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
         outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
@@ -296,7 +298,7 @@ class Quantize(Pass):
             return None
         weights = {node_label(layer): static_weight_name(layer) for layer in static_layers}
         weights.update(self._dynamic_weights)
-        check = check_fusion(self._export(graph, ctx), weights)
+        check = check_fusion(ctx.export(graph), weights)
         if check.error is not None:
             ctx.refuse("ORT fusion check", f"not run ({check.error}): which layers ORT fuses is unknown")
             return check
@@ -309,7 +311,8 @@ class Quantize(Pass):
                 continue
             changed = True
             record = next(r for r in records if r["layer"] == label)
-            float_weight = ctx.shared.get("quantized_weights", {}).pop(layer.outputs[0].name, (None,))[0]
+            kept = self._quantized.layers.pop(layer.outputs[0].name, None)
+            float_weight = kept.float_weight if kept is not None else None
             if self._to_dynamic(graph, layer, names):
                 weights[label] = self._dynamic_weights[label]
                 record.update(mode="dynamic", static_not_fused=reason)
@@ -321,7 +324,7 @@ class Quantize(Pass):
                 self._keep_float(ctx, layer, f"not fused by ORT ({reason}): put back in float (a QDQ layer ORT runs in float is slower than FP32)")
         if changed:
             cleanup(graph)
-            check = check_fusion(self._export(graph, ctx), weights)
+            check = check_fusion(ctx.export(graph), weights)
             for label, reason in check.not_fused.items():
                 ctx.refuse(f"layer {label}", f"not fused by ORT after the fallback: {reason}")
         return check
@@ -340,10 +343,6 @@ class Quantize(Pass):
         self._dynamic_weights[node_label(layer)] = emit_dynamic(graph, layer, *codes, self._dynamic_cache, names, bias=bias)
         return True
 
-    def _export(self, graph: gs.Graph, ctx: PassContext) -> Any:
-        template = ctx.shared.get("model")
-        return export_model(graph, template) if template is not None else gs.export_onnx(graph)
-
     def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
         """``quantize: 0 of N layers quantized: <cause>; <fix>``."""
         coverage = result.stats.get("coverage")
@@ -358,7 +357,7 @@ class Quantize(Pass):
         given = self._input_ranges(graph)
         mode = self.options["act_ranges"]
         if mode == "bn":
-            stats = bn_statistics(graph, ctx.shared.get("metadata", {}))
+            stats = bn_statistics(graph, ctx.metadata)
             if not stats and self.options["input_range"] is None:
                 self._no_statistics = True  # every layer is refused below; nothing_done says how to get ranges
                 return {}
@@ -386,8 +385,7 @@ class Quantize(Pass):
         return ranges
 
     def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
-        template = ctx.shared.get("model")
-        model = export_model(graph, template) if template is not None else gs.export_onnx(graph)
+        model = ctx.export(graph)
         data = calibration_samples(self.name, self.options, model)
         self._calibration_stats = data.stats()
         names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
@@ -432,7 +430,7 @@ class Quantize(Pass):
         into the readers' weights, and clips each channel's tail at its own range)."""
         if self.options["spiq"] != "auto":
             return True
-        if "rex" in ctx.shared.get("pipeline", ()):  # REx will expand the weights: estimates made for weight_bits do not hold
+        if ctx.consumed_later(QuantizedLayers):  # a later pass (REx) expands the weights: estimates made for weight_bits do not hold
             return True
         if self.options["act_ranges"] != "bn":  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
             return False

@@ -187,7 +187,7 @@ class HashWeights(Pass):
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         names = NameFactory(graph)
-        statistics = bn_statistics(graph, ctx.shared.get("metadata", {}))
+        statistics = bn_statistics(graph, ctx.metadata)
         layers: list[dict[str, Any]] = []
         for node in ctx.progress([n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)], label="layers"):
             weight = optional_input(node, 1)

@@ -94,7 +94,7 @@ layers whose output shape rank is unknown, non-default domains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -104,7 +104,6 @@ from onnxopt.graph import (
     NameFactory,
     cleanup,
     constant_values,
-    export_model,
     is_default_domain,
     node_label,
     optional_input,
@@ -121,7 +120,7 @@ from ..common.layers import weight_axis
 from ..common.numerics import checked_scales
 from ..common.operators import QuantizedWeight, WeightOperator, weight_operator
 from ..common.ops import FOLLOWING_ACTIVATIONS, WITHOUT_TRANSPOSE_OPS
-from ..common.quantization import correct_matmul_bias
+from ..common.quantization import QuantizedLayers, correct_matmul_bias
 from .fold import auto_combine, base_step_quantize, channel_bits, check_fold_options, fold_layer, prepare_fold
 from .site import LayerSite, input_moment_weights, mean_shift, scalar_value
 
@@ -339,25 +338,31 @@ class Rex(Pass):
     min_opset = 13  # per-axis DequantizeLinear
     runs_after = frozenset({"quantize"})
     Options = RexOptions
+    consumes = frozenset({QuantizedLayers})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
+        quantized = ctx.artifact(QuantizedLayers)
         #: the combine form of this run (rex_combine, with "auto" resolved on the quantized layers)
-        self.combine = auto_combine(o, ctx.shared.get("quantized_weights", {})) if o["rex_combine"] == "auto" else o["rex_combine"]
+        self.combine = auto_combine(o, quantized.layers if quantized else {}) if o["rex_combine"] == "auto" else o["rex_combine"]
         check_fold_options({**o, "rex_combine": self.combine})
-        pipeline = ctx.shared.get("pipeline", ())
-        if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared and "power-quant" in pipeline:
-            raise PipelineError("rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them")
-        if o["rex_weight_only"] is None and not ctx.shared.get("quantized_weights") and "quantize" in pipeline:
+        if o["rex_weight_only"] is None and quantized is None:  # outside a checked pipeline
+            raise PipelineError(self.missing_artifact(QuantizedLayers, []))
+        if o["rex_weight_only"] is None and not quantized.layers:
             raise PipelineError("rex: the quantize pass before it quantized no layer, so there is no residual to expand (see its refusals)")
-        if o["rex_weight_only"] is None and "quantized_weights" not in ctx.shared:
-            already = any(n.op == "DequantizeLinear" for n in graph.nodes)
-            raise PipelineError(
-                "rex: needs the quantize pass earlier in the same pipeline (--quantize wNaM --rex K) and at least one layer "
-                "it quantized: REx expands the residual of the float weights, which are gone once a model is quantized "
-                "(or use rex_weight_only=b for weight-only expansion)"
-                + (" — this model already holds DequantizeLinear nodes (quantized in an earlier run?)" if already else "")
-            )
+
+    def required_artifacts(self) -> frozenset[type]:
+        """The quantized layers, except in weight-only mode (which expands float weights)."""
+        return frozenset() if self.options["rex_weight_only"] is not None else frozenset({QuantizedLayers})
+
+    def missing_artifact(self, kind: type, earlier: Sequence[Pass]) -> str:
+        if any("power-quant" in p.all_tags() for p in earlier):
+            return "rex: expands uniform quantization (the quantize pass); it cannot follow power-quant: drop one of them"
+        return (
+            "rex: needs the quantize pass earlier in the same pipeline (--quantize wNaM --rex K) and at least one layer "
+            "it quantized: REx expands the residual of the float weights, which are gone once a model is quantized "
+            "(so a model quantized in an earlier run cannot be expanded; or use rex_weight_only=b for weight-only expansion)"
+        )
 
     def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str | None:
         """None for the baselines the options ask for (order 1 or no budget: the base layers only)."""
@@ -516,7 +521,8 @@ class Rex(Pass):
     # ------------------------------------------------------------------ match/check
     def _sites(self, graph: gs.Graph, ctx: PassContext, operator: WeightOperator, names: NameFactory) -> list[LayerSite]:
         bits_only = self.options["rex_weight_only"]
-        records = ctx.shared.get("quantized_weights", {}) if bits_only is None else {}
+        quantized = ctx.artifact(QuantizedLayers)
+        records = quantized.layers if quantized is not None and bits_only is None else {}
         sites = []
         for node in list(graph.nodes):
             if node.op not in WITHOUT_TRANSPOSE_OPS or not node.outputs or not is_default_domain(node):
@@ -525,7 +531,8 @@ class Rex(Pass):
             if bits_only is None:
                 if key not in records:
                     continue
-                weight, bits, per_channel, mean, moment = records[key]
+                record = records[key]
+                weight, bits, per_channel, mean, moment = record.float_weight, record.bits, record.per_channel, record.input_mean, record.input_moment
             else:
                 weight = constant_values(node, 1)
                 if weight is None or not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2:
@@ -875,9 +882,7 @@ def _scatter_rows(q: QuantizedWeight, channels: np.ndarray, c: int, out_axis: in
 
 def _inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list[int | None]]:
     """Every tensor's shape from a fresh shape inference of the graph as it is now."""
-    model = ctx.shared.get("model")
-    exported = export_model(graph, model) if model is not None else gs.export_onnx(graph)
-    return tensor_shapes(with_inferred_shapes(exported))
+    return tensor_shapes(with_inferred_shapes(ctx.export(graph)))
 
 
 def _uniform_keep(n_units: int, order: int, budget: float) -> int:

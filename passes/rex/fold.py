@@ -32,7 +32,7 @@ weights of ≥ 5 bits (at 5 bits, m = 15: 15·15 + 8 = 233 > 127; the first/last
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -43,6 +43,7 @@ from onnxopt.pass_base import PassContext
 
 from ..common.emit import quantize_layer_bias
 from ..common.operators import QuantizedWeight, UniformWeightOperator
+from ..common.quantization import QuantizedLayer
 from .site import mean_shift, scalar_value
 
 INT8_PEAK = 127
@@ -75,11 +76,11 @@ def fold_refusal(bits: int, divisor: int) -> str | None:
     return None
 
 
-def auto_combine(options: dict[str, Any], quantized_weights: dict[str, tuple]) -> str:
+def auto_combine(options: Mapping[str, Any], quantized_layers: Mapping[str, QuantizedLayer]) -> str:
     """``rex_combine="auto"`` (the default): ``"fold"`` where it applies — K = 2, the uniform
     operator, no input expansion or outlier residue, and a base whose codes fold into int8
     (≤ 4-bit weights) — since it runs at the base's speed; ``"permute"`` otherwise."""
-    fits = any(fold_refusal(record[1], default_divisor(record[1])) is None for record in quantized_weights.values())
+    fits = any(fold_refusal(layer.bits, default_divisor(layer.bits)) is None for layer in quantized_layers.values())
     applies = (
         options["rex_order"] == 2
         and options["rex_operator"] == "uniform"

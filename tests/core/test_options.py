@@ -17,8 +17,7 @@ from onnxopt.passes.quantize import QuantizeOptions
 
 
 def built(name: str, **options):
-    (pass_,) = builtin_registry().build([name], options)
-    return pass_.options
+    return builtin_registry().get(name)(**options).options
 
 
 def test_options_are_frozen_dataclasses_readable_both_ways() -> None:

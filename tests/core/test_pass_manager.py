@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 
 import numpy as np
@@ -469,15 +471,35 @@ def test_optimize_with_a_custom_registry(demo):
     assert out.SerializeToString() == demo.SerializeToString()
 
 
-def test_pass_context_shares_state_between_passes():
+@dataclass
+class Note:
+    text: str
+
+
+def test_a_typed_artifact_goes_from_its_producer_to_its_consumer():
     def write(graph, ctx):
-        ctx.shared["note"] = "from writer"
+        ctx.publish(Note("from writer"))
         return PassResult(False)
 
     def read(graph, ctx):
-        ctx.refuse("shared", ctx.shared.get("note", "missing"))
+        ctx.refuse("artifact", ctx.artifact(Note).text)
         return PassResult(False)
 
-    _, report = PassManager([make_pass("writer", call=write)(), make_pass("reader", call=read)()]).run(parse(RELU))
+    writer = make_pass("writer", call=write)
+    writer.produces = frozenset({Note})
+    reader = make_pass("reader", call=read)
+    reader.consumes = frozenset({Note})
+    _, report = PassManager([writer(), reader()]).run(parse(RELU))
     assert report.refusals[0][1].reason == "from writer"
-    assert PassContext("x").shared == {}
+    assert PassContext("x").artifact(Note) is None
+
+
+def test_a_consumer_without_an_earlier_producer_is_refused_before_anything_runs():
+    ran = []
+    writer = make_pass("writer", call=lambda graph, ctx: ran.append("writer") or PassResult(False))
+    writer.produces = frozenset({Note})
+    reader = make_pass("reader", call=lambda graph, ctx: ran.append("reader") or PassResult(False))
+    reader.consumes = frozenset({Note})
+    with pytest.raises(PipelineError, match="pass reader needs the Note an earlier pass produces, and no pass before it does"):
+        PassManager([reader(), writer()])
+    assert ran == []

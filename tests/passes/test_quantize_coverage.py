@@ -329,9 +329,11 @@ def test_rex_requires_names_an_empty_quantizer_run() -> None:
     import onnx_graphsurgeon as gs
 
     from onnxopt.pass_base import PassContext
+    from onnxopt.passes.common.quantization import QuantizedLayers
     from onnxopt.passes.rex import Rex
 
-    ctx = PassContext("rex", shared={"pipeline": ("quantize", "rex"), "quantized_weights": {}})
+    ctx = PassContext("rex")
+    ctx.publish(QuantizedLayers({}))
     with pytest.raises(PipelineError, match="rex: the quantize pass before it quantized no layer"):
         Rex().requires(gs.import_onnx(bn_model()), ctx)
 
