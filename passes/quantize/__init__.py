@@ -51,9 +51,10 @@ Steps (docs/quantization.md):
    kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
    ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
    Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
-   dynamic form, or put back in float; so is a Conv ORT does not fuse (e.g. the last layer,
-   whose output is a graph output without a quantizer): a QDQ layer ORT runs in float is
-   slower than the float layer.  Layers inside If/Loop/Scan bodies are checked the same way.
+   dynamic form, or put back in float.  A Conv ORT does not fuse (e.g. the last layer, whose
+   output is a graph output without a quantizer) is reported in ``not_fused``; with
+   ``unfused_conv_to_float=True`` it is put back in float too (a QDQ layer ORT runs in float
+   is slower than the float layer).  Layers inside If/Loop/Scan bodies are checked the same way.
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
 upgrades an older model before the pipeline runs (a note in the report).
@@ -92,7 +93,7 @@ from ..common.calibration import CALIBRATION_OPTIONS, calibration_samples
 from ..common.calibration import check_options as check_calibration_options
 from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from ..common.numerics import ActivationQuant, activation_quant
-from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, QDQ_OPS
+from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
 from ..common.quantization import (
     check_bit_widths,
     check_range_options,
@@ -146,6 +147,7 @@ class Quantize(Pass):
         "int4_weights": False,
         "dynamic_fallback": "auto",
         "check_fusion": True,
+        "unfused_conv_to_float": False,
     }
 
     # ------------------------------------------------------------------ checks
@@ -346,7 +348,7 @@ class Quantize(Pass):
         changed = False
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
-            if layer is None or self._int4_layer(layer):
+            if layer is None or self._int4_layer(layer) or (layer.op not in MATRIX_OPS and not self.options["unfused_conv_to_float"]):
                 ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
                 continue
             changed = True
@@ -607,11 +609,12 @@ def _reaches_quantize(tensor: gs.Tensor) -> bool:
 
 
 def check_dynamic_options(options: dict[str, Any]) -> None:
-    """``dynamic_fallback`` in (True, False, "auto", "all"); ``check_fusion`` a bool."""
+    """``dynamic_fallback`` in (True, False, "auto", "all"); ``check_fusion`` and ``unfused_conv_to_float`` bools."""
     if options["dynamic_fallback"] not in (True, False, "auto", "all"):
         raise PipelineError(f"quantize: dynamic_fallback must be true, false, 'auto' or 'all', got {options['dynamic_fallback']!r}")
-    if not isinstance(options["check_fusion"], bool):
-        raise PipelineError(f"quantize: check_fusion must be true or false, got {options['check_fusion']!r}")
+    for key in ("check_fusion", "unfused_conv_to_float"):
+        if not isinstance(options[key], bool):
+            raise PipelineError(f"quantize: {key} must be true or false, got {options[key]!r}")
 
 
 def static_weight_name(layer: gs.Node) -> str:
@@ -652,8 +655,11 @@ def dequantized_input(layer: gs.Node, index: int) -> np.ndarray | None:
 
 def unquantize(graph: gs.Graph, layer: gs.Node, names: NameFactory, weight: np.ndarray | None, bias: np.ndarray | None = None) -> None:
     """Put a static QDQ layer back in float: float input, its float ``weight`` (else the
-    dequantized one) and its float ``bias`` before bias correction (else the dequantized one)."""
-    layer.inputs[0] = float_source(layer.inputs[0])
+    dequantized one) and its float ``bias`` before bias correction (else the dequantized one).
+    The input stays the DequantizeLinear output when the quantizer is a quantized layer's
+    output quantizer: without it that layer would lose its QLinearConv/QGemm fusion too."""
+    if not _from_layer(float_source(layer.inputs[0])):
+        layer.inputs[0] = float_source(layer.inputs[0])
     if weight is not None:
         layer.inputs[1] = gs.Constant(names.new(f"{node_label(layer)}_float_weight"), weight.astype(np.float32))
     if bias is not None and optional_input(layer, 2) is not None:
