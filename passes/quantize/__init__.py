@@ -56,6 +56,12 @@ Steps (docs/quantization.md):
    ``unfused_conv_to_float=True`` it is put back in float too (a QDQ layer ORT runs in float
    is slower than the float layer).  Layers inside If/Loop/Scan bodies are checked the same way.
 
+Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
+graph at a time, with every Q/DQ in the graph of the layer reading it (ORT fuses within one
+graph); BN/LN statistics are read in the bodies and calibration threads body tensors out as
+extra body/node outputs (:func:`..common.ranges.expose_tensors`; docs/quantization.md,
+"Layers inside If/Loop/Scan bodies").
+
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
 upgrades an older model before the pipeline runs (a note in the report).
 

@@ -56,3 +56,11 @@ def test_flag_dependencies_are_errors():
         compose("--power-quant")
     with pytest.raises(PipelineError, match="need --quantize"):
         compose("--spiq")
+
+
+def test_fusion_check_flags_reach_the_quantize_options():
+    names, options = compose("--quantize", "w8a8", "--no-check-fusion", "--unfused-conv-float")
+    assert "quantize" in names and options["check_fusion"] is False and options["unfused_conv_to_float"] is True
+    assert "check_fusion" not in compose("--quantize", "w8a8")[1]
+    with pytest.raises(PipelineError, match="--check-fusion need --quantize"):
+        compose("--no-check-fusion")
