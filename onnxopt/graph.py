@@ -57,6 +57,11 @@ def subgraph_nodes(graph: gs.Graph) -> list[gs.Node]:
     return [inner for node in graph.nodes for body in node.subgraphs() for inner in [*body.nodes, *subgraph_nodes(body)]]
 
 
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """``graph`` and every subgraph nested in it (If branches, Loop/Scan bodies), outer first."""
+    return [graph, *(inner for node in graph.nodes for body in node.subgraphs() for inner in all_graphs(body))]
+
+
 def check_value_types(graph: onnx.GraphProto) -> None:
     """Raise UnsupportedModelError for a value of a type graphsurgeon cannot export
     (optional, map), in ``graph`` or any body.  Checked before a rewritten graph is

@@ -95,6 +95,12 @@ class PassOptions(Mapping):
         return len(dataclasses.fields(self))
 
 
+def flag_of(options: type[PassOptions], key: str) -> str:
+    """The CLI flag that sets option ``key`` (``--key`` when the field names none)."""
+    field = next((f for f in dataclasses.fields(options) if f.name == key), None)
+    return (field.metadata.get("flag") if field is not None else None) or "--" + key.replace("_", "-")
+
+
 def _label(pass_name: str, field: dataclasses.Field) -> str:
     flag = field.metadata.get("flag")
     return f"option {field.name}" + (f" ({flag})" if flag else "") + f" of pass {pass_name}"

@@ -37,6 +37,11 @@ folding.  :func:`read_bn_statistics` reads them back.
 
 A BN whose output is a graph output folds backward only, and the graph output keeps its
 name: the producer of the BN input writes it (as the classic Conv → BN fold does).
+
+BNs inside If/Loop/Scan bodies (nested too) fold the same way within their own body: the
+body's outputs count as graph outputs, its inputs and the tensors of the enclosing graph
+block, and a weight the body reads from the enclosing graph (shared by both If branches,
+say) is copied before it is rescaled.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (
     NameFactory,
+    all_graphs,
     cleanup,
     constant_values,
     detach,
@@ -211,21 +217,22 @@ class FoldBatchNorm(Pass):
         metadata = ctx.metadata
         statistics = statistics_from_metadata(metadata)
         folded: list[dict[str, Any]] = []
-        candidates = [n for n in graph.nodes if n.op == "BatchNormalization" and is_default_domain(n)]
-        for bn in ctx.progress(candidates, label="BatchNormalization"):
-            plan, reason = plan_fold(graph, bn)
+        candidates = [(scope, n) for scope in all_graphs(graph) for n in scope.nodes if n.op == "BatchNormalization" and is_default_domain(n)]
+        for scope, bn in ctx.progress(candidates, label="BatchNormalization"):
+            plan, reason = plan_fold(scope, bn)
             if plan is None:
                 ctx.refuse(f"BN {node_label(bn)}", f"not folded: {reason}")
                 continue
             record = {
                 "bn": node_label(bn),
+                **({"body": scope.name or "body"} if scope is not graph else {}),
                 "direction": plan.direction,
                 "roots": [node_label(n) for n in plan.region.roots.values()],
                 "leaves": [node_label(n) for n in plan.region.leaves.values()],
             }
             new_statistics = _bn_output_statistics(bn, plan.direction)
-            source, target = bn.inputs[0].name, surviving_tensor(graph, bn)
-            apply_fold(graph, bn, plan, names)
+            source, target = bn.inputs[0].name, surviving_tensor(scope, bn)
+            apply_fold(scope, bn, plan, names)
             _update_statistics(statistics, plan.values)
             if target != source:
                 statistics.pop(source, None)

@@ -10,6 +10,10 @@ T is examined on both sides:
   with T as data input → a leaf; anything else (activations, T used as a weight, …) → impossible;
 * T must not be a graph output.
 
+Discovery stays inside one graph (the main graph or one If/Loop/Scan body): a tensor
+computed in an enclosing graph, or read by a node of another (a body reading an outer
+tensor), blocks the fold.
+
 Walking up from a leaf finds more roots and walking down from a root more leaves, so the
 worklist closure is exactly the fixpoint of the paper.  Roots and leaves must be disjoint.
 
@@ -79,6 +83,7 @@ def discover(graph: gs.Graph, bn: gs.Node, backward: bool) -> Region:
     seed = bn.inputs[0] if backward else bn.outputs[0]
     forbidden = bn.outputs[0] if backward else bn.inputs[0]
     region = Region(seed)
+    here = {id(node) for node in graph.nodes}  # the fold stays inside ``graph`` (main graph or one body)
     work: deque[gs.Tensor] = deque([seed])
     while work:
         tensor = work.popleft()
@@ -90,10 +95,14 @@ def discover(graph: gs.Graph, bn: gs.Node, backward: bool) -> Region:
         if is_graph_output(graph, tensor):
             raise FoldImpossible(f"path reaches graph output {tensor.name}")
         if not (tensor is seed and not backward):
+            if tensor.inputs and id(tensor.inputs[0]) not in here:
+                raise FoldImpossible(f"path reaches {tensor.name}, computed in the graph enclosing this If/Loop/Scan body")
             _visit_producer(region, tensor, work)
         for consumer in list(tensor.outputs):
             if consumer is bn:
                 continue
+            if id(consumer) not in here:
+                raise FoldImpossible(f"{tensor.name} is also read inside an If/Loop/Scan body ({consumer.op} {node_label(consumer)})")
             _visit_consumer(region, consumer, tensor, work)
     overlap = set(region.roots) & set(region.leaves)
     if overlap:

@@ -25,19 +25,24 @@ import ml_dtypes
 from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxopt.graph import NameFactory, constant_values
+from onnxopt.graph import NameFactory, all_graphs, constant_values
 
 from .layers import weight_axis
 from .numerics import ActivationQuant, bias_codes, checked_scales, dequantize_weight, quantize_weight
 
 
 def quantize_activation(graph: gs.Graph, tensor: gs.Tensor, quant: ActivationQuant, names: NameFactory) -> gs.Variable:
-    """Insert Q→DQ on ``tensor``; every former reader reads the DequantizeLinear output."""
+    """Insert Q→DQ on ``tensor`` into ``graph`` (the main graph or an If/Loop/Scan body);
+    every former reader in ``graph`` and in the bodies nested in it reads the DequantizeLinear
+    output (so the producer's output only feeds the QuantizeLinear, as ORT's fusion needs).
+    Readers in sibling graphs keep ``tensor``: a body quantizes an outer-scope tensor with
+    its own Q→DQ, beside the layer ORT fuses (ORT fuses within one graph)."""
     base = tensor.name
     scale = gs.Constant(names.new(f"{base}_scale"), checked_scales(quant.scale, f"activation {base}"))
     zero = gs.Constant(names.new(f"{base}_zero_point"), np.array(quant.zero_point, dtype=quant.dtype))
     source: gs.Tensor = tensor
-    readers = list(tensor.outputs)
+    here = {id(node) for scope in all_graphs(graph) for node in scope.nodes}
+    readers = [reader for reader in tensor.outputs if id(reader) in here]
     nodes = []
     if quant.restricted:
         low = -quant.max_code * quant.scale if quant.signed else 0.0

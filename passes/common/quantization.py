@@ -21,7 +21,7 @@ from .layers import transposed_weight
 #: Why a layer stayed float, as counted in the coverage line: reason prefix -> short label.
 FLOAT_LABELS = (
     ("no statistics", "no statistics"),
-    ("inside an If/Loop/Scan body", "inside If/Loop/Scan bodies"),
+    ("not fused by ORT", "not fused by ORT"),
     ("weight is not a float initializer", "non-constant weight"),
     ("float16", "float16 layers"),
     ("float64", "float64 layers"),
@@ -31,8 +31,8 @@ FLOAT_LABELS = (
 )
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
-    "inside If/Loop/Scan bodies": "quantize works on the main graph only: export the model without data-dependent control flow "
-    "(e.g. torch.onnx.export of the traced module) so its layers are in the main graph",
+    "not fused by ORT": "ORT fuses a QDQ Conv into QLinearConv only when its output is quantized too; a Conv whose output is "
+    "a graph output or has no range stays float (an unfused QDQ Conv is slower than the float one)",
     "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
     "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
     "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_values, is_default_domain
+from onnxopt.graph import all_graphs, constant_values, is_default_domain
 
 STATISTICS_KEY = "onnxopt.bn_statistics"
 VECTOR_FIELDS = ("mean", "std")
@@ -52,12 +52,13 @@ def statistics_to_metadata(statistics: Mapping[str, dict[str, Any]]) -> str:
 
 
 def bn_statistics(graph: gs.Graph, metadata: Mapping[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tensor name → (mean, std) per channel (axis 1) from kept metadata and remaining BNs."""
+    """tensor name → (mean, std) per channel (axis 1) from kept metadata and remaining BNs
+    (those inside If/Loop/Scan bodies too)."""
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, entry in statistics_from_metadata(metadata).items():
         if entry.get("axis", 1) == 1:
             stats[name] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64))
-    for node in graph.nodes:
+    for node in (n for scope in all_graphs(graph) for n in scope.nodes):
         if node.op == "BatchNormalization" and is_default_domain(node):
             gamma, beta = constant_values(node, 1), constant_values(node, 2)
             if gamma is not None and beta is not None:
@@ -71,7 +72,7 @@ def layernorm_statistics(graph: gs.Graph) -> dict[str, tuple[np.ndarray, np.ndar
     normalizes the last axis only, with constant 1-D scale γ (and bias β, else 0): its output
     has mean β_c and standard deviation |γ_c| per feature, like a BN output (docs/quantization.md)."""
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for node in graph.nodes:
+    for node in (n for scope in all_graphs(graph) for n in scope.nodes):
         if node.op != "LayerNormalization" or not is_default_domain(node) or len(node.outputs) > 1 and not node.outputs[1].is_empty():
             continue
         gamma = constant_values(node, 1)

@@ -51,7 +51,16 @@ Steps (docs/quantization.md):
    kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
    ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
    Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
-   dynamic form, or put back in float; an unfused Conv is reported in ``not_fused``.
+   dynamic form, or put back in float.  A Conv ORT does not fuse (e.g. the last layer, whose
+   output is a graph output without a quantizer) is reported in ``not_fused``; with
+   ``unfused_conv_to_float=True`` it is put back in float too (a QDQ layer ORT runs in float
+   is slower than the float layer).  Layers inside If/Loop/Scan bodies are checked the same way.
+
+Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
+graph at a time, with every Q/DQ in the graph of the layer reading it (ORT fuses within one
+graph); BN/LN statistics are read in the bodies and calibration threads body tensors out as
+extra body/node outputs (:func:`..common.ranges.expose_tensors`; docs/quantization.md,
+"Layers inside If/Loop/Scan bodies").
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
 upgrades an older model before the pipeline runs (a note in the report).
@@ -76,13 +85,13 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import PipelineError
 from onnxopt.graph import (
     NameFactory,
+    all_graphs,
     cleanup,
     constant_values,
     is_default_domain,
     node_label,
     optional_input,
     set_constant_input,
-    subgraph_nodes,
 )
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal, Stage
@@ -118,7 +127,6 @@ MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "
 #: BN-statistics ranges; with min/max ranges from samples, per tensor gave lower KL to FP32 on
 #: every model of bench/results/third_party.md (e.g. EfficientNet-Lite0 10 samples).
 SPIQ_AUTO_CALIBRATED = "per tensor: ranges measured on calibration data (--spiq forces SPIQ)"
-IN_BODY = "inside an If/Loop/Scan body: control-flow bodies are not quantized"
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 
 
@@ -135,7 +143,9 @@ class QuantizeOptions(QuantizationOptions):
     #: MatMul/Gemm layers without an activation range: quantized dynamically
     dynamic_fallback: bool | Literal["auto", "all"] = option("auto", flag="--dynamic-fallback")
     #: count the layers ORT really fuses (and re-emit the MatMuls it does not)
-    check_fusion: bool = True
+    check_fusion: bool = option(True, flag="--no-check-fusion")
+    #: put a QDQ Conv ORT does not fuse back in float
+    unfused_conv_to_float: bool = option(False, flag="--unfused-conv-float")
 
 
 class Quantize(Pass):
@@ -164,56 +174,41 @@ class Quantize(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cleanup(graph)
         names = NameFactory(graph)
-        candidates = [n for n in graph.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+        scopes = all_graphs(graph)  # the main graph, then the If/Loop/Scan bodies (nested too)
+        self._scope_of: dict[int, gs.Graph] = {}
+        candidates = []
+        for scope in scopes:
+            found = [n for n in scope.nodes if n.op in LAYER_OPS and is_default_domain(n)]
+            self._scope_of.update((id(n), scope) for n in found)
+            candidates += found
         self._float_reasons: Counter[str] = Counter()
         self._no_statistics = False
-        self._dynamic: list[gs.Node] = []
+        self._dynamic_weights: dict[str, str] = {}
+        self._dynamic_caches: dict[int, dict[str, Any]] = {}
+        self._float_biases: dict[int, np.ndarray | None] = {}
         layers = [n for n in candidates if self._layer_ok(n, ctx)]
-        candidates += self._count_body_layers(graph, ctx)
         if not layers:
             return PassResult(False, {"layers_quantized": 0, "coverage": self._coverage(len(candidates), 0)})
         self._calibration_stats: dict[str, Any] = {}
         ranges = self._ranges(graph, ctx, layers)
-        self._edges = (layers[0], layers[-1])
-        readers_of: dict[str, list[gs.Node]] = defaultdict(list)
-        for layer in layers:
-            readers_of[layer.inputs[0].name].append(layer)
-
-        quants: dict[str, ActivationQuant] = {}
-        means: dict[str, np.ndarray | None] = {}
-        moments: dict[str, np.ndarray] = {}
-        records: list[dict[str, Any]] = []
-        for tensor_name, readers in readers_of.items():
-            tensor = readers[0].inputs[0]
-            channel_range = ranges.get(tensor_name)
-            readers = self._take_dynamic(readers, channel_range is None)
-            if not readers:
-                continue
-            if channel_range is None:
-                for reader in readers:
-                    self._keep_float(ctx, reader, f"no statistics for its input {tensor_name}: kept in float")
-                continue
-            quant, mean, mode, moment = self._input_quantizer(graph, ctx, tensor, readers, channel_range, names)
-            quants[tensor_name], means[tensor_name], moments[tensor_name] = quant, mean, moment
-            records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
-
-        quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
-        self._quantized = QuantizedLayers({
-            layer.outputs[0].name: QuantizedLayer(
-                constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
-                means.get(layer.inputs[0].name) if self.options["bias_correction"] else None, moments.get(layer.inputs[0].name),
-            )
-            for layer in quantized_layers
-        })
+        by_scope = [(scope, [layer for layer in layers if self._scope_of[id(layer)] is scope]) for scope in scopes]
+        by_scope = [(scope, found) for scope, found in by_scope if found]
+        self._edges = tuple(layer for _, found in by_scope for layer in (found[0], found[-1]))  # first/last of each (sub)graph
+        self._quantized = QuantizedLayers({})
         ctx.publish(self._quantized)
-        int4_layers = self._quantize_weights(graph, quantized_layers, quants, means, self._edges, names)
-        dq_of = {name: quantize_activation(graph, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
-        outputs_quantized = self._quantize_outputs(graph, ctx, quantized_layers, ranges, quants, dq_of, names)
-        records.extend(self._quantize_dynamic(graph, names))
-        float_readers = read_float_where_unfused(graph, dq_of)
+        records: list[dict[str, Any]] = []
+        quantized_layers: list[gs.Node] = []
+        counts: Counter[str] = Counter()
+        for scope, scope_layers in by_scope:
+            body = None if scope is graph else scope.name or "body"
+            done, scope_records, scope_counts = self._quantize_scope(scope, ctx, scope_layers, ranges, names, body)
+            quantized_layers += done
+            records += scope_records
+            counts.update(scope_counts)
         cleanup(graph)
         fusion = self._check_fusion(graph, ctx, quantized_layers, records, names)
         kinds = Counter(r["mode"] == "dynamic" for r in records)
+        in_bodies = sum(1 for r in records if r.get("body"))
 
         spiq_count = sum(1 for r in records if r["mode"] == "spiq")
         return PassResult(
@@ -222,17 +217,66 @@ class Quantize(Pass):
                 "layers_quantized": len(records),
                 "layers_float": len(layers) - len(records),
                 "layers_dynamic": kinds[True],
+                **({"layers_in_bodies": in_bodies} if in_bodies else {}),
                 "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
-                "outputs_quantized": outputs_quantized,
-                "float_readers_restored": float_readers,
+                "outputs_quantized": counts["outputs_quantized"],
+                "float_readers_restored": counts["float_readers"],
                 **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] != "bn" else {}),
                 "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
                 **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
-                **({"int4_layers": int4_layers, "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
+                **({"int4_layers": counts["int4_layers"], "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
                 "layers": records,
             },
         )
+
+    def _quantize_scope(
+        self, scope: gs.Graph, ctx: PassContext, layers: list[gs.Node], ranges: dict[str, ChannelRange], names: NameFactory,
+        body: str | None,
+    ) -> tuple[list[gs.Node], list[dict[str, Any]], Counter[str]]:
+        """Quantize the ``layers`` of one graph (the main graph or a body): every Q/DQ goes into
+        ``scope`` itself, beside the layer ORT fuses, also for a tensor the body reads from
+        the enclosing graph.  The layers quantized statically, the records, the counts."""
+        self._dynamic: list[gs.Node] = []
+        readers_of: dict[str, list[gs.Node]] = defaultdict(list)
+        for layer in layers:
+            readers_of[layer.inputs[0].name].append(layer)
+        quants: dict[str, ActivationQuant] = {}
+        means: dict[str, np.ndarray | None] = {}
+        moments: dict[str, np.ndarray] = {}
+        records: list[dict[str, Any]] = []
+        for tensor_name, readers in readers_of.items():
+            tensor = readers[0].inputs[0]
+            channel_range = ranges.get(float_source(tensor).name)  # a body layer may read the enclosing graph's Q→DQ
+            readers = self._take_dynamic(readers, channel_range is None)
+            if not readers:
+                continue
+            if channel_range is None:
+                for reader in readers:
+                    self._keep_float(ctx, reader, f"no statistics for its input {tensor_name}: kept in float")
+                continue
+            quant, mean, mode, moment = self._input_quantizer(scope, ctx, tensor, readers, channel_range, names)
+            quants[tensor_name], means[tensor_name], moments[tensor_name] = quant, mean, moment
+            records.extend({"layer": node_label(r), "input": tensor_name, "mode": mode, "scale": float(quant.scale)} for r in readers)
+
+        quantized_layers = [layer for layer in layers if layer.inputs[0].name in quants]
+        self._quantized.layers.update({
+            layer.outputs[0].name: QuantizedLayer(
+                constant_values(layer, 1).copy(), self._weight_bits(layer, self._edges), self.options["per_channel"],
+                means.get(layer.inputs[0].name) if self.options["bias_correction"] else None, moments.get(layer.inputs[0].name),
+            )
+            for layer in quantized_layers
+        })
+        counts: Counter[str] = Counter()
+        counts["int4_layers"] = self._quantize_weights(scope, quantized_layers, quants, means, self._edges, names)
+        dq_of = {name: quantize_activation(scope, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
+        counts["outputs_quantized"] = self._quantize_outputs(scope, ctx, quantized_layers, ranges, quants, dq_of, names)
+        records.extend(self._quantize_dynamic(scope, names))
+        counts["float_readers"] = read_float_where_unfused(scope, dq_of)
+        if body is not None:
+            for record in records:
+                record["body"] = body
+        return quantized_layers, records, counts
 
     # ------------------------------------------------------------------ pieces
     def _layer_ok(self, node: gs.Node, ctx: PassContext) -> bool:
@@ -240,14 +284,6 @@ class Quantize(Pass):
         if reason:
             self._keep_float(ctx, node, reason)
         return reason is None
-
-    def _count_body_layers(self, graph: gs.Graph, ctx: PassContext) -> list[gs.Node]:
-        """The layers inside If/Loop/Scan bodies: not quantized (yet), but counted and refused
-        so that the coverage line never hides them."""
-        found = [n for n in subgraph_nodes(graph) if n.op in LAYER_OPS and is_default_domain(n)]
-        for node in found:
-            self._keep_float(ctx, node, IN_BODY)
-        return found
 
     def _keep_float(self, ctx: PassContext, node: gs.Node, reason: str) -> None:
         """Refuse ``node`` (reported) and count it under its short label for the coverage line."""
@@ -277,14 +313,13 @@ class Quantize(Pass):
         return [r for r in readers if not any(r is d for d in dynamic)]
 
     def _quantize_dynamic(self, graph: gs.Graph, names: NameFactory) -> list[dict[str, Any]]:
-        """Emit the dynamic form for ``self._dynamic``; their records (mode "dynamic")."""
-        self._dynamic_cache: dict[str, Any] = {}
-        self._dynamic_weights: dict[str, str] = {}
+        """Emit the dynamic form for ``self._dynamic`` (layers of ``graph``); their records (mode "dynamic")."""
+        cache = self._dynamic_caches.setdefault(id(graph), {})
         records = []
         for layer in self._dynamic:
             label, tensor = node_label(layer), layer.inputs[0].name
             bits = self._weight_bits(layer, self._edges)
-            self._dynamic_weights[label] = quantize_dynamic_layer(graph, layer, bits, self.options["per_channel"], self._dynamic_cache, names)
+            self._dynamic_weights[label] = quantize_dynamic_layer(graph, layer, bits, self.options["per_channel"], cache, names)
             records.append({"layer": label, "input": tensor, "mode": "dynamic"})
         return records
 
@@ -306,19 +341,19 @@ class Quantize(Pass):
         changed = False
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
-            if layer is None or layer.op not in MATRIX_OPS or self._int4_layer(layer):
+            if layer is None or self._int4_layer(layer) or (layer.op not in MATRIX_OPS and not self.options["unfused_conv_to_float"]):
                 ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
                 continue
             changed = True
             record = next(r for r in records if r["layer"] == label)
             kept = self._quantized.layers.pop(layer.outputs[0].name, None)
             float_weight = kept.float_weight if kept is not None else None
-            if self._to_dynamic(graph, layer, names):
+            if self._to_dynamic(self._scope_of[id(layer)], layer, names):
                 weights[label] = self._dynamic_weights[label]
                 record.update(mode="dynamic", static_not_fused=reason)
                 ctx.refuse(f"static QDQ of {label}", f"not fused by ORT ({reason}): emitted in the dynamic form instead")
             else:
-                unquantize(graph, layer, names, float_weight)
+                unquantize(graph, layer, names, float_weight, self._float_biases.get(id(layer)))
                 records.remove(record)
                 weights.pop(label)
                 self._keep_float(ctx, layer, f"not fused by ORT ({reason}): put back in float (a QDQ layer ORT runs in float is slower than FP32)")
@@ -340,7 +375,8 @@ class Quantize(Pass):
             return False
         layer.inputs[0] = float_source(layer.inputs[0])
         bias = dequantized_input(layer, 2) if layer.op == "Gemm" else None
-        self._dynamic_weights[node_label(layer)] = emit_dynamic(graph, layer, *codes, self._dynamic_cache, names, bias=bias)
+        cache = self._dynamic_caches.setdefault(id(graph), {})
+        self._dynamic_weights[node_label(layer)] = emit_dynamic(graph, layer, *codes, cache, names, bias=bias)
         return True
 
     def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:
@@ -388,8 +424,13 @@ class Quantize(Pass):
         model = ctx.export(graph)
         data = calibration_samples(self.name, self.options, model)
         self._calibration_stats = data.stats()
-        names = [t.name for t in tensors if t.shape is not None and len(t.shape) >= 2]
-        return calibrated_ranges(model, names, data.feeds, self.options["act_ranges"])
+        names = [t.name for t in tensors if t.shape is None or len(t.shape) >= 2]  # body tensors may have no inferred shape
+        ranges = calibrated_ranges(model, names, data.feeds, self.options["act_ranges"])
+        forced = sum(1 for r in ranges.values() if r.forced_branch)
+        if forced:
+            ctx.refuse("calibration", f"{forced} tensor(s) lie in If branches no calibration sample takes: measured with the If conditions forced")
+            self._calibration_stats["calibration_forced_branch_tensors"] = forced
+        return ranges
 
     def _input_quantizer(
         self, graph: gs.Graph, ctx: PassContext, tensor: gs.Tensor, readers: list[gs.Node], r: ChannelRange, names: NameFactory
@@ -464,6 +505,7 @@ class Quantize(Pass):
         """Quantize every layer's weight (and bias, after bias correction); the number stored as INT4."""
         int4_layers = 0
         for layer in layers:
+            self._float_biases[id(layer)] = constant_values(layer, 2)  # before bias correction: for a layer put back in float
             weight = constant_values(layer, 1).astype(np.float64)
             bits = self._weight_bits(layer, edges)
             int4_layers += int(bool(self.options["int4_weights"]) and bits <= 4)
@@ -591,12 +633,17 @@ def dequantized_input(layer: gs.Node, index: int) -> np.ndarray | None:
     return ((codes.astype(np.float64) - zeros.reshape(along)) * scales.reshape(along)).astype(np.float32)
 
 
-def unquantize(graph: gs.Graph, layer: gs.Node, names: NameFactory, weight: np.ndarray | None) -> None:
+def unquantize(graph: gs.Graph, layer: gs.Node, names: NameFactory, weight: np.ndarray | None, bias: np.ndarray | None = None) -> None:
     """Put a static QDQ layer back in float: float input, its float ``weight`` (else the
-    dequantized one) and the dequantized bias."""
-    layer.inputs[0] = float_source(layer.inputs[0])
+    dequantized one) and its float ``bias`` before bias correction (else the dequantized one).
+    The input stays the DequantizeLinear output when the quantizer is a quantized layer's
+    output quantizer: without it that layer would lose its QLinearConv/QGemm fusion too."""
+    if not _from_layer(float_source(layer.inputs[0])):
+        layer.inputs[0] = float_source(layer.inputs[0])
     if weight is not None:
         layer.inputs[1] = gs.Constant(names.new(f"{node_label(layer)}_float_weight"), weight.astype(np.float32))
+    if bias is not None and optional_input(layer, 2) is not None:
+        layer.inputs[2] = gs.Constant(names.new(f"{node_label(layer)}_float_bias"), bias.astype(np.float32))
     for index in (1, 2):
         if index < len(layer.inputs) and optional_input(layer, index) is not None and not isinstance(layer.inputs[index], gs.Constant):
             values = dequantized_input(layer, index)

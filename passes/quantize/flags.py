@@ -14,6 +14,9 @@ from typing import Any
 
 from onnxopt.errors import PipelineError
 from onnxopt.flags import FlagFamily, parse_bits, parse_floats, parse_pair, parse_weight_only
+from onnxopt.options import flag_of
+
+from . import QuantizeOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ORT's DynamicQuantizeMatMul) when the model has statistics elsewhere, on always, off keeps them float, all makes every "
         "MatMul/Gemm dynamic",
     )
+    quant.add_argument("--no-check-fusion", action="store_true", help="skip the check of which layers ONNX Runtime fuses into integer kernels (and the fallbacks it drives)")
+    quant.add_argument("--unfused-conv-float", action="store_true", help="put a QDQ Conv that ONNX Runtime does not fuse (e.g. one writing a graph output) back in float: never slower than FP32 for it")
     quant.add_argument(
         "--int4-weights", action="store_true",
         help="store weights of <= 4 bits as INT4 (needs opset >= 21): a smaller file, but ONNX Runtime's CPU provider does not fuse "
@@ -61,13 +66,15 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         "per_channel": False if args.per_tensor_weights else None,
         "int4_weights": True if args.int4_weights else None,
         "dynamic_fallback": {"auto": "auto", "on": True, "off": False, "all": "all", None: None}[args.dynamic_fallback],
+        "check_fusion": False if args.no_check_fusion else None,
+        "unfused_conv_to_float": True if args.unfused_conv_float else None,
     }
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):
         raise PipelineError(f"bad --lambda {args.lam!r}: expected a finite number of standard deviations > 0, e.g. 6")
     if args.quantize is None or parse_weight_only(args.quantize) is not None:
         if options:
-            raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wNaM")
+            raise PipelineError(f"{', '.join(flag_of(QuantizeOptions, key) for key in options)} need --quantize wNaM")
         return {}, []
     options["weight_bits"], options["act_bits"] = parse_bits(args.quantize)
     if args.calibration_data and "act_ranges" not in options:

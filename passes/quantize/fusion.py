@@ -10,7 +10,8 @@ feeds the Gemm directly).
 
 :func:`check_fusion` builds an ORT session on the CPU provider (``ORT_ENABLE_ALL``, the level
 ORT uses by default) with ``optimized_model_filepath`` set, loads the graph ORT built and looks
-up each layer by the name of its weight-codes initializer: the node reading it is the kernel
+up each layer by the name of its weight-codes initializer (in the main graph or in an
+If/Loop/Scan body, where ORT applies the same fusions): the node reading it is the kernel
 ORT runs.  A weight read by a DequantizeLinear (or no longer present) means the layer was not
 fused.
 """
@@ -64,7 +65,7 @@ def check_fusion(model: onnx.ModelProto, weights: Mapping[str, str]) -> FusionCh
     except Exception as exc:  # noqa: BLE001 - any ORT failure means: not checked
         return FusionCheck(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in optimized.graph.node:
+    for node in _all_nodes(optimized.graph):
         for name in node.input:
             readers.setdefault(name, []).append(node)
     result = FusionCheck()
@@ -75,6 +76,17 @@ def check_fusion(model: onnx.ModelProto, weights: Mapping[str, str]) -> FusionCh
         else:
             result.not_fused[label] = reason
     return result
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of the If/Loop/Scan bodies nested in it (ORT fuses inside them too)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                nodes += _all_nodes(body)
+    return nodes
 
 
 def classify(nodes: list[onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]]) -> tuple[str | None, str]:

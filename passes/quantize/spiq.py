@@ -72,6 +72,8 @@ def plan(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node]) -> SpiqPlan
         node = producer(current)
         if node is None:
             return "graph input (no producer to absorb the scales)"
+        if not any(node is n for n in graph.nodes):
+            return f"{current.name} comes from the graph enclosing this If/Loop/Scan body"
         if node.op in SCALE_COMMUTING_OPS or (node.op == "Clip" and clip_high(node) is not None) or _channel_flatten(node):
             if node.op == "Clip":
                 if averaged:  # the average of clipped values is not the clip of the average

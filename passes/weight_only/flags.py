@@ -8,6 +8,9 @@ from typing import Any
 
 from onnxopt.errors import PipelineError
 from onnxopt.flags import FlagFamily, parse_weight_only
+from onnxopt.options import flag_of
+
+from . import WeightOnlyOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +31,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
     bits = parse_weight_only(args.quantize)
     if bits is None:
         if options:
-            raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wN (weight-only, e.g. w4)")
+            raise PipelineError(f"{', '.join(flag_of(WeightOnlyOptions, key) for key in options)} need --quantize wN (weight-only, e.g. w4)")
         return {}, []
     others = [flag for flag, value in (("--power-quant", args.power_quant), ("--rex", args.rex), ("--modular-accumulator", args.modular_accumulator)) if value is not None]
     if others:

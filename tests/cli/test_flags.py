@@ -88,3 +88,11 @@ def test_a_family_registered_elsewhere_brings_its_flags_and_its_place_in_the_ord
     names, _ = pipeline_from_flags(base, parser.parse_args(["m.onnx", "-o", "o.onnx", "--smooth", "--prune", "red", "--quantize", "w8a8"]), registry)
     assert names == [*base[:-1], "hash-weights", "merge-neurons", "decompose-depthwise", "smooth", "quantize", "eliminate-dead"]
     assert "--smooth" in parser.format_help()
+
+
+def test_fusion_check_flags_reach_the_quantize_options():
+    names, options = compose("--quantize", "w8a8", "--no-check-fusion", "--unfused-conv-float")
+    assert "quantize" in names and options["check_fusion"] is False and options["unfused_conv_to_float"] is True
+    assert "check_fusion" not in compose("--quantize", "w8a8")[1]
+    with pytest.raises(PipelineError, match="--no-check-fusion need --quantize"):
+        compose("--no-check-fusion")
