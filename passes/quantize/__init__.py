@@ -454,7 +454,10 @@ class Quantize(Pass):
             return False
         moment = self._moment(r)
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)
-        errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"])
+        signed = not bool(np.all(r.lo >= 0))
+        act_bits = self.options["act_bits"]
+        levels = 2 ** (act_bits - 1) - 1 if signed else 2**act_bits - 1
+        errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"], r.tail, levels, signed)
         if errors is None or errors[0] <= SPIQ_MIN_GAIN * errors[1]:
             return True
         ctx.refuse(
