@@ -58,6 +58,10 @@ class ChannelRange:
     gaussian: tuple[np.ndarray, np.ndarray] | None = None
     #: E[x²] per channel when known (BN output, or a rectified BN output), for error estimates
     second_moment: np.ndarray | None = None
+    #: (μ, σ, cap) of the BN output these values come from through Relu/Clip/Min and
+    #: pass-through ops (cap: the smallest upper clip on the way, inf when none), for the
+    #: clipping-error estimate of the SPIQ decision
+    tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     #: measured with the If conditions forced: no calibration sample takes the branch computing it
     forced_branch: bool = False
 
@@ -106,7 +110,8 @@ class RangeEstimator:
             return self.known[tensor.name]
         if tensor.name in self.stats:
             mean, std = self.stats[tensor.name]
-            return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std), mean**2 + std**2)
+            tail = (mean, std, np.full(mean.shape, np.inf))
+            return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std), mean**2 + std**2, tail)
         node = producer(tensor)
         if node is None or not is_default_domain(node):
             return None
@@ -153,7 +158,8 @@ class RangeEstimator:
         moment = None
         if node.op == "Min" and r.second_moment is not None and np.all(r.lo >= 0) and np.all(bound >= 0):
             moment = np.minimum(r.second_moment, bound**2)
-        return ChannelRange(clip(r.lo, bound), clip(r.hi, bound), clip(r.mean, bound), second_moment=moment)
+        tail = _capped(r.tail, bound) if node.op == "Min" else None
+        return ChannelRange(clip(r.lo, bound), clip(r.hi, bound), clip(r.mean, bound), second_moment=moment, tail=tail)
 
     def _slice(self, node: gs.Node) -> ChannelRange | None:
         """A Slice that leaves the channel axis alone keeps the per-channel range."""
@@ -203,7 +209,7 @@ def _relu(r: ChannelRange | None) -> ChannelRange | None:
         moment = (mu**2 + sigma**2) * cdf + mu * sigma * pdf  # E[ReLU(Y)²], Y ~ N(μ, σ²)
     else:
         mean = np.maximum(r.mean, 0.0)
-    return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean, second_moment=moment)
+    return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean, second_moment=moment, tail=r.tail)
 
 
 def channel_bound(node: gs.Node) -> tuple[int, np.ndarray] | None:
@@ -239,7 +245,16 @@ def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | Non
         return None
     base = _relu(r) if low == 0.0 else r
     moment = None if base.second_moment is None else np.minimum(base.second_moment, max(low**2, high**2))
-    return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high), second_moment=moment)
+    tail = _capped(base.tail, high) if low in (0.0, -np.inf) else None  # a lower clip below 0 is not modelled
+    return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high), second_moment=moment, tail=tail)
+
+
+def _capped(tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None, high: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``tail`` with its upper clip lowered to ``high`` (a scalar or one value per channel)."""
+    if tail is None:
+        return None
+    mean, std, cap = tail
+    return mean, std, np.minimum(cap, np.broadcast_to(high, cap.shape))
 
 
 # --------------------------------------------------------------------------- calibration

@@ -23,11 +23,12 @@ Steps (docs/quantization.md):
    never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
    the producer (÷; a Conv/Gemm/MatMul or a LayerNorm's γ, β) and the readers (×), see
    :mod:`.spiq`.  ``auto`` applies it where the estimated output error (weight noise +
-   activation noise with E[x²] of the rectified Gaussian, :func:`.spiq.estimated_errors`)
-   is at least 5 % lower than per tensor (SPIQ_MIN_GAIN).  The estimate is blind to the
-   clipping of heavy tails by a channel's own BN range (per tensor clips at the widest
-   channel's range), so SPIQ lost where it estimated a near tie (EfficientNet-Lite0 W8
-   with ties going to SPIQ); hence the 5 % margin (bench/results/quantize.md).  When the
+   activation noise with E[x²] of the rectified Gaussian + the clipping error at each
+   quantizer's top code under a partly heavy-tailed model of the BN output,
+   :func:`.spiq.estimated_errors`) is at least 5 % lower than per tensor (SPIQ_MIN_GAIN).
+   SPIQ clips each channel at its own BN range, per tensor at the widest channel's; real
+   depthwise outputs exceed their BN range far more often than a Gaussian says, which is
+   what the clipping term sees (docs/quantization.md).  When the
    ``rex`` pass follows in the same pipeline, ``auto`` means SPIQ wherever possible: the
    estimate is made for ``weight_bits``, but REx's branches give the layers near-8-bit
    weights, where SPIQ wins (MobileNetV2 W4A8 + REx 100 %: KL 0.023 with SPIQ vs 0.049
@@ -117,8 +118,7 @@ from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, qua
 from .fusion import FusionCheck, check_fusion
 
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
-#: per-tensor one: the estimate does not see the clipping of heavy tails by a channel's own
-#: BN range, so a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
+#: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 #: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
@@ -477,7 +477,10 @@ class Quantize(Pass):
             return False
         moment = self._moment(r)
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)
-        errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"])
+        signed = not bool(np.all(r.lo >= 0))
+        act_bits = self.options["act_bits"]
+        levels = 2 ** (act_bits - 1) - 1 if signed else 2**act_bits - 1
+        errors = spiq_rewrite.estimated_errors(readers, moment, step, tensor_step, bits, self.options["per_channel"], r.tail, levels, signed)
         if errors is None or errors[0] <= SPIQ_MIN_GAIN * errors[1]:
             return True
         ctx.refuse(

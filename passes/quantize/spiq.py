@@ -36,6 +36,12 @@ from ..common.numerics import dequantize_weight, quantize_weight
 from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
 from ..common.ranges import channel_bound
 
+#: Share of the values assumed to follow the heavy (Student t(3)) tail in the clipping estimate
+#: (the rest is taken as Gaussian, whose clipping at the BN range is negligible).  Chosen on
+#: bench/results/spiq_decision.md: a full t(3) tail keeps MobileNetV2 per tensor where SPIQ
+#: wins, a Gaussian one lets SPIQ clip EfficientNet-Lite0's depthwise outputs.
+HEAVY_TAIL_SHARE = 0.1
+
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
 
@@ -184,18 +190,67 @@ def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
+def clipping_error(tail: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: np.ndarray, signed: bool) -> np.ndarray:
+    """Expected squared error per channel of clipping the values at ``threshold`` (and at
+    ``−threshold`` when ``signed``), for the values ``min(μ + σ·Z, cap)`` of ``tail = (μ, σ, cap)``.
+
+    Z has unit variance but a heavy tail: a Student t with 3 degrees of freedom, scaled.  A
+    Gaussian makes clipping at the BN range negligible (P(Z > 4) ≈ 3e-5), while the activations
+    of trained networks (depthwise outputs in particular) exceed it far more often; the t
+    tail is what lets the decision see that SPIQ clips each channel at its own range while a
+    per-tensor quantizer clips at the widest one.
+    """
+    mean, std, cap = tail
+    std = np.maximum(std, 1e-12)
+    upper = _tail_error((threshold - mean) / std, (cap - mean) / std)
+    if signed:
+        upper = upper + _tail_error((threshold + mean) / std, np.full_like(mean, np.inf))
+    return HEAVY_TAIL_SHARE * std**2 * upper
+
+
+def _tail_error(k: np.ndarray, k_cap: np.ndarray) -> np.ndarray:
+    """E[(min(Z, k_cap) − k)²; Z > k] for the unit-variance Student t(3) Z (0 where k ≥ k_cap)."""
+    a, a_cap = np.sqrt(3.0) * k, np.sqrt(3.0) * np.maximum(k_cap, k)  # T = √3·Z is the standard t(3)
+    finite = np.isfinite(a_cap)
+    cap = np.where(finite, a_cap, 0.0)
+    beyond_cap = np.where(finite, _t3_moment(cap, 2) - 2 * a * _t3_moment(cap, 1) + a**2 * _t3_moment(cap, 0), 0.0)
+    at_cap = np.where(finite, (cap - a) ** 2 * _t3_moment(cap, 0), 0.0)
+    between = _t3_moment(a, 2) - 2 * a * _t3_moment(a, 1) + a**2 * _t3_moment(a, 0) - beyond_cap
+    return np.maximum(between + at_cap, 0.0) / 3.0
+
+
+def _t3_moment(a: np.ndarray, order: int) -> np.ndarray:
+    """∫_a^∞ x^order·f(x) dx for the standard Student t(3) density f (closed forms)."""
+    density = 2.0 / (np.pi * np.sqrt(3.0)) / (1.0 + a**2 / 3.0) ** 2
+    upper = np.arctan2(np.sqrt(3.0), a)  # π/2 − atan(a/√3), accurate for large a
+    survival = (upper - np.sqrt(3.0) * a / (3.0 + a**2)) / np.pi
+    if order == 0:
+        return survival
+    if order == 1:
+        return (3.0 + a**2) / 2.0 * density
+    return 6.0 / np.pi * upper - 3.0 * survival
+
+
 def estimated_error(
-    readers: list[gs.Node], second_moment: np.ndarray, ratio: np.ndarray, steps: np.ndarray, weight_bits: int, per_channel: bool
+    readers: list[gs.Node],
+    second_moment: np.ndarray,
+    ratio: np.ndarray,
+    steps: np.ndarray,
+    weight_bits: int,
+    per_channel: bool,
+    clipping: np.ndarray | None = None,
 ) -> float | None:
     """Expected squared output error summed over the readers when their input is quantized
     with per-channel ``steps`` obtained by folding ``ratio`` (all ones: per tensor).
 
     Each reader's error is the weight-quantization noise ``Σ ΔW²·E[x²]`` plus the activation
-    noise ``Σ W²·Δ²/12``.  The reader quantizes ``W·r`` per output channel, so its weight
-    noise, brought back to the original coordinates, is ``ΔW'/r``.  None for readers the
+    noise ``Σ W²·(Δ²/12 + clipping)`` (``clipping``: the expected squared clipping error per
+    channel, :func:`clipping_error`).  The reader quantizes ``W·r`` per output channel, so its
+    weight noise, brought back to the original coordinates, is ``ΔW'/r``.  None for readers the
     estimate does not model (e.g. ConvTranspose).
     """
     axis = 0 if per_channel else None
+    noise = steps**2 / 12 + (0.0 if clipping is None else clipping)
     total = 0.0
     for reader in readers:
         columns = reader_columns(reader)
@@ -204,7 +259,7 @@ def estimated_error(
         rows, channel = columns
         scaled = rows * ratio[channel]
         delta = (scaled - dequantize_weight(*quantize_weight(scaled, weight_bits, axis), axis)) / ratio[channel]
-        total += float(np.sum(delta**2 * second_moment[channel]) + np.sum(rows**2 * steps[channel] ** 2) / 12)
+        total += float(np.sum(delta**2 * second_moment[channel]) + np.sum(rows**2 * noise[channel]))
     return total
 
 
@@ -215,10 +270,22 @@ def estimated_errors(
     tensor_step: float,
     weight_bits: int,
     per_channel: bool,
+    tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    levels: int = 255,
+    signed: bool = False,
 ) -> tuple[float, float] | None:
-    """(with full SPIQ at per-channel steps ``spiq_step``, per tensor at ``tensor_step``)."""
+    """(with full SPIQ at per-channel steps ``spiq_step``, per tensor at ``tensor_step``).
+
+    With ``tail`` (the BN statistics the values come from, ChannelRange.tail) both include the
+    clipping error at the quantizer's top code, ``levels`` steps (per channel with SPIQ, at the
+    widest channel's range per tensor)."""
     ratio = spiq_step / spiq_step.max()
     ones = np.ones_like(spiq_step)
-    with_spiq = estimated_error(readers, second_moment, ratio, spiq_step, weight_bits, per_channel)
-    per_tensor = estimated_error(readers, second_moment, ones, ones * tensor_step, weight_bits, per_channel)
+    tensor_steps = ones * tensor_step
+    clip_spiq = clip_tensor = None
+    if tail is not None:
+        clip_spiq = clipping_error(tail, spiq_step * levels, signed)
+        clip_tensor = clipping_error(tail, tensor_steps * levels, signed)
+    with_spiq = estimated_error(readers, second_moment, ratio, spiq_step, weight_bits, per_channel, clip_spiq)
+    per_tensor = estimated_error(readers, second_moment, ones, tensor_steps, weight_bits, per_channel, clip_tensor)
     return None if with_spiq is None or per_tensor is None else (with_spiq, per_tensor)

@@ -73,7 +73,7 @@ def residual_model() -> onnx.ModelProto:
 def test_quantize_emits_qdq_with_the_expected_dtypes_and_reports_refusals() -> None:
     feeds = {"x": RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)}
     proto = with_data_statistics(residual_model(), feeds)
-    optimized, report = run_passes(proto, *QUANTIZE)
+    optimized, report = run_passes(proto, *QUANTIZE, spiq=True)  # where SPIQ is possible (auto's choice is tested below)
     stats, refusals = quantize_stats(report)
 
     assert ops(optimized)["BatchNormalization"] == 0
@@ -118,7 +118,7 @@ def test_quantize_emits_qdq_with_the_expected_dtypes_and_reports_refusals() -> N
 def test_input_range_quantizes_the_first_layer_with_a_signed_quantizer() -> None:
     feeds = {"x": np.clip(RNG.standard_normal((16, 3, 8, 8)), -3, 3).astype(np.float32)}
     proto = with_data_statistics(residual_model(), feeds)
-    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-3.0, 3.0))
+    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-3.0, 3.0), spiq=True)
     stats, refusals = quantize_stats(report)
     assert stats["layers_quantized"] == 4 and stats["layers_float"] == 0
     assert stats["spiq_coverage"] == pytest.approx(1 / 4, abs=1e-3)

@@ -135,7 +135,7 @@ def test_resnet18_w8a8_runs_as_qlinearconv_only(resnet18: Path, tmp_path: Path) 
 
 
 def test_mobilenet_v2_w8a8_runs_as_qlinearconv_only(mobilenet_v2: Path, images: np.ndarray, tmp_path: Path) -> None:
-    model, stats, _ = quantize(mobilenet_v2, weight_bits=8, act_bits=8, input_range=(-3.0, 3.0))
+    model, stats, _ = quantize(mobilenet_v2, weight_bits=8, act_bits=8, input_range=(-3.0, 3.0), spiq=True)
     assert stats["spiq_coverage"] > 0.5
     assert_fully_fused(mobilenet_v2, model, stats, tmp_path, images[:4])
 
