@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import onnx
 
 from .errors import NothingToDoError, PipelineError, ValidationError
+from .external import has_lazy, release_unchanged
 from .graph import export_model, import_graph, payload_free_skeleton, unused_initializers, with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import measure
@@ -75,6 +76,8 @@ def model_problem(model: onnx.ModelProto) -> str | None:
     warning says so."""
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         logger.warning("model above 2 GB: onnx.checker checks its graph, types and shapes but not the initializer payloads")
+        model = payload_free_skeleton(model)
+    elif has_lazy(model):  # weights still in the input's data file (which the input's check covered)
         model = payload_free_skeleton(model)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -144,6 +147,7 @@ class PassManager:
                 ctx = PassContext(pass_.name, progress=self.progress, shared=shared)
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
+                release_unchanged(graph)  # weights the pass only read go back to the input's data file
                 if result.modified:
                     current = export_model(graph, model, shared["metadata"])
                     last_change = pass_.name

@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from .errors import InputDataError
 from .graph import make_node_names_unique
+from .external import materialized
 from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
 
@@ -207,7 +208,7 @@ def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0)
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(materialized(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
