@@ -10,6 +10,8 @@ Such a tensor is "lazy".  The rest of onnxopt treats it like any other initializ
   :class:`ExternalValues`, so ``constant.values`` reads that one tensor from the file
   (``np.fromfile``, no mmap) when a pass asks for it; a constant nobody reads stays unread,
   and export writes the small reference again, not the bytes;
+* a pass that reads a weight once (weight-only) uses :func:`read_values`, which does not
+  cache the array in the constant;
 * after each pass (:func:`release_unchanged`): values a pass read but did not change
   (same array object, same shape, dtype and content hash) become lazy again, so reading a
   weight to inspect it does not keep it in memory for the rest of the run;
@@ -311,6 +313,16 @@ def release_unchanged(graph: gs.Graph) -> int:
         else:
             delattr(constant, _SOURCE_ATTR)
     return released
+
+
+def read_values(constant: gs.Constant) -> np.ndarray:
+    """The values of ``constant`` for reading: a lazy one is read from its file for the
+    caller *without* being kept by the constant (``constant.values`` would cache it), so the
+    array goes as soon as the caller drops it; any other constant gives ``.values``."""
+    values = constant._values
+    if isinstance(values, ExternalValues):
+        return values.load()
+    return constant.values
 
 
 def lazy_constants(graph: gs.Graph) -> list[gs.Constant]:

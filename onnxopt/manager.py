@@ -23,6 +23,7 @@ Running a pipeline:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any, Sequence
@@ -127,6 +128,7 @@ class PassManager:
             logger.info("%s", note)
         inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
         graph = import_graph(inferred, copy=inferred is model)
+        lazy = has_lazy(model)
         current = model
         metrics = report.before = measure(model, inferred=inferred)
         shared: dict[str, Any] = {
@@ -147,7 +149,9 @@ class PassManager:
                 ctx = PassContext(pass_.name, progress=self.progress, shared=shared)
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
-                release_unchanged(graph)  # weights the pass only read go back to the input's data file
+                if lazy:
+                    release_unchanged(graph)  # weights the pass only read go back to the input's data file
+                    gc.collect()  # graphsurgeon's node/tensor cycles: a dropped constant's array goes now
                 if result.modified:
                     current = export_model(graph, model, shared["metadata"])
                     last_change = pass_.name
