@@ -46,6 +46,7 @@ def optimize(
     allow_no_op: bool = False,
     report: Report | None = None,
     checked: bool = False,
+    lazy: bool = False,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and return the new ModelProto and the report.
@@ -57,7 +58,9 @@ def optimize(
     passes) that rewrites nothing raises NothingToDoError naming the cause and the fix,
     unless ``allow_no_op`` (sweeps that want the report either way).  ``report`` is filled
     in (the CLI's carries the input and output paths); ``checked`` skips the input checker
-    for a ModelProto that ``load_model`` already checked.
+    for a ModelProto that ``load_model`` already checked.  ``lazy`` (for a path): leave
+    the large external initializers in the input's data file, read only when a pass needs
+    them (see :mod:`onnxopt.external`; save the result with :func:`onnxopt.save_model`).
     """
     if registry is None:
         from onnxopt.passes import builtin_registry
@@ -65,7 +68,7 @@ def optimize(
         registry = builtin_registry()
     names = resolve_pipeline(registry, passes, preset)
     pipeline = registry.build(names, {**preset_options(registry, passes, preset), **options})
-    model = load_model(model_or_path, check=not (checked and isinstance(model_or_path, onnx.ModelProto)))
+    model = load_model(model_or_path, check=not (checked and isinstance(model_or_path, onnx.ModelProto)), lazy=lazy)
     manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op)
     if report is None:
         report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))

@@ -188,7 +188,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: Pa
     registry.build(names, options)  # bad pass names or option values fail here, before the model is read
     input_shapes = parse_input_shapes(args.input_shape)
 
-    model = demo_model() if args.demo else load_model(args.model)
+    model = demo_model() if args.demo else load_model(args.model, lazy=True)  # large weights stay in the input's data file
     check_input_names(model, input_shapes)  # before any work, --verify or not
     if input_shapes and not (args.verify or args.inputs):
         logging.getLogger(__name__).warning("--input-shape only shapes the random inputs of --verify; add --verify")

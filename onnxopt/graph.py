@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import UnsupportedModelError
+from .external import attach, is_lazy
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
@@ -40,7 +41,9 @@ def import_graph(model: onnx.ModelProto, *, copy: bool = True) -> gs.Graph:
     renamed = make_node_names_unique(model.graph)
     if renamed:
         logger.info("renamed %d node(s) whose names repeat an earlier node's (e.g. %s)", len(renamed), renamed[0])
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    attach(graph)  # lazy initializers read from the input's data file, on demand
+    return graph
 
 
 #: Value types graphsurgeon can export (optional and map values it cannot write back).
@@ -264,8 +267,9 @@ SKELETON_MAX_ELEMENTS = 64  # initializers up to this size keep their data in th
 
 
 def payload_free_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A shallow stand-in of ``model`` for shape inference: its large initializers become
-    typed graph inputs (no payload), everything else is kept."""
+    """A shallow stand-in of ``model`` for shape inference: its large initializers (and the
+    lazy ones, still in the input's data file) become typed graph inputs (no payload),
+    everything else is kept."""
     skeleton = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(skeleton, field, getattr(model, field))
@@ -279,7 +283,7 @@ def payload_free_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend(source.input)
     listed = {info.name for info in source.input}
     for tensor in source.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS and not is_lazy(tensor):
             graph.initializer.append(tensor)
         elif tensor.name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))

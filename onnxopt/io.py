@@ -6,12 +6,18 @@ Saving never replaces the input model or a file it references, writes into a sta
 beside the target and renames into place, model and external data as one unit (the rules
 live in :mod:`onnxopt.output`), and switches to external data automatically when the
 tensors would break protobuf's 2 GB limit.
+
+Large models: ``load_model(path, lazy=True)`` (what the CLI does) leaves the input's large
+external initializers in its data file (:mod:`onnxopt.external`); saving copies their bytes
+into the new data file in chunks and writes every in-memory tensor straight from the model,
+so neither side holds a second copy of the weights.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -19,7 +25,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from . import external
 from .errors import InputNotFoundError, InvalidModelError, UnsupportedModelError
+from .graph import payload_free_skeleton
 from .output import check_output_path, replace_model_files
 
 ModelSource = Union[str, os.PathLike, onnx.ModelProto]
@@ -55,10 +63,15 @@ def check_opset(model: onnx.ModelProto) -> None:
         )
 
 
-def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+def load_model(source: ModelSource, *, check: bool = True, lazy: bool = False) -> onnx.ModelProto:
     """Load a model from a path (external data included) or return the given ModelProto.
 
-    With ``check`` the model must pass ``onnx.checker`` and use a supported opset.
+    With ``check`` the model must pass ``onnx.checker`` and use a supported opset.  With
+    ``lazy`` the large initializers the file keeps as external data are not read: they stay
+    references into the input's data file (see :mod:`onnxopt.external`), which
+    :func:`onnxopt.optimize` and :func:`save_model` handle; ``external.materialized(model)``
+    gives a fully loaded copy for other tools.  A model without external data loads the same
+    either way.
     """
     if isinstance(source, onnx.ModelProto):
         model = source
@@ -80,7 +93,10 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import:
         raise InvalidModelError(f"{path} is not a valid ONNX model: no graph or no opset_import (truncated?)")
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        if lazy:
+            external.make_lazy(model, path.parent)
+        else:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # a missing data file is a ValidationError
         raise InvalidModelError(f"{path}: cannot read its external data: {exc}") from exc
     if check:
@@ -91,8 +107,10 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     check_opset(model)
     try:
-        if path is not None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(str(path))
+        if path is not None and (external.has_lazy(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD):
+            onnx.checker.check_model(str(path))  # reads the graph from the file, not the weights
+        elif external.has_lazy(model):
+            onnx.checker.check_model(payload_free_skeleton(model))
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -102,11 +120,22 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializer payloads (an estimate of the serialized size's bulk)."""
+    """Bytes of all initializer payloads (an estimate of the serialized size's bulk), lazy
+    ones (still in the input's data file) included."""
     total = 0
     for tensor in model.graph.initializer:
-        total += len(tensor.raw_data) if tensor.HasField("raw_data") else _field_bytes(tensor)
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        elif external.is_lazy(tensor):
+            total += external.stored_bytes(tensor)
+        else:
+            total += _field_bytes(tensor)
     return total
+
+
+def lazy_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the lazy initializers' payloads (not part of the proto's own size)."""
+    return sum(external.stored_bytes(t) for t in external.lazy_tensors(model))
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
@@ -122,10 +151,11 @@ def serialized_size(model: onnx.ModelProto) -> int:
     return bare_model.ByteSize() + (_framed(graph_bytes) if model.HasField("graph") else 0)
 
 
-def _copy_fields(source, target, *, skip: str):
+def _copy_fields(source, target, *, skip: str | tuple[str, ...]):
     """Copy every set field of ``source`` but ``skip`` into ``target`` (same message type)."""
+    skipped = (skip,) if isinstance(skip, str) else skip
     for field, value in source.ListFields():
-        if field.name == skip:
+        if field.name in skipped:
             continue
         if field.is_repeated:
             getattr(target, field.name).extend(value)
@@ -188,7 +218,7 @@ def save_model(
 
     def write_staged(staged_model: Path, data_name: str | None) -> None:
         if data_name is None:
-            onnx.save_model(model, str(staged_model))
+            onnx.save_model(external.materialized(model), str(staged_model))
             return
         _save_external(model, staged_model, data_name)
         if not (staged_model.parent / data_name).exists():
@@ -232,18 +262,79 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -> None:
-    """Save with every tensor of at least EXTERNAL_DATA_MIN_TENSOR bytes in one external file.
-
-    onnx.save_model moves the payloads out of the proto it writes (and marks them external),
-    so it writes a copy: the caller's model stays exactly as it was, even if the save fails.
+    """Save with every initializer of at least EXTERNAL_DATA_MIN_TENSOR bytes (the main
+    graph's and the bodies', as ``onnx.save_model(save_as_external_data=True)`` picks them)
+    in one external file, written tensor by tensor: lazy tensors are copied from the input's
+    data file in chunks, in-memory ones written from the model, so no copy of the weights
+    is made.  The caller's model stays exactly as it was, even if the save fails.
     """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy,
-        str(staged_model),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=EXTERNAL_DATA_MIN_TENSOR,
-    )
+    shell = _copy_fields(model, onnx.ModelProto(), skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")  # bodies (and their initializers) are copied
+    with _DataWriter(staged_model.parent / data_name, data_name) as writer:
+        for tensor in model.graph.initializer:
+            stub = writer.externalized(tensor)
+            shell.graph.initializer.append(tensor if stub is None else stub)
+        for body in _bodies(shell.graph):
+            for tensor in body.initializer:
+                stub = writer.externalized(tensor)
+                if stub is not None:
+                    tensor.CopyFrom(stub)
+    onnx.save_model(shell, str(staged_model))
+
+
+class _DataWriter:
+    """Appends tensor payloads to one external data file, opened at the first one."""
+
+    def __init__(self, path: Path, location: str) -> None:
+        self.path, self.location = path, location
+        self.handle = None
+        self.buffer: bytearray | None = None
+
+    def __enter__(self) -> "_DataWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+    def externalized(self, tensor: onnx.TensorProto) -> onnx.TensorProto | None:
+        """A payload-free copy of ``tensor`` pointing at its bytes, now written to the file;
+        None when the tensor stays in the proto (under the size threshold, typed fields)."""
+        if external.is_lazy(tensor):
+            out = self._open()
+            if self.buffer is None:
+                self.buffer = bytearray(external.COPY_CHUNK)
+            offset = out.tell()
+            length = external.copy_payload(tensor, out, self.buffer)
+        elif tensor.HasField("raw_data"):
+            raw = tensor.raw_data
+            if sys.getsizeof(raw) < EXTERNAL_DATA_MIN_TENSOR:  # onnx's own test, kept for identical files
+                return None
+            out = self._open()
+            offset = out.tell()
+            out.write(raw)
+            length = len(raw)
+            del raw
+        else:
+            return None
+        stub = _copy_fields(tensor, onnx.TensorProto(), skip=("raw_data", "external_data", "data_location"))
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return stub
+
+    def _open(self):
+        if self.handle is None:
+            self.handle = open(self.path, "wb")
+        return self.handle
+
+
+def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph nested in ``graph`` (If branches, Loop/Scan bodies), depth first."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            nested = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            for body in nested:
+                yield body
+                yield from _bodies(body)

@@ -24,6 +24,7 @@ Running a pipeline:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Sequence
@@ -31,6 +32,7 @@ from typing import Sequence
 import onnx
 
 from .errors import NothingToDoError, PipelineError, ValidationError
+from .external import has_lazy, release_unchanged
 from .graph import import_graph, payload_free_skeleton, unused_initializers, with_inferred_shapes
 from .io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .metrics import measure
@@ -87,6 +89,8 @@ def model_problem(model: onnx.ModelProto) -> str | None:
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         logger.warning("model above 2 GB: onnx.checker checks its graph, types and shapes but not the initializer payloads")
         model = payload_free_skeleton(model)
+    elif has_lazy(model):  # weights still in the input's data file (which the input's check covered)
+        model = payload_free_skeleton(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -135,6 +139,7 @@ class PassManager:
             logger.info("%s", note)
         inferred = with_inferred_shapes(model)  # a new proto, unless inference failed
         graph = import_graph(inferred, copy=inferred is model)
+        lazy = has_lazy(model)
         current = model
         metrics = report.before = measure(model, inferred=inferred)
         run = PipelineRun(
@@ -151,6 +156,9 @@ class PassManager:
                 ctx = PassContext(pass_.name, progress=self.progress, run=run)
                 logger.info("running pass %s", pass_.name)
                 result, seconds = pass_.run(graph, ctx)
+                if lazy:
+                    release_unchanged(graph)  # weights the pass only read go back to the input's data file
+                    gc.collect()  # graphsurgeon's node/tensor cycles: a dropped constant's array goes now
                 if result.modified:
                     current = ctx.export(graph)
                     last_change = pass_.name

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .graph import with_inferred_shapes
-from .io import EXTERNAL_DATA_THRESHOLD, serialized_size, tensor_bytes
+from .io import EXTERNAL_DATA_THRESHOLD, lazy_bytes, serialized_size, tensor_bytes
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits")
 
@@ -55,7 +55,7 @@ def measure(model: onnx.ModelProto, *, inferred: onnx.ModelProto | None = None) 
         op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
     macs, unknown = count_macs(model, inferred=inferred)
     bulk = tensor_bytes(model)
-    size = bulk if bulk > EXTERNAL_DATA_THRESHOLD else serialized_size(model)
+    size = bulk if bulk > EXTERNAL_DATA_THRESHOLD else serialized_size(model) + lazy_bytes(model)
     return ModelMetrics(
         nodes=len(model.graph.node),
         op_counts=op_counts,

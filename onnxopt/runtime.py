@@ -2,7 +2,8 @@
 
 * :func:`session` / :func:`run`: a CPU session (graph optimizations disabled unless asked,
   so what runs is what onnxopt wrote) and its outputs by name; models above protobuf's 2 GB
-  limit go through a temporary file with external data.
+  limit, and models whose weights are still in the input's data file (lazy, see
+  :mod:`onnxopt.external`), go through a temporary file with external data.
 * :func:`load_inputs`: the user's samples (``.npz`` with one array per graph input, or an
   ``.npy`` for a single-input model), checked for names, rank, static dims and dtype kind
   (InputDataError, exit code 11); pickles are refused.
@@ -27,6 +28,7 @@ import onnxruntime as ort
 
 from .errors import InputDataError
 from .graph import make_node_names_unique
+from .external import has_lazy
 from .io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
 
@@ -206,8 +208,10 @@ def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0)
     )
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+    if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD and not has_lazy(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # above the protobuf limit, or weights still in the input's data file: ORT reads a saved copy
+    # (streamed tensor by tensor, so no second copy of the weights is built in memory)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -43,6 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PipelineError
+from onnxopt.external import read_values
 from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
 from onnxopt.options import OptionProblem, PassOptions, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
@@ -85,7 +86,7 @@ class Layer:
         return (id(self.tensor), self.trans_b, self.alpha)
 
     def matrix(self) -> np.ndarray:
-        values = np.asarray(self.tensor.values)
+        values = np.asarray(read_values(self.tensor))  # a lazy weight is not kept by its constant
         matrix = values.T if self.trans_b else values
         return np.ascontiguousarray(matrix * np.float32(self.alpha) if self.alpha != 1.0 else matrix)
 

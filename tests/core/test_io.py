@@ -118,16 +118,18 @@ def test_failed_external_data_save_keeps_the_model_and_the_old_output(tmp_path, 
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous model")
     before = demo.SerializeToString()
-    real_save_external_data = external_data_helper.save_external_data
+    real_externalized = io._DataWriter.externalized
     calls = []
 
-    def fail_on_second_tensor(tensor, base_path):
-        calls.append(tensor.name)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real_save_external_data(tensor, base_path)
+    def fail_on_second_tensor(writer, tensor):
+        stub = real_externalized(writer, tensor)
+        if stub is not None:  # its bytes went to the data file
+            calls.append(tensor.name)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+        return stub
 
-    monkeypatch.setattr(external_data_helper, "save_external_data", fail_on_second_tensor)
+    monkeypatch.setattr(io._DataWriter, "externalized", fail_on_second_tensor)
     with pytest.raises(OutputPathError, match="No space left"):
         io.save_model(demo, out, external_data=True)
     assert len(calls) == 2
