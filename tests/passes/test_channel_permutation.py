@@ -313,7 +313,23 @@ def test_random_permutation_of_every_zoo_group_keeps_the_outputs(zoo_cache, name
         assert max(len(g.producers) for g in groups) == 4  # stage of 4 blocks: 3 residual Adds
     if quantized:
         assert all(any(n.op == "DequantizeLinear" for n in g.passthrough) for g in groups)
-    assert_equivalent(model, permuted(model, graph, groups))
+        # Compared on the integer kernels ORT runs (exact integer sums): with graph
+        # optimizations off, QDQ is simulated in float, and a permuted float summation
+        # order can move a value across a rounding boundary of the next QuantizeLinear.
+        assert_same_integer_outputs(model, permuted(model, graph, groups))
+    else:
+        assert_equivalent(model, permuted(model, graph, groups))
+
+
+def assert_same_integer_outputs(original: onnx.ModelProto, changed: onnx.ModelProto) -> None:
+    """Bit-identical outputs in ORT with its QDQ fusions (QLinearConv etc.) on."""
+    from onnxopt.runtime import random_inputs, session
+
+    feeds = random_inputs(original, seed=0)
+    expected = session(original, optimize=True).run(None, feeds)
+    actual = session(changed, optimize=True).run(None, feeds)
+    for a, b in zip(expected, actual):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.zoo
