@@ -62,7 +62,7 @@ Steps (docs/quantization.md):
 Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
 graph at a time, with every Q/DQ in the graph of the layer reading it (ORT fuses within one
 graph); BN/LN statistics are read in the bodies and calibration threads body tensors out as
-extra body/node outputs (:func:`..common.ranges.expose_tensors`; docs/quantization.md,
+extra body/node outputs (:func:`..common.tensor_probe.expose_tensors`; docs/quantization.md,
 "Layers inside If/Loop/Scan bodies").
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
