@@ -21,7 +21,7 @@ from .site import LayerSite, output_channel_axis
 def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: np.ndarray, budget: float) -> list[list[np.ndarray]]:
     """Network-wide sparse expansion: which units each order k ≥ 2 expands in every layer.
 
-    ``unit_errors[l]`` is the [K, units] table of :attr:`Expansion.unit_errors` of layer l
+    ``unit_errors[l]`` is the [K, units] table of :attr:`.expansion.Expansion.unit_errors` of layer l
     expanded densely (per-channel scales make the units independent: the error an order
     removes from a unit does not depend on which other units are expanded), ``signals[l]``
     the layer's weight energy ‖W_l‖² (weighted like the errors), ``costs[l]`` the MACs of one unit and ``budget`` the

@@ -34,9 +34,8 @@ def outlier_mask(weight: np.ndarray, sigmas: float = OUTLIER_SIGMAS) -> np.ndarr
     return np.abs(w - w.mean()) >= sigmas * (w.std() or np.inf)
 
 
-def outlier_bits(site: LayerSite, option: bool | int) -> int:
-    """Bits of the outlier residue codes for this layer (0: no residue); ``option`` is rex_outliers."""
-    bits = option
+def outlier_bits(site: LayerSite, bits: bool | int) -> int:
+    """Bits of the outlier residue codes for this layer (0: no residue); ``bits`` is rex_outliers."""
     if not bits or site.node.op not in ("Gemm", "MatMul"):
         return 0
     return 8 if bits is True else int(bits)
