@@ -5,10 +5,11 @@ Models, all with real weights: the pretrained MobileNetV2 and EfficientNet-Lite0
 (``onnxopt.models.train_fashion_mnist``, trained once and cached), each exported the way a
 third party would: ``torch.onnx.export(model.eval(), x, path, dynamo=False,
 opset_version=V)`` with torch's defaults, so BatchNorm is folded into the Convs and the
-file carries no BN statistics.  Cases (:data:`CASES`): opsets 11, 12 and 17 with a
-dynamic batch axis; MobileNetV2 at opset 17 with a static batch of 1; and the Fashion-MNIST
-opset-17 graph moved into both branches of an ``If`` whose condition depends on the input
-(:func:`wrap_in_if`), the shape of a model exported from control flow.
+file carries no BN statistics.  Cases (:data:`bench.third_party_cases.CASES`): opsets 11,
+12 and 17 with a dynamic batch axis; MobileNetV2 at opset 17 with a static batch of 1; and
+the Fashion-MNIST opset-17 graph moved into both branches of an ``If`` whose condition
+depends on the input (:func:`bench.third_party_cases.wrap_in_if`), the shape of a model
+exported from control flow.
 
 Per case (:func:`bench_model`, also what the test runs on a tiny model):
 
@@ -27,7 +28,8 @@ Per case (:func:`bench_model`, also what the test runs on a tiny model):
   those of the second attempt.
 * **Layers quantized**: Conv/Gemm/MatMul whose weight is a constant, counted in every
   (sub)graph of the FP32 file; quantized = its weight comes from a DequantizeLinear in the
-  output (:func:`layer_counts`); shown beside the report's own coverage line.
+  output (:func:`bench.third_party_cases.layer_counts`); shown beside the report's own
+  coverage line.
 * **Fidelity vs FP32** (ORT_ENABLE_ALL): top-1 agreement, mean KL(FP32 || config), on
   inputs never used for calibration: the other 10 ImageNet images in the first ``views``
   deterministic views of bench/quantize.py (standard crop, flip, tighter crop, wider crop),
@@ -54,7 +56,8 @@ points of agreement and 1.5x the mean KL of data-free on the BN-preserving expor
 
     python -m bench third-party [--quick] [--only mobilenet_v2,fashion_mnist] [--out bench/results]
 
-writes ``<out>/third_party.md`` and ``<out>/third_party.json``.
+writes ``<out>/third_party.md`` and ``<out>/third_party.json``.  The cases, exports and layer
+counts are in :mod:`bench.third_party_cases`, the goals and tables in :mod:`bench.third_party_report`.
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from bench.common import (
     Timing,
@@ -85,22 +87,31 @@ from bench.common import (
     ort_session,
     settings_record,
     summarize,
-    table,
     time_interleaved,
 )
 from bench.quantize import VIEWS, error_text, fidelity, log, run_model
+from bench.third_party_cases import (
+    CASES,
+    CONFIGS,
+    GOALS,
+    NO_SPIQ,
+    THREADS,
+    TITLES,
+    Case,
+    coverage,
+    export_case,
+    export_plain as export_plain,  # re-exported: tests/bench/test_third_party.py
+    layer_counts as layer_counts,
+    subgraphs,
+    wrap_in_if as wrap_in_if,
+)
+from bench.third_party_report import evaluate_goals, render_markdown
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ONNXOPT = [sys.executable, "-m", "onnxopt"]
-THREADS = (1, 2)
 CALIBRATION_SAMPLES = 10
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
-TITLES = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite0": "EfficientNet-Lite0", "fashion_mnist": "Fashion-MNIST BN-ResNet"}
 #: --calibration-mean/std of EfficientNet-Lite0's (255x - 127)/128 on images in [0, 1]
 EFFICIENTNET_IMAGE_ARGS = ["--calibration-mean", f"{127 / 255:.6f}", "--calibration-std", f"{128 / 255:.6f}"]
-GOALS = {"coverage": 0.95, "vs_static": 1.05, "agreement_points": 2.0, "kl_ratio": 1.5, "exit_code": 10}
-CONFIGS = ("fp32", "onnxopt", "ort_static")
-NO_SPIQ = "onnxopt_no_spiq"  # diagnostic: the same run with --no-spiq (fidelity only, opset-17 dynamic exports)
 
 ORT_STATIC_SCRIPT = """
 import json, sys, time, numpy as np, onnx, onnxruntime as ort
@@ -148,30 +159,6 @@ print("ORT_STATIC " + json.dumps(record))
 
 
 @dataclass(frozen=True)
-class Case:
-    model: str  # a key of TITLES
-    opset: int
-    dynamic: bool = True
-    wrap_if: bool = False
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}_op{self.opset}_{'dyn' if self.dynamic else 'static'}{'_if' if self.wrap_if else ''}"
-
-    @property
-    def title(self) -> str:
-        batch = "dynamic batch" if self.dynamic else "static batch 1"
-        return f"{TITLES[self.model]}, opset {self.opset}, {batch}" + (", body inside If" if self.wrap_if else "")
-
-
-CASES = (
-    *(Case(model, opset) for model in ("mobilenet_v2", "efficientnet_lite0", "fashion_mnist") for opset in (11, 12, 17)),
-    Case("mobilenet_v2", 17, dynamic=False),
-    Case("fashion_mnist", 17, wrap_if=True),
-)
-
-
-@dataclass(frozen=True)
 class Settings:
     quick: bool
     views: int  # ImageNet views of the 10 evaluation images
@@ -197,80 +184,6 @@ class Samples:
     views: list[str]
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- models
-def torch_model(name: str) -> tuple[Any, tuple[int, ...]]:
-    """(module in eval mode, input shape of one sample) with the real weights."""
-    if name == "fashion_mnist":
-        from onnxopt.models.train_fashion_mnist import load_trained, train_and_export
-
-        return load_trained(train_and_export(log=False)["state_dict"]), (1, 28, 28)
-    from onnxopt.models.pretrained import load_pretrained
-
-    return load_pretrained(name).eval(), (3, 224, 224)
-
-
-def export_plain(module: Any, sample_shape: Sequence[int], path: Path, opset: int, dynamic: bool) -> Path:
-    """torch's default TorchScript export (BN folded, no statistics left), input ``input``."""
-    import warnings
-
-    import torch
-
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), torch.zeros(1, *sample_shape), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"], dynamic_axes=axes)
-    return path
-
-
-def _prefixed(graph: onnx.GraphProto, prefix: str, keep: set[str]) -> onnx.GraphProto:
-    """A branch body: ``graph``'s nodes with every tensor not in ``keep`` renamed ``prefix + name``."""
-    def rename(name: str) -> str:
-        return name if not name or name in keep else prefix + name
-
-    body = onnx.GraphProto(name=prefix.rstrip("/"))
-    for node in graph.node:
-        copy = body.node.add()
-        copy.CopyFrom(node)
-        copy.name = prefix + node.name
-        copy.input[:] = [rename(n) for n in node.input]
-        copy.output[:] = [rename(n) for n in node.output]
-    for out in graph.output:
-        info = body.output.add()
-        info.CopyFrom(out)
-        info.name = rename(out.name)
-    return body
-
-
-def wrap_in_if(src: Path, dst: Path) -> Path:
-    """``src`` with its whole body in both branches of ``If(ReduceMax(input) > -1e30)``: a
-    condition that depends on the input, so no optimizer can fold the If away.  The
-    initializers stay in the main graph (read from the outer scope), as exporters emit them."""
-    model = onnx.load(str(src))
-    graph = model.graph
-    keep = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    x = graph.input[0].name
-    nodes = [
-        helper.make_node("ReduceMax", [x], ["if_max"], keepdims=0),
-        helper.make_node("Greater", ["if_max", "if_floor"], ["if_cond"]),
-        helper.make_node("If", ["if_cond"], [o.name for o in graph.output],
-                         then_branch=_prefixed(graph, "then/", keep), else_branch=_prefixed(graph, "else/", keep)),
-    ]
-    floor = helper.make_tensor("if_floor", TensorProto.FLOAT, [], [-1e30])
-    wrapped = helper.make_graph(nodes, graph.name + "_in_if", list(graph.input), list(graph.output), [*graph.initializer, floor])
-    out = helper.make_model(wrapped, opset_imports=list(model.opset_import), producer_name=model.producer_name)
-    out.ir_version = model.ir_version
-    onnx.checker.check_model(out, full_check=True)
-    onnx.save(out, str(dst))
-    return dst
-
-
-def export_case(case: Case, workdir: Path) -> Path:
-    module, shape = torch_model(case.model)
-    plain = export_plain(module, shape, workdir / f"{case.key.removesuffix('_if')}.onnx", case.opset, case.dynamic)
-    return wrap_in_if(plain, workdir / f"{case.key}.onnx") if case.wrap_if else plain
 
 
 # --------------------------------------------------------------------------- data
@@ -318,38 +231,6 @@ def load_samples(name: str, settings: Settings, workdir: Path) -> Samples:
     if name == "fashion_mnist":
         return fashion_samples(settings.fashion_inputs, workdir)
     return imagenet_samples(name, settings.views, workdir)
-
-
-# --------------------------------------------------------------------------- layers
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
-    found = [graph]
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                found += _graphs(sub)
-    return found
-
-
-def layer_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Conv/Gemm/MatMul nodes with a constant weight (input 1: an initializer or a Constant of any
-    enclosing scope, or a DequantizeLinear of one), in every (sub)graph; how many read a DequantizeLinear."""
-    graphs = _graphs(model.graph)
-    constants = {t.name for g in graphs for t in g.initializer}
-    constants |= {o for g in graphs for n in g.node if n.op_type == "Constant" for o in n.output}
-    dequantized = {o for g in graphs for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
-    layers = [n for g in graphs for n in g.node if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
-    weighted = [n for n in layers if n.input[1] in constants or n.input[1] in dequantized]
-    in_subgraphs = sum(1 for g in graphs[1:] for n in g.node if n.op_type in LAYER_OPS)
-    return {"layers": len(weighted), "quantized": sum(1 for n in weighted if n.input[1] in dequantized), "in_subgraphs": in_subgraphs}
-
-
-def coverage(source: onnx.ModelProto, output: onnx.ModelProto) -> dict[str, Any]:
-    """Layers quantized in ``output`` of the constant-weight layers of ``source``."""
-    before, after = layer_counts(source), layer_counts(output)
-    share = after["quantized"] / before["layers"] if before["layers"] else 0.0
-    return {"layers": before["layers"], "quantized": after["quantized"], "share": share,
-            "layers_in_output": after["layers"], "layers_in_subgraphs": before["in_subgraphs"]}
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -430,7 +311,7 @@ def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, titl
     source = onnx.load(str(src))
     row["opset"] = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
     row["batch"] = source.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "static"
-    row["bn_in_source"] = sum(1 for g in _graphs(source.graph) for n in g.node if n.op_type == "BatchNormalization")
+    row["bn_in_source"] = sum(1 for g in subgraphs(source.graph) for n in g.node if n.op_type == "BatchNormalization")
     row["onnxopt"] = run_onnxopt(src, workdir / f"{src.stem}.onnxopt.onnx", samples.onnxopt_data, samples.onnxopt_args)
     row["ort_static"] = run_quantize_static(src, workdir / f"{src.stem}.ort_static.onnx", samples.calibration, workdir)
     row["no_data"] = run_onnxopt(src, workdir / f"{src.stem}.nodata.onnx", None)
@@ -480,217 +361,6 @@ def bench_bn_preserved(settings: Settings, workdir: Path) -> dict[str, Any]:
     else:
         row["errors"].append(f"onnxopt: exit {run['exit_code']}: {run['message']}")
     return row
-
-
-# --------------------------------------------------------------------------- goals
-def _fid(row: dict[str, Any], key: str) -> dict[str, Any] | None:
-    rec = row.get("fidelity", {}).get(key)
-    return rec if rec and "error" not in rec else None
-
-
-def _median(row: dict[str, Any], threads: int, key: str) -> float | None:
-    stats = row.get("latency", {}).get(str(threads), {}).get("stats", {}).get(key)
-    return stats["median_ms"] if stats else None
-
-
-def goal(text: str, verdicts: dict[str, bool | None], values: dict[str, str]) -> dict[str, Any]:
-    known = [v for v in verdicts.values() if v is not None]
-    met = None if not known else all(known) and len(known) == len(verdicts)
-    failed = [k for k, v in verdicts.items() if v is False]
-    missing = [k for k, v in verdicts.items() if v is None]
-    return {"goal": text, "met": met, "failed": failed, "missing": missing, "values": values}
-
-
-def data_is_the_fix(row: dict[str, Any]) -> bool:
-    """The calibrated onnxopt run quantized something: the run without data should name --calibration-data."""
-    return row["onnxopt"].get("exit_code") == 0
-
-
-def ort_process_seconds(ort: dict[str, Any]) -> float:
-    """quantize_static's process wall time without what onnxopt does not do: ORT's pre-processing
-    and, on an opset < 13 file, the first attempt whose output ORT could not load."""
-    return ort["wall_seconds"] - ort["pre_process_seconds"] - ort.get("failed_attempt", {}).get("seconds", 0.0)
-
-
-def evaluate_goals(rows: list[dict[str, Any]], bn_row: dict[str, Any] | None) -> list[dict[str, Any]]:
-    goals = []
-    cov = {r["case"]: r["onnxopt"].get("coverage", {}).get("share") for r in rows}
-    goals.append(goal(f"onnxopt quantizes >= {GOALS['coverage']:.0%} of the constant-weight Conv/Gemm/MatMul layers on every model",
-                      {k: None if v is None else v >= GOALS["coverage"] for k, v in cov.items()},
-                      {k: "no output" if v is None else f"{v:.0%}" for k, v in cov.items()}))
-    fid_v, fid_s = {}, {}
-    for r in rows:
-        ours, ort = _fid(r, "onnxopt"), _fid(r, "ort_static")
-        fid_v[r["case"]] = None if not ours or not ort else ours["top1_agreement"] >= ort["top1_agreement"] and ours["kl_mean"] <= ort["kl_mean"]
-        fid_s[r["case"]] = "-" if not ours or not ort else (
-            f"agreement {ours['top1_agreement']:.1%} vs {ort['top1_agreement']:.1%}, KL {ours['kl_mean']:.4f} vs {ort['kl_mean']:.4f}")
-    goals.append(goal("fidelity >= quantize_static's (top-1 agreement >= and mean KL <=, vs FP32)", fid_v, fid_s))
-    for threads in THREADS:
-        lat_v, lat_s = {}, {}
-        for r in rows:
-            ours, ort, fp32 = (_median(r, threads, k) for k in CONFIGS[1:] + CONFIGS[:1])
-            lat_v[r["case"]] = None if None in (ours, ort, fp32) else ours <= GOALS["vs_static"] * ort and ours < fp32
-            lat_s[r["case"]] = "-" if None in (ours, ort, fp32) else f"{ours / ort:.2f}x static, {ours / fp32:.2f}x FP32"
-        goals.append(goal(f"latency <= {GOALS['vs_static']}x quantize_static's and < FP32 at {threads} thread(s)", lat_v, lat_s))
-    time_v, time_s = {}, {}
-    for r in rows:
-        ours, ort = r["onnxopt"], r["ort_static"]
-        if ours.get("exit_code") or ort.get("exit_code") or "total_seconds" not in ours:
-            time_v[r["case"]], time_s[r["case"]] = None, "-"
-            continue
-        ort_wall = ort_process_seconds(ort)
-        time_v[r["case"]] = ours["wall_seconds"] <= ort_wall and ours["total_seconds"] <= ort["call_seconds"]
-        time_s[r["case"]] = f"process {ours['wall_seconds']:.1f} vs {ort_wall:.1f} s, in-process {ours['total_seconds']:.1f} vs {ort['call_seconds']:.1f} s"
-    goals.append(goal("calibrated quantization time <= quantize_static's (process wall time without ORT's pre-processing, "
-                      "and report.total_seconds vs the quantize_static call)", time_v, time_s))
-    exit_v = {r["case"]: r["no_data"]["exit_code"] == GOALS["exit_code"] and r["no_data"]["names_flag"] == data_is_the_fix(r)
-              and not r["no_data"]["wrote_output"] for r in rows}
-    goals.append(goal("without --calibration-data: exit 10, no output written, and an error line naming --calibration-data "
-                      "exactly where data is the fix (the calibrated run quantizes)", exit_v,
-                      {r["case"]: f"exit {r['no_data']['exit_code']}: {r['no_data']['message']}" for r in rows}))
-    goals.append(bn_goal(rows, bn_row))
-    return goals
-
-
-def bn_goal(rows: list[dict[str, Any]], bn_row: dict[str, Any] | None) -> dict[str, Any]:
-    text = (f"MobileNetV2 BN-folded (opset 17) + 10 samples: top-1 agreement at most {GOALS['agreement_points']:g} points below and mean KL "
-            f"at most {GOALS['kl_ratio']}x data-free W8A8 on the BN-preserving export")
-    folded = next((r for r in rows if r["case"] == "mobilenet_v2_op17_dyn"), None)
-    ours, free = (_fid(folded, "onnxopt") if folded else None), (_fid(bn_row, "onnxopt") if bn_row else None)
-    if not ours or not free:
-        return goal(text, {"mobilenet_v2": None}, {"mobilenet_v2": "not run"})
-    points = 100 * (free["top1_agreement"] - ours["top1_agreement"])
-    ratio = ours["kl_mean"] / free["kl_mean"]
-    met = points <= GOALS["agreement_points"] and ratio <= GOALS["kl_ratio"]
-    return goal(text, {"mobilenet_v2": met}, {"mobilenet_v2": (
-        f"agreement {ours['top1_agreement']:.1%} vs {free['top1_agreement']:.1%} data-free; KL {ours['kl_mean']:.4f} vs "
-        f"{free['kl_mean']:.4f} ({ratio:.2f}x)")})
-
-
-# --------------------------------------------------------------------------- markdown
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _cov(rec: dict[str, Any]) -> str:
-    c = rec.get("coverage")
-    if not c:
-        return "-"
-    return f"{c['quantized']}/{c['layers']} ({c['share']:.0%})"
-
-
-def _report_cov(rec: dict[str, Any]) -> str:
-    c = rec.get("report_coverage")
-    return "-" if not c else f"{c['done']}/{c['total']}"
-
-
-def _fid_cells(row: dict[str, Any], key: str) -> list[str]:
-    rec = _fid(row, key)
-    return ["-", "-"] if not rec else [_pct(rec["top1_agreement"]), f"{rec['kl_mean']:.4f}"]
-
-
-def _ms(row: dict[str, Any], threads: int, key: str) -> str:
-    value = _median(row, threads, key)
-    return "-" if value is None else f"{value:.3g}"
-
-
-def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    out = []
-    for r in rows:
-        ours, ort = r["onnxopt"], r["ort_static"]
-        fp32 = _fid(r, "fp32")
-        out.append([
-            r["title"], _cov(ours), _report_cov(ours), _cov(ort),
-            *_fid_cells(r, "onnxopt"), *_fid_cells(r, "ort_static"),
-            "-" if not fp32 else f"{fp32['accuracy_all'][0]}/{fp32['accuracy_all'][1]}",
-            " / ".join(_ms(r, 1, k) for k in CONFIGS), " / ".join(_ms(r, 2, k) for k in CONFIGS),
-            f"{ours['wall_seconds']:.1f}" + (f" ({ours['total_seconds']:.1f})" if "total_seconds" in ours else " (no model)"),
-            "-" if ort.get("exit_code") else (f"{ort['wall_seconds']:.1f} ({ort['call_seconds']:.1f} + pre {ort['pre_process_seconds']:.1f}"
-                                               + (" + failed try" if "failed_attempt" in ort else "") + ")"),
-            f"{r['no_data']['exit_code']}" + (", names --calibration-data" if r["no_data"]["names_flag"] else ", names another cause"),
-        ])
-    return out
-
-
-SUMMARY_HEADER = [
-    "model", "onnxopt layers quantized", "report coverage", "quantize_static layers", "onnxopt agreement", "onnxopt KL",
-    "static agreement", "static KL", "FP32 top-1 (labels)", "1 thr ms FP32 / ours / static", "2 thr ms FP32 / ours / static",
-    "onnxopt s: process (report)", "static s: process (call + pre)", "no data: exit",
-]
-
-
-def render_markdown(data: dict[str, Any]) -> str:
-    env, rows, bn = data["environment"], data["rows"], data.get("bn_preserved")
-    verdict = {True: "met", False: "**NOT met**", None: "n/a"}
-    goal_rows = []
-    for g in data["goals"]:
-        detail = "; ".join(f"{k}: {v}" for k, v in g["values"].items() if k in g["failed"] or k in g["missing"] or len(g["values"]) == 1)
-        tail = f"failed on {', '.join(g['failed'])}" if g["failed"] else ""
-        tail += (("; " if tail else "") + f"not measured on {', '.join(g['missing'])}") if g["missing"] else ""
-        goal_rows.append([g["goal"], verdict[g["met"]], "; ".join(x for x in (tail, detail) if x) or "every model"])
-    lines = [
-        "# Third-party models: BN-folded exports at opsets 11-17, calibrated with 10 real samples",
-        "",
-        f"Generated by `{data['command']}` on {env['date']} ({'quick' if data['settings']['quick'] else 'full'} mode, "
-        f"{data['seconds']:.0f} s), {env['cpus_usable']} usable CPU(s) shared with other jobs "
-        f"(1-minute load average at the start {data['load_average_start']}); source {env['git_commit'] or '?'}"
-        f"{' + uncommitted changes' if env['git_dirty_files'] else ''}. What is measured and how: the docstring of "
-        "bench/third_party.py. Raw numbers: third_party.json.",
-        "",
-        "## Goals", "",
-        *table(["goal", "verdict", "where / measured"], goal_rows),
-        "",
-        "## Per model", "",
-        "onnxopt = `onnxopt SRC -o OUT --quantize w8a8 --calibration-data <10 samples>`; static = ORT `quant_pre_process` + "
-        "`quantize_static` (QDQ, per-channel, MinMax) on the same 10 samples. Layers quantized = constant-weight "
-        "Conv/Gemm/MatMul of the FP32 file (subgraphs included) whose weight reads a DequantizeLinear in the output; "
-        "report coverage = the `coverage` entry of onnxopt's JSON report. Agreement / KL: vs FP32 in ORT. Latency: "
-        "ORT_ENABLE_ALL, batch 1, medians of interleaved runs. Times: wall time of the process (report.total_seconds; "
-        "for ORT the quantize_static call + its pre-processing).",
-        "",
-        *table(SUMMARY_HEADER, summary_rows(rows)),
-        "",
-        "Evaluation inputs: " + "; ".join(dict.fromkeys(f"{TITLES.get(r.get('model', ''), r['title'])}: {r['eval_inputs']}" for r in rows)) + ".",
-        "",
-    ]
-    diag = [[r["title"], *_fid_cells(r, "onnxopt"), *_fid_cells(r, NO_SPIQ), *_fid_cells(r, "ort_static")] for r in rows if NO_SPIQ in r]
-    if diag:
-        lines += ["## Diagnostic: the same calibrated run with `--no-spiq`", "",
-                  "Fidelity only (not timed), on the opset-17 dynamic-batch exports: whether the SPIQ scale folding "
-                  "(`spiq=auto`, the default) helps or hurts when the ranges come from 10 calibration samples.", "",
-                  *table(["model", "default agreement", "default KL", "--no-spiq agreement", "--no-spiq KL",
-                          "static agreement", "static KL"], diag), ""]
-    if bn:
-        ours = _fid(bn, "onnxopt")
-        lines += ["## BN-preserving export, data-free", "",
-                  f"{bn['title']}: `{bn['onnxopt']['command']}`: exit {bn['onnxopt']['exit_code']}, layers quantized "
-                  f"{_cov(bn['onnxopt'])} (the first Conv reads the graph input, which has no statistics: float by default), "
-                  + ("no fidelity" if not ours else f"top-1 agreement {ours['top1_agreement']:.1%}, mean KL {ours['kl_mean']:.4f}")
-                  + " on the same evaluation inputs as the MobileNetV2 rows.", ""]
-    problems = [f"- {r['title']}: {e}" for r in [*rows, *([bn] if bn else [])] for e in r.get("errors", [])]
-    problems += [f"- {r['title']}: quantize_static ran without ORT's pre-processing ({r['ort_static']['pre_process_error']})"
-                 for r in rows if r["ort_static"].get("pre_process") is False]
-    problems += [f"- {r['title']}: quantize_static's output of the opset-{r['ort_static']['converted_from_opset']} file does not load "
-                 f"in ORT (`{load_error_tail(r['ort_static']['failed_attempt'].get('load_error', ''))}`); its numbers are for the file "
-                 "upgraded to opset 13 with onnx.version_converter (what onnxopt does itself)" for r in rows if "failed_attempt" in r["ort_static"]]
-    problems += [f"- {r['title']}: quantize_static's output does not load in ORT: {r['ort_static']['load_error']}"
-                 for r in rows if "load_error" in r["ort_static"]]
-    problems += [f"- {r['title']}: quantize_static exited 0 but quantized none of the {r['ort_static']['coverage']['layers']} layers "
-                 "(silently)" for r in rows if r["ort_static"].get("coverage", {}).get("quantized", 1) == 0]
-    said: dict[str, list[str]] = {}
-    for r in rows:
-        said.setdefault(r["no_data"]["message"] or "(nothing)", []).append(r["title"])
-    problems += [f"- without calibration data ({'; '.join(titles)}): `{message}`" for message, titles in said.items()]
-    notes = sorted({n for r in rows for n in r["onnxopt"].get("notes", [])})
-    lines += ["## Messages, failures and notes", "", *(problems or ["none"]), "",
-              "onnxopt report notes seen: " + ("; ".join(f"`{n}`" for n in notes) if notes else "none") + ".", ""]
-    return "\n".join(lines)
-
-
-def load_error_tail(message: str) -> str:
-    """The part of an ORT load error that says what is wrong (not the temporary path)."""
-    tail = message.split("failed:", 1)[-1]
-    return tail[tail.rfind("Error "):] if "Error " in tail else tail[-200:]
 
 
 # --------------------------------------------------------------------------- main

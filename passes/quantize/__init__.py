@@ -5,8 +5,9 @@ After::    x ── Conv(W, b)' ── Relu ── Q ── DQ ── Conv(DQ(W2
 
 Steps (docs/quantization.md):
 
-1. **Ranges** of every tensor a quantizable layer (Conv, ConvTranspose, Gemm, MatMul with
-   constant weights on [M, K] or [B, T, K] inputs — transformer linear layers) reads:
+1. **Ranges** (:mod:`.activation_ranges`) of every tensor a quantizable layer (Conv,
+   ConvTranspose, Gemm, MatMul with constant weights on [M, K] or [B, T, K] inputs —
+   transformer linear layers) reads:
    data-free from BN statistics and from LayerNormalization statistics (output mean β_c,
    std |γ_c| per feature, docs/quantization.md) (``act_ranges="bn"``, λ = 9 at 8 bits, 4 at ≤ 6
    bits) propagated through Relu/Clip/pooling/Concat/Add, or measured on calibration data
@@ -18,7 +19,8 @@ Steps (docs/quantization.md):
    *dynamically* (``dynamic_fallback="auto"``, :mod:`.dynamic`: DynamicQuantizeLinear →
    MatMulInteger → Cast → Mul, ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat);
    ``False`` keeps them float, ``"all"`` makes every MatMul/Gemm dynamic.  Readers of a
-   quantized tensor that ORT cannot fuse (e.g. a post-LN residual Add) read the float tensor.
+   quantized tensor that ORT cannot fuse (e.g. a post-LN residual Add) read the float tensor
+   (:mod:`.fallback`).
 2. **SPIQ** (``spiq="auto"``, the default; ``True`` forces it where possible, ``False``
    never): per-channel steps s_c become per-tensor by folding ``r_c = s_c / max s`` into
    the producer (÷; a Conv/Gemm/MatMul or a LayerNorm's γ, β) and the readers (×), see
@@ -45,22 +47,22 @@ Steps (docs/quantization.md):
    ``b += (W − Q⁻¹(Q(W)))·E[X]`` with E[X] from the statistics, then the bias as int32.
 4. **Emission** (:mod:`..common.emit`): per-tensor activation Q→DQ (uint8 zero point 0 after ReLU,
    int8 elsewhere), shared by all readers; also on the output of every quantized layer
-   (after its Relu/ReLU6) so ORT fuses each layer into QLinearConv/QGemm.
+   (after its Relu/ReLU6, :mod:`.outputs`) so ORT fuses each layer into QLinearConv/QGemm.
 
 5. **Fusion check** (``check_fusion=True``, :mod:`.fusion`): the result is loaded in ORT's
    CPU provider at ORT_ENABLE_ALL and the graph ORT builds tells which layers run as integer
    kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
    ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
    Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
-   dynamic form, or put back in float.  A Conv ORT does not fuse (e.g. the last layer, whose
-   output is a graph output without a quantizer) is reported in ``not_fused``; with
+   dynamic form, or put back in float (:mod:`.fallback`).  A Conv ORT does not fuse (e.g.
+   the last layer, whose output is a graph output without a quantizer) is reported in ``not_fused``; with
    ``unfused_conv_to_float=True`` it is put back in float too (a QDQ layer ORT runs in float
    is slower than the float layer).  Layers inside If/Loop/Scan bodies are checked the same way.
 
 Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
 graph at a time, with every Q/DQ in the graph of the layer reading it (ORT fuses within one
 graph); BN/LN statistics are read in the bodies and calibration threads body tensors out as
-extra body/node outputs (:func:`..common.ranges.expose_tensors`; docs/quantization.md,
+extra body/node outputs (:func:`..common.tensor_probe.expose_tensors`; docs/quantization.md,
 "Layers inside If/Loop/Scan bodies").
 
 Opset: the pass declares ``min_opset = 13`` (per-axis DequantizeLinear); the PassManager
@@ -91,16 +93,14 @@ from onnxopt.graph import (
     constant_values,
     is_default_domain,
     node_label,
-    optional_input,
     set_constant_input,
 )
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal, Stage
 
-from ..common.calibration import calibration_samples
 from ..common.emit import quantize_activation, quantize_layer_bias, quantize_layer_weight
 from ..common.numerics import ActivationQuant, activation_quant
-from ..common.ops import AVERAGING_OPS, FOLLOWING_ACTIVATIONS, LAYER_OPS, MATRIX_OPS, QDQ_OPS
+from ..common.ops import LAYER_OPS, MATRIX_OPS
 from ..common.quantization import (
     QuantizationOptions,
     QuantizedLayer,
@@ -111,18 +111,18 @@ from ..common.quantization import (
     mean_shift,
     no_layer_message,
 )
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, channel_bound, default_lambda
-from ..common.statistics import bn_statistics
+from ..common.ranges import ChannelRange, default_lambda
 from . import spiq as spiq_rewrite
+from .activation_ranges import activation_ranges
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
+from .fallback import MOVEMENT_OPS, dequantized_input, float_source, read_float_where_unfused, static_weight_name, unquantize
 from .fusion import FusionCheck, check_fusion
+from .outputs import chain_end, quantize_outputs
 
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
-#: Ops that only move values: ORT drops DQ→op→Q around them when both sides share a quantizer.
-MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
 #: spiq="auto" with calibration data: per tensor everywhere.  The error estimate is built for
 #: BN-statistics ranges; with min/max ranges from samples, per tensor gave lower KL to FP32 on
 #: every model of bench/results/third_party.md (e.g. EfficientNet-Lite0 10 samples).
@@ -270,7 +270,7 @@ class Quantize(Pass):
         counts: Counter[str] = Counter()
         counts["int4_layers"] = self._quantize_weights(scope, quantized_layers, quants, means, self._edges, names)
         dq_of = {name: quantize_activation(scope, readers_of[name][0].inputs[0], quant, names) for name, quant in quants.items()}
-        counts["outputs_quantized"] = self._quantize_outputs(scope, ctx, quantized_layers, ranges, quants, dq_of, names)
+        counts["outputs_quantized"] = quantize_outputs(scope, ctx, quantized_layers, ranges, quants, dq_of, names, self.options["act_bits"])
         records.extend(self._quantize_dynamic(scope, names))
         counts["float_readers"] = read_float_where_unfused(scope, dq_of)
         if body is not None:
@@ -387,50 +387,13 @@ class Quantize(Pass):
         return no_layer_message(self.name, coverage, NO_STATISTICS if self._no_statistics else None)
 
     def _ranges(self, graph: gs.Graph, ctx: PassContext, layers: list[gs.Node]) -> dict[str, ChannelRange]:
-        """Per-channel ranges of the layers' inputs and of their output chain ends."""
-        wanted = [layer.inputs[0] for layer in layers] + [_chain_end(layer.outputs[0]) for layer in layers]
-        result: dict[str, ChannelRange] = {}
-        given = self._input_ranges(graph)
-        mode = self.options["act_ranges"]
-        if mode == "bn":
-            stats = bn_statistics(graph, ctx.metadata)
-            if not stats and self.options["input_range"] is None:
-                self._no_statistics = True  # every layer is refused below; nothing_done says how to get ranges
-                return {}
-            lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
-            estimator = RangeEstimator(stats, lam, self.options["add_range"], given)
-            for tensor in wanted:
-                channel_range = estimator.range(tensor)
-                if channel_range is not None:
-                    result[tensor.name] = channel_range
-        else:
-            result.update(given)
-            result.update(self._calibrate(graph, ctx, wanted))
-        return result
-
-    def _input_ranges(self, graph: gs.Graph) -> dict[str, ChannelRange]:
-        """The user's ``input_range`` for every graph input with a static channel count."""
-        if self.options["input_range"] is None:
-            return {}
-        low, high = (float(v) for v in self.options["input_range"])
-        ranges = {}
-        for tensor in graph.inputs:
-            if tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
-                c = tensor.shape[1]
-                ranges[tensor.name] = ChannelRange(np.full(c, low), np.full(c, high), np.full(c, (low + high) / 2))
-        return ranges
-
-    def _calibrate(self, graph: gs.Graph, ctx: PassContext, tensors: list[gs.Tensor]) -> dict[str, ChannelRange]:
-        model = ctx.export(graph)
-        data = calibration_samples(self.name, self.options, model)
-        self._calibration_stats = data.stats()
-        names = [t.name for t in tensors if t.shape is None or len(t.shape) >= 2]  # body tensors may have no inferred shape
-        ranges = calibrated_ranges(model, names, data.feeds, self.options["act_ranges"])
-        forced = sum(1 for r in ranges.values() if r.forced_branch)
-        if forced:
-            ctx.refuse("calibration", f"{forced} tensor(s) lie in If branches no calibration sample takes: measured with the If conditions forced")
-            self._calibration_stats["calibration_forced_branch_tensors"] = forced
-        return ranges
+        """Per-channel ranges of the layers' inputs and of their output chain ends (:mod:`.activation_ranges`)."""
+        wanted = [layer.inputs[0] for layer in layers] + [chain_end(layer.outputs[0]) for layer in layers]
+        found = activation_ranges(graph, ctx, wanted, self.options, self.name)
+        if found.no_statistics:
+            self._no_statistics = True  # every layer is refused below; nothing_done says how to get ranges
+        self._calibration_stats = found.calibration_stats
+        return found.ranges
 
     def _input_quantizer(
         self, graph: gs.Graph, ctx: PassContext, tensor: gs.Tensor, readers: list[gs.Node], r: ChannelRange, names: NameFactory
@@ -525,164 +488,8 @@ class Quantize(Pass):
             quantize_layer_bias(graph, layer, quants[layer.inputs[0].name].scale, scales, names)
         return int4_layers
 
-    def _quantize_outputs(
-        self,
-        graph: gs.Graph,
-        ctx: PassContext,
-        layers: list[gs.Node],
-        ranges: dict[str, ChannelRange],
-        quants: dict[str, ActivationQuant],
-        dq_of: dict[str, gs.Variable],
-        names: NameFactory,
-    ) -> int:
-        """Q→DQ after each quantized layer (after its Relu/Clip) so ORT can fuse it.  Before a
-        data-movement op (Pad, MaxPool, Reshape, …) whose output is quantized the same
-        quantizer is used, so ORT can drop the DQ→op→Q pair around it."""
-        count = 0
-        for layer in layers:
-            end = _chain_end(layer.outputs[0])
-            if not end.outputs or end.name in dq_of or any(n.op == "QuantizeLinear" for n in end.outputs):
-                continue  # nobody reads it (a graph output only), or already quantized
-            quant = _downstream_quant(end, quants)
-            if quant is None:
-                channel_range = ranges.get(end.name)
-                if channel_range is None:
-                    ctx.refuse(f"output of {node_label(layer)}", f"no statistics for {end.name}: left float (fused_by_ort says what ORT runs)")
-                    continue
-                unsigned = bool(np.all(channel_range.lo >= 0))
-                low = 0.0 if unsigned else float(channel_range.lo.min())
-                quant = activation_quant(low, float(channel_range.hi.max()), self.options["act_bits"])
-            dq_of[end.name] = quantize_activation(graph, end, quant, names)
-            count += 1
-        return count
 
-
-def read_float_where_unfused(graph: gs.Graph, dq_of: dict[str, gs.Variable]) -> int:
-    """Give the float tensor back to the readers of an activation DequantizeLinear that are
-    not quantized layers and whose output never reaches a QuantizeLinear (directly or through
-    Relu/Clip): ORT cannot fuse them (no QLinearAdd without a quantized output), so reading the
-    fake-quantized value only adds rounding error — e.g. the residual Add of a post-LN
-    transformer reading the LayerNorm output.  The number of inputs given back."""
-    restored = 0
-    for dq_output in dq_of.values():
-        source = float_source(dq_output)
-        if source is dq_output or _from_layer(source):
-            continue  # a quantized layer's own output quantizer makes it QLinearConv/QGemm: keep it
-        for reader in list(dq_output.outputs):
-            if reader.op in LAYER_OPS or reader.op in QDQ_OPS or any(_reaches_quantize(out) for out in reader.outputs):
-                continue
-            for index, value in enumerate(reader.inputs):
-                if value is dq_output:
-                    reader.inputs[index] = source
-                    restored += 1
-    return restored
-
-
-def _from_layer(tensor: gs.Tensor) -> bool:
-    """``tensor`` is a Conv/Gemm/MatMul output, directly or after Relu/Clip (the tensor an
-    output quantizer reads; giving its readers the float value would unfuse the layer)."""
-    node = tensor.inputs[0] if tensor.inputs else None
-    while node is not None and node.op in FOLLOWING_ACTIVATIONS:
-        node = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
-    return node is not None and node.op in LAYER_OPS
-
-
-def _reaches_quantize(tensor: gs.Tensor) -> bool:
-    """``tensor`` is read by a QuantizeLinear, directly or after Relu/Clip, a movement op or
-    average pooling (ORT runs it on uint8 between quantizers: QLinear(Global)AveragePool)."""
-    for reader in tensor.outputs:
-        if reader.op == "QuantizeLinear":
-            return True
-        if (reader.op in FOLLOWING_ACTIVATIONS or reader.op in MOVEMENT_OPS or reader.op in AVERAGING_OPS) and any(
-            _reaches_quantize(o) for o in reader.outputs
-        ):
-            return True
-    return False
-
-
-def static_weight_name(layer: gs.Node) -> str:
-    """The name of the weight-codes initializer under a static layer's DequantizeLinear."""
-    source = layer.inputs[1]
-    return source.inputs[0].inputs[0].name if source.inputs and source.inputs[0].op == "DequantizeLinear" else source.name
-
-
-def float_source(tensor: gs.Tensor) -> gs.Tensor:
-    """The float tensor under the activation QuantizeLinear → DequantizeLinear (and the < 8-bit
-    Clip) that :func:`..common.emit.quantize_activation` inserted; ``tensor`` itself otherwise."""
-    dq = tensor.inputs[0] if tensor.inputs else None
-    if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs or dq.inputs[0].inputs[0].op != "QuantizeLinear":
-        return tensor
-    source = dq.inputs[0].inputs[0].inputs[0]
-    clip = source.inputs[0] if source.inputs else None
-    ours = clip is not None and clip.op == "Clip" and clip.name.startswith(f"{clip.inputs[0].name}_clip")  # the < 8-bit Clip
-    return clip.inputs[0] if ours else source
-
-
-def dequantized_input(layer: gs.Node, index: int) -> np.ndarray | None:
-    """Input ``index`` as float values: a constant, or the DequantizeLinear of constants."""
-    values = constant_values(layer, index)
-    if values is not None or optional_input(layer, index) is None:
-        return values
-    source = layer.inputs[index]
-    dq = source.inputs[0] if source.inputs else None
-    if dq is None or dq.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in dq.inputs):
-        return None
-    codes, scales, zeros = (np.asarray(t.values) for t in dq.inputs[:3])
-    axis = int(dq.attrs.get("axis", 1))
-    shape = [1] * codes.ndim
-    if np.ndim(scales) == 1:
-        shape[axis if codes.ndim > 1 else 0] = -1
-    along = [] if np.ndim(scales) == 0 else shape
-    return ((codes.astype(np.float64) - zeros.reshape(along)) * scales.reshape(along)).astype(np.float32)
-
-
-def unquantize(graph: gs.Graph, layer: gs.Node, names: NameFactory, weight: np.ndarray | None, bias: np.ndarray | None = None) -> None:
-    """Put a static QDQ layer back in float: float input, its float ``weight`` (else the
-    dequantized one) and its float ``bias`` before bias correction (else the dequantized one).
-    The input stays the DequantizeLinear output when the quantizer is a quantized layer's
-    output quantizer: without it that layer would lose its QLinearConv/QGemm fusion too."""
-    if not _from_layer(float_source(layer.inputs[0])):
-        layer.inputs[0] = float_source(layer.inputs[0])
-    if weight is not None:
-        layer.inputs[1] = gs.Constant(names.new(f"{node_label(layer)}_float_weight"), weight.astype(np.float32))
-    if bias is not None and optional_input(layer, 2) is not None:
-        layer.inputs[2] = gs.Constant(names.new(f"{node_label(layer)}_float_bias"), bias.astype(np.float32))
-    for index in (1, 2):
-        if index < len(layer.inputs) and optional_input(layer, index) is not None and not isinstance(layer.inputs[index], gs.Constant):
-            values = dequantized_input(layer, index)
-            if values is not None:
-                layer.inputs[index] = gs.Constant(names.new(f"{node_label(layer)}_float_{index}"), values)
-
-
-def _downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> ActivationQuant | None:
-    """The quantizer of the output of the single data-movement op reading ``tensor``, if any."""
-    if len(tensor.outputs) != 1:
-        return None
-    node = tensor.outputs[0]
-    if node.op not in MOVEMENT_OPS or not node.outputs or node.inputs[0] is not tensor:
-        return None
-    return quants.get(node.outputs[0].name)
-
-
-
-
-
-
-def _chain_end(tensor: gs.Tensor) -> gs.Tensor:
-    """Follow single-reader Relu/Clip nodes (and Min/Max with a per-channel constant bound,
-    the equalize pass's ReLU6) after a layer output (the tensor ORT quantizes)."""
-    current = tensor
-    while len(current.outputs) == 1 and current.outputs[0].outputs and _following(current.outputs[0]):
-        current = current.outputs[0].outputs[0]
-    return current
-
-
-def _following(node: gs.Node) -> bool:
-    return node.op in FOLLOWING_ACTIVATIONS or channel_bound(node) is not None
-
-
-
-
-
-
-__all__ = ["Quantize", "QuantizeOptions", "correct_matmul_bias", "float_label", "layer_refusal", "no_layer_message"]
+__all__ = [
+    "MOVEMENT_OPS", "Quantize", "QuantizeOptions", "correct_matmul_bias", "dequantized_input", "float_label", "float_source", "layer_refusal",
+    "no_layer_message", "read_float_where_unfused", "static_weight_name", "unquantize",
+]

@@ -1,0 +1,79 @@
+"""REx budget allocation: which units (channels, or groups) each order k ≥ 2 expands.
+
+``rex_allocation="uniform"`` keeps the same share γ/(K−1) of every layer per order
+(:func:`uniform_keep`); ``"network"`` spends γ × the layers' MACs where the relative error
+falls most per MAC (:func:`allocate_network`, a greedy knapsack over the unit error
+tables of densely expanded layers).  :func:`layer_macs` gives the costs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import with_inferred_shapes
+from onnxopt.metrics import tensor_shapes
+from onnxopt.pass_base import PassContext
+
+from .site import LayerSite, output_channel_axis
+
+
+def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: np.ndarray, budget: float) -> list[list[np.ndarray]]:
+    """Network-wide sparse expansion: which units each order k ≥ 2 expands in every layer.
+
+    ``unit_errors[l]`` is the [K, units] table of :attr:`.expansion.Expansion.unit_errors` of layer l
+    expanded densely (per-channel scales make the units independent: the error an order
+    removes from a unit does not depend on which other units are expanded), ``signals[l]``
+    the layer's weight energy ‖W_l‖² (weighted like the errors), ``costs[l]`` the MACs of one unit and ``budget`` the
+    extra MACs allowed.  Candidate (l, u, k) gains ``(E_{k−1,u} − E_{k,u}) / ‖W_l‖²``, the
+    share of layer l's relative weight error it removes (first order, the layers'
+    noise-to-signal ratios add up along the network), and candidates are taken by gain per
+    MAC until the budget is spent (greedy knapsack).  Gains are made non-increasing in k
+    and ties keep k ascending, so a unit's orders are taken in order (nested selections).
+    Returns, per layer, the sorted units of orders 2..K."""
+    gains, layer_of, unit_of, order_of, cost_of = [], [], [], [], []
+    for layer, errors in enumerate(unit_errors):
+        errors = np.asarray(errors, np.float64)
+        if len(errors) < 2:
+            continue
+        reduction = np.minimum.accumulate(np.maximum(errors[:-1] - errors[1:], 0.0), axis=0)
+        n_orders, n_units = reduction.shape
+        gains.append((reduction / max(float(signals[layer]), 1e-30) / max(float(costs[layer]), 1e-30)).reshape(-1))
+        layer_of.append(np.full(reduction.size, layer))
+        unit_of.append(np.tile(np.arange(n_units), n_orders))
+        order_of.append(np.repeat(np.arange(n_orders), n_units))
+        cost_of.append(np.full(reduction.size, float(costs[layer])))
+    selections = [[np.zeros(0, np.int64) for _ in range(max(len(e) - 1, 0))] for e in unit_errors]
+    if not gains:
+        return selections
+    gain, layer, unit, order, cost = (np.concatenate(a) for a in (gains, layer_of, unit_of, order_of, cost_of))
+    ranking = np.lexsort((order, -gain))  # best gain per MAC first; lower orders first on ties
+    taken = ranking[np.cumsum(cost[ranking]) <= budget]
+    taken = taken[gain[taken] > 0]
+    for l in np.unique(layer[taken]):
+        mine = taken[layer[taken] == l]
+        for k in range(len(selections[l])):
+            selections[l][k] = np.sort(unit[mine[order[mine] == k]])
+    return selections
+
+
+def uniform_keep(n_units: int, order: int, budget: float) -> int:
+    """Units each order k ≥ 2 keeps under the uniform rule: round(γ/(K−1)·units)."""
+    return 0 if order < 2 else min(int(round(min(budget, order - 1) / (order - 1) * n_units)), n_units)
+
+
+def layer_macs(site: LayerSite, shape: list | None = None) -> float:
+    """MACs of the base layer per sample (1 for an axis of unknown size: relative use)."""
+    shape = shape if shape is not None else site.node.outputs[0].shape
+    positions = 1.0
+    if shape is not None:  # every axis but the batch (0) and the channel axis
+        dims = [d for i, d in enumerate(shape) if i not in (0, output_channel_axis(site))]
+        positions = float(np.prod([d if isinstance(d, (int, np.integer)) else 1 for d in dims]))
+    w = site.weight
+    per_output = w.size / w.shape[site.out_axis]
+    return positions * w.shape[site.out_axis] * per_output
+
+
+def inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list[int | None]]:
+    """Every tensor's shape from a fresh shape inference of the graph as it is now."""
+    return tensor_shapes(with_inferred_shapes(ctx.export(graph)))
