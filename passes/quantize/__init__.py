@@ -373,10 +373,11 @@ class Quantize(Pass):
         codes = dequantized_weight_codes(layer) if self.options["dynamic_fallback"] is not False and layer.op in ("MatMul", "Gemm") else None
         if codes is None:
             return False
+        label = node_label(layer)  # before the rewrite: emit_dynamic renames an unnamed layer's output
         layer.inputs[0] = float_source(layer.inputs[0])
         bias = dequantized_input(layer, 2) if layer.op == "Gemm" else None
         cache = self._dynamic_caches.setdefault(id(graph), {})
-        self._dynamic_weights[node_label(layer)] = emit_dynamic(graph, layer, *codes, cache, names, bias=bias)
+        self._dynamic_weights[label] = emit_dynamic(graph, layer, *codes, cache, names, bias=bias)
         return True
 
     def nothing_done(self, result: PassResult, refusals: list[Refusal]) -> str:

@@ -166,3 +166,29 @@ def test_residual_add_of_a_post_ln_block_reads_the_float_layernorm_output() -> N
     assert "n" in residual.input and producers["n"] == "LayerNormalization"
     x = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
     assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.999
+
+
+def test_an_unnamed_static_batch_matmul_re_emitted_dynamic_is_still_counted() -> None:
+    """Unnamed nodes (a layer's label comes from its output name): a static-batch QDQ MatMul
+    ORT does not fuse is re-emitted dynamically, which renames its output; the fusion check
+    must still find it under the label it had before (this crashed with a KeyError)."""
+    from tests.conftest import text_model
+
+    rng = np.random.default_rng(5)
+    arrays = {
+        "g": rng.uniform(0.05, 2, 8).astype(np.float32), "b": rng.normal(0, 0.3, 8).astype(np.float32),
+        "w": (rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "bias": rng.normal(0, 0.1, 8).astype(np.float32),
+        "w2": (rng.standard_normal((8, 8)) * 0.3).astype(np.float32),
+    }
+    body = [
+        "n = LayerNormalization <axis = -1, epsilon = 0.00001> (x, g, b)", "m = MatMul(n, w)", "a = Add(m, bias)",
+        "r = Add(a, n)", "z = LayerNormalization <axis = -1, epsilon = 0.00001> (r, g, b)", "q = Relu(z)", "y = MatMul(q, w2)",
+    ]
+    proto = text_model("(float[2,5,8] x) => (float[2,5,8] y)", body, arrays, opset=17)
+    assert not any(node.name for node in proto.graph.node)
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True)
+    (stats,) = [p.stats for p in report.passes if p.name == "quantize"]
+    assert stats["layers_quantized"] == 2 and stats["layers_dynamic"] == 1 and stats["not_fused"] == []
+    assert stats["fused_by_ort"] == {"DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1}
+    x = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    assert cosine(run(optimized, x)["y"], run(proto, x)["y"]) > 0.99
