@@ -70,7 +70,7 @@ def make_lazy(model: onnx.ModelProto, base_dir: str | os.PathLike, *, min_bytes:
             _resolve(base, tensor)  # validates location, offset and length now, not at the first read
             _set_entry(tensor, SOURCE_KEY, str(base))
             lazy_ids.add(id(tensor))
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if external_data_helper.uses_external_data(tensor) and not is_lazy(tensor):
             external_data_helper.load_external_data_for_tensor(tensor, str(base))
     return len(lazy_ids)
@@ -200,7 +200,7 @@ def copy_payload(tensor: TensorProto, out, buffer: bytearray | None = None) -> i
     return length
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every tensor of the model: initializers, sparse ones and attributes, subgraphs and
     functions included."""
     yield from _graph_tensors(model.graph)

@@ -231,7 +231,8 @@ def save_model(
 def external_data_files(model_path: str | os.PathLike) -> set[Path]:
     """The external data files a model file refers to (empty if it has none or is unreadable).
 
-    Every tensor counts: initializers and Constant attributes, in subgraphs too.
+    Every tensor counts: initializers and Constant attributes, in subgraphs and model-local
+    functions too.
     """
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
@@ -240,25 +241,9 @@ def external_data_files(model_path: str | os.PathLike) -> set[Path]:
     base = Path(model_path).parent
     return {
         base / external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in _all_tensors(proto.graph)
+        for tensor in external.all_tensors(proto)
         if external_data_helper.uses_external_data(tensor)
     }
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
 
 
 def _save_external(model: onnx.ModelProto, staged_model: Path, data_name: str) -> None:

@@ -192,3 +192,32 @@ def test_external_data_always_with_only_small_tensors(capsys, tmp_path):
     code, err = _cli(capsys, tmp_path / "in.onnx", "-o", tmp_path / "out.onnx", "--external-data", "always")
     assert code == 0, err
     assert_same_model(io.load_model(tmp_path / "out.onnx"), model)
+
+
+def test_a_data_file_referenced_from_a_model_local_function_is_protected(tmp_path: Path, capsys) -> None:
+    """A Constant inside a model-local function that keeps its tensor in an external file:
+    that file is one of the input's files, so -o may not replace it."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("c", TensorProto.FLOAT, [1], [2.0])
+    value.data_location = TensorProto.EXTERNAL
+    for key, entry in (("location", "fn.bin"), ("offset", "0"), ("length", "4")):
+        value.external_data.add(key=key, value=entry)
+    value.ClearField("float_data")
+    (tmp_path / "fn.bin").write_bytes(b"\x00\x00\x00\x40")
+    function = helper.make_function(
+        "local", "Scale", ["x"], ["y"],
+        [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Mul", ["x", "c"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scale", ["x"], ["y"], domain="local")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, functions=[function], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert io.external_data_files(path) == {tmp_path / "fn.bin"}
+    code = main([str(path), "-o", str(tmp_path / "fn.bin")])
+    assert code == 6 and (tmp_path / "fn.bin").read_bytes() == b"\x00\x00\x00\x40"
+    assert "fn.bin" in capsys.readouterr().err
