@@ -32,7 +32,7 @@ FLOAT_LABELS = (
 #: The fix named by the NothingToDoError for the most frequent reason no layer was quantized.
 FIXES = {
     "not fused by ORT": "ORT fuses a QDQ Conv into QLinearConv only when its output is quantized too; a Conv whose output is "
-    "a graph output or has no range stays float (an unfused QDQ Conv is slower than the float one)",
+    "a graph output or has no range stays float (an unfused QDQ Conv is slower than the float one; --no-unfused-conv-float keeps it QDQ)",
     "no statistics": "pass --calibration-data samples.npz (10 real inputs are enough) or export with BN kept (onnxopt.export_torch)",
     "float16 layers": "quantize supports float32 models; convert with onnxconverter-common's float16 → float32 first",
     "float64 layers": "quantize supports float32 models; convert the model's double tensors to float32 first",

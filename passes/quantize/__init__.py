@@ -54,10 +54,12 @@ Steps (docs/quantization.md):
    kernels (stats ``fused_by_ort`` / ``not_fused``, a report line).  A static QDQ MatMul/Gemm
    ORT does not fuse (a fully static rank-3 input: ORT turns MatMul+Add into
    Reshape → Gemm → Reshape and the DequantizeLinear no longer feeds it) is re-emitted in the
-   dynamic form, or put back in float (:mod:`.fallback`).  A Conv ORT does not fuse (e.g.
-   the last layer, whose output is a graph output without a quantizer) is reported in ``not_fused``; with
-   ``unfused_conv_to_float=True`` it is put back in float too (a QDQ layer ORT runs in float
-   is slower than the float layer).  Layers inside If/Loop/Scan bodies are checked the same way.
+   dynamic form, or put back in float (:mod:`.fallback`).  A Conv ORT does not fuse (e.g. the last layer, whose
+   output is a graph output without a quantizer) is put back in float too
+   (``unfused_conv_to_float=True``, the default: a QDQ layer ORT runs in float is slower than
+   the float layer, bench/results/unfused_conv.md) and counted in the coverage line with the
+   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  Layers inside
+   If/Loop/Scan bodies are checked the same way.
 
 Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
 graph at a time, with every Q/DQ in the graph of the layer reading it (ORT fuses within one
@@ -144,8 +146,8 @@ class QuantizeOptions(QuantizationOptions):
     dynamic_fallback: bool | Literal["auto", "all"] = option("auto", flag="--dynamic-fallback")
     #: count the layers ORT really fuses (and re-emit the MatMuls it does not)
     check_fusion: bool = option(True, flag="--no-check-fusion")
-    #: put a QDQ Conv ORT does not fuse back in float
-    unfused_conv_to_float: bool = option(False, flag="--unfused-conv-float")
+    #: put a QDQ Conv ORT does not fuse back in float (False: keep its QDQ form, reported as not fused)
+    unfused_conv_to_float: bool = option(True, flag="--no-unfused-conv-float")
 
 
 class Quantize(Pass):

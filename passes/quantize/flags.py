@@ -43,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "MatMul/Gemm dynamic",
     )
     quant.add_argument("--no-check-fusion", action="store_true", help="skip the check of which layers ONNX Runtime fuses into integer kernels (and the fallbacks it drives)")
-    quant.add_argument("--unfused-conv-float", action="store_true", help="put a QDQ Conv that ONNX Runtime does not fuse (e.g. one writing a graph output) back in float: never slower than FP32 for it")
+    quant.add_argument(
+        "--unfused-conv-float", action=argparse.BooleanOptionalAction, default=None,
+        help="a QDQ Conv that ONNX Runtime does not fuse (e.g. one writing a graph output) is put back in float (default: "
+        "a QDQ Conv ORT runs in float is slower than the float Conv); --no-unfused-conv-float keeps its QDQ form (reported as not fused)",
+    )
     quant.add_argument(
         "--int4-weights", action="store_true",
         help="store weights of <= 4 bits as INT4 (needs opset >= 21): a smaller file, but ONNX Runtime's CPU provider does not fuse "
@@ -67,7 +71,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         "int4_weights": True if args.int4_weights else None,
         "dynamic_fallback": {"auto": "auto", "on": True, "off": False, "all": "all", None: None}[args.dynamic_fallback],
         "check_fusion": False if args.no_check_fusion else None,
-        "unfused_conv_to_float": True if args.unfused_conv_float else None,
+        "unfused_conv_to_float": args.unfused_conv_float,
     }
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):

@@ -499,7 +499,12 @@ def test_quantize_partial_coverage_is_a_summary_line_and_in_the_json(capsys, tmp
 
     src, out, report = tmp_path / "bn.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(bn_model(extra_matmul=True), str(src))
-    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--report", report)
+    # by default the second Conv (read by the MatMul only: no range, so ORT would run its QDQ form in float) goes back to float
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8")
+    assert code == 10 and "quantize: 0 of 3 layers quantized: 1 non-constant weight, 1 no statistics, 1 not fused by ORT" in err
+    assert not out.exists()
+    # --no-unfused-conv-float: it stays QDQ and counts as quantized
+    code, _, err = cli(capsys, src, "-o", out, "--quantize", "w8a8", "--no-unfused-conv-float", "--report", report)
     assert code == 0
     assert "warning: quantize: quantized 1/3 layers; 2 float: 1 non-constant weight, 1 no statistics" in err.splitlines()
     coverage = json.loads(report.read_text())["coverage"]

@@ -91,8 +91,9 @@ def test_a_family_registered_elsewhere_brings_its_flags_and_its_place_in_the_ord
 
 
 def test_fusion_check_flags_reach_the_quantize_options():
-    names, options = compose("--quantize", "w8a8", "--no-check-fusion", "--unfused-conv-float")
-    assert "quantize" in names and options["check_fusion"] is False and options["unfused_conv_to_float"] is True
-    assert "check_fusion" not in compose("--quantize", "w8a8")[1]
+    names, options = compose("--quantize", "w8a8", "--no-check-fusion", "--no-unfused-conv-float")
+    assert "quantize" in names and options["check_fusion"] is False and options["unfused_conv_to_float"] is False
+    assert compose("--quantize", "w8a8", "--unfused-conv-float")[1]["unfused_conv_to_float"] is True
+    assert not {"check_fusion", "unfused_conv_to_float"} & set(compose("--quantize", "w8a8")[1])  # the pass defaults: True, True
     with pytest.raises(PipelineError, match="--no-check-fusion need --quantize"):
         compose("--no-check-fusion")

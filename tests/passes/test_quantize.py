@@ -25,12 +25,13 @@ from onnxopt.passes.common.numerics import ActivationQuant, checked_scales
 from scipy.stats import norm
 
 import onnxopt
-from onnxopt.errors import InputDataError, PipelineError, ValidationError
+from onnxopt.errors import InputDataError, NothingToDoError, PipelineError, ValidationError
 from onnxopt.graph import NameFactory
 from onnxopt.verify import run
 from tests.conftest import text_model as model, ops, run_passes
 from tests.passes.quantize_builders import (  # noqa: F401  (chain: a pytest fixture)
     HW,
+    KEEP_QDQ,
     QUANTIZE,
     RNG,
     BnChain,
@@ -73,7 +74,7 @@ def residual_model() -> onnx.ModelProto:
 def test_quantize_emits_qdq_with_the_expected_dtypes_and_reports_refusals() -> None:
     feeds = {"x": RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)}
     proto = with_data_statistics(residual_model(), feeds)
-    optimized, report = run_passes(proto, *QUANTIZE, spiq=True)  # where SPIQ is possible (auto's choice is tested below)
+    optimized, report = run_passes(proto, *QUANTIZE, spiq=True, **KEEP_QDQ)  # where SPIQ is possible (auto's choice is tested below)
     stats, refusals = quantize_stats(report)
 
     assert ops(optimized)["BatchNormalization"] == 0
@@ -118,7 +119,7 @@ def test_quantize_emits_qdq_with_the_expected_dtypes_and_reports_refusals() -> N
 def test_input_range_quantizes_the_first_layer_with_a_signed_quantizer() -> None:
     feeds = {"x": np.clip(RNG.standard_normal((16, 3, 8, 8)), -3, 3).astype(np.float32)}
     proto = with_data_statistics(residual_model(), feeds)
-    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-3.0, 3.0), spiq=True)
+    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-3.0, 3.0), spiq=True, **KEEP_QDQ)
     stats, refusals = quantize_stats(report)
     assert stats["layers_quantized"] == 4 and stats["layers_float"] == 0
     assert stats["spiq_coverage"] == pytest.approx(1 / 4, abs=1e-3)
@@ -134,7 +135,7 @@ def test_input_range_quantizes_the_first_layer_with_a_signed_quantizer() -> None
 
 @pytest.mark.parametrize("spiq_on", [True, False], ids=["spiq", "per-tensor"])
 def test_quantized_model_equals_an_independent_fake_quant_reference(chain: BnChain, spiq_on: bool) -> None:
-    optimized, report = run_passes(chain.model, *QUANTIZE, spiq=spiq_on)
+    optimized, report = run_passes(chain.model, *QUANTIZE, spiq=spiq_on, **KEEP_QDQ)
     stats, _ = quantize_stats(report)
     assert stats["layers_quantized"] == 1 and stats["spiq_coverage"] == (1.0 if spiq_on else 0.0)
     x = chain.draw(64)
@@ -157,9 +158,9 @@ def test_w8a8_is_close_to_fp32_and_fewer_weight_bits_are_worse(chain: BnChain, p
     errors = {}
     for bits in (8, 4, 2):
         if preset:
-            optimized, report = onnxopt.optimize(chain.model, preset="quantize", validate=True, weight_bits=bits, first_last_bits=None)
+            optimized, report = onnxopt.optimize(chain.model, preset="quantize", validate=True, weight_bits=bits, first_last_bits=None, **KEEP_QDQ)
         else:
-            optimized, report = run_passes(chain.model, *QUANTIZE, weight_bits=bits, first_last_bits=None)
+            optimized, report = run_passes(chain.model, *QUANTIZE, weight_bits=bits, first_last_bits=None, **KEEP_QDQ)
         assert quantize_stats(report)[0]["layers_quantized"] == 1
         got = run(optimized, {"x": x})["y"]
         errors[bits] = relative_error(got, reference)
@@ -173,7 +174,7 @@ def test_w8a8_is_close_to_fp32_and_fewer_weight_bits_are_worse(chain: BnChain, p
 
 
 def test_act_bits_4_clips_to_16_levels(chain: BnChain) -> None:
-    optimized, _ = run_passes(chain.model, *QUANTIZE, act_bits=4, weight_bits=8)
+    optimized, _ = run_passes(chain.model, *QUANTIZE, act_bits=4, weight_bits=8, **KEEP_QDQ)
     assert ops(optimized)["Clip"] == 1
     (clip,) = nodes(optimized, "Clip")
     init = inits(optimized)
@@ -198,7 +199,7 @@ def test_bias_correction_removes_the_mean_output_shift(chain: BnChain, spiq_on: 
     reference = run(chain.model, {"x": x})["y"].astype(np.float64)
     shift = {}
     for corrected in (True, False):
-        optimized, _ = run_passes(chain.model, *QUANTIZE, weight_bits=4, spiq=spiq_on, bias_correction=corrected, first_last_bits=None)
+        optimized, _ = run_passes(chain.model, *QUANTIZE, weight_bits=4, spiq=spiq_on, bias_correction=corrected, first_last_bits=None, **KEEP_QDQ)
         got = run(optimized, {"x": x})["y"].astype(np.float64)
         shift[corrected] = (got - reference).mean(axis=(0, 2, 3))  # per output channel
         assert layer_params(optimized, "y")["b_codes"].dtype == np.int32
@@ -211,7 +212,7 @@ def test_bias_correction_removes_the_mean_output_shift(chain: BnChain, spiq_on: 
 def test_uncorrected_shift_is_the_predicted_weight_error_times_the_mean(chain: BnChain) -> None:
     """The mean shift bias correction removes is (W − Ŵ)·E[ReLU(N(β, γ²))] (eq. 3.8)."""
     x = chain.draw(512)
-    optimized, _ = run_passes(chain.model, *QUANTIZE, weight_bits=4, spiq=False, bias_correction=False, first_last_bits=None)
+    optimized, _ = run_passes(chain.model, *QUANTIZE, weight_bits=4, spiq=False, bias_correction=False, first_last_bits=None, **KEEP_QDQ)
     p = layer_params(optimized, "y")
     w_hat = p["w_codes"][:, :, 0, 0] * p["w_scale"][:, None].astype(np.float64)
     g = np.abs(chain.gamma.astype(np.float64))
@@ -231,12 +232,16 @@ def test_no_statistics_and_no_calibration_data_is_an_error() -> None:
 
 def test_no_statistics_but_an_input_range_quantizes_only_the_first_layer() -> None:
     proto = plain_model()
-    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-4.0, 4.0))
+    optimized, report = run_passes(proto, *QUANTIZE, input_range=(-4.0, 4.0), **KEEP_QDQ)
     stats, refusals = quantize_stats(report)
     assert stats["layers_quantized"] == 1 and stats["layers_float"] == 1
     assert any("no statistics for its input r" in r["reason"] for r in refusals)
     feeds = {"x": np.clip(RNG.standard_normal((2, 3, 8, 8)), -4, 4).astype(np.float32)}
     assert cosine(run(optimized, feeds)["y"], run(proto, feeds)["y"]) > 0.999
+    # by default that layer goes back to float: its output r has no range, so no output
+    # quantizer and ORT would run its QDQ form in float; then nothing is left, and the error says why
+    with pytest.raises(NothingToDoError, match="0 of 2 layers quantized: 1 no statistics, 1 not fused by ORT"):
+        run_passes(proto, *QUANTIZE, input_range=(-4.0, 4.0))
 
 
 @pytest.mark.parametrize("mode", ["minmax", "percentile"])
@@ -270,7 +275,7 @@ def test_bad_options_are_pipeline_errors(options: dict, fragment: str) -> None:
     with pytest.raises(PipelineError, match=fragment):
         run_passes(proto, *QUANTIZE, **options)
     # the same model quantizes fine with valid options (the error is about the option)
-    assert quantize_stats(run_passes(proto, *QUANTIZE)[1])[0]["layers_quantized"] == 1
+    assert quantize_stats(run_passes(proto, *QUANTIZE, **KEEP_QDQ)[1])[0]["layers_quantized"] == 1
 
 
 def test_calibration_file_with_wrong_input_names_is_an_input_data_error(tmp_path: Path) -> None:
@@ -335,7 +340,7 @@ def test_calibrated_quantization_without_bn(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "cal.npz"
     np.savez(path, x=samples)
     # spiq=True: with calibrated ranges "auto" stays per tensor (test_calibration.py)
-    optimized, report = run_passes(proto, *QUANTIZE, act_ranges=mode, calibration_data=str(path), spiq=True)
+    optimized, report = run_passes(proto, *QUANTIZE, act_ranges=mode, calibration_data=str(path), spiq=True, **KEEP_QDQ)
     stats, refusals = quantize_stats(report)
     assert stats["layers_quantized"] == 2 and stats["layers_float"] == 0
     assert {r["input"]: r["mode"] for r in stats["layers"]} == {"x": "per-tensor", "r": "spiq"}
@@ -370,7 +375,7 @@ def test_outputs_quantized_counts_only_emitted_quantizers(tmp_path: Path) -> Non
     path = tmp_path / "cal.npz"
     samples = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
     np.savez(path, x=samples)
-    optimized, report = run_passes(proto, *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
+    optimized, report = run_passes(proto, *QUANTIZE, act_ranges="minmax", calibration_data=str(path), **KEEP_QDQ)
     stats, _ = quantize_stats(report)
     emitted = {n.input[0] for n in nodes(optimized, "QuantizeLinear")}
     assert emitted == {"x", "r"}  # the layers' inputs; y, a graph output, keeps its float value
@@ -385,7 +390,7 @@ def test_fixed_batch_model_accepts_several_calibration_samples(tmp_path: Path) -
     samples = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
     path = tmp_path / "cal.npz"
     np.savez(path, x=samples)
-    optimized, report = run_passes(proto, *QUANTIZE, act_ranges="minmax", calibration_data=str(path))
+    optimized, report = run_passes(proto, *QUANTIZE, act_ranges="minmax", calibration_data=str(path), **KEEP_QDQ)
     assert quantize_stats(report)[0]["layers_quantized"] == 2
     got = np.concatenate([run(optimized, {"x": samples[i : i + 1]})["y"] for i in range(8)])
     reference = np.concatenate([run(proto, {"x": samples[i : i + 1]})["y"] for i in range(8)])
@@ -404,7 +409,7 @@ def test_first_and_last_layer_keep_8_bit_weights_by_default(first_last_bits, exp
         body += [bn(f"bn{i}", f"c{i}", f"z{i}"), f"r{i} = Relu(z{i})", f"c{i + 1} = Conv(r{i}, w{i + 1})"]
     body.append("y = Relu(c3)")
     proto = model(f"(float[N,{C},{HW},{HW}] x) => (float[N,{C},{HW},{HW}] y)", body, arrays)
-    optimized, _ = run_passes(proto, *QUANTIZE, weight_bits=4, input_range=(-3.0, 3.0), first_last_bits=first_last_bits)
+    optimized, _ = run_passes(proto, *QUANTIZE, weight_bits=4, input_range=(-3.0, 3.0), first_last_bits=first_last_bits, **KEEP_QDQ)
     codes = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer if t.data_type == TensorProto.INT8}
     conv_codes = []
     for node in (n for n in optimized.graph.node if n.op_type == "Conv"):
@@ -430,7 +435,7 @@ def test_int4_weights_store_4_bit_codes_and_compute_what_int8_storage_computes(c
     proto = at_opset_21(chain.model)
     built = {}
     for int4 in (False, True):
-        optimized, report = run_passes(proto, *QUANTIZE, weight_bits=4, first_last_bits=None, int4_weights=int4)
+        optimized, report = run_passes(proto, *QUANTIZE, weight_bits=4, first_last_bits=None, int4_weights=int4, **KEEP_QDQ)
         stats, _ = quantize_stats(report)
         path = tmp_path / f"int4_{int4}.onnx"
         onnx.save(optimized, str(path))

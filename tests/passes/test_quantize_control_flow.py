@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import pytest
 
 import onnxopt
 from onnxopt.passes.common.ranges import calibrated_ranges, expose_tensors
@@ -160,7 +159,7 @@ def test_loop_body_matmul_quantized_with_calibration_data(tmp_path) -> None:
 # --------------------------------------------------------------------------- unfused Conv back to float
 def test_a_conv_whose_output_is_a_graph_output_goes_back_to_float() -> None:
     """The last Conv writes a graph output (no output quantizer): ORT would run its QDQ form
-    in float, so with unfused_conv_to_float it is put back in float with its original bias,
+    in float, so it is put back in float (unfused_conv_to_float, the default) with its original bias,
     counted with the reason, and the Conv before it keeps its fusion."""
     from tests.conftest import bn_line, text_model
 
@@ -169,7 +168,7 @@ def test_a_conv_whose_output_is_a_graph_output_goes_back_to_float() -> None:
               "bn_g": np.ones(8, np.float32), "bn_b": np.full(8, 0.5, np.float32), "bn_m": np.zeros(8, np.float32), "bn_v": np.ones(8, np.float32)}
     body = ["c = Conv <pads = [1,1,1,1]> (x, w1, b1)", bn_line("bn", "c", "n"), "r = Relu(n)", "y = Conv(r, w2, b2)"]
     proto = text_model("(float[N,3,8,8] x) => (float[N,4,8,8] y)", body, arrays)
-    quantized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0), unfused_conv_to_float=True)
+    quantized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
     stats = quantize_stats(report)
     coverage = report.to_dict()["coverage"]["quantize"]
     assert (coverage["done"], coverage["reasons"]) == (1, {"not fused by ORT": 1})

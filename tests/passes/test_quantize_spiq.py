@@ -18,6 +18,7 @@ from onnxopt.graph import NameFactory, cleanup, export_model, import_graph, with
 from onnxopt.verify import run, verify
 from tests.conftest import text_model as model, ops, run_passes
 from tests.passes.quantize_builders import (
+    KEEP_QDQ,
     QUANTIZE,
     RNG,
     BnChain,
@@ -291,7 +292,7 @@ def test_spiq_error_estimate_matches_a_monte_carlo_measurement(decades: float) -
 def test_spiq_auto_records_why_it_kept_a_tensor_per_tensor() -> None:
     """spiq='auto' (the default) either folds the scales or says which estimate won."""
     chain = BnChain()
-    _, report = run_passes(chain.model, *QUANTIZE, weight_bits=2, first_last_bits=None)
+    _, report = run_passes(chain.model, *QUANTIZE, weight_bits=2, first_last_bits=None, **KEEP_QDQ)
     reasons = [r.reason for p in report.passes if p.name == "quantize" for r in p.refusals]
     stats = quantize_stats(report)[0]
     chosen = [r for r in reasons if r.startswith("per-tensor chosen: estimated error")]

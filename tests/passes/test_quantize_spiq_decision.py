@@ -21,7 +21,7 @@ import pytest
 
 from onnxopt.verify import run
 from tests.conftest import run_passes, text_model as model
-from tests.passes.quantize_builders import QUANTIZE, quantize_stats
+from tests.passes.quantize_builders import KEEP_QDQ, QUANTIZE, quantize_stats
 
 C, K, HW, SAMPLES = 8, 16, 8, 64
 RNG = np.random.default_rng(11)
@@ -43,8 +43,9 @@ def relu6_layer(gamma: np.ndarray, beta: np.ndarray) -> "onnx.ModelProto":  # no
 
 
 def output_error(proto, options: dict, x: np.ndarray, reference: np.ndarray) -> tuple[float, str]:
-    """(mean squared output error in ORT, Conv2's input mode) of ``proto`` quantized with ``options``."""
-    optimized, report = run_passes(proto, *QUANTIZE, **options)
+    """(mean squared output error in ORT, Conv2's input mode) of ``proto`` quantized with ``options``
+    (Conv2 writes the graph output: kept QDQ, its input quantizer is what the decision is about)."""
+    optimized, report = run_passes(proto, *QUANTIZE, **options, **KEEP_QDQ)
     stats, _ = quantize_stats(report)
     (mode,) = [r["mode"] for r in stats["layers"] if r["input"] == "a"]
     y = run(optimized, {"x": x})["y"]
