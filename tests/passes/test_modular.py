@@ -26,7 +26,8 @@ RNG = np.random.default_rng(5)
 
 
 def quantized(w: int = 4, a: int = 4) -> onnx.ModelProto:
-    model, _ = onnxopt.optimize(conv_model(with_bn=True), preset="quantize", weight_bits=w, act_bits=a, input_range=(-4.0, 4.0), first_last_bits=None)
+    model, _ = onnxopt.optimize(conv_model(with_bn=True), preset="quantize", weight_bits=w, act_bits=a, input_range=(-4.0, 4.0), first_last_bits=None,
+                                unfused_conv_to_float=False)  # the last Conv writes the graph output: keep it integer
     return model
 
 
@@ -112,7 +113,7 @@ def test_cli_modular_accumulator_and_analyze(tmp_path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(conv_model(), str(src))
     out = tmp_path / "mod.onnx"
-    assert cli_main([str(src), "-o", str(out), "--quantize", "w4a4", "--input-range=-4,4", "--modular-accumulator", "auto", "-q"]) == 0
+    assert cli_main([str(src), "-o", str(out), "--quantize", "w4a4", "--input-range=-4,4", "--no-unfused-conv-float", "--modular-accumulator", "auto", "-q"]) == 0
     assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["ModularConv"] >= 1
     assert cli_main([str(src), "-o", str(out), "--modular-accumulator", "12", "-q"]) == 7  # needs --quantize
     assert cli_main([str(src), "-o", str(out), "--quantize", "w4a4", "--modular-accumulator", "wide", "-q"]) == 7
