@@ -36,7 +36,8 @@ Per case (:func:`bench_model`, also what the test runs on a tiny model):
   quantize_static in one process, warmed up, timed round-robin
   (:func:`bench.common.time_interleaved`, spinning off); medians.
 * **Diagnostic** (opset-17 dynamic exports): the fidelity of the same onnxopt run with
-  ``--no-spiq``, to show what the SPIQ scale folding does with calibrated ranges.
+  ``--no-spiq``, to show what the SPIQ scale folding does with calibrated ranges, and with
+  each ``--act-ranges`` mode (``minmax``, ``moments``, ``percentile``) named explicitly.
 * **No calibration data**: ``python -m onnxopt SRC -o OUT --quantize w8a8``: the exit code
   (10 expected), the error line and whether it names ``--calibration-data``, and whether
   no output was written.
@@ -101,6 +102,9 @@ EFFICIENTNET_IMAGE_ARGS = ["--calibration-mean", f"{127 / 255:.6f}", "--calibrat
 GOALS = {"coverage": 0.95, "vs_static": 1.05, "agreement_points": 2.0, "kl_ratio": 1.5, "exit_code": 10}
 CONFIGS = ("fp32", "onnxopt", "ort_static")
 NO_SPIQ = "onnxopt_no_spiq"  # diagnostic: the same run with --no-spiq (fidelity only, opset-17 dynamic exports)
+#: diagnostic: the same run with each --act-ranges mode named (fidelity only, opset-17 dynamic exports)
+ACT_RANGES = {f"onnxopt_{mode}": ["--act-ranges", mode] for mode in ("minmax", "moments", "percentile")}
+DIAGNOSTICS = {NO_SPIQ: ["--no-spiq"], **ACT_RANGES}
 
 ORT_STATIC_SCRIPT = """
 import json, sys, time, numpy as np, onnx, onnxruntime as ort
@@ -424,7 +428,8 @@ def measure_latency(paths: dict[str, Path], feed: np.ndarray, timing: Timing) ->
 def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, title: str = "", no_spiq: bool = False) -> dict[str, Any]:
     """One FP32 model: onnxopt (calibrated) vs quantize_static, coverage, fidelity, latency, time,
     and the run without calibration data.  The row of the results table.  ``no_spiq`` also
-    measures the fidelity of ``--no-spiq`` (a diagnostic configuration, not timed)."""
+    measures the fidelity of the diagnostic configurations (:data:`DIAGNOSTICS`: ``--no-spiq``
+    and each ``--act-ranges`` mode; not timed)."""
     row: dict[str, Any] = {"title": title or src.stem, "source": src.name, "eval_inputs": samples.description,
                            "errors": [], **samples.extra}
     source = onnx.load(str(src))
@@ -437,8 +442,9 @@ def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, titl
     row["no_data"]["names_flag"] = "--calibration-data" in row["no_data"]["message"]
     keys = ["onnxopt", "ort_static"]
     if no_spiq:
-        keys.append(NO_SPIQ)
-        row[NO_SPIQ] = run_onnxopt(src, workdir / f"{src.stem}.{NO_SPIQ}.onnx", samples.onnxopt_data, [*samples.onnxopt_args, "--no-spiq"])
+        for key, flags in DIAGNOSTICS.items():
+            keys.append(key)
+            row[key] = run_onnxopt(src, workdir / f"{src.stem}.{key}.onnx", samples.onnxopt_data, [*samples.onnxopt_args, *flags])
     paths = {"fp32": src}
     for key in keys:
         out = workdir / f"{src.stem}.{key}.onnx"
@@ -660,6 +666,15 @@ def render_markdown(data: dict[str, Any]) -> str:
                   "(`spiq=auto`, the default) helps or hurts when the ranges come from 10 calibration samples.", "",
                   *table(["model", "default agreement", "default KL", "--no-spiq agreement", "--no-spiq KL",
                           "static agreement", "static KL"], diag), ""]
+    modes = [[r["title"], *(c for key in [*ACT_RANGES, "ort_static"] for c in _fid_cells(r, key))] for r in rows if NO_SPIQ in r]
+    if modes:
+        lines += ["## Diagnostic: the calibrated run with each `--act-ranges` mode", "",
+                  "Fidelity only (not timed), on the opset-17 dynamic-batch exports, 10 calibration samples: `minmax` (per-channel "
+                  "min/max of every quantized tensor), `moments` (per-channel mean and std of every layer output, used like BN "
+                  "statistics: mean ± λ·std propagated through ReLU/ReLU6/Add/pooling, SPIQ decided as data-free), `percentile` "
+                  "(0.01/99.99 percentiles).", "",
+                  *table(["model", *(f"{m} {what}" for m in ("minmax", "moments", "percentile", "static") for what in ("agreement", "KL"))],
+                         modes), ""]
     if bn:
         ours = _fid(bn, "onnxopt")
         lines += ["## BN-preserving export, data-free", "",

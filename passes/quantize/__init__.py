@@ -111,7 +111,15 @@ from ..common.quantization import (
     mean_shift,
     no_layer_message,
 )
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, channel_bound, default_lambda
+from ..common.ranges import (
+    ChannelRange,
+    RangeEstimator,
+    calibrated_ranges,
+    channel_bound,
+    default_lambda,
+    moment_ranges,
+    statistics_sites,
+)
 from ..common.statistics import bn_statistics
 from . import spiq as spiq_rewrite
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
@@ -127,6 +135,9 @@ MOVEMENT_OPS = frozenset({"Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "
 #: BN-statistics ranges; with min/max ranges from samples, per tensor gave lower KL to FP32 on
 #: every model of bench/results/third_party.md (e.g. EfficientNet-Lite0 10 samples).
 SPIQ_AUTO_CALIBRATED = "per tensor: ranges measured on calibration data (--spiq forces SPIQ)"
+#: act_ranges values whose ranges are measured extrema (no statistics for the SPIQ estimate);
+#: "moments" measures statistics and decides like the data-free path.
+MEASURED_RANGES = ("minmax", "percentile")
 NO_STATISTICS = "no BatchNormalization/LayerNormalization statistics and no calibration data"
 
 
@@ -221,7 +232,7 @@ class Quantize(Pass):
                 "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
                 "outputs_quantized": counts["outputs_quantized"],
                 "float_readers_restored": counts["float_readers"],
-                **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] != "bn" else {}),
+                **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] in MEASURED_RANGES else {}),
                 "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
                 **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
@@ -403,6 +414,11 @@ class Quantize(Pass):
                 channel_range = estimator.range(tensor)
                 if channel_range is not None:
                     result[tensor.name] = channel_range
+        elif mode == "moments":
+            sites = statistics_sites(graph)
+            measured = self._calibrate(graph, ctx, [*wanted, *sites])
+            lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
+            result.update(moment_ranges(wanted, sites, measured, lam, self.options["add_range"], given))
         else:
             result.update(given)
             result.update(self._calibrate(graph, ctx, wanted))
@@ -473,7 +489,7 @@ class Quantize(Pass):
             return True
         if ctx.consumed_later(QuantizedLayers):  # a later pass (REx) expands the weights: estimates made for weight_bits do not hold
             return True
-        if self.options["act_ranges"] != "bn":  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
+        if self.options["act_ranges"] in MEASURED_RANGES:  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
             return False
         moment = self._moment(r)
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)
