@@ -570,7 +570,7 @@ class RunningRange:
     result equals ``np.percentile`` over all values without holding them.
 
     ``moments`` also keeps the sum of squared deviations per channel, merged across batches
-    with Chan et al.'s pairwise formula (float64, centred per batch: no cancellation), so the
+    with Chan et al.'s pairwise formula (float64 sums, centred per batch: no cancellation), so the
     result carries the population standard deviation (``gaussian`` = (mean, std)) and
     E[x²]."""
 
@@ -612,10 +612,12 @@ class RunningRange:
     def _merge_moments(self, grid: np.ndarray) -> None:
         """Merge ``grid``'s per-channel mean and Σ(x − mean)² into the running ones (before
         ``count`` grows by this batch)."""
-        values = grid.astype(np.float64)
         n = grid[:, 0].size
-        mean = values.mean(axis=(0, 2, 3))
-        squares = np.square(values - mean[None, :, None, None]).sum(axis=(0, 2, 3))
+        mean = grid.sum(axis=(0, 2, 3), dtype=np.float64) / n
+        centre = mean.astype(grid.dtype)  # float32 deviations, float64 sums; the rounding of the centre is corrected below
+        deviation = grid - centre[None, :, None, None]
+        offset = deviation.sum(axis=(0, 2, 3), dtype=np.float64)
+        squares = np.square(deviation).sum(axis=(0, 2, 3), dtype=np.float64) - offset**2 / n
         if self.moment_mean is None:
             self.moment_mean, self.squares = mean, squares
             return
