@@ -470,3 +470,18 @@ def test_moments_without_calibration_data_is_exit_7(tmp_path: Path, capsys) -> N
     assert not (tmp_path / "q.onnx").exists()
     with pytest.raises(PipelineError, match="needs calibration data"):
         run_passes(relu6_net(), "quantize", act_ranges="moments")
+
+
+def test_power_quant_reads_moments_ranges_too(tmp_path: Path) -> None:
+    """power-quant shares the option: the ReLU6 output's range is the measured-statistics one
+    (every layer's input gets one) and the result stays close to float."""
+    proto = relu6_net()
+    samples = RNG.standard_normal((12, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=samples)
+    quantized, report = run_passes(proto, "power-quant", act_ranges="moments", calibration_data=str(tmp_path / "cal.npz"), power_exponent=1.0)
+    stats = next(p for p in report.passes if p.name == "power-quant").stats
+    assert stats["layers_quantized"] == 3, stats
+    held_out = RNG.standard_normal((8, 3, 9, 9)).astype(np.float32)
+    reference, got = run(proto, {"x": held_out})["y"], run(quantized, {"x": held_out})["y"]
+    cosine = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert cosine > 0.999, cosine
