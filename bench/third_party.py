@@ -38,7 +38,8 @@ Per case (:func:`bench_model`, also what the test runs on a tiny model):
   quantize_static in one process, warmed up, timed round-robin
   (:func:`bench.common.time_interleaved`, spinning off); medians.
 * **Diagnostic** (opset-17 dynamic exports): the fidelity of the same onnxopt run with
-  ``--no-spiq``, to show what the SPIQ scale folding does with calibrated ranges.
+  ``--no-spiq``, to show what the SPIQ scale folding does with calibrated ranges, and with
+  each ``--act-ranges`` mode (``minmax``, ``moments``, ``percentile``) named explicitly.
 * **No calibration data**: ``python -m onnxopt SRC -o OUT --quantize w8a8``: the exit code
   (10 expected), the error line and whether it names ``--calibration-data``, and whether
   no output was written.
@@ -94,7 +95,7 @@ from bench.third_party_cases import (
     CASES,
     CONFIGS,
     GOALS,
-    NO_SPIQ,
+    DIAGNOSTICS,
     THREADS,
     TITLES,
     Case,
@@ -305,7 +306,8 @@ def measure_latency(paths: dict[str, Path], feed: np.ndarray, timing: Timing) ->
 def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, title: str = "", no_spiq: bool = False) -> dict[str, Any]:
     """One FP32 model: onnxopt (calibrated) vs quantize_static, coverage, fidelity, latency, time,
     and the run without calibration data.  The row of the results table.  ``no_spiq`` also
-    measures the fidelity of ``--no-spiq`` (a diagnostic configuration, not timed)."""
+    measures the fidelity of the diagnostic configurations (:data:`DIAGNOSTICS`: ``--no-spiq``
+    and each ``--act-ranges`` mode; not timed)."""
     row: dict[str, Any] = {"title": title or src.stem, "source": src.name, "eval_inputs": samples.description,
                            "errors": [], **samples.extra}
     source = onnx.load(str(src))
@@ -318,8 +320,9 @@ def bench_model(src: Path, samples: Samples, timing: Timing, workdir: Path, titl
     row["no_data"]["names_flag"] = "--calibration-data" in row["no_data"]["message"]
     keys = ["onnxopt", "ort_static"]
     if no_spiq:
-        keys.append(NO_SPIQ)
-        row[NO_SPIQ] = run_onnxopt(src, workdir / f"{src.stem}.{NO_SPIQ}.onnx", samples.onnxopt_data, [*samples.onnxopt_args, "--no-spiq"])
+        for key, flags in DIAGNOSTICS.items():
+            keys.append(key)
+            row[key] = run_onnxopt(src, workdir / f"{src.stem}.{key}.onnx", samples.onnxopt_data, [*samples.onnxopt_args, *flags])
     paths = {"fp32": src}
     for key in keys:
         out = workdir / f"{src.stem}.{key}.onnx"

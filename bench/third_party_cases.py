@@ -19,6 +19,9 @@ TITLES = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite0": "EfficientNet-Lit
 GOALS = {"coverage": 0.95, "vs_static": 1.05, "agreement_points": 2.0, "kl_ratio": 1.5, "exit_code": 10}
 CONFIGS = ("fp32", "onnxopt", "ort_static")
 NO_SPIQ = "onnxopt_no_spiq"  # diagnostic: the same run with --no-spiq (fidelity only, opset-17 dynamic exports)
+#: diagnostic: the same run with each --act-ranges mode named (fidelity only, opset-17 dynamic exports)
+ACT_RANGES = {f"onnxopt_{mode}": ["--act-ranges", mode] for mode in ("minmax", "moments", "percentile")}
+DIAGNOSTICS = {NO_SPIQ: ["--no-spiq"], **ACT_RANGES}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import table
-from bench.third_party_cases import CONFIGS, GOALS, NO_SPIQ, THREADS, TITLES
+from bench.third_party_cases import ACT_RANGES, CONFIGS, GOALS, NO_SPIQ, THREADS, TITLES
 
 
 # --------------------------------------------------------------------------- goals
@@ -189,6 +189,15 @@ def render_markdown(data: dict[str, Any]) -> str:
                   "(`spiq=auto`, the default) helps or hurts when the ranges come from 10 calibration samples.", "",
                   *table(["model", "default agreement", "default KL", "--no-spiq agreement", "--no-spiq KL",
                           "static agreement", "static KL"], diag), ""]
+    modes = [[r["title"], *(c for key in [*ACT_RANGES, "ort_static"] for c in _fid_cells(r, key))] for r in rows if NO_SPIQ in r]
+    if modes:
+        lines += ["## Diagnostic: the calibrated run with each `--act-ranges` mode", "",
+                  "Fidelity only (not timed), on the opset-17 dynamic-batch exports, 10 calibration samples: `minmax` (per-channel "
+                  "min/max of every quantized tensor), `moments` (per-channel mean and std of every layer output, used like BN "
+                  "statistics: mean ± λ·std propagated through ReLU/ReLU6/Add/pooling, SPIQ decided as data-free), `percentile` "
+                  "(0.01/99.99 percentiles).", "",
+                  *table(["model", *(f"{m} {what}" for m in ("minmax", "moments", "percentile", "static") for what in ("agreement", "KL"))],
+                         modes), ""]
     if bn:
         ours = _fid(bn, "onnxopt")
         lines += ["## BN-preserving export, data-free", "",

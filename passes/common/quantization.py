@@ -111,7 +111,7 @@ class QuantizationOptions(CalibrationOptions):
     act_bits: int = option(8, flag="--quantize")
     #: bits of the first and last layers (None: the same as the others)
     first_last_bits: int | None = 8
-    act_ranges: Literal["bn", "minmax", "percentile"] = option("bn", flag="--act-ranges")
+    act_ranges: Literal["bn", "minmax", "percentile", "moments"] = option("bn", flag="--act-ranges")
     #: BN range width in standard deviations (None: 9 at 8 bits, 4 at <= 6 bits)
     lam: float | None = option(None, flag="--lambda")
     input_range: tuple[float, float] | None = option(None, flag="--input-range")
@@ -132,7 +132,7 @@ class QuantizationOptions(CalibrationOptions):
         if self.act_ranges != "bn" and not self.calibration_data:
             raise OptionProblem("act_ranges", f"{self.act_ranges!r} needs calibration data (--calibration-data x.npz)")
         if self.act_ranges == "bn" and self.calibration_data:
-            raise OptionProblem("calibration_data", "is only used with act_ranges='minmax' or 'percentile'")
+            raise OptionProblem("calibration_data", "is only used with act_ranges='minmax', 'percentile' or 'moments'")
 
 
 def correct_matmul_bias(graph: gs.Graph, layer: gs.Node, correction: np.ndarray | None, names: NameFactory) -> bool:

@@ -30,6 +30,13 @@ samples per run when the batch axis is dynamic, and reduced as the runs come; pe
 (axis 1) either min/max or the
 0.01 / 99.99 percentiles (exact, from the kept tails: :class:`RunningRange`), and the mean.
 Samples holding NaN/inf are refused with the file and input named (InputDataError).
+
+Measured moments (``act_ranges="moments"``): the per-channel mean and standard deviation of
+the tensors where BN statistics would sit in a BN-folded model (:func:`statistics_sites`:
+the outputs of Conv/ConvTranspose/Gemm and 2-D MatMul layers) are measured on the samples
+(streamed, :class:`RunningRange`) and given to :class:`RangeEstimator` in place of the BN
+statistics (:func:`moment_ranges`): ranges μ ± λσ, propagated like the data-free ones; a
+tensor the propagation does not reach (the graph input) keeps its measured min/max.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import onnx_graphsurgeon as gs
 from scipy.special import ndtr
 
 from onnxopt.errors import InputDataError, OnnxoptError
-from onnxopt.graph import constant_values, is_default_domain, producer
+from onnxopt.graph import all_graphs, constant_values, is_default_domain, producer
+
+from .ops import LAYER_OPS
 
 from .tensor_probe import Source, expose_tensors, forced_if, has_if
 
@@ -314,6 +323,53 @@ def _failed(exc: Exception) -> Exception:
     return InputDataError(f"ONNX Runtime failed on the calibration samples: {first}")
 
 
+def statistics_sites(graph: gs.Graph) -> list[gs.Tensor]:
+    """The tensors where BN statistics would sit in a BN-folded model (every scope): the
+    outputs of Conv/ConvTranspose/Gemm layers and of MatMuls with a 2-D output (for a MatMul
+    whose only reader is an Add with a constant operand, the bias, that Add's output).  A
+    rank-3 MatMul output is left out: its axis 1 is not the feature axis."""
+    sites = []
+    for node in (n for scope in all_graphs(graph) for n in scope.nodes):
+        if node.op not in LAYER_OPS or not is_default_domain(node) or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if node.op == "MatMul":
+            if out.shape is None or len(out.shape) != 2:
+                continue
+            readers = out.outputs
+            if len(readers) == 1 and readers[0].op == "Add" and len(readers[0].inputs) == 2 and any(
+                constant_values(readers[0], i) is not None for i in (0, 1)
+            ):
+                out = readers[0].outputs[0]
+        sites.append(out)
+    return sites
+
+
+def moment_ranges(
+    wanted: list[gs.Tensor],
+    sites: list[gs.Tensor],
+    measured: Mapping[str, ChannelRange],
+    lam: float,
+    add_range: str = "sum",
+    known: Mapping[str, ChannelRange] | None = None,
+) -> dict[str, ChannelRange]:
+    """Ranges of ``wanted`` from the per-channel (mean, std) ``measured`` on the ``sites``
+    (``act_ranges="moments"``): those play the BN statistics in :class:`RangeEstimator` (so λ,
+    the Relu/Clip caps and the SPIQ tail model apply as data-free); a wanted tensor the
+    propagation does not reach keeps its measured min/max range."""
+    stats = {t.name: measured[t.name].gaussian for t in sites if t.name in measured and measured[t.name].gaussian is not None}
+    estimator = RangeEstimator(stats, lam, add_range, known)
+    result = {}
+    for tensor in wanted:
+        found = estimator.range(tensor)
+        if found is None and tensor.name in measured:
+            r = measured[tensor.name]
+            found = ChannelRange(r.lo, r.hi, r.mean, second_moment=r.second_moment, forced_branch=r.forced_branch)
+        if found is not None:
+            result[tensor.name] = found
+    return result
+
+
 #: Samples per ORT run when the model's batch axis is dynamic.
 CALIBRATION_BATCH = 16
 #: The percentiles of ``act_ranges="percentile"`` (per channel).
@@ -371,7 +427,12 @@ class RunningRange:
     ``percentile`` keeps, per channel, only the smallest and largest ⌈10⁻⁴·n⌉ + 2 values
     seen (n: the values per channel over all ``batches``, estimated from the first one),
     which is exactly what numpy's linear-interpolation 0.01 / 99.99 percentiles read: the
-    result equals ``np.percentile`` over all values without holding them."""
+    result equals ``np.percentile`` over all values without holding them.
+
+    ``moments`` also keeps the sum of squared deviations per channel, merged across batches
+    with Chan et al.'s pairwise formula (float64 sums, centred per batch: no cancellation), so the
+    result carries the population standard deviation (``gaussian`` = (mean, std)) and
+    E[x²]."""
 
     def __init__(self, method: str, batches: int) -> None:
         self.method = method
@@ -383,6 +444,8 @@ class RunningRange:
         self.keep = 0
         self.smallest: np.ndarray | None = None  # [C, ≤ keep], per channel
         self.largest: np.ndarray | None = None
+        self.moment_mean: np.ndarray | None = None  # "moments": float64 mean and Σ(x − mean)² per channel
+        self.squares: np.ndarray | None = None
 
     def update(self, value: np.ndarray) -> None:
         grid = _as_grid(value)
@@ -400,9 +463,28 @@ class RunningRange:
             raise BatchMismatch(f"channel count {len(lo)} after {len(self.lo)}")
         else:
             self.lo, self.hi, self.total = np.minimum(self.lo, lo), np.maximum(self.hi, hi), self.total + total
+        if self.method == "moments":
+            self._merge_moments(grid)
         self.count += grid[:, 0].size
         if self.method == "percentile":
             self._keep_tails(grid, column_min, column_max)
+
+    def _merge_moments(self, grid: np.ndarray) -> None:
+        """Merge ``grid``'s per-channel mean and Σ(x − mean)² into the running ones (before
+        ``count`` grows by this batch)."""
+        n = grid[:, 0].size
+        mean = grid.sum(axis=(0, 2, 3), dtype=np.float64) / n
+        centre = mean.astype(grid.dtype)  # float32 deviations, float64 sums; the rounding of the centre is corrected below
+        deviation = grid - centre[None, :, None, None]
+        offset = deviation.sum(axis=(0, 2, 3), dtype=np.float64)
+        squares = np.square(deviation).sum(axis=(0, 2, 3), dtype=np.float64) - offset**2 / n
+        if self.moment_mean is None:
+            self.moment_mean, self.squares = mean, squares
+            return
+        seen = self.count
+        delta = mean - self.moment_mean
+        self.moment_mean = self.moment_mean + delta * (n / (seen + n))
+        self.squares = self.squares + squares + delta**2 * (seen * n / (seen + n))
 
     def _keep_tails(self, grid: np.ndarray, column_min: np.ndarray, column_max: np.ndarray) -> None:
         """Per channel, the ``keep`` smallest and largest of the kept values and ``grid``'s.
@@ -425,6 +507,10 @@ class RunningRange:
     def result(self) -> ChannelRange:
         assert self.lo is not None and self.total is not None
         mean = self.total / self.count
+        if self.method == "moments":
+            assert self.moment_mean is not None and self.squares is not None
+            mean, std = self.moment_mean, np.sqrt(self.squares / self.count)
+            return ChannelRange(self.lo.astype(np.float64), self.hi.astype(np.float64), mean, (mean, std), mean**2 + std**2)
         if self.method != "percentile":
             return ChannelRange(self.lo.astype(np.float64), self.hi.astype(np.float64), mean)
         return ChannelRange(self._percentile(PERCENTILES[0]), self._percentile(PERCENTILES[1]), mean)

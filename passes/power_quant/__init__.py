@@ -75,7 +75,7 @@ from ..common.numerics import checked_scales
 from ..common.operators import QuantizedWeight, register_operator
 from ..common.ops import WITHOUT_TRANSPOSE_OPS
 from ..common.quantization import QuantizationOptions, float_label, layer_refusal, mean_shift, no_layer_message
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda, moment_ranges, statistics_sites
 from ..common.statistics import bn_statistics
 
 EXPONENT_BOUNDS = (0.05, 1.0)
@@ -478,6 +478,12 @@ class PowerQuant(Pass):
             return {k: v for k, v in found.items() if v is not None}
         model = ctx.export(graph)
         samples = calibration_samples(self.name, self.options, model).feeds
+        if self.options["act_ranges"] == "moments":
+            sites = statistics_sites(graph)
+            names = [t.name for t in [*wanted, *sites] if t.shape is None or len(t.shape) >= 2]
+            measured = calibrated_ranges(model, names, samples, "moments")
+            lam = self.options["lam"] if self.options["lam"] is not None else default_lambda(self.options["act_bits"])
+            return moment_ranges(wanted, sites, measured, lam, self.options["add_range"], given)
         result = dict(given)
         result.update(calibrated_ranges(model, [t.name for t in wanted if t.shape is not None and len(t.shape) >= 2], samples, self.options["act_ranges"]))
         return result

@@ -121,6 +121,9 @@ from .fallback import MOVEMENT_OPS, dequantized_input, float_source, read_float_
 from .fusion import FusionCheck, check_fusion
 from .outputs import chain_end, quantize_outputs
 
+#: act_ranges values whose ranges are measured extrema (no statistics for the SPIQ estimate);
+#: "moments" measures statistics and decides like the data-free path.
+MEASURED_RANGES = ("minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
@@ -223,7 +226,7 @@ class Quantize(Pass):
                 "spiq_coverage": round(spiq_count / kinds[False], 4) if kinds[False] else 0.0,
                 "outputs_quantized": counts["outputs_quantized"],
                 "float_readers_restored": counts["float_readers"],
-                **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] != "bn" else {}),
+                **({"spiq_auto": SPIQ_AUTO_CALIBRATED} if self.options["spiq"] == "auto" and self.options["act_ranges"] in MEASURED_RANGES else {}),
                 "coverage": self._coverage(len(candidates), len(records), kinds[False], kinds[True], fusion),
                 **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
@@ -439,7 +442,7 @@ class Quantize(Pass):
             return True
         if ctx.consumed_later(QuantizedLayers):  # a later pass (REx) expands the weights: estimates made for weight_bits do not hold
             return True
-        if self.options["act_ranges"] != "bn":  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
+        if self.options["act_ranges"] in MEASURED_RANGES:  # measured ranges: per tensor (see SPIQ_AUTO_CALIBRATED)
             return False
         moment = self._moment(r)
         bits = max(self._weight_bits(reader, self._edges) for reader in readers)

@@ -1,6 +1,7 @@
 """The activation ranges the quantize pass quantizes with: per-channel ranges of the layers'
 inputs and outputs, propagated from BN/LayerNorm statistics (:class:`..common.ranges.RangeEstimator`)
-or measured on calibration data (:func:`..common.ranges.calibrated_ranges`), and the user's
+or measured on calibration data (:func:`..common.ranges.calibrated_ranges`; ``act_ranges="moments"``
+measures per-channel mean/std at the layer outputs and propagates them like BN statistics), and the user's
 ``input_range`` for the graph inputs.
 """
 
@@ -15,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.pass_base import PassContext
 
 from ..common.calibration import calibration_samples
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda
+from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda, moment_ranges, statistics_sites
 from ..common.statistics import bn_statistics
 
 
@@ -47,6 +48,11 @@ def activation_ranges(graph: gs.Graph, ctx: PassContext, wanted: list[gs.Tensor]
             channel_range = estimator.range(tensor)
             if channel_range is not None:
                 result[tensor.name] = channel_range
+    elif mode == "moments":  # measured statistics, used like BN statistics
+        sites = statistics_sites(graph)
+        measured, found.calibration_stats = calibrate(graph, ctx, [*wanted, *sites], options, pass_name)
+        lam = options["lam"] if options["lam"] is not None else default_lambda(options["act_bits"])
+        result.update(moment_ranges(wanted, sites, measured, lam, options["add_range"], given))
     else:
         result.update(given)
         calibrated, found.calibration_stats = calibrate(graph, ctx, wanted, options, pass_name)

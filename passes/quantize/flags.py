@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only the MatMul/Gemm weights, block-wise, to ONNX Runtime's MatMulNBits (float activations; decoder LLMs)",
     )
     quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
-    quant.add_argument("--act-ranges", choices=("bn", "minmax", "percentile"), help="activation ranges: from BN statistics (default, data-free) or calibration data")
+    quant.add_argument(
+        "--act-ranges", choices=("bn", "minmax", "percentile", "moments"),
+        help="activation ranges: from BN statistics (default, data-free) or calibration data: per-channel min/max (default "
+        "with --calibration-data), 0.01/99.99 percentiles, or moments (the per-channel mean and std of every layer output "
+        "measured on the samples, used like BN statistics: mean ± λ·std)",
+    )
     quant.add_argument("--calibration-data", metavar="PATH", help="calibration samples: an .npz (one array per graph input, batch on axis 0), a folder of .npy files or a folder of images (.jpg/.png; resized, center-cropped, ImageNet-normalised)")
     quant.add_argument("--calibration-mean", metavar="M[,M,M]", help="per-channel mean subtracted from calibration images in [0, 1] (default ImageNet's 0.485,0.456,0.406)")
     quant.add_argument("--calibration-std", metavar="S[,S,S]", help="per-channel std dividing calibration images (default ImageNet's 0.229,0.224,0.225)")

@@ -6,7 +6,10 @@
 * batched calibration gives exactly the min/max of one sample per run, and the percentiles
   of numpy over all values;
 * end to end: a BN-free (folded) model quantized with ``--calibration-data`` a folder of
-  .npy files stays close to float in ORT.
+  .npy files stays close to float in ORT;
+* ``act_ranges="moments"``: the streamed per-channel mean/std equal numpy's over all values,
+  the ranges are exactly mean ± λ·std of the layer outputs (through ReLU6), the quantized
+  model stays close to float, and moments without calibration data is exit 7.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from PIL import Image
 from onnxopt.cli import main
 from onnxopt.errors import InputDataError, PipelineError
 from onnxopt.passes.common import ranges
+from onnxopt.passes.common.numerics import activation_quant
 from onnxopt.passes.common.calibration import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -380,3 +384,108 @@ def test_spiq_auto_stays_per_tensor_with_calibrated_ranges_and_spiq_forces_it(tm
     _, forced = run_passes(proto, "quantize", spiq=True, **common)
     forced_stats = next(p for p in forced.passes if p.name == "quantize").stats
     assert forced_stats["spiq_coverage"] > 0 and "spiq_auto" not in forced_stats
+
+
+# =========================================================================== act_ranges="moments"
+def relu6_net() -> onnx.ModelProto:
+    """A BN-folded block: Conv → Clip(0, 6) (ReLU6) → Conv (linear bottleneck) → Conv, dynamic batch."""
+    arrays = {"w1": (RNG.standard_normal((8, 3, 3, 3)) * 0.15).astype(np.float32), "b1": (RNG.standard_normal(8) * 0.2).astype(np.float32),
+              "w2": (RNG.standard_normal((6, 8, 1, 1)) * 0.3).astype(np.float32), "b2": (RNG.standard_normal(6) * 0.1).astype(np.float32),
+              "w3": (RNG.standard_normal((4, 6, 1, 1)) * 0.3).astype(np.float32), "b3": (RNG.standard_normal(4) * 0.1).astype(np.float32),
+              "low": np.array(0.0, np.float32), "high": np.array(6.0, np.float32)}
+    body = ["c1 = Conv <pads = [1,1,1,1]> (x, w1, b1)", "r1 = Clip(c1, low, high)", "c2 = Conv(r1, w2, b2)", "y = Conv(c2, w3, b3)"]
+    return model("(float[N,3,9,9] x) => (float[N,4,9,9] y)", body, arrays)
+
+
+@pytest.mark.parametrize("shapes", [[(5, 3)], [(2, 3, 4, 5), (2, 3, 4, 5), (1, 3, 4, 5)], [(16, 3, 7, 7), (3, 3, 7, 7)]])
+def test_running_moments_equal_numpy_mean_and_std_over_all_values(shapes: list[tuple[int, ...]]) -> None:
+    chunks = [(RNG.standard_normal(shape) * 3 + 100).astype(np.float32) for shape in shapes]  # a large mean: no cancellation
+    reducer = ranges.RunningRange("moments", len(shapes))
+    for chunk in chunks:
+        reducer.update(chunk)
+    everything = np.concatenate([np.moveaxis(c, 1, -1).reshape(-1, 3) for c in chunks]).astype(np.float64)
+    result = reducer.result()
+    mean, std = result.gaussian
+    np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, everything.std(axis=0), rtol=1e-6)  # float32 deviations, float64 sums
+    np.testing.assert_allclose(result.second_moment, (everything**2).mean(axis=0), rtol=1e-9)
+    np.testing.assert_array_equal(result.lo, everything.min(axis=0))
+    np.testing.assert_array_equal(result.hi, everything.max(axis=0))
+
+
+def test_moments_ranges_are_mean_plus_minus_lambda_std_of_the_layer_outputs(tmp_path: Path) -> None:
+    """The quantizers' scales are exactly those of mean ± λ·std per channel (numpy over the
+    samples) of each Conv output, clipped to [0, 6] by the ReLU6; the graph input keeps its
+    measured min/max; the result (default λ) stays close to float in ORT."""
+    proto = relu6_net()
+    samples = RNG.standard_normal((12, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=samples)
+    lam = 3.0
+    quantized, report = run_passes(proto, "quantize", act_ranges="moments", calibration_data=str(tmp_path / "cal.npz"), lam=lam, spiq=False,
+                                   unfused_conv_to_float=False)  # every layer's quantizers are checked, the last Conv's too
+    stats = next(p for p in report.passes if p.name == "quantize").stats
+    assert stats["layers_quantized"] == 3 and "spiq_auto" not in stats
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend([onnx.ValueInfoProto(name="c1"), onnx.ValueInfoProto(name="c2")])
+    values = run(probe, {"x": samples})
+    c1, c2 = (values[name].astype(np.float64) for name in ("c1", "c2"))
+    hi1 = np.clip(c1.mean(axis=(0, 2, 3)) + lam * c1.std(axis=(0, 2, 3)), 0, 6)
+    lo2, hi2 = (c2.mean(axis=(0, 2, 3)) + k * lam * c2.std(axis=(0, 2, 3)) for k in (-1, 1))
+    assert hi1.max() < 6 and lo2.min() < 0  # the checks below exercise the unclipped ReLU6 range and a signed quantizer
+    expected = {"x": activation_quant(float(samples.min()), float(samples.max()), 8),
+                "r1": activation_quant(0.0, float(hi1.max()), 8),
+                "c2": activation_quant(float(lo2.min()), float(hi2.max()), 8)}
+    scales = {record["input"]: record["scale"] for record in stats["layers"]}
+    assert scales.keys() == expected.keys()
+    for name, quant in expected.items():
+        assert scales[name] == pytest.approx(float(quant.scale), rel=1e-6), name
+    onnx.checker.check_model(quantized, full_check=True)
+    # the default λ (9 at 8 bits) keeps the Gaussian tails: close to float on held-out inputs
+    quantized, _ = run_passes(proto, "quantize", act_ranges="moments", calibration_data=str(tmp_path / "cal.npz"))
+    onnx.checker.check_model(quantized, full_check=True)
+    held_out = RNG.standard_normal((8, 3, 9, 9)).astype(np.float32)
+    reference, got = run(proto, {"x": held_out})["y"], run(quantized, {"x": held_out})["y"]
+    assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+    cosine = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert cosine > 0.999, cosine
+
+
+def test_moments_decides_spiq_like_the_data_free_path(tmp_path: Path) -> None:
+    """With measured statistics the SPIQ-auto estimate runs (no blanket per-tensor line);
+    minmax keeps the blanket per-tensor choice."""
+    proto = folded_net()
+    np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((10, 3, 12, 12)).astype(np.float32))
+    for mode, blanket in (("moments", False), ("minmax", True)):
+        _, report = run_passes(proto, "quantize", act_ranges=mode, calibration_data=str(tmp_path / "cal.npz"))
+        stats = next(p for p in report.passes if p.name == "quantize").stats
+        assert ("spiq_auto" in stats) == blanket, mode
+        assert stats["layers_quantized"] == 4
+
+
+def test_moments_without_calibration_data_is_exit_7(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "folded.onnx"
+    onnx.save(relu6_net(), source)
+    code = main([str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "w8a8", "--act-ranges", "moments"])
+    err = capsys.readouterr().err
+    assert code == 7 and "'moments' needs calibration data" in err and "Traceback" not in err
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        run_passes(relu6_net(), "quantize", act_ranges="moments")
+
+
+def test_power_quant_reads_moments_ranges_too(tmp_path: Path) -> None:
+    """power-quant shares the option: the ReLU6 output's range is the measured-statistics one
+    (every layer's input gets one) and the result stays close to float."""
+    proto = relu6_net()
+    samples = RNG.standard_normal((12, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=samples)
+    quantized, report = run_passes(proto, "power-quant", act_ranges="moments", calibration_data=str(tmp_path / "cal.npz"), power_exponent=1.0)
+    stats = next(p for p in report.passes if p.name == "power-quant").stats
+    # exponent 1 runs the uniform quantizer, which puts the last Conv (it writes the graph
+    # output, so ORT cannot fuse it) back in float: 2 of the 3 layers are quantized
+    assert stats["layers_quantized"] == 2, stats
+    held_out = RNG.standard_normal((8, 3, 9, 9)).astype(np.float32)
+    reference, got = run(proto, {"x": held_out})["y"], run(quantized, {"x": held_out})["y"]
+    cosine = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert cosine > 0.999, cosine
