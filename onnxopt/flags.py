@@ -7,7 +7,8 @@ rewrite after it, dead-code removal last)::
 
     --prune red                  hash-weights, merge-neurons, decompose-depthwise
     --quantize wNaM              quantize            (power-quant with --power-quant)
-    --quantize wN                weight-only         (MatMulNBits; --block-size, --symmetric, --keep-8bit)
+    --quantize wN                weight-only         (MatMulNBits; --block-size, --symmetric, --keep-8bit,
+                                                      --rex-budget G: a residual MatMulNBits order)
     --rex K                      rex                 (needs --quantize)
     --modular-accumulator BITS   modular-accumulator (needs --quantize, uniform)
 
@@ -90,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     rex = parser.add_argument_group("REx residual expansion (with --quantize; parallel low-bit branches, docs/rex.md)")
     rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
-    rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
+    rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages); with --quantize wN: a residual MatMulNBits order whose bytes are G × the base's, on the columns with the largest error (1.0 = a full second order)")
     rex.add_argument("--rex-allocation", choices=("network", "uniform"), help="where the budget goes: network = the channels whose relative error falls most per MAC across the model (default), uniform = the same share of every layer (the thesis's rule)")
     rex.add_argument("--rex-combine", choices=("auto", "fold", "permute", "gather", "pad", "scatter", "dense"), help="how the residual order joins the layer: fold = K=2 at <= 4 bits folded into one int8 layer with per-channel scales (no branch, the base's speed), permute = branches after a channel-group reorder, Pad + Add, gather = a Gather of the branch codes; auto (default) = fold where it applies, else permute")
     rex.add_argument("--rex-input-expansion", action="store_true", help="also expand the activations' quantization error (eqs. 3.20-3.21)")
@@ -148,11 +149,24 @@ def weight_only_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[
         if options:
             raise PipelineError(f"{', '.join('--' + k.replace('_', '-') for k in options)} need --quantize wN (weight-only, e.g. w4)")
         return {}, []
-    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--rex", args.rex), ("--modular-accumulator", args.modular_accumulator)) if value is not None]
+    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--modular-accumulator", args.modular_accumulator),
+                                       ("--rex-allocation", args.rex_allocation), ("--rex-combine", args.rex_combine),
+                                       ("--rex-input-expansion", args.rex_input_expansion or None)) if value is not None]
     if others:
         raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
     options["weight_bits"] = bits
+    options.update(weight_only_rex(args))
     return options, ["weight-only"]
+
+
+def weight_only_rex(args: argparse.Namespace) -> dict[str, Any]:
+    """REx in MatMulNBits form: ``--rex-budget G`` (``--rex 2`` alone: the default budget 0.5)
+    → the weight-only pass's ``rex_budget``, a fraction of the base's weight bytes."""
+    if args.rex is not None and args.rex != 2:
+        raise PipelineError(f"--rex {args.rex} with --quantize wN: REx in MatMulNBits form has one residual order (--rex 2, or just --rex-budget G)")
+    if args.rex_budget is not None:
+        return {"rex_budget": parse_budget(args.rex_budget)}
+    return {"rex_budget": 0.5} if args.rex is not None else {}
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -232,6 +246,8 @@ def power_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
 def rex_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     options: dict[str, Any] = {}
+    if parse_weight_only(args.quantize) is not None:
+        return {}, []  # the weight-only pass's residual order (weight_only_rex)
     if args.rex is not None:
         options["rex_order"] = args.rex
     if args.rex_budget is not None:
