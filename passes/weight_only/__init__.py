@@ -30,7 +30,8 @@ CPU kernels (MLAS) dequantize block by block inside the product.
 * ``rex_budget`` (default 0: off): REx's residual order in MatMulNBits form
   (:mod:`.residual`): a second MatMulNBits (``rex_bits`` wide, 4 by default) over the output
   columns whose weighted base error is largest, added onto the base output (ScatterElements
-  with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns).  The budget is
+  with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns), in blocks of
+  ``rex_block_size`` (default: the base's ``block_size``).  The budget is
   a fraction of the base's weight bytes, per layer; with a residual as wide as the base,
   1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
   anywhere is exit 10 (nothing the option asked for was done).
@@ -129,6 +130,7 @@ class Packed:
     rex_constants: list[gs.Constant] | None = None
     rex_columns: gs.Constant | None = None
     rex_bits: int = 0
+    rex_block_size: int = 0
     rex_count: int = 0
     rex_full: bool = False
     rex_relative_error: float | None = None
@@ -165,6 +167,7 @@ class WeightOnlyQuantize(Pass):
         "norm_weighting": True,
         "rex_budget": 0.0,
         "rex_bits": 4,
+        "rex_block_size": None,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -195,6 +198,8 @@ class WeightOnlyQuantize(Pass):
             raise PipelineError(f"weight-only: rex_budget must be a fraction >= 0 of the base's weight bytes (0.25; 1.0 = a full second order at 4 bits), got {o['rex_budget']!r}")
         if o["rex_bits"] not in SUPPORTED_BITS:
             raise PipelineError(f"weight-only: rex_bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {o['rex_bits']!r}")
+        if o["rex_block_size"] is not None and o["rex_block_size"] not in SUPPORTED_BLOCK_SIZES:
+            raise PipelineError(f"weight-only: rex_block_size must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))} (or unset: the base's), got {o['rex_block_size']!r}")
         if o["rex_budget"] and o["weight_bits"] == 8:
             raise PipelineError("weight-only: rex_budget expands a low-bit base; at weight_bits 8 the base is already finer than a residual order (use weight_bits 4)")
         self._keep = keep_patterns(o["keep_8bit"])
@@ -291,14 +296,14 @@ class WeightOnlyQuantize(Pass):
         if base.bits == 8:
             packed.rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
         else:
-            count = budget_columns(layer.k, layer.n, float(o["rex_budget"]), base.bits, o["rex_bits"], base.block_size, base.symmetric)
+            count = budget_columns(layer.k, layer.n, float(o["rex_budget"]), base.bits, o["rex_bits"], base.block_size, base.symmetric, o["rex_block_size"])
             if count == 0:
                 packed.rex_skipped = (f"rex_budget {o['rex_budget']:g} of the base's bytes buys no {o['rex_bits']}-bit residual column "
                                       f"of this layer (N = {layer.n}): raise rex_budget")
         if packed.rex_skipped:
             ctx.refuse(f"residual order of {node_label(layer.node)}", packed.rex_skipped)
             return
-        residual = residual_order(matrix, base, count, o["rex_bits"], layer.row_weight, **self._search_options())
+        residual = residual_order(matrix, base, count, o["rex_bits"], layer.row_weight, o["rex_block_size"], **self._search_options())
         self._pack_residual(packed, residual, layer, names)
         packed.rex_relative_error = float(np.sqrt(residual.sq_error / max(base.sq_norm, 1e-30)))
 
@@ -310,6 +315,7 @@ class WeightOnlyQuantize(Pass):
             constants.append(gs.Constant(names.new(f"{base}_rex_zero_points"), zero_points))
         packed.rex_constants = constants
         packed.rex_bits = residual.quantized.bits
+        packed.rex_block_size = residual.quantized.block_size
         packed.rex_count = int(residual.columns.size)
         packed.rex_full = residual.full
         if not residual.full:
@@ -342,7 +348,7 @@ class WeightOnlyQuantize(Pass):
         label = node_label(node)
         base_out = gs.Variable(names.new(f"{label}_base"), dtype=output.dtype)
         fused.outputs.append(base_out)
-        rex_attrs = {**attrs, "N": packed.rex_count, "bits": packed.rex_bits}
+        rex_attrs = {**attrs, "N": packed.rex_count, "bits": packed.rex_bits, "block_size": packed.rex_block_size}
         rex_out = gs.Variable(names.new(f"{label}_rex"), dtype=output.dtype)
         rex = gs.Node("MatMulNBits", names.new(f"{label}_rex_Q{packed.rex_bits}"), attrs=rex_attrs,
                       inputs=[x, *packed.rex_constants], outputs=[rex_out], domain=DOMAIN)
@@ -470,7 +476,7 @@ def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
     if result.rex_constants is not None:
-        record.update(rex_columns=result.rex_count, rex_bits=result.rex_bits, rex_relative_error=round(result.rex_relative_error or 0.0, 6))
+        record.update(rex_columns=result.rex_count, rex_bits=result.rex_bits, rex_block_size=result.rex_block_size, rex_relative_error=round(result.rex_relative_error or 0.0, 6))
     return record
 
 

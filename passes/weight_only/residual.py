@@ -18,7 +18,13 @@ that interval, so a 4-bit residual order leaves those columns with about the err
 
 The budget is in weight bytes: ``budget`` × the base's bytes (codes, scales and zero
 points) buys ⌊budget · N · base column bytes / residual column bytes⌋ columns per layer
-(with a residual as wide as the base, a budget of 1.0 is a full second order).
+(with a residual as wide as the base, a budget of 1.0 is a full second order).  A narrower
+residual covers more columns for the same bytes: the residual of a 4-bit base is nearly
+uniform within ± half a step, so a 2-bit residual (3 steps over that interval) in longer
+blocks (``rex_block_size``, e.g. 128: the scales are a large share of a 2-bit column's
+bytes) over *all* columns removes more error per byte than a 4-bit one over some; ONNX
+Runtime's CPU kernel runs 2-bit MatMulNBits on its fast path only with
+``accuracy_level`` 4, though (at 0 it dequantizes the whole weight on every call).
 
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
@@ -60,10 +66,12 @@ def column_bytes(k: int, bits: int, block_size: int, symmetric: bool) -> int:
     return n_blocks * block_size * bits // 8 + 4 * n_blocks + zero_points
 
 
-def budget_columns(k: int, n: int, budget: float, base_bits: int, bits: int, block_size: int, symmetric: bool) -> int:
-    """How many residual columns ``budget`` × the base's bytes pays for (at most N)."""
+def budget_columns(k: int, n: int, budget: float, base_bits: int, bits: int, block_size: int, symmetric: bool, rex_block_size: int | None = None) -> int:
+    """How many residual columns (``bits`` wide, blocks of ``rex_block_size``, default the
+    base's) ``budget`` × the base's bytes pays for (at most N)."""
     base = column_bytes(k, base_bits, block_size, symmetric) * n
-    return int(min(n, np.floor(budget * base / column_bytes(k, bits, block_size, symmetric) + 1e-9)))
+    residual = column_bytes(k, bits, rex_block_size or block_size, symmetric)
+    return int(min(n, np.floor(budget * base / residual + 1e-9)))
 
 
 def column_errors(weight: np.ndarray, dequantized: np.ndarray, row_weight: np.ndarray | None = None) -> np.ndarray:
@@ -83,14 +91,15 @@ def largest_columns(errors: np.ndarray, count: int) -> np.ndarray:
 
 
 def residual_order(
-    weight: np.ndarray, base: BlockQuantized, count: int, bits: int, row_weight: np.ndarray | None = None, **search
+    weight: np.ndarray, base: BlockQuantized, count: int, bits: int, row_weight: np.ndarray | None = None, block_size: int | None = None, **search
 ) -> Residual:
-    """The residual order of ``count`` columns (``search``: the quantize_blocks options)."""
+    """The residual order of ``count`` columns, ``bits`` wide in blocks of ``block_size``
+    (default the base's; ``search``: the quantize_blocks options)."""
     dequantized = base.dequantized()
     errors = column_errors(weight, dequantized, row_weight)
     columns = largest_columns(errors, count)
     residual = np.ascontiguousarray(weight[:, columns] - dequantized[:, columns])
-    quantized = quantize_blocks(residual, bits, base.block_size, symmetric=base.symmetric, row_weight=row_weight, **search)
+    quantized = quantize_blocks(residual, bits, block_size or base.block_size, symmetric=base.symmetric, row_weight=row_weight, **search)
     plain = np.square(weight - dequantized, dtype=np.float32).sum(axis=0, dtype=np.float64)
     sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])

@@ -148,6 +148,34 @@ def test_bytes_stay_within_the_budget_and_8bit_residuals_cost_twice():
         assert stats["rex_columns"] == budget_columns(k, n, budget, 4, bits, 32, False)
 
 
+def test_two_bit_residual_in_long_blocks_over_all_columns():
+    """rex_bits 2, rex_block_size 128: the residual node's attributes, the numpy reference, ORT
+    (accuracy_level 4 as well: the kernel's int8 activations), and less error per byte than a
+    4-bit residual on some columns."""
+    k, n = 256, 48
+    weight = heavy_tailed(k, n, seed=12)
+    options = {"rex_bits": 2, "rex_block_size": 128}
+    full_budget = column_bytes(k, 2, 128, False) / column_bytes(k, 4, 32, False)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget, validate=True, **options)
+    base, residual = base_and_residual(out)
+    assert attrs(residual) == {"K": k, "N": n, "bits": 2, "block_size": 128, "accuracy_level": 0}
+    assert Counter(node.op_type for node in out.graph.node) == {"MatMulNBits": 2, "Add": 1}
+    ref_base = quantize_blocks(weight, 4, 32)
+    ref = residual_order(weight, ref_base, n, 2, block_size=128)
+    expected_w = ref_base.dequantized().astype(np.float64) + ref.quantized.dequantized()
+    np.testing.assert_allclose(reconstructed(out), expected_w, rtol=0, atol=1e-7)
+    x = RNG.standard_normal((2, 3, k)).astype(np.float32)
+    expected = x.astype(np.float64) @ expected_w
+    np.testing.assert_allclose(run_ort(out, {"x": x}), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
+    level4, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget, accuracy_level=4, **options)
+    np.testing.assert_allclose(run_ort(level4, {"x": x}), expected, rtol=0, atol=0.02 * np.abs(expected).max())
+    two_bit = weight_only_stats(report).stats
+    _, four = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget)
+    four_bit = weight_only_stats(four).stats
+    assert two_bit["rex_bytes_share"] <= full_budget + 1e-9 and four_bit["rex_bytes_share"] <= full_budget + 1e-9
+    assert two_bit["rex_relative_error_mean"] < 0.8 * four_bit["rex_relative_error_mean"]
+
+
 def test_keep_8bit_layers_get_no_residual_and_say_so():
     w1, w2 = heavy_tailed(64, 64, seed=6), heavy_tailed(64, 32, seed=7)
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="proj"), helper.make_node("MatMul", ["h", "W2"], ["y"], name="lm_head")]
@@ -175,7 +203,7 @@ def test_budget_buying_no_column_is_exit_10():
         onnxopt.optimize(matmul_model(heavy_tailed(64, 8)), preset="weight-only", rex_budget=0.05)
 
 
-@pytest.mark.parametrize("options", [{"rex_budget": -0.1}, {"rex_bits": 3}, {"rex_budget": 0.5, "weight_bits": 8}, {"rex_budget": True}])
+@pytest.mark.parametrize("options", [{"rex_budget": -0.1}, {"rex_bits": 3}, {"rex_budget": 0.5, "weight_bits": 8}, {"rex_budget": True}, {"rex_block_size": 48}])
 def test_bad_rex_options(options):
     with pytest.raises(PipelineError):
         onnxopt.optimize(matmul_model(heavy_tailed(32, 8)), preset="weight-only", **options)
