@@ -52,28 +52,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import NothingToDoError, PipelineError
-from onnxopt.graph import (
-    NameFactory,
-    cleanup,
-    constant_values,
-    detach,
-    is_default_domain,
-    node_label,
-    optional_input,
-)
+from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal
 
 from ..common.layers import transposed_weight
 from ..common.ops import MATRIX_OPS
-from .blockwise import (
-    SUPPORTED_BITS,
-    SUPPORTED_BLOCK_SIZES,
-    BlockQuantized,
-    packed_tensors,
-    quantize_blocks,
-)
-from .residual import MIN_OPSET as REX_MIN_OPSET
-from .residual import Residual, budget_columns, residual_order
+from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .residual import MIN_OPSET as REX_MIN_OPSET, Residual, budget_columns, residual_order
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

@@ -26,6 +26,9 @@ bytes) over *all* columns removes more error per byte than a 4-bit one over some
 Runtime's CPU kernel runs 2-bit MatMulNBits on its fast path only with
 ``accuracy_level`` 4, though (at 0 it dequantizes the whole weight on every call).
 
+Memory: the base is decoded a chunk of columns at a time to rank the columns
+(``CHUNK_ELEMENTS``), and only the chosen columns' residual is materialised.
+
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
 ``python -m bench.decode --combine``): ScatterElements with ``reduction="add"`` (indices
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockwise import BlockQuantized, quantize_blocks
+from .blockwise import CHUNK_ELEMENTS, BlockQuantized, decode, quantize_blocks
 
 #: ScatterElements with ``reduction`` (the partial order's join).
 MIN_OPSET = 16
@@ -82,6 +85,25 @@ def column_errors(weight: np.ndarray, dequantized: np.ndarray, row_weight: np.nd
     return error.sum(axis=0, dtype=np.float64)
 
 
+def decoded_columns(base: BlockQuantized, columns: np.ndarray | slice) -> np.ndarray:
+    """Ŵ[:, columns] (float32 [K, |columns|]) decoded from the codes of those columns only."""
+    return decode(base.codes[columns], base.scales[columns], base.zero_points[columns])[:, : base.k].T
+
+
+def base_errors(weight: np.ndarray, base: BlockQuantized, row_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted e_n, plain Σ_k (W_kn − Ŵ_kn)²) per column, decoded a chunk of columns at a
+    time (temporaries bounded by CHUNK_ELEMENTS)."""
+    k, n = weight.shape
+    weighted, plain = np.empty(n), np.empty(n)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        part = slice(start, min(start + step, n))
+        w = weight[:, part]
+        plain[part] = column_errors(w, decoded_columns(base, part))
+        weighted[part] = plain[part] if row_weight is None else column_errors(w, decoded_columns(base, part), row_weight)
+    return weighted, plain
+
+
 def largest_columns(errors: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` columns with the largest error, ascending (ties: lower index first)."""
     if count >= errors.size:
@@ -95,14 +117,12 @@ def residual_order(
 ) -> Residual:
     """The residual order of ``count`` columns, ``bits`` wide in blocks of ``block_size``
     (default the base's; ``search``: the quantize_blocks options)."""
-    dequantized = base.dequantized()
-    errors = column_errors(weight, dequantized, row_weight)
-    columns = largest_columns(errors, count)
-    residual = np.ascontiguousarray(weight[:, columns] - dequantized[:, columns])
+    weighted, plain = base_errors(weight, base, row_weight)
+    columns = largest_columns(weighted, count)
+    residual = weight[:, columns] - decoded_columns(base, columns)
     quantized = quantize_blocks(residual, bits, block_size or base.block_size, symmetric=base.symmetric, row_weight=row_weight, **search)
-    plain = np.square(weight - dequantized, dtype=np.float32).sum(axis=0, dtype=np.float64)
     sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
 
 
-__all__ = ["MIN_OPSET", "Residual", "budget_columns", "column_bytes", "column_errors", "largest_columns", "residual_order"]
+__all__ = ["MIN_OPSET", "Residual", "base_errors", "budget_columns", "column_bytes", "column_errors", "decoded_columns", "largest_columns", "residual_order"]
