@@ -35,6 +35,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +105,13 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- building
+def file_bytes(path: Path) -> int:
+    """The model file and every external data file it references."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
+
+
 def weight_bytes(path: Path) -> int:
     """Bytes of the model's initializers (the weights a forward pass reads)."""
     model = onnx.load(str(path), load_external_data=False)
@@ -113,12 +122,25 @@ def weight_bytes(path: Path) -> int:
     return total
 
 
-def build_ours(src: Path, dst: Path, options: dict[str, Any]) -> dict[str, Any]:
-    (model, report), seconds = timed(lambda: onnxopt.optimize(src, preset="weight-only", **options))
-    save_external(model, dst)
-    stats = next(p for p in report.passes if p.name == "weight-only").stats
-    keys = ("layers_quantized", "relative_error_mean", "rex_columns_share", "rex_bytes_share", "rex_relative_error_mean")
-    return {"quant_seconds": seconds, **{k: stats[k] for k in keys if k in stats}}
+STAT_KEYS = ("layers_quantized", "relative_error_mean", "rex_columns_share", "rex_bytes_share", "rex_relative_error_mean")
+
+
+def build_ours(src: Path, dst: Path, options: dict[str, Any], isolate: bool = False) -> dict[str, Any]:
+    """The weight-only preset with ``options``; ``isolate``: in a child ``onnxopt`` process
+    (large models: its memory is returned to the system when it exits)."""
+    if isolate:
+        report_path = dst.with_suffix(".report.json")
+        args = [sys.executable, "-m", "onnxopt", str(src), "-o", str(dst), "--preset", "weight-only", "--report", str(report_path), "-q"]
+        args += [a for key, value in options.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+        proc, seconds = timed(lambda: subprocess.run(args, capture_output=True, text=True))
+        if proc.returncode:
+            raise RuntimeError(f"onnxopt exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        stats = next(p for p in json.loads(report_path.read_text())["passes"] if p["name"] == "weight-only")["stats"]
+    else:
+        (model, report), seconds = timed(lambda: onnxopt.optimize(src, preset="weight-only", **options))
+        save_external(model, dst)
+        stats = next(p for p in report.passes if p.name == "weight-only").stats
+    return {"quant_seconds": seconds, **{k: stats[k] for k in STAT_KEYS if k in stats}}
 
 
 def with_accuracy_level(src: Path, dst: Path, level: int) -> dict[str, Any]:
@@ -133,7 +155,7 @@ def with_accuracy_level(src: Path, dst: Path, level: int) -> dict[str, Any]:
     return {"derived_from": src.stem}
 
 
-def build_all(src: Path, work: Path, only: set[str]) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+def build_all(src: Path, work: Path, only: set[str], isolate: bool = False) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
     paths: dict[str, Path] = {"fp32": src}
     records: dict[str, dict[str, Any]] = {"fp32": {}}
     wanted = only | {k.removesuffix(ACCURACY4) for k in only if k.endswith(ACCURACY4)}
@@ -146,7 +168,7 @@ def build_all(src: Path, work: Path, only: set[str]) -> tuple[dict[str, Path], d
                 base = key.removesuffix(ACCURACY4)
                 records[key] = {**{k: v for k, v in records[base].items() if k != "quant_seconds"}, **with_accuracy_level(paths[base], dst, 4)}
             elif key in OURS:
-                records[key] = build_ours(src, dst, OURS[key])
+                records[key] = build_ours(src, dst, OURS[key], isolate)
             else:
                 records[key] = build_ort(src, dst, 4, 32, key.removeprefix("ort_"))
             paths[key] = dst
@@ -182,14 +204,14 @@ def measure_latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], timing
             del sessions
 
 
-def bench_synthetic(layers: int, only: set[str], timing: Timing, prefill: int, prefill_timing: Timing, slow_prefill: bool) -> dict[str, Any]:
+def bench_synthetic(layers: int, only: set[str], timing: Timing, prefill: int, prefill_timing: Timing, slow_prefill: bool, isolate: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         work = Path(tmp)
         model, seconds = timed(lambda: synthetic_decoder(layers, D_MODEL, FF))
         src = save_external(model, work / "fp32.onnx")
         del model
         log(f"synthetic decoder: {layers} layers built in {seconds:.1f} s, {file_bytes(src) / 1e9:.2f} GB")
-        paths, records = build_all(src, work, only)
+        paths, records = build_all(src, work, only, isolate)
         tokens = {"x": np.random.default_rng(5).standard_normal((1, 16, D_MODEL)).astype(np.float32)}
         reference = None
         for key, path in paths.items():
@@ -501,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated: synthetic, minilm")
     parser.add_argument("--hqq-prefill", action="store_true", help="also time ORT HQQ's prefill (slow)")
     parser.add_argument("--quick", action="store_true", help="short timing")
+    parser.add_argument("--isolate", action="store_true", help="quantize in child onnxopt processes (large models: bounded memory of this one)")
     parser.add_argument("--combine", action="store_true", help="only the join-form micro-benchmark (→ decode_combine.md)")
     parser.add_argument("--tag", default="", help="suffix of the result files (decode_<tag>.md)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -528,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         data: dict[str, Any] = {"command": command.strip(), "environment": environment(),
                                 "settings": {"layers": args.layers, "prefill": args.prefill, **timing.kwargs()}}
         if "synthetic" not in skip:
-            data["synthetic"] = bench_synthetic(args.layers, only, timing, args.prefill, prefill_timing, args.hqq_prefill)
+            data["synthetic"] = bench_synthetic(args.layers, only, timing, args.prefill, prefill_timing, args.hqq_prefill, args.isolate)
         if "minilm" not in skip:
             data["minilm"] = bench_minilm(only)
         data["load"] = load()
