@@ -383,6 +383,9 @@ def synthetic_section(result: dict[str, Any]) -> list[str]:
                      f"{rec['quant_seconds']:.0f}" if "quant_seconds" in rec else "-"])
     header = ["configuration", "relative output error", "W4→W8 gap closed", "weight MB", "decode 1t ms: median (IQR)", "decode 2t ms",
               "decode / W4 same level (1t / 2t)", f"prefill {result['prefill_tokens']} tok 1t ms", "prefill 2t ms", "quantization s"]
+    if not result["prefill_tokens"]:  # no prefill timed: drop its columns
+        header = header[:7] + header[9:]
+        rows = [row[:7] + row[9:] for row in rows]
     return [f"## Synthetic decoder stack: {result['layers']} layers, D {result['d']}, FF {result['ff']} ({result['fp32_gb']:.2f} GB float32)", "",
             *table(header, rows), ""]
 
