@@ -333,7 +333,8 @@ def bench_combine(timing: Timing) -> list[str]:
         "",
         *table(header, rows),
         "",
-        "The ScatterElements form is what the weight-only pass emits (no reordering of the base, one op after the residual).",
+        ("The ScatterElements form is what the weight-only pass emits (no reordering of the base, one op after the residual). The "
+         "machine is shared: differences of a few percent between the joins are within the noise."),
     ]
 
 

@@ -31,11 +31,12 @@ Memory: the base is decoded a chunk of columns at a time to rank the columns
 
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
-``python -m bench.decode --combine``): ScatterElements with ``reduction="add"`` (indices
-expanded to the residual's shape) was at least as fast as the alternatives (base columns
-reordered so S is a prefix, then Pad + Add + Gather; Split + Add + Concat + Gather; Gather
-of the residual + mask Mul + Add), so it is the one emitted.  ScatterElements' reduction
-needs opset 16.
+``python -m bench decode --combine``): ScatterElements with ``reduction="add"`` (indices
+expanded to the residual's shape) was the fastest join at 128 tokens and at one token with
+2 threads, and within the timing noise of the alternatives at one token with 1 thread
+(base columns reordered so S is a prefix, then Pad + Add + Gather; Split + Add + Concat +
+Gather; Gather of the residual + mask Mul + Add), and it leaves the base untouched, so it is
+the one emitted.  ScatterElements' reduction needs opset 16.
 """
 
 from __future__ import annotations
