@@ -9,6 +9,7 @@
     python -m bench bn-fold|quantize [args]              # the per-family benchmarks (bench/bn_fold.py, bench/quantize.py)
     python -m bench conformance [args]                   # default pipeline on the ONNX backend test models (bench/conformance.py)
     python -m bench all --conformance ...                # the suite, then the conformance run into the same --out
+    python -m bench decode [args]                        # W4 + REx decode latency / bytes / fidelity (bench/decode.py)
     python -m bench third-party [--quick]                # BN-folded third-party exports, calibrated (bench/third_party.py)
     python -m bench all --third-party ...                # the suite, then the third-party run into the same --out
 """
@@ -86,7 +87,7 @@ def cmd_install(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["bn-fold"], ["quantize"], ["conformance"], ["third-party"]):
+    if argv[:1] in (["bn-fold"], ["quantize"], ["conformance"], ["third-party"], ["decode"]):
         import importlib
 
         return importlib.import_module(f"bench.{argv[0].replace('-', '_')}").main(argv[1:])
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("bn-fold", help="the BN folding benchmark (bench/bn_fold.py; see its --help)")
     sub.add_parser("quantize", help="the quantization benchmark (bench/quantize.py; see its --help)")
     sub.add_parser("conformance", help="the default pipeline on the ONNX backend test models (bench/conformance.py; see its --help)")
+    sub.add_parser("decode", help="decode/prefill latency, bytes and fidelity of W4 + REx MatMulNBits vs W4, W8, ORT RTN/HQQ (bench/decode.py; see its --help)")
     sub.add_parser("third-party", help="BN-folded third-party exports calibrated on 10 samples vs quantize_static (bench/third_party.py; see its --help)")
     args = parser.parse_args(argv)
     try:

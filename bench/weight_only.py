@@ -117,8 +117,10 @@ def save_external(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def file_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """The model file and every external data file it references."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
 # --------------------------------------------------------------------------- quantizers

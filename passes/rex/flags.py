@@ -6,19 +6,21 @@ import argparse
 from typing import Any
 
 from onnxopt.errors import PipelineError
-from onnxopt.flags import FlagFamily, parse_budget
+from onnxopt.flags import FlagFamily, parse_budget, parse_weight_only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     rex = parser.add_argument_group("REx residual expansion (with --quantize; parallel low-bit branches, docs/rex.md)")
     rex.add_argument("--rex", type=int, metavar="K", help="expansion order K >= 1 (1 = the quantized layer only)")
-    rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages)")
+    rex.add_argument("--rex-budget", metavar="G", help="extra output channels over all orders >= 2: 0.5, 50 or 50%% (default 0.5; numbers > 1 are percentages); with --quantize wN: a residual MatMulNBits order whose bytes are G × the base's, on the columns with the largest error (1.0 = a full second order)")
     rex.add_argument("--rex-allocation", choices=("network", "uniform"), help="where the budget goes: network = the channels whose relative error falls most per MAC across the model (default), uniform = the same share of every layer (the thesis's rule)")
     rex.add_argument("--rex-combine", choices=("auto", "fold", "permute", "gather", "pad", "scatter", "dense"), help="how the residual order joins the layer: fold = K=2 at <= 4 bits folded into one int8 layer with per-channel scales (no branch, the base's speed), permute = branches after a channel-group reorder, Pad + Add, gather = a Gather of the branch codes; auto (default) = fold where it applies, else permute")
     rex.add_argument("--rex-input-expansion", action="store_true", help="also expand the activations' quantization error (eqs. 3.20-3.21)")
 
 
 def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    if parse_weight_only(args.quantize) is not None:
+        return {}, []  # --quantize wN: the weight-only pass's residual order (weight_only.flags.weight_only_rex)
     options: dict[str, Any] = {}
     if args.rex is not None:
         options["rex_order"] = args.rex

@@ -27,6 +27,15 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   weights of rank ≠ 2, a constant left operand, inputs whose rank is unknown or < 2.
   A weight read by several layers is quantized once and shared.
 
+* ``rex_budget`` (default 0: off): REx's residual order in MatMulNBits form
+  (:mod:`.residual`): a second MatMulNBits (``rex_bits`` wide, 4 by default) over the output
+  columns whose weighted base error is largest, added onto the base output (ScatterElements
+  with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns), in blocks of
+  ``rex_block_size`` (default: the base's ``block_size``).  The budget is
+  a fraction of the base's weight bytes, per layer; with a residual as wide as the base,
+  1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
+  anywhere is exit 10 (nothing the option asked for was done).
+
 The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
 round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
 copied once (transposed, padded, float32) while it is quantized — the search's temporaries
@@ -42,7 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PipelineError
+from onnxopt.errors import NothingToDoError, PipelineError
 from onnxopt.external import read_values
 from onnxopt.graph import NameFactory, cleanup, constant_values, detach, is_default_domain, node_label, optional_input
 from onnxopt.options import OptionProblem, PassOptions, option
@@ -51,6 +60,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 from ..common.layers import transposed_weight
 from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .residual import MIN_OPSET as REX_MIN_OPSET, Residual, budget_columns, residual_order
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -103,11 +113,30 @@ class Packed:
     relative_error: float
     float_bytes: int
     constants: list[gs.Constant]
+    #: The residual order (REx): its MatMulNBits constants, output columns and width.
+    rex_constants: list[gs.Constant] | None = None
+    rex_columns: gs.Constant | None = None
+    rex_bits: int = 0
+    rex_block_size: int = 0
+    rex_count: int = 0
+    rex_full: bool = False
+    rex_relative_error: float | None = None
+    #: Why the layer has no residual order although one was asked for.
+    rex_skipped: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(c.values.nbytes for c in self.constants))
+
+    @property
+    def rex_nbytes(self) -> int:
+        return int(sum(c.values.nbytes for c in self.rex_constants or ()))
 
 
 @dataclass(frozen=True)
 class WeightOnlyOptions(PassOptions):
-    """weight-only's options: bits, block size, zero points and the data-free scale search."""
+    """weight-only's options: bits, block size, zero points, the data-free scale search and
+    the residual order (REx in MatMulNBits form)."""
 
     weight_bits: int = option(4, flag="--quantize")
     #: K rows per scale
@@ -127,6 +156,11 @@ class WeightOnlyOptions(PassOptions):
     keep_8bit: tuple[str, ...] | str | None = option((), flag="--keep-8bit")
     #: weight the rows by the LayerNorm (γ² + β²) feeding the layer
     norm_weighting: bool = True
+    #: residual order's bytes as a fraction of the base's (0: none; 1.0 at 4 bits: a full second order)
+    rex_budget: float = option(0.0, flag="--rex-budget")
+    rex_bits: int = 4
+    #: the residual's block size (None: the base's)
+    rex_block_size: int | None = None
 
     def check(self) -> None:
         super().check()
@@ -142,6 +176,14 @@ class WeightOnlyOptions(PassOptions):
             raise OptionProblem("min_shrink", f"must be in (0, 1], got {self.min_shrink!r}")
         if self.refine_rounds < 0:
             raise OptionProblem("refine_rounds", f"must be an integer >= 0, got {self.refine_rounds!r}")
+        if self.rex_budget < 0:
+            raise OptionProblem("rex_budget", f"must be a fraction >= 0 of the base's weight bytes (0.25; 1.0 = a full second order at 4 bits), got {self.rex_budget!r}")
+        if self.rex_bits not in SUPPORTED_BITS:
+            raise OptionProblem("rex_bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.rex_bits!r}")
+        if self.rex_block_size is not None and self.rex_block_size not in SUPPORTED_BLOCK_SIZES:
+            raise OptionProblem("rex_block_size", f"must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))} (or unset: the base's), got {self.rex_block_size!r}")
+        if self.rex_budget and self.weight_bits == 8:
+            raise OptionProblem("rex_budget", "expands a low-bit base; at weight_bits 8 the base is already finer than a residual order (use weight_bits 4)")
 
 
 class WeightOnlyQuantize(Pass):
@@ -154,6 +196,11 @@ class WeightOnlyQuantize(Pass):
     #: The op lives in com.microsoft (version 1) and needs no newer default-domain op.
     min_opset = None
     Options = WeightOnlyOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["rex_budget"] > 0:
+            self.min_opset = REX_MIN_OPSET  # the partial residual order's ScatterElements(reduction="add")
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         self._keep = keep_patterns(self.options["keep_8bit"])
@@ -171,7 +218,7 @@ class WeightOnlyQuantize(Pass):
             bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
             key = (*layer.key, bits, layer.norm)
             if key not in done:
-                done[key] = self._pack(self._quantize(layer, bits), layer, names)
+                done[key] = self._quantize_layer(layer, bits, names, ctx)
             self._rewrite(graph, layer, done[key], names)
             records.append(layer_record(layer, done[key]))
             layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
@@ -181,7 +228,8 @@ class WeightOnlyQuantize(Pass):
         if layers:
             cleanup(graph)
         before = sum(packed.float_bytes for packed in done.values())
-        after = sum(int(sum(c.values.nbytes for c in packed.constants)) for packed in done.values())
+        after = sum(packed.nbytes + packed.rex_nbytes for packed in done.values())
+        rex = self._rex_summary(done.values(), records)
         return PassResult(
             bool(layers),
             {
@@ -191,6 +239,7 @@ class WeightOnlyQuantize(Pass):
                 **({"keep_8bit_unmatched": unmatched} if unmatched else {}),
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
+                **rex,
                 **summarize_errors(records),
                 "coverage": self._coverage(len(candidates), len(layers)),
                 "layers": records,
@@ -228,12 +277,50 @@ class WeightOnlyQuantize(Pass):
         self._matched |= hits
         return bool(hits)
 
-    def _quantize(self, layer: Layer, bits: int) -> BlockQuantized:
+    def _search_options(self) -> dict[str, Any]:
         o = self.options
-        return quantize_blocks(
-            layer.matrix(), bits, o["block_size"], symmetric=o["symmetric"], search=o["scale_search"],
-            steps=o["search_steps"], min_shrink=float(o["min_shrink"]), refine_rounds=o["refine_rounds"], row_weight=layer.row_weight,
-        )
+        return {"search": o["scale_search"], "steps": o["search_steps"], "min_shrink": float(o["min_shrink"]), "refine_rounds": o["refine_rounds"]}
+
+    def _quantize_layer(self, layer: Layer, bits: int, names: NameFactory, ctx: PassContext) -> Packed:
+        """The base (and, with ``rex_budget``, the residual order) of one weight, packed."""
+        o = self.options
+        matrix = layer.matrix()
+        result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight, **self._search_options())
+        packed = self._pack(result, layer, names)
+        if o["rex_budget"]:
+            self._add_residual(packed, matrix, result, layer, names, ctx)
+        return packed
+
+    def _add_residual(self, packed: Packed, matrix: np.ndarray, base: BlockQuantized, layer: Layer, names: NameFactory, ctx: PassContext) -> None:
+        """The residual order of the columns ``rex_budget`` pays for (or why there is none)."""
+        o = self.options
+        if base.bits == 8:
+            packed.rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
+        else:
+            count = budget_columns(layer.k, layer.n, float(o["rex_budget"]), base.bits, o["rex_bits"], base.block_size, base.symmetric, o["rex_block_size"])
+            if count == 0:
+                packed.rex_skipped = (f"rex_budget {o['rex_budget']:g} of the base's bytes buys no {o['rex_bits']}-bit residual column "
+                                      f"of this layer (N = {layer.n}): raise rex_budget")
+        if packed.rex_skipped:
+            ctx.refuse(f"residual order of {node_label(layer.node)}", packed.rex_skipped)
+            return
+        residual = residual_order(matrix, base, count, o["rex_bits"], layer.row_weight, o["rex_block_size"], **self._search_options())
+        self._pack_residual(packed, residual, layer, names)
+        packed.rex_relative_error = float(np.sqrt(residual.sq_error / max(base.sq_norm, 1e-30)))
+
+    def _pack_residual(self, packed: Packed, residual: Residual, layer: Layer, names: NameFactory) -> None:
+        base = layer.tensor.name
+        b, scales, zero_points = packed_tensors(residual.quantized)
+        constants = [gs.Constant(names.new(f"{base}_rex_Q{residual.quantized.bits}"), b), gs.Constant(names.new(f"{base}_rex_scales"), scales)]
+        if zero_points is not None:
+            constants.append(gs.Constant(names.new(f"{base}_rex_zero_points"), zero_points))
+        packed.rex_constants = constants
+        packed.rex_bits = residual.quantized.bits
+        packed.rex_block_size = residual.quantized.block_size
+        packed.rex_count = int(residual.columns.size)
+        packed.rex_full = residual.full
+        if not residual.full:
+            packed.rex_columns = gs.Constant(names.new(f"{base}_rex_columns"), residual.columns)
 
     def _pack(self, result: BlockQuantized, layer: Layer, names: NameFactory) -> Packed:
         """B, scales and (unless symmetric) zero points as fresh constants, and the errors."""
@@ -252,11 +339,42 @@ class WeightOnlyQuantize(Pass):
             inputs += [gs.Variable.empty()] * (5 - len(inputs))  # zero_points and g_idx absent
             inputs.append(gs.Constant(names.new(f"{node_label(node)}_bias"), layer.bias))
         attrs = {"K": layer.k, "N": layer.n, "bits": packed.bits, "block_size": packed.block_size, "accuracy_level": int(self.options["accuracy_level"])}
-        output = node.outputs[0]
+        output, x = node.outputs[0], node.inputs[0]
         fused = gs.Node("MatMulNBits", names.new(f"{node_label(node)}_Q{packed.bits}"), attrs=attrs, inputs=inputs, outputs=[], domain=DOMAIN)
         detach(node)
-        fused.outputs.append(output)
-        graph.nodes.append(fused)
+        if packed.rex_constants is None:
+            fused.outputs.append(output)
+            graph.nodes.append(fused)
+            return
+        label = node_label(node)
+        base_out = gs.Variable(names.new(f"{label}_base"), dtype=output.dtype)
+        fused.outputs.append(base_out)
+        rex_attrs = {**attrs, "N": packed.rex_count, "bits": packed.rex_bits, "block_size": packed.rex_block_size}
+        rex_out = gs.Variable(names.new(f"{label}_rex"), dtype=output.dtype)
+        rex = gs.Node("MatMulNBits", names.new(f"{label}_rex_Q{packed.rex_bits}"), attrs=rex_attrs,
+                      inputs=[x, *packed.rex_constants], outputs=[rex_out], domain=DOMAIN)
+        graph.nodes += [fused, rex, *residual_join(base_out, rex_out, packed.rex_columns, output, label, names)]
+
+    def _rex_summary(self, packed: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The residual order's counted lines (empty when not asked for); exit 10 when the
+        budget bought no column in any layer."""
+        if not self.options["rex_budget"]:
+            return {}
+        done = [p for p in packed if p.rex_constants is not None]
+        expanded = [r for r in records if r.get("rex_columns")]
+        if records and not expanded:
+            reasons = Counter(p.rex_skipped for p in packed if p.rex_skipped)
+            raise NothingToDoError(f"{self.name}: rex_budget {self.options['rex_budget']:g} added no residual order to any of the "
+                                   f"{len(records)} quantized layers: " + "; ".join(reasons))
+        base_bytes = sum(p.nbytes for p in packed if p.bits != 8)
+        return {
+            "rex_layers": len(expanded),
+            "rex_columns": int(sum(r["rex_columns"] for r in expanded)),
+            "rex_columns_share": round(sum(r["rex_columns"] for r in expanded) / max(sum(r["N"] for r in records), 1), 4),
+            "rex_bytes": sum(p.rex_nbytes for p in done),
+            "rex_bytes_share": round(sum(p.rex_nbytes for p in done) / max(base_bytes, 1), 4),
+            "rex_relative_error_mean": round(float(np.mean([r.get("rex_relative_error", r["relative_error"]) for r in records])), 6),
+        }
 
     def _coverage(self, total: int, done: int) -> dict[str, Any]:
         return {"verb": "quantized", "unit": "MatMul/Gemm layers", "done": done, "total": total, "left": "float", "reasons": dict(self._reasons)}
@@ -353,11 +471,30 @@ def float_label(reason: str) -> str:
 
 
 def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
-    return {
+    record = {
         "layer": node_label(layer.node), "op": layer.node.op, "K": layer.k, "N": layer.n, "bits": result.bits,
         "block_size": result.block_size, "symmetric": result.symmetric, "weighted_by": layer.norm,
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
+    if result.rex_constants is not None:
+        record.update(rex_columns=result.rex_count, rex_bits=result.rex_bits, rex_block_size=result.rex_block_size, rex_relative_error=round(result.rex_relative_error or 0.0, 6))
+    return record
+
+
+def residual_join(base: gs.Variable, residual: gs.Variable, columns: gs.Constant | None, output: gs.Tensor, label: str, names: NameFactory) -> list[gs.Node]:
+    """base + residual: an Add when the residual covers every column, else
+    ScatterElements(base, columns expanded to the residual's shape, residual, reduction=add)
+    on the last axis."""
+    if columns is None:
+        return [gs.Node("Add", names.new(f"{label}_rex_add"), inputs=[base, residual], outputs=[output])]
+    shape = gs.Variable(names.new(f"{label}_rex_shape"), dtype=np.int64)
+    indices = gs.Variable(names.new(f"{label}_rex_indices"), dtype=np.int64)
+    return [
+        gs.Node("Shape", names.new(f"{label}_rex_shape"), inputs=[residual], outputs=[shape]),
+        gs.Node("Expand", names.new(f"{label}_rex_expand"), inputs=[columns, shape], outputs=[indices]),
+        gs.Node("ScatterElements", names.new(f"{label}_rex_scatter"), attrs={"axis": -1, "reduction": "add"},
+                inputs=[base, indices, residual], outputs=[output]),
+    ]
 
 
 def summarize_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:

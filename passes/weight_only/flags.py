@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from onnxopt.errors import PipelineError
-from onnxopt.flags import FlagFamily, parse_weight_only
+from onnxopt.flags import FlagFamily, parse_budget, parse_weight_only
 from onnxopt.options import flag_of
 
 from . import WeightOnlyOptions
@@ -33,11 +33,25 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         if options:
             raise PipelineError(f"{', '.join(flag_of(WeightOnlyOptions, key) for key in options)} need --quantize wN (weight-only, e.g. w4)")
         return {}, []
-    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--rex", args.rex), ("--modular-accumulator", args.modular_accumulator)) if value is not None]
+    others = [flag for flag, value in (("--power-quant", args.power_quant), ("--modular-accumulator", args.modular_accumulator),
+                                       ("--rex-allocation", args.rex_allocation), ("--rex-combine", args.rex_combine),
+                                       ("--rex-input-expansion", args.rex_input_expansion or None)) if value is not None]
     if others:
         raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
     options["weight_bits"] = bits
+    options.update(weight_only_rex(args))
     return options, ["weight-only"]
+
+
+def weight_only_rex(args: argparse.Namespace) -> dict[str, Any]:
+    """REx in MatMulNBits form: ``--rex-budget G`` (``--rex 2`` alone: the default budget 0.5)
+    → the weight-only pass's ``rex_budget``, a fraction of the base's weight bytes (the REx
+    family declares these flags)."""
+    if args.rex is not None and args.rex != 2:
+        raise PipelineError(f"--rex {args.rex} with --quantize wN: REx in MatMulNBits form has one residual order (--rex 2, or just --rex-budget G)")
+    if args.rex_budget is not None:
+        return {"rex_budget": parse_budget(args.rex_budget)}
+    return {"rex_budget": 0.5} if args.rex is not None else {}
 
 
 FLAGS = FlagFamily("weight-only", add_arguments, pipeline_options)
