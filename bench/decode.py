@@ -120,7 +120,9 @@ STAT_KEYS = ("layers_quantized", "relative_error_mean", "rex_columns_share", "re
 
 def build_ours(src: Path, dst: Path, options: dict[str, Any], isolate: bool = False) -> dict[str, Any]:
     """The weight-only preset with ``options``; ``isolate``: in a child ``onnxopt`` process
-    (large models: its memory is returned to the system when it exits)."""
+    (large models: its memory is returned to the system when it exits).  Built at
+    accuracy_level 0 (the pass's default is 4); the ``_a4`` rows set 4 on the same files."""
+    options = {"accuracy_level": 0, **options}
     if isolate:
         report_path = dst.with_suffix(".report.json")
         args = [sys.executable, "-m", "onnxopt", str(src), "-o", str(dst), "--preset", "weight-only", "--report", str(report_path), "-q"]

@@ -18,8 +18,9 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
   (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
 * ``keep_8bit``: node-name (or weight-name) substrings of layers kept at 8 bits, e.g.
-  ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (0: float products;
-  4: int8 activations inside the kernel, faster, less exact).
+  ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (default 4: int8
+  activations inside the kernel, ORT's CPU fast path; 0: float products, slower — for 2- and
+  8-bit weights much slower than the float model — and slightly more exact).
 * Gemm: ``transB`` reads B as [N, K] (transposed before quantizing), ``alpha`` scales the
   weight, ``beta·C`` of shape [N] (or [1, N] or a scalar) becomes the op's bias input.
   Refused with the reason: Gemm with ``transA``, a bias C of another shape or not constant.
@@ -150,8 +151,9 @@ class WeightOnlyOptions(PassOptions):
     min_shrink: float = 0.7
     #: least-squares refits of scale and zero point after the search
     refine_rounds: int = 2
-    #: MatMulNBits accuracy_level (0 = the kernel's default)
-    accuracy_level: int = 0
+    #: MatMulNBits accuracy_level: 4 (int8 activations inside ORT's CPU kernel) is its fast
+    #: path, and the only one for 2- and 8-bit weights; 0 computes float products
+    accuracy_level: int = option(4, flag="--accuracy-level")
     #: layers whose node or weight name contains one of these stay at 8 bits
     keep_8bit: tuple[str, ...] | str | None = option((), flag="--keep-8bit")
     #: weight the rows by the LayerNorm (γ² + β²) feeding the layer

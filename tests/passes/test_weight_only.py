@@ -15,8 +15,13 @@ from onnx import helper, numpy_helper
 
 import onnxopt
 from onnxopt.cli import main as cli_main
+from onnxopt.runtime import run
 from onnxopt.errors import NothingToDoError, PipelineError
 from onnxopt.passes.weight_only.blockwise import dequantize_packed, packed_tensors, quantize_blocks
+
+#: the numerics checks compare ORT with x @ dequant(W): float products (accuracy_level 0), not
+#: the default 4 (int8 activations inside the kernel, checked separately)
+EXACT = {"accuracy_level": 0}
 
 RNG = np.random.default_rng(17)
 
@@ -138,7 +143,7 @@ def test_search_error_at_most_round_to_nearest(bits, block_size, symmetric):
 def test_ort_matches_numpy_product_with_decoded_weight(bits, symmetric, block_size, k):
     weight = heavy_tailed(k, 40, seed=k)
     model = matmul_model(weight)
-    out, report = onnxopt.optimize(model, preset="weight-only", weight_bits=bits, block_size=block_size, symmetric=symmetric, validate=True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, weight_bits=bits, block_size=block_size, symmetric=symmetric, validate=True)
     (node,) = nbits_nodes(out)
     assert attrs(node) == {"K": k, "N": 40, "bits": bits, "block_size": block_size, "accuracy_level": 0}
     assert (len(node.input) > 3) is not symmetric
@@ -160,7 +165,7 @@ def test_gemm_trans_b_alpha_beta_bias():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [4, k])], [helper.make_tensor_value_info("y", 1, [4, n])],
                               [numpy_helper.from_array(b, "B"), numpy_helper.from_array(c, "C")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out, _ = onnxopt.optimize(model, preset="weight-only", validate=True)
+    out, _ = onnxopt.optimize(model, preset="weight-only", **EXACT, validate=True)
     (fused,) = nbits_nodes(out)
     assert fused.input[5] and not fused.input[4]  # bias input, no g_idx
     x = RNG.standard_normal((4, k)).astype(np.float32)
@@ -182,7 +187,7 @@ def test_refusals_are_counted_with_reasons():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [32, 32])], [helper.make_tensor_value_info("y", 1, [32, 32])],
                               [numpy_helper.from_array(w, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out, report = onnxopt.optimize(model, preset="weight-only", validate=True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, validate=True)
     stats = next(p for p in report.passes if p.name == "weight-only")
     assert stats.stats["coverage"]["done"] == 1 and stats.stats["coverage"]["total"] == 3
     reasons = {r.subject: r.reason for r in stats.refusals}
@@ -197,7 +202,7 @@ def test_float16_weights_refused_with_the_reason():
     model = onnx.parser.parse_model(text)
     model.graph.initializer.append(numpy_helper.from_array(heavy_tailed(32, 8).astype(np.float16), "W"))
     with pytest.raises(NothingToDoError, match="0 of 1 MatMul/Gemm layers quantized: 1 non-float32 weight"):
-        onnxopt.optimize(model, preset="weight-only")
+        onnxopt.optimize(model, preset="weight-only", **EXACT)
 
 
 def test_keep_8bit_and_shared_weight():
@@ -211,7 +216,7 @@ def test_keep_8bit_and_shared_weight():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 64])], [helper.make_tensor_value_info("y", 1, [1, 16])],
                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(head, "H")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out, report = onnxopt.optimize(model, preset="weight-only", keep_8bit=["lm_head"], validate=True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, keep_8bit=["lm_head"], validate=True)
     by_name = {n.name: n for n in nbits_nodes(out)}
     bits = {name.rsplit("_Q", 1)[0]: attrs(node)["bits"] for name, node in by_name.items()}
     assert bits == {"block.0.mlp": 4, "block.1.mlp": 4, "lm_head": 8}
@@ -220,7 +225,7 @@ def test_keep_8bit_and_shared_weight():
     stats = next(p for p in report.passes if p.name == "weight-only").stats
     assert stats["weights_quantized"] == 2 and stats["layers_quantized"] == 3 and stats["layers_8bit"] == 1
     # a pattern that matches nothing is said, not ignored
-    _, report = onnxopt.optimize(model, preset="weight-only", keep_8bit=["lm_head", "embed_tokens", "H"])  # "H": the head's weight name
+    _, report = onnxopt.optimize(model, preset="weight-only", **EXACT, keep_8bit=["lm_head", "embed_tokens", "H"])  # "H": the head's weight name
     weight_only = next(p for p in report.passes if p.name == "weight-only")
     assert weight_only.stats["keep_8bit_unmatched"] == ["embed_tokens"]
     assert any(r.subject == "keep_8bit 'embed_tokens'" and "matches no" in r.reason for r in weight_only.refusals)
@@ -246,7 +251,7 @@ def test_norm_weighting_lowers_output_error_behind_a_layernorm():
     reference = run_ort(model, x)
     errors = {}
     for weighting in (False, True):
-        out, report = onnxopt.optimize(model, preset="weight-only", norm_weighting=weighting, validate=True)
+        out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, norm_weighting=weighting, validate=True)
         (layer,) = next(p for p in report.passes if p.name == "weight-only").stats["layers"]
         assert layer["weighted_by"] == ("ln" if weighting else None)
         errors[weighting] = np.linalg.norm(run_ort(out, x) - reference) / np.linalg.norm(reference)
@@ -305,7 +310,7 @@ def test_gpt_style_model_with_external_data_round_trip(tmp_path):
     src = tmp_path / "gpt.onnx"
     onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="gpt.onnx.data", size_threshold=0)
     assert (tmp_path / "gpt.onnx.data").exists()
-    out, report = onnxopt.optimize(src, preset="weight-only", keep_8bit=["lm_head"], validate=True)
+    out, report = onnxopt.optimize(src, preset="weight-only", **EXACT, keep_8bit=["lm_head"], validate=True)
     dst = tmp_path / "gpt.w4.onnx"
     onnxopt.save_model(out, dst, external_data=True)
     written = onnx.load(str(dst), load_external_data=False)
@@ -339,7 +344,7 @@ def test_gpt_style_model_with_external_data_round_trip(tmp_path):
 def test_opset_and_ir_version_kept(opset, ir_version):
     weight = heavy_tailed(64, 32, seed=opset)
     model = matmul_model(weight, x_shape=(4, None), opset=opset, ir_version=ir_version)
-    out, report = onnxopt.optimize(model, preset="weight-only", validate=True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, validate=True)
     assert out.ir_version == ir_version and not report.notes
     assert {o.domain: o.version for o in out.opset_import} == {"": opset, "com.microsoft": 1}
     x = RNG.standard_normal((4, 64)).astype(np.float32)
@@ -352,11 +357,11 @@ def test_no_constant_weight_is_a_no_op_error():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     agraph (float[4, 8] a, float[8, 4] b) => (float[4, 4] y) { y = MatMul (a, b) }"""
     with pytest.raises(NothingToDoError, match=r"0 of 1 MatMul/Gemm layers quantized: 1 activation × activation"):
-        onnxopt.optimize(onnx.parser.parse_model(text), preset="weight-only")
+        onnxopt.optimize(onnx.parser.parse_model(text), preset="weight-only", **EXACT)
     no_layers = """<ir_version: 8, opset_import: ["" : 17]>
     agraph (float[4, 8] a) => (float[4, 8] y) { y = Relu (a) }"""
     with pytest.raises(NothingToDoError, match="no MatMul or Gemm layer"):
-        onnxopt.optimize(onnx.parser.parse_model(no_layers), preset="weight-only")
+        onnxopt.optimize(onnx.parser.parse_model(no_layers), preset="weight-only", **EXACT)
 
 
 @pytest.mark.parametrize("options", [{"weight_bits": 3}, {"block_size": 48}, {"accuracy_level": 7}, {"keep_8bit": 5}, {"min_shrink": 0}])
@@ -379,3 +384,18 @@ def test_cli_weight_only_flags(tmp_path, capsys):
     nothing = tmp_path / "relu.onnx"
     onnx.save(onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\nagraph (float[4, 8] a) => (float[4, 8] y) { y = Relu (a) }'), str(nothing))
     assert cli_main([str(nothing), "-o", str(dst), "--quantize", "w4"]) == 10
+
+
+def test_default_accuracy_level_is_ort_s_int8_fast_path_and_stays_close():
+    """Default accuracy_level 4: ORT's CPU kernel quantizes the activations to int8 per block
+    (its fast path, the only one for 2- and 8-bit weights); the output stays close to
+    x @ dequant(W); accuracy_level 0 (--accuracy-level 0) keeps float products."""
+    weight = heavy_tailed(128, 32, seed=3)
+    default, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", validate=True)
+    exact, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", validate=True, **EXACT)
+    levels = [next(a.i for a in n.attribute if a.name == "accuracy_level") for m in (default, exact) for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert levels == [4, 0]
+    x = RNG.standard_normal((2, 3, 128)).astype(np.float32)
+    reference = run(exact, {"x": x})["y"]
+    got = run(default, {"x": x})["y"]
+    assert np.abs(got - reference).max() <= 0.02 * np.abs(reference).max()

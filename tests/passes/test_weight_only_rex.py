@@ -33,6 +33,10 @@ from tests.passes.test_weight_only import (
     run_ort,
 )
 
+#: the numerics checks compare ORT with x @ dequant(W): float products (accuracy_level 0), not
+#: the default 4 (int8 activations inside the kernel, checked separately)
+EXACT = {"accuracy_level": 0}
+
 RNG = np.random.default_rng(23)
 
 
@@ -69,7 +73,7 @@ def reconstructed(model: onnx.ModelProto) -> np.ndarray:
 def test_packed_model_matches_numpy_reference_and_ort(budget, k, block_size):
     n = 40
     weight = uneven_columns(k, n, seed=k)
-    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=budget, block_size=block_size, validate=True)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=budget, block_size=block_size, validate=True)
     base, residual = base_and_residual(out)
     count = int(np.floor(budget * n + 1e-9))
     assert attrs(residual) == {"K": k, "N": count, "bits": 4, "block_size": block_size, "accuracy_level": 0}
@@ -110,7 +114,7 @@ def test_budget_picks_the_columns_with_the_largest_error():
 def test_the_graph_adds_the_residual_on_the_chosen_columns():
     """The model's residual columns are the numpy choice, and the columns left out equal the base alone."""
     weight = uneven_columns(64, 32, seed=9)
-    out, _ = onnxopt.optimize(matmul_model(weight, x_shape=(5, None)), preset="weight-only", rex_budget=0.25, validate=True)
+    out, _ = onnxopt.optimize(matmul_model(weight, x_shape=(5, None)), preset="weight-only", **EXACT, rex_budget=0.25, validate=True)
     base, _ = base_and_residual(out)
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     columns = inits[next(n.input[0] for n in out.graph.node if n.op_type == "Expand")]
@@ -125,8 +129,8 @@ def test_the_graph_adds_the_residual_on_the_chosen_columns():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_full_budget_is_a_second_order_strictly_better_than_w4(symmetric):
     weight = heavy_tailed(256, 48, seed=11)
-    w4, r4 = onnxopt.optimize(matmul_model(weight), preset="weight-only", symmetric=symmetric)
-    full, rf = onnxopt.optimize(matmul_model(weight), preset="weight-only", symmetric=symmetric, rex_budget=1.0, validate=True)
+    w4, r4 = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=symmetric)
+    full, rf = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=symmetric, rex_budget=1.0, validate=True)
     error_w4 = np.linalg.norm(decoded_weight(w4, nbits_nodes(w4)[0]) - weight)
     error_full = np.linalg.norm(reconstructed(full) - weight)
     assert error_full < error_w4 / 8  # a 4-bit residual of a 4-bit base: close to an 8-bit weight
@@ -142,7 +146,7 @@ def test_bytes_stay_within_the_budget_and_8bit_residuals_cost_twice():
     assert column_bytes(k, 4, 32, False) == 8 * 16 + 8 * 4 + 4
     assert budget_columns(k, n, 0.5, 4, 8, 32, False) < budget_columns(k, n, 0.5, 4, 4, 32, False) == 32
     for budget, bits in ((0.3, 4), (0.5, 8), (2.0, 4)):
-        _, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=budget, rex_bits=bits, validate=True)
+        _, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=budget, rex_bits=bits, validate=True)
         stats = weight_only_stats(report).stats
         assert stats["rex_bytes_share"] <= min(budget, 1.0 if bits == 4 else 2.0) + 1e-9
         assert stats["rex_columns"] == budget_columns(k, n, budget, 4, bits, 32, False)
@@ -156,7 +160,7 @@ def test_two_bit_residual_in_long_blocks_over_all_columns():
     weight = heavy_tailed(k, n, seed=12)
     options = {"rex_bits": 2, "rex_block_size": 128}
     full_budget = column_bytes(k, 2, 128, False) / column_bytes(k, 4, 32, False)
-    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget, validate=True, **options)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=full_budget, validate=True, **options)
     base, residual = base_and_residual(out)
     assert attrs(residual) == {"K": k, "N": n, "bits": 2, "block_size": 128, "accuracy_level": 0}
     assert Counter(node.op_type for node in out.graph.node) == {"MatMulNBits": 2, "Add": 1}
@@ -170,7 +174,7 @@ def test_two_bit_residual_in_long_blocks_over_all_columns():
     level4, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget, accuracy_level=4, **options)
     np.testing.assert_allclose(run_ort(level4, {"x": x}), expected, rtol=0, atol=0.02 * np.abs(expected).max())
     two_bit = weight_only_stats(report).stats
-    _, four = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget)
+    _, four = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=full_budget)
     four_bit = weight_only_stats(four).stats
     assert two_bit["rex_bytes_share"] <= full_budget + 1e-9 and four_bit["rex_bytes_share"] <= full_budget + 1e-9
     assert two_bit["rex_relative_error_mean"] < 0.8 * four_bit["rex_relative_error_mean"]
@@ -182,7 +186,7 @@ def test_keep_8bit_layers_get_no_residual_and_say_so():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 64])], [helper.make_tensor_value_info("y", 1, [2, 32])],
                               [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out, report = onnxopt.optimize(model, preset="weight-only", rex_budget=0.5, keep_8bit=["lm_head"], validate=True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, rex_budget=0.5, keep_8bit=["lm_head"], validate=True)
     passed = weight_only_stats(report)
     assert passed.stats["rex_layers"] == 1 and Counter(n.op_type for n in out.graph.node)["MatMulNBits"] == 3
     reasons = {r.subject: r.reason for r in passed.refusals}
@@ -191,7 +195,7 @@ def test_keep_8bit_layers_get_no_residual_and_say_so():
 
 def test_opset_upgraded_for_scatter_reduction_and_outputs_match():
     weight = heavy_tailed(64, 32, seed=8)
-    out, report = onnxopt.optimize(matmul_model(weight, x_shape=(4, None), opset=13, ir_version=7), preset="weight-only", rex_budget=0.5, validate=True)
+    out, report = onnxopt.optimize(matmul_model(weight, x_shape=(4, None), opset=13, ir_version=7), preset="weight-only", **EXACT, rex_budget=0.5, validate=True)
     assert {o.domain: o.version for o in out.opset_import}[""] >= 16 and report.notes
     x = RNG.standard_normal((4, 64)).astype(np.float32)
     np.testing.assert_allclose(run_ort(out, {"x": x}), x.astype(np.float64) @ reconstructed(out), rtol=0, atol=1e-4)
@@ -200,13 +204,13 @@ def test_opset_upgraded_for_scatter_reduction_and_outputs_match():
 # --------------------------------------------------------------------------- errors and CLI
 def test_budget_buying_no_column_is_exit_10():
     with pytest.raises(NothingToDoError, match="buys no 4-bit residual column"):
-        onnxopt.optimize(matmul_model(heavy_tailed(64, 8)), preset="weight-only", rex_budget=0.05)
+        onnxopt.optimize(matmul_model(heavy_tailed(64, 8)), preset="weight-only", **EXACT, rex_budget=0.05)
 
 
 @pytest.mark.parametrize("options", [{"rex_budget": -0.1}, {"rex_bits": 3}, {"rex_budget": 0.5, "weight_bits": 8}, {"rex_budget": True}, {"rex_block_size": 48}])
 def test_bad_rex_options(options):
     with pytest.raises(PipelineError):
-        onnxopt.optimize(matmul_model(heavy_tailed(32, 8)), preset="weight-only", **options)
+        onnxopt.optimize(matmul_model(heavy_tailed(32, 8)), preset="weight-only", **EXACT, **options)
 
 
 def test_cli_rex_flags_with_weight_only(tmp_path, capsys):
