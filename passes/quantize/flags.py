@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--spiq", action=argparse.BooleanOptionalAction, default=None, help="per-channel SPIQ activation scales folded into weights: --spiq wherever possible, --no-spiq never (default: where the estimated error is lower)")
     quant.add_argument(
         "--act-ranges", choices=("bn", "minmax", "percentile", "moments"),
-        help="activation ranges: from BN statistics (default, data-free) or calibration data: per-channel min/max (default "
-        "with --calibration-data), 0.01/99.99 percentiles, or moments (the per-channel mean and std of every layer output "
+        help="activation ranges: from BN statistics (default, data-free) or calibration data: 0.01/99.99 percentiles "
+        "(default with --calibration-data), per-channel min/max, or moments (the per-channel mean and std of every layer output "
         "measured on the samples, used like BN statistics: mean ± λ·std)",
     )
     quant.add_argument("--calibration-data", metavar="PATH", help="calibration samples: an .npz (one array per graph input, batch on axis 0), a folder of .npy files or a folder of images (.jpg/.png; resized, center-cropped, ImageNet-normalised)")
@@ -87,7 +87,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         return {}, []
     options["weight_bits"], options["act_bits"] = parse_bits(args.quantize)
     if args.calibration_data and "act_ranges" not in options:
-        options["act_ranges"] = "minmax"
+        options["act_ranges"] = "percentile"
     return options, ["quantize"]
 
 
