@@ -56,6 +56,8 @@ from bench.common import (
     time_interleaved,
 )
 from bench.weight_only import (
+    minilm_inputs,
+    record_embedding_cosines,
     build_ort,
     file_bytes,
     save_external,
@@ -221,32 +223,14 @@ def bench_synthetic(layers: int, only: set[str], timing: Timing, prefill: int, p
 
 
 def bench_minilm(only: set[str]) -> dict[str, Any]:
-    from onnxopt.models.pretrained import (
-        export_minilm,
-        minilm_embedder,
-        minilm_tokenize,
-    )
-
-    from bench.quantize import SENTENCES
-
-    raw = export_minilm()
-    tokenizer, _ = minilm_embedder()
-    seq_len = next(d.dim_value for d in onnx.load(str(raw), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:])
-    feeds = minilm_tokenize(tokenizer, SENTENCES, seq_len)
+    raw, feeds, seq_len = minilm_inputs()
     with tempfile.TemporaryDirectory(prefix="bench_decode_minilm_") as tmp:
         work = Path(tmp)
         folded, _ = onnxopt.optimize(raw)
         src = save_external(folded, work / "fp32.onnx")
         paths, records = build_all(src, work, only)
-        outputs = {}
-        for key, path in paths.items():
-            sess = ort_session(path, "all")
-            outputs[key] = np.concatenate([sess.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(len(SENTENCES))])
-        reference = outputs["fp32"]
-        for key, out in outputs.items():
-            cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
-            records[key].update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
-    return {"sentences": len(SENTENCES), "seq_len": seq_len, "configs": records}
+        record_embedding_cosines(paths, feeds, records)
+    return {"sentences": len(next(iter(feeds.values()))), "seq_len": seq_len, "configs": records}
 
 
 # --------------------------------------------------------------------------- the join of a partial order

@@ -206,29 +206,41 @@ def bench_synthetic(layers: int, bits: int, block_size: int, timing: Timing, onl
     return {"layers": layers, "d": 2048, "ff": 8192, "configs": records}
 
 
-def bench_minilm(bits: int, block_size: int, timing: Timing, only: set[str] | None = None) -> dict[str, Any]:
+def minilm_inputs() -> tuple[Path, dict[str, np.ndarray], int]:
+    """MiniLM's raw export, the tokenized benchmark sentences and their sequence length."""
     from bench.quantize import SENTENCES
     from onnxopt.models.pretrained import export_minilm, minilm_embedder, minilm_tokenize
 
     raw = export_minilm()
     tokenizer, _ = minilm_embedder()
     seq_len = next(d.dim_value for d in onnx.load(str(raw), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:])
-    feeds = minilm_tokenize(tokenizer, SENTENCES, seq_len)
+    return raw, minilm_tokenize(tokenizer, SENTENCES, seq_len), seq_len
+
+
+def record_embedding_cosines(paths: dict[str, Path], feeds: dict[str, np.ndarray], records: dict[str, dict[str, Any]]) -> None:
+    """Each configuration's sentence embeddings (one sentence per run) against ``fp32``'s:
+    mean and min cosine, into ``records``."""
+    count = len(next(iter(feeds.values())))
+    outputs = {}
+    for key, path in paths.items():
+        sess = ort_session(path, "all")
+        outputs[key] = np.concatenate([sess.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(count)])
+    reference = outputs["fp32"]
+    for key, out in outputs.items():
+        cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+        records[key].update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+
+
+def bench_minilm(bits: int, block_size: int, timing: Timing, only: set[str] | None = None) -> dict[str, Any]:
+    raw, feeds, seq_len = minilm_inputs()
     with tempfile.TemporaryDirectory(prefix="bench_nbits_minilm_") as tmp:
         work = Path(tmp)
         folded, _ = onnxopt.optimize(raw)
         src = save_external(folded, work / "fp32.onnx")
         paths, records = build_all(src, work, bits, block_size, only)
-        outputs = {}
-        for key, path in paths.items():
-            sess = ort_session(path, "all")
-            outputs[key] = np.concatenate([sess.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(len(SENTENCES))])
-        reference = outputs["fp32"]
-        for key, out in outputs.items():
-            cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
-            records[key].update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+        record_embedding_cosines(paths, feeds, records)
         measure_latency(paths, {k: v[:1] for k, v in feeds.items()}, timing, records)
-    return {"sentences": len(SENTENCES), "seq_len": seq_len, "configs": records}
+    return {"sentences": len(next(iter(feeds.values()))), "seq_len": seq_len, "configs": records}
 
 
 # --------------------------------------------------------------------------- report
