@@ -69,7 +69,9 @@ def optimize(
     names = resolve_pipeline(registry, passes, preset)
     pipeline = registry.build(names, {**preset_options(registry, passes, preset), **options})
     model = load_model(model_or_path, check=not (checked and isinstance(model_or_path, onnx.ModelProto)), lazy=lazy)
-    manager = PassManager(pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op)
+    manager = PassManager(
+        pipeline, validate=validate, max_rounds=max_rounds, progress=Progress(enabled=progress), allow_no_op=allow_no_op, registry=registry
+    )
     if report is None:
         report = Report(input_path=None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path))
     return manager.run(model, report)

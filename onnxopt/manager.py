@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import onnx
 
@@ -113,6 +113,7 @@ class PassManager:
         max_rounds: int = 1,
         progress: Progress | None = None,
         allow_no_op: bool = False,
+        registry: Any = None,
     ) -> None:
         if max_rounds < 1:
             raise PipelineError("max_rounds must be at least 1")
@@ -123,6 +124,8 @@ class PassManager:
         self.progress = progress or Progress(enabled=False)
         #: True: a requested compression that rewrote nothing is only reported (benchmarks, sweeps).
         self.allow_no_op = allow_no_op
+        #: the registry the passes came from (``ctx.delegate`` looks passes up there)
+        self.registry = registry
 
     @property
     def lossless(self) -> bool:
@@ -147,6 +150,7 @@ class PassManager:
             metadata={p.key: p.value for p in model.metadata_props},
             passes=tuple(self.passes),
             unused_initializers=unused_initializers(model, graph),
+            registry=self.registry,
         )
         last_change = ""
         for round_index in range(self.max_rounds):

@@ -94,6 +94,17 @@ class PipelineRun:
     unused_initializers: list[str] = field(default_factory=list)
     #: artifact type → the artifact an earlier pass published (see Pass.produces)
     artifacts: dict[type, Any] = field(default_factory=dict)
+    #: the pass registry the pipeline came from (None: the built-in one), for ``ctx.delegate``
+    registry: Any = None
+
+    def pass_class(self, name: str) -> type["Pass"]:
+        """The registered pass called ``name``."""
+        registry = self.registry
+        if registry is None:
+            from onnxopt.passes import builtin_registry
+
+            registry = builtin_registry()
+        return registry.get(name)
 
 
 class PassContext:
@@ -132,6 +143,15 @@ class PassContext:
         if self.run.template is None:
             return gs.export_onnx(graph)
         return export_model(graph, self.run.template, self.run.metadata)
+
+    def delegate(self, name: str, graph: gs.Graph, **options: Any) -> PassResult:
+        """Run the registered pass ``name`` on ``graph`` as part of this pass (its options
+        built and checked like any pass's; its refusals land in this pass's report): a family
+        that falls back to another family's rewrite uses it by name instead of importing it
+        (power-quant hands uniform layers to quantize)."""
+        helper = self.run.pass_class(name)(**options)
+        helper.requires(graph, self)
+        return helper.call(graph, self)
 
     def take_unused_initializers(self) -> list[str]:
         """The initializers the import dropped, once (eliminate-dead counts them)."""

@@ -68,7 +68,6 @@ from onnxopt.options import OptionProblem, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, PreconditionFailed, Refusal, Stage
 from onnxopt.runtime_ops import DOMAIN, MIN_OPSET, add_functions_to_graph
 
-from ..quantize import Quantize
 from ..common.calibration import calibration_samples
 from ..common.layers import transposed_weight, weight_axis
 from ..common.numerics import checked_scales
@@ -413,9 +412,7 @@ class PowerQuant(Pass):
         """Exponent 1 everywhere: power quantization is uniform quantization, so the layers
         get what the ``quantize`` pass emits (standard QDQ that ORT fuses) instead of the
         custom ops, which would compute the same values several times slower."""
-        uniform = Quantize(**{key: self.options[key] for key in UNIFORM_OPTIONS})
-        uniform.requires(graph, ctx)
-        result = uniform.call(graph, ctx)
+        result = ctx.delegate("quantize", graph, **{key: self.options[key] for key in UNIFORM_OPTIONS})
         ctx.logger.info("power-quant: exponent 1 is uniform quantization: emitted standard QDQ (the quantize pass)")
         result.stats = {**stats, "emitted": "QDQ", "note": UNIFORM_NOTE, **result.stats}
         return result

@@ -503,3 +503,22 @@ def test_a_consumer_without_an_earlier_producer_is_refused_before_anything_runs(
     with pytest.raises(PipelineError, match="pass reader needs the Note an earlier pass produces, and no pass before it does"):
         PassManager([reader(), writer()])
     assert ran == []
+
+
+def test_a_pass_delegates_to_another_registered_pass_by_name():
+    """ctx.delegate runs a pass of the pipeline's registry (options checked like any pass's)
+    inside the calling pass; its refusals land in the caller's report."""
+    def call(graph, ctx):
+        return ctx.delegate("refuser", graph)
+
+    def refuse(graph, ctx):
+        ctx.refuse("node x", "delegated refusal")
+        return PassResult(False)
+
+    registry = builtin_registry()
+    registry.register(make_pass("refuser", call=refuse))
+    registry.register(make_pass("caller", call=call))
+    _, report = onnxopt.optimize(parse(RELU), passes=["caller"], registry=registry)
+    assert [(name, r.reason) for name, r in report.refusals] == [("caller", "delegated refusal")]
+    with pytest.raises(PipelineError, match="unknown pass 'nope'"):
+        PassContext("x").delegate("nope", None)
