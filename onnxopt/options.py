@@ -84,7 +84,7 @@ class PassOptions(Mapping):
 
     # -- read-only mapping -------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
-        if key not in self.defaults():
+        if key not in self.__dataclass_fields__:
             raise KeyError(key)
         return getattr(self, key)
 
