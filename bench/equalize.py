@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 
 import onnxopt
 from bench.common import chosen_models, environment, json_safe, table
-from bench.fidelity import MODELS, error_text, fidelity, load_data, log, run_model, with_retry
+from bench.fidelity import MODELS, bench_each_model, error_text, fidelity, load_data, log, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 WEIGHT_BITS = (8, 6, 4)
@@ -230,17 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = chosen_models(parser, args.only, list(MODELS))
     start = time.perf_counter()
     env = environment()
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_equalize_") as tmp:
-        for name in names:
-            log(name)
-            workdir = Path(tmp) / name
-            workdir.mkdir()
-            try:
-                results[name] = bench_model(name, args.views, workdir)
-            except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the other
-                traceback.print_exc()
-                results[name] = {"name": name, "title": MODELS[name], "error": error_text(exc)}
+    results = bench_each_model(names, "bench_equalize_", lambda name, workdir: bench_model(name, args.views, workdir))
     command = ("python -m bench.equalize " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = {"benchmark": "equalize", "command": command, "environment": env, "views": args.views,
             "seconds": time.perf_counter() - start, "models": results}

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,6 +78,24 @@ def log(message: str) -> None:
 
 def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+
+
+def bench_each_model(names: Sequence[str], prefix: str, bench_one: Callable[[str, Path], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``bench_one(name, workdir)`` for each model of ``names`` (MODELS), each in its own
+    temporary folder; a model whose benchmark raises gets an ``error`` entry instead, so one
+    model's failure loses no other."""
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for name in names:
+            log(name)
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            try:
+                results[name] = bench_one(name, workdir)
+            except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the other
+                traceback.print_exc()
+                results[name] = {"name": name, "title": MODELS[name], "error": error_text(exc)}
+    return results
 
 
 # --------------------------------------------------------------------------- data

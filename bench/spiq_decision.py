@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +41,7 @@ import onnx
 
 import onnxopt
 from bench.common import chosen_models, environment, json_safe, table
-from bench.fidelity import MODELS, error_text, load_data, log, log_softmax, run_model, with_retry
+from bench.fidelity import MODELS, bench_each_model, load_data, log, log_softmax, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 BITS = ((8, 8), (8, 6), (6, 8))
@@ -162,17 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = chosen_models(parser, args.only, list(MODELS))
     start = time.perf_counter()
     env = environment()
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_spiq_") as tmp:
-        for name in names:
-            log(name)
-            workdir = Path(tmp) / name
-            workdir.mkdir()
-            try:
-                results[name] = bench_model(name, args.views, args.jitter_copies, workdir)
-            except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the other
-                traceback.print_exc()
-                results[name] = {"name": name, "title": MODELS[name], "error": error_text(exc)}
+    results = bench_each_model(names, "bench_spiq_", lambda name, workdir: bench_model(name, args.views, args.jitter_copies, workdir))
     command = ("python -m bench.spiq_decision " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = {"benchmark": "spiq_decision", "command": command, "environment": env, "seconds": time.perf_counter() - start, "models": results}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,20 @@ def test_tiny_run_writes_results_and_marks_absent_configs(tmp_path: Path, zoo_ca
     assert KEY_START in markdown and "absent (pass not landed): no-such-pass" in markdown
     absent_row = next(line for line in markdown.splitlines() if line.startswith("| not landed |"))
     assert set(absent_row.split("|")[4:-1]) == {" — "}  # no figure for an absent configuration (col 3: its bits)
+
+
+def test_bench_each_model_keeps_going_after_one_model_fails() -> None:
+    from bench.fidelity import bench_each_model
+
+    seen = []
+
+    def one(name, workdir):
+        seen.append(workdir.is_dir())
+        if name == "efficientnet_lite0":
+            raise ValueError("boom")
+        return {"name": name}
+
+    results = bench_each_model(["efficientnet_lite0", "mobilenet_v2"], "test_each_", one)
+    assert seen == [True, True]
+    assert results == {"efficientnet_lite0": {"name": "efficientnet_lite0", "title": "EfficientNet-Lite0", "error": "ValueError: boom"},
+                       "mobilenet_v2": {"name": "mobilenet_v2"}}
