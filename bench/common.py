@@ -289,6 +289,24 @@ def chosen_models(parser: argparse.ArgumentParser, only: str | None, known: Sequ
     return names
 
 
+def config_rows(
+    configs: Mapping[str, str], records: Mapping[str, Mapping[str, Any]], width: int, cells: Callable[[str, Mapping[str, Any]], list[str]]
+) -> list[list[str]]:
+    """One table row per configuration (``configs``: key → row name) that has a record, in
+    ``configs``' order: ``[name, *cells(key, record)]``, or ``did not run: <error>`` padded
+    with "-" to ``width`` cells for a configuration that failed."""
+    rows = []
+    for key, name in configs.items():
+        record = records.get(key)
+        if record is None:
+            continue
+        if "error" in record:
+            rows.append([name, f"did not run: {record['error']}", *["-"] * (width - 2)])
+        else:
+            rows.append([name, *cells(key, record)])
+    return rows
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

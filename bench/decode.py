@@ -40,7 +40,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ import onnx
 import onnxopt
 from bench.common import (
     Timing,
+    config_rows,
     environment,
     json_safe,
     ort_session,
@@ -345,22 +346,17 @@ def gap_closed(records: dict[str, dict[str, Any]], key: str, error: Callable[[di
 
 def synthetic_section(result: dict[str, Any]) -> list[str]:
     records = result["configs"]
-    error = lambda r: r["relative_error"]
-    rows = []
-    for key, name in CONFIGS.items():
-        rec = records.get(key)
-        if rec is None:
-            continue
-        if "error" in rec:
-            rows.append([name, f"did not run: {rec['error']}", *["-"] * 8])
-            continue
-        closed = gap_closed(records, key, error)
+
+    def cells(key: str, rec: Mapping[str, Any]) -> list[str]:
+        closed = gap_closed(records, key, lambda r: r["relative_error"])
         w4 = records.get("w4" + level(key), {})
         ratio = (f"{rec['decode_1t']['median_ms'] / w4['decode_1t']['median_ms']:.2f} / {rec['decode_2t']['median_ms'] / w4['decode_2t']['median_ms']:.2f}"
                  if "decode_1t" in w4 and "decode_1t" in rec else "-")
-        rows.append([name, f"{rec['relative_error']:.4f}", "-" if closed is None else f"{closed:.2f}", f"{rec['weight_bytes'] / 1e6:.1f}",
-                     ms(rec, "decode_1t"), ms(rec, "decode_2t"), ratio, ms(rec, "prefill_1t"), ms(rec, "prefill_2t"),
-                     f"{rec['quant_seconds']:.0f}" if "quant_seconds" in rec else "-"])
+        return [f"{rec['relative_error']:.4f}", "-" if closed is None else f"{closed:.2f}", f"{rec['weight_bytes'] / 1e6:.1f}",
+                ms(rec, "decode_1t"), ms(rec, "decode_2t"), ratio, ms(rec, "prefill_1t"), ms(rec, "prefill_2t"),
+                f"{rec['quant_seconds']:.0f}" if "quant_seconds" in rec else "-"]
+
+    rows = config_rows(CONFIGS, records, 10, cells)
     header = ["configuration", "relative output error", "W4→W8 gap closed", "weight MB", "decode 1t ms: median (IQR)", "decode 2t ms",
               "decode / W4 same level (1t / 2t)", f"prefill {result['prefill_tokens']} tok 1t ms", "prefill 2t ms", "quantization s"]
     if not result["prefill_tokens"]:  # no prefill timed: drop its columns
@@ -372,16 +368,12 @@ def synthetic_section(result: dict[str, Any]) -> list[str]:
 
 def minilm_section(result: dict[str, Any]) -> list[str]:
     records = result["configs"]
-    rows = []
-    for key, name in CONFIGS.items():
-        rec = records.get(key)
-        if rec is None:
-            continue
-        if "error" in rec:
-            rows.append([name, f"did not run: {rec['error']}", "-", "-"])
-            continue
+
+    def cells(key: str, rec: Mapping[str, Any]) -> list[str]:
         closed = gap_closed(records, key, lambda r: 1 - r["cosine_mean"])
-        rows.append([name, f"{rec['cosine_mean']:.5f} ({rec['cosine_min']:.5f})", "-" if closed is None else f"{closed:.2f}", f"{rec['weight_bytes'] / 1e6:.1f}"])
+        return [f"{rec['cosine_mean']:.5f} ({rec['cosine_min']:.5f})", "-" if closed is None else f"{closed:.2f}", f"{rec['weight_bytes'] / 1e6:.1f}"]
+
+    rows = config_rows(CONFIGS, records, 4, cells)
     header = ["configuration", "embedding cosine to FP32: mean (min)", "W4→W8 gap closed (1 − cosine)", "weight MB"]
     return [f"## all-MiniLM-L6-v2 (real weights): {result['sentences']} sentences, seq {result['seq_len']}", "", *table(header, rows), ""]
 

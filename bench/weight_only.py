@@ -36,14 +36,14 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 import onnxopt
-from bench.common import Timing, environment, json_safe, ort_session, summarize, table, time_interleaved
+from bench.common import Timing, config_rows, environment, json_safe, ort_session, summarize, table, time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {
@@ -256,17 +256,13 @@ def ratio(records: dict[str, dict[str, Any]], key: str, base: str, threads: int)
 
 def section(title: str, result: dict[str, Any], fidelity: Callable[[dict[str, Any]], str], fidelity_header: str) -> list[str]:
     records = result["configs"]
-    rows = []
-    for key, name in CONFIGS.items():
-        rec = records.get(key)
-        if rec is None:
-            continue
-        if "error" in rec:
-            rows.append([name, f"did not run: {rec['error']}", "-", "-", "-", "-", "-"])
-            continue
+
+    def cells(key: str, rec: Mapping[str, Any]) -> list[str]:
         quant = f"{rec['quant_seconds']:.1f}" if "quant_seconds" in rec else "-"
-        rows.append([name, fidelity(rec), f"{rec['size_bytes'] / 1e6:.1f}", quant, fmt_ms(rec, 1), fmt_ms(rec, 2),
-                     f"{ratio(records, key, 'ort_rtn', 1)} / {ratio(records, key, 'ort_rtn', 2)}"])
+        return [fidelity(rec), f"{rec['size_bytes'] / 1e6:.1f}", quant, fmt_ms(rec, 1), fmt_ms(rec, 2),
+                f"{ratio(records, key, 'ort_rtn', 1)} / {ratio(records, key, 'ort_rtn', 2)}"]
+
+    rows = config_rows(CONFIGS, records, 7, cells)
     header = ["configuration", fidelity_header, "size MB", "quantization s", "1 thread ms: median (IQR)", "2 threads ms", "latency / ORT RTN (1t / 2t)"]
     return [f"## {title}", "", *table(header, rows), ""]
 

@@ -222,3 +222,13 @@ def test_bench_each_model_keeps_going_after_one_model_fails() -> None:
     assert seen == [True, True]
     assert results == {"efficientnet_lite0": {"name": "efficientnet_lite0", "title": "EfficientNet-Lite0", "error": "ValueError: boom"},
                        "mobilenet_v2": {"name": "mobilenet_v2"}}
+
+
+def test_config_rows_in_order_skip_missing_and_pad_failures() -> None:
+    from bench.common import config_rows
+
+    configs = {"a": "A", "b": "B", "c": "C"}
+    records = {"c": {"x": 3}, "a": {"x": 1}, "b": {"error": "boom"}}
+    rows = config_rows(configs, records, 4, lambda key, rec: [key, str(rec["x"]), "!"])
+    assert rows == [["A", "a", "1", "!"], ["B", "did not run: boom", "-", "-"], ["C", "c", "3", "!"]]
+    assert config_rows(configs, {}, 4, lambda key, rec: []) == []
