@@ -9,8 +9,11 @@ BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
 * ``w4a8_rex{25,50,75}``: ``preset="rex", weight_bits=4, act_bits=8, rex_order=2,
   rex_budget=γ`` (the defaults: network allocation, permute combine: Pad + QLinearAdd);
   ``_uniform``: the thesis's per-layer share; ``w4a8_rex100``: every channel expanded once;
-* ``w4a8_rex{25,50,75,100}_fold``: ``rex_combine="fold"`` (order 2 on the step s1/7 folded into
-  the base layer's int8 codes, passes/rex/fold.py); ``_fold_m14``: step s1/14 at 50 and 100 %;
+* ``w4a8_rex{25,50,75,100}_fold``: ``rex_combine="fold"`` (order 2 on the step s1/m folded into
+  the base layer's int8 codes, passes/rex/fold.py; m per channel from the ladder 2/4/8/14,
+  γ = extra BOPs); ``_fold_m7`` / ``_fold_m14``: one divisor for every expanded channel
+  (``rex_fold_divisor``: one order per channel, γ = the share of MACs), m = 7 (the default
+  before the ladder) at 75 and 100 %, m = 14 at 50 and 100 %;
 * the combine alternatives at γ = 50 %: ``_gather`` (a Gather of the uint8 codes per branch),
   ``_pad`` (a contiguous window per layer, uniform), ``_dense`` (full-width zero-row
   branches: full MACs), ``_float`` (branches summed in float without re-quantizing their
@@ -84,8 +87,10 @@ def image_configs() -> dict[str, dict[str, Any]]:
     configs["w4a8_rex50_pad"] = dict(rex, rex_budget=0.5, rex_combine="pad", rex_allocation="uniform")
     configs["w4a8_rex50_float"] = dict(rex, rex_budget=0.5, rex_requantize=False)
     configs["w4a8_rex100_float"] = dict(rex, rex_budget=1.0, rex_requantize=False)  # the exact Σ the fold should reach
-    for g in FOLD_BUDGETS:  # order 2 on the step s1/7 folded into the base layer: one int8 QDQ layer per layer
+    for g in FOLD_BUDGETS:  # order 2 on the step s1/m (m per channel: the ladder) folded into the base layer: one int8 QDQ layer per layer
         configs[f"w4a8_rex{round(g * 100)}_fold"] = dict(rex, rex_budget=g, rex_combine="fold")
+    for g in (0.75, 1.0):  # one divisor m = 7 for every expanded channel (the fold before the ladder)
+        configs[f"w4a8_rex{round(g * 100)}_fold_m7"] = dict(rex, rex_budget=g, rex_combine="fold", rex_fold_divisor=7)
     for g in (0.5, 1.0):  # step s1/14: order-2 codes span ±7 (REx's own b-bit operator for a residual of s1/2)
         configs[f"w4a8_rex{round(g * 100)}_fold_m14"] = dict(rex, rex_budget=g, rex_combine="fold", rex_fold_divisor=14)
     return configs
@@ -339,12 +344,15 @@ def render(data: dict[str, Any]) -> str:
             "summed with the branch and a tail quantized once, joined by a Concat of the codes instead of Pad) was measured "
             "slower during development (MobileNetV2 +50 %, 1 thread: 10.6 vs 8.8 ms; ORT runs 142 instead of 102 "
             "QLinearConv) and dropped.",
-            "* `fold` (`rex_combine=\"fold\"`, passes/rex/fold.py): order 2 uses the step s1/m of the base scale (m = 7 at "
-            "4 bits; `_m14`: m = 14), so R¹ + R² = (m·q1 + q2)·s1/m is one int8 weight with per-channel scales: no branch, "
-            "no Add, no re-quantization, the W4A8 graph's node count. A folded channel is the weight quantized on the grid "
-            "s1/m (m·L levels per side: 49 for m = 7, 98 for m = 14), so its BOPs count its code bits (7, or 8 for m = 14); "
-            "BOPs here are per output channel for every configuration. The 8-bit first/last layers do not fit (codes "
-            "beyond ±127) and keep their base quantization; the budget is γ × the MACs of the layers that fold.",
+            "* `fold` (`rex_combine=\"fold\"`, passes/rex/fold.py): order 2 uses the step s1/m of the base scale, so "
+            "R¹ + R² = (m·q1 + q2)·s1/m is one int8 weight with per-channel scales: no branch, no Add, no re-quantization, "
+            "the W4A8 graph's node count. A folded channel is the weight quantized on the grid s1/m (m·L levels per side), "
+            "so its BOPs count its code bits; BOPs here are per output channel for every configuration. By default each "
+            "channel takes one rung of the ladder m = 2/4/8/14 (5/6/7/8-bit codes at 4 bits), chosen by the network "
+            "allocation by error removed per extra BOP, and γ is the extra BOPs of the folding layers (+100 %: m = 14 on "
+            "every channel); `_m7` / `_m14` use one m for every expanded channel and count γ as a share of MACs (one order "
+            "per channel, the fold before the ladder). The 8-bit first/last layers do not fit (codes beyond ±127) and keep "
+            "their base quantization; the budget is γ × the BOPs (or MACs) of the layers that fold.",
             "* Allocation: `w4a8_rex*` use `rex_allocation=\"network\"` (the default: channels taken across the model by "
             "relative error removed per MAC), `*_uniform` the thesis's rule (the same share of every layer).",
             "* SPIQ: with `rex` after `quantize` in one pipeline, SPIQ-auto folds SPIQ wherever possible (the W4 error "

@@ -62,10 +62,10 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.operators import WeightOperator, weight_operator
 from ..common.quantization import QuantizedLayers, correct_matmul_bias
-from .allocation import allocate_network, inferred_shapes, layer_macs
+from .allocation import allocate_network, inferred_shapes, layer_macs, unit_rungs
 from .combine import emit_branches
 from .expansion import Expansion, Order, channel_units, expand_weight
-from .fold import auto_combine, channel_bits, check_fold_options, fold_layer, prepare_fold
+from .fold import auto_combine, channel_bits, channel_divisors, check_fold_options, fold_layer, prepare_fold, rung_bits
 from .layout import permuted_layout
 from .outliers import OUTLIER_SIGMAS, emit_outlier_branch, outlier_bits, outlier_mask, residue_codes
 from .site import LayerSite, input_moment_weights, layer_sites
@@ -95,7 +95,7 @@ class RexOptions(PassOptions):
     rex_weight_only: int | None = None
     #: requantize each branch's output before the sum (as ORT's integer kernels do)
     rex_requantize: bool = True
-    #: rex_combine="fold": the divisor m of the order-2 step s1/m (None: the default 7)
+    #: rex_combine="fold": one divisor m of the order-2 step s1/m for every expanded channel (None: a ladder, chosen per channel)
     rex_fold_divisor: int | None = None
 
     def check(self) -> None:
@@ -168,30 +168,40 @@ class Rex(Pass):
         sites = layer_sites(graph, ctx, o["rex_weight_only"], self.combine)
         if self.combine == "fold":
             sites = prepare_fold(sites, o, ctx)
+        ladder = self.combine == "fold" and o["rex_fold_divisor"] is None and o["rex_allocation"] == "network"
+        shapes = inferred_shapes(graph, ctx)  # shapes behind computed pads may only be known now
         if self.combine == "permute":
-            selections = self._permuted_layout(graph, sites, operator, ctx)
+            selections = self._permuted_layout(graph, sites, operator, ctx, shapes)
         elif o["rex_allocation"] == "network":
-            selections = allocate_network(*self._profile(graph, sites, operator, ctx))
+            selections = allocate_network(*self._profile(sites, operator, ctx, shapes, ladder), spend_all=ladder)
         else:
             selections = [None] * len(sites)
         layers, base_bops, extra_bops = [], 0.0, 0.0
         for site, selection in ctx.progress(list(zip(sites, selections)), total=len(sites), label="layers"):
+            divisor = None
+            if site.fold and ladder:  # each unit's rung of the ladder: its divisor; order 2 expands the units on a rung
+                units = channel_units(site.weight.shape[site.out_axis], site.groups)
+                rungs = unit_rungs(selection, int(units.max()) + 1)
+                selection, divisor = [np.flatnonzero(rungs)], channel_divisors(site.fold, rungs, units)
+            elif site.fold:  # one divisor: the explicit m, or the top rung (m = 2L) under the uniform allocation
+                divisor = site.fold[-1]
             expansion = expand_weight(
                 site.weight, site.bits, site.axis, site.out_axis, operator, o["rex_order"], float(o["rex_budget"]), site.groups,
                 outliers=self._outliers(site), window=site.combine == "pad" and selection is None, selections=selection,
-                step_divisor=site.fold,
+                step_divisor=divisor,
             )
             if o["rex_weight_only"] is not None:  # weight-only mode: the base layer's DQ weight is emitted here
                 site.node.inputs[1] = operator.emit(graph, expansion.orders[0].q, names, f"{node_label(site.node)}_weight")
             if site.node.op == "MatMul" and site.mean is not None:  # its bias is in the Add after it: correct there
                 self._correct_matmul_branches(graph, site, expansion, names)
             c = site.weight.shape[site.out_axis]
-            macs = layer_macs(site)
+            macs = layer_macs(site, shapes.get(site.node.outputs[0].name))
             base_bops += macs * site.bits
             folded = None
             if site.fold and len(expansion.orders) > 1:  # one int8 layer: each channel costs MACs × its code bits
                 branches, folded = [], fold_layer(graph, site, expansion, names)
                 extra_bops += macs * float(np.mean(channel_bits(folded, site.out_axis) - site.bits))
+                folded_divisors = np.broadcast_to(expansion.orders[1].q.params["divisor"], (len(expansion.orders[1].channels),))
             else:
                 branches = self._emit(graph, site, expansion, operator, names)
                 extra_bops += macs * site.bits * sum(len(ch) / c for ch in branches)
@@ -204,7 +214,8 @@ class Rex(Pass):
                     "residual_error": [round(e, 6) for e in expansion.errors],
                     "outliers": 0 if expansion.outliers is None else len(expansion.outliers[0]),
                     "branches": len(branches),
-                    **({"folded_channels": len(expansion.orders[1].channels), "folded_bits": int(channel_bits(folded, site.out_axis).max())} if folded else {}),
+                    **({"folded_channels": len(expansion.orders[1].channels), "folded_bits": int(channel_bits(folded, site.out_axis).max()),
+                        "folded_divisors": _counts(folded_divisors)} if folded else {}),
                 }
             )
         cleanup(graph)
@@ -215,6 +226,7 @@ class Rex(Pass):
                 "order": o["rex_order"],
                 "budget": o["rex_budget"],
                 "bops_relative_to_base": round((base_bops + extra_bops) / base_bops, 4) if base_bops else 1.0,
+                **({"folded_channels": _rung_line(layer.get("folded_divisors", {}) for layer in layers)} if self.combine == "fold" else {}),
                 "layers": layers,
             },
         )
@@ -232,30 +244,51 @@ class Rex(Pass):
         """Bits of the outlier residue codes for this layer (0: no residue)."""
         return outlier_bits(site, self.options["rex_outliers"])
 
-    def _profile(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> tuple[list, np.ndarray, np.ndarray, float]:
+    def _profile(self, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext, shapes: dict,
+                 ladder: bool = False) -> tuple[list, np.ndarray, list, float]:
         """Every layer expanded densely once: the [K, units] error table of each (what each
         order removes from each unit), its weight energy and the MACs of one unit,
-        and the budget γ × the layers' MACs: the arguments of :func:`allocate_network`."""
+        and the budget γ × the layers' MACs (``shapes``: the inferred tensor shapes): the
+        arguments of :func:`allocate_network`.
+        ``ladder`` (the fold's default): the table's rows are the base and each rung of
+        the layer's divisor ladder, a step costs the unit's MACs × the rung's extra code
+        bits, and the budget is γ × the layers' base BOPs (Σ MACs × bits)."""
         order, unit_errors, signals, costs, total = self.options["rex_order"], [], [], [], 0.0
-        shapes = inferred_shapes(graph, ctx)  # shapes behind computed pads may only be known now
         for site in ctx.progress(sites, total=len(sites), label="profiling layers"):
             weights = input_moment_weights(site)
-            dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, order, float(order - 1), site.groups,
-                                  outliers=self._outliers(site), error_weights=weights, step_divisor=site.fold)
-            unit_errors.append(np.array(dense.unit_errors))
+            if ladder:
+                table = self._rung_errors(site, operator, weights)
+            else:
+                dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, order, float(order - 1), site.groups,
+                                      outliers=self._outliers(site), error_weights=weights, step_divisor=site.fold[-1] if site.fold else None)
+                table = np.array(dense.unit_errors)
+            unit_errors.append(table)
             energy = np.square(site.weight, dtype=np.float64)
             signals.append(float((energy if weights is None else energy * weights).sum()))
             macs = layer_macs(site, shapes.get(site.node.outputs[0].name))
-            costs.append(macs / len(dense.unit_errors[0]))
-            total += macs
-        return unit_errors, np.array(signals), np.array(costs), float(self.options["rex_budget"]) * total
+            unit_macs = macs / table.shape[1]
+            costs.append(unit_macs * np.diff(rung_bits(site.bits, site.fold)) if ladder else unit_macs)
+            total += macs * (site.bits if ladder else 1)
+        return unit_errors, np.array(signals), costs, float(self.options["rex_budget"]) * total
 
-    def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext) -> list:
+    @staticmethod
+    def _rung_errors(site: LayerSite, operator: WeightOperator, weights: np.ndarray | None) -> np.ndarray:
+        """The [1 + rungs, units] error table of the fold's ladder: the base, then every unit
+        folded with each rung's divisor (each row a dense order-2 expansion on step s1/m)."""
+        rows = []
+        for m in site.fold:
+            dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, 2, 1.0, site.groups,
+                                  error_weights=weights, step_divisor=m)
+            rows = rows or [dense.unit_errors[0]]
+            rows.append(dense.unit_errors[1])
+        return np.array(rows)
+
+    def _permuted_layout(self, graph: gs.Graph, sites: list[LayerSite], operator: WeightOperator, ctx: PassContext, shapes: dict) -> list:
         """rex_combine="permute": the selections after reordering the channel groups (:func:`.layout.permuted_layout`)."""
         o = self.options
         if o["rex_order"] < 2 or not o["rex_budget"]:
             return [None] * len(sites)  # no branch to place: keep the channel order
-        return permuted_layout(graph, sites, self._profile(graph, sites, operator, ctx), o, ctx)
+        return permuted_layout(graph, sites, self._profile(sites, operator, ctx, shapes), o, ctx)
 
     def _emit(self, graph: gs.Graph, site: LayerSite, expansion: Expansion, operator: WeightOperator, names: NameFactory) -> list[np.ndarray]:
         """Add the outlier residue and the branches of orders ≥ 2 (and input-expansion branches);
@@ -264,6 +297,22 @@ class Rex(Pass):
             emit_outlier_branch(graph, site, expansion.outliers, names)
         o = self.options
         return emit_branches(graph, site, expansion, operator, names, o["rex_input_expansion"], o["rex_requantize"])
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    """How many times each value occurs, keyed by the value (a JSON-friendly histogram)."""
+    kinds, counts = np.unique(np.asarray(values), return_counts=True)
+    return {str(int(k)): int(n) for k, n in zip(kinds, counts)}
+
+
+def _rung_line(histograms) -> str:
+    """The summed histograms of :func:`_counts` as one summary field: ``"m=2:12 m=14:300"``
+    (channels folded with each divisor; ``"none"`` when none folded)."""
+    total: dict[int, int] = {}
+    for histogram in histograms:
+        for key, n in histogram.items():
+            total[int(key)] = total.get(int(key), 0) + n
+    return " ".join(f"m={k}:{total[k]}" for k in sorted(total)) or "none"
 
 
 __all__ = [

@@ -3,7 +3,10 @@
 ``rex_allocation="uniform"`` keeps the same share γ/(K−1) of every layer per order
 (:func:`uniform_keep`); ``"network"`` spends γ × the layers' MACs where the relative error
 falls most per MAC (:func:`allocate_network`, a greedy knapsack over the unit error
-tables of densely expanded layers).  :func:`layer_macs` gives the costs.
+tables of densely expanded layers).  The same knapsack allocates the fold's divisor
+ladder (:mod:`.fold`): its "orders" are then the rungs of a channel, each with its own
+cost (MACs × the extra code bits of the rung), and :func:`unit_rungs` reads each unit's
+rung off the nested selections.  :func:`layer_macs` gives the costs.
 """
 
 from __future__ import annotations
@@ -18,43 +21,59 @@ from onnxopt.pass_base import PassContext
 from .site import LayerSite, output_channel_axis
 
 
-def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: np.ndarray, budget: float) -> list[list[np.ndarray]]:
+def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: list, budget: float, spend_all: bool = False) -> list[list[np.ndarray]]:
     """Network-wide sparse expansion: which units each order k ≥ 2 expands in every layer.
 
     ``unit_errors[l]`` is the [K, units] table of :attr:`.expansion.Expansion.unit_errors` of layer l
     expanded densely (per-channel scales make the units independent: the error an order
     removes from a unit does not depend on which other units are expanded), ``signals[l]``
-    the layer's weight energy ‖W_l‖² (weighted like the errors), ``costs[l]`` the MACs of one unit and ``budget`` the
-    extra MACs allowed.  Candidate (l, u, k) gains ``(E_{k−1,u} − E_{k,u}) / ‖W_l‖²``, the
-    share of layer l's relative weight error it removes (first order, the layers'
-    noise-to-signal ratios add up along the network), and candidates are taken by gain per
-    MAC until the budget is spent (greedy knapsack).  Gains are made non-increasing in k
-    and ties keep k ascending, so a unit's orders are taken in order (nested selections).
+    the layer's weight energy ‖W_l‖² (weighted like the errors), ``costs[l]`` the cost of one
+    unit's step k−1 → k (a number: the same for every order, e.g. the MACs of one unit; or
+    one per order 2..K, e.g. MACs × the extra bits of each rung of the fold's ladder) and
+    ``budget`` the total cost allowed.  Candidate (l, u, k) gains
+    ``(E_{k−1,u} − E_{k,u}) / ‖W_l‖²``, the share of layer l's relative weight error it
+    removes (first order, the layers' noise-to-signal ratios add up along the network),
+    and candidates are taken by gain per cost until the next one would exceed the budget
+    (greedy knapsack).  Gains per cost are made non-increasing in k and ties keep k
+    ascending, so a unit's orders are taken in order (nested selections).  Candidates
+    with no measured gain are left out, unless ``spend_all`` (the fold's ladder): then
+    they come last, taken only with budget left after every one that helps (the gains
+    rest on data-free input statistics; at γ = 100 % every channel gets the top rung).
     Returns, per layer, the sorted units of orders 2..K."""
     gains, layer_of, unit_of, order_of, cost_of = [], [], [], [], []
     for layer, errors in enumerate(unit_errors):
         errors = np.asarray(errors, np.float64)
         if len(errors) < 2:
             continue
-        reduction = np.minimum.accumulate(np.maximum(errors[:-1] - errors[1:], 0.0), axis=0)
-        n_orders, n_units = reduction.shape
-        gains.append((reduction / max(float(signals[layer]), 1e-30) / max(float(costs[layer]), 1e-30)).reshape(-1))
+        n_orders, n_units = len(errors) - 1, errors.shape[1]
+        step_cost = np.broadcast_to(np.asarray(costs[layer], np.float64).reshape(-1, 1), (n_orders, n_units))
+        reduction = np.maximum(errors[:-1] - errors[1:], 0.0) / max(float(signals[layer]), 1e-30)
+        gains.append(np.minimum.accumulate(reduction / np.maximum(step_cost, 1e-30), axis=0).reshape(-1))
         layer_of.append(np.full(reduction.size, layer))
         unit_of.append(np.tile(np.arange(n_units), n_orders))
         order_of.append(np.repeat(np.arange(n_orders), n_units))
-        cost_of.append(np.full(reduction.size, float(costs[layer])))
+        cost_of.append(step_cost.reshape(-1))
     selections = [[np.zeros(0, np.int64) for _ in range(max(len(e) - 1, 0))] for e in unit_errors]
     if not gains:
         return selections
     gain, layer, unit, order, cost = (np.concatenate(a) for a in (gains, layer_of, unit_of, order_of, cost_of))
     ranking = np.lexsort((order, -gain))  # best gain per MAC first; lower orders first on ties
-    taken = ranking[np.cumsum(cost[ranking]) <= budget]
-    taken = taken[gain[taken] > 0]
+    taken = ranking[np.cumsum(cost[ranking]) <= budget * (1 + 1e-9)]  # 1e-9: a budget equal to the total cost takes it all
+    taken = taken if spend_all else taken[gain[taken] > 0]
     for l in np.unique(layer[taken]):
         mine = taken[layer[taken] == l]
         for k in range(len(selections[l])):
             selections[l][k] = np.sort(unit[mine[order[mine] == k]])
     return selections
+
+
+def unit_rungs(selection: list[np.ndarray], n_units: int) -> np.ndarray:
+    """Per unit, how many of the nested selections (orders, or rungs) hold it: its rung
+    (0: not expanded)."""
+    rungs = np.zeros(n_units, np.int64)
+    for chosen in selection:
+        rungs[np.asarray(chosen, np.int64)] += 1
+    return rungs
 
 
 def uniform_keep(n_units: int, order: int, budget: float) -> int:

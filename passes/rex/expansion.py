@@ -47,7 +47,7 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
     outliers: int = 0, window: bool = False, selections: list[np.ndarray] | None = None,
-    error_weights: np.ndarray | None = None, step_divisor: int | None = None,
+    error_weights: np.ndarray | None = None, step_divisor: int | np.ndarray | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
@@ -55,8 +55,9 @@ def expand_weight(
     ``axis`` is the scale axis (None: per tensor), ``out_axis`` the output channel axis of
     ``weight``; ``error_weights`` (broadcast to the weight, e.g. E[x_i²] of the input each
     weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`.
-    ``step_divisor`` m: order k uses the step ``s1/m^{k−1}`` of the base scale instead of
-    the residual's own ``max|r|/(2^{b−1}−1)`` (the fold's operator, :mod:`.fold`)."""
+    ``step_divisor`` m (one, or one per output channel): order k uses the step
+    ``s1/m^{k−1}`` of the base scale instead of the residual's own ``max|r|/(2^{b−1}−1)``
+    (the fold's operator, :mod:`.fold`)."""
     weight = np.asarray(weight, np.float64)
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
@@ -102,8 +103,9 @@ def expand_weight(
             chosen = np.sort(np.argsort(-importance, kind="stable")[:keep])
         channels = np.flatnonzero(np.isin(units, chosen))
         sub = np.take(residual, channels, axis=out_axis).astype(np.float32)
-        if step_divisor:
-            qk = base_step_quantize(sub, q1, channels, step_divisor ** (k - 1))
+        if step_divisor is not None:
+            divisor = step_divisor if np.ndim(step_divisor) == 0 else np.asarray(step_divisor)[channels]
+            qk = base_step_quantize(sub, q1, channels, divisor ** (k - 1), out_axis)
         else:
             qk = operator.quantize(sub, bits, axis)
         rk = operator.dequantize(qk).astype(np.float64)

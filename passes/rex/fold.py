@@ -31,7 +31,6 @@ weights of ≥ 5 bits (at 5 bits, m = 15: 15·15 + 8 = 233 > 127; the first/last
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -55,14 +54,38 @@ def levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def default_divisor(bits: int) -> int:
-    """m = L (order-2 codes within ±⌈L/2⌉), at least 2 (m = 1 would add nothing)."""
-    return max(levels(bits), 2)
+def top_divisor(bits: int) -> int:
+    """m = 2L, REx's own order-2 step for a residual of at most s1/2 (order-2 codes ±L):
+    the finest divisor that keeps the order-2 codes within the b-bit range."""
+    return max(2 * levels(bits), 2)
 
 
-def fold_peak(bits: int, divisor: int) -> int:
-    """Largest |m·q1 + q2| of a folded channel: L·m + ⌈m/2⌉."""
-    return levels(bits) * divisor + math.ceil(divisor / 2)
+def fold_peak(bits: int, divisor: int | np.ndarray) -> int | np.ndarray:
+    """Largest |m·q1 + q2| of a folded channel: L·m + ⌈m/2⌉ (m: one divisor or an array)."""
+    return levels(bits) * divisor - (-divisor // 2)
+
+
+def code_bits(peak: int | np.ndarray) -> int | np.ndarray:
+    """Signed bits of codes up to ±peak: ⌈log2(peak + 1)⌉ + 1 (at least 2)."""
+    bits = np.maximum(np.ceil(np.log2(np.asarray(peak) + 1)).astype(int) + 1, 2)
+    return int(bits) if bits.ndim == 0 else bits
+
+
+def divisor_ladder(bits: int) -> tuple[int, ...]:
+    """The rungs of a b-bit layer's fold: for each code width t = b+1 .. 8, the largest
+    divisor m ≤ 2L whose folded codes fit t bits (4 bits: m = 2, 4, 8, 14 → 5, 6, 7, 8-bit
+    codes).  Empty when even m = 2 does not fit int8."""
+    ladder: list[int] = []
+    for width in range(bits + 1, 9):
+        fitting = [m for m in range(2, top_divisor(bits) + 1) if code_bits(fold_peak(bits, m)) <= width]
+        if fitting and fitting[-1] not in ladder:
+            ladder.append(fitting[-1])
+    return tuple(ladder)
+
+
+def rung_bits(bits: int, ladder: tuple[int, ...]) -> np.ndarray:
+    """Code bits of the base (b) and of each rung of the ladder."""
+    return np.array([bits, *(code_bits(fold_peak(bits, m)) for m in ladder)], np.int64)
 
 
 def fold_refusal(bits: int, divisor: int) -> str | None:
@@ -80,7 +103,7 @@ def auto_combine(options: Mapping[str, Any], quantized_layers: Mapping[str, Quan
     """``rex_combine="auto"`` (the default): ``"fold"`` where it applies — K = 2, the uniform
     operator, no input expansion or outlier residue, and a base whose codes fold into int8
     (≤ 4-bit weights) — since it runs at the base's speed; ``"permute"`` otherwise."""
-    fits = any(fold_refusal(layer.bits, default_divisor(layer.bits)) is None for layer in quantized_layers.values())
+    fits = any(fold_refusal(layer.bits, top_divisor(layer.bits)) is None for layer in quantized_layers.values())
     applies = (
         options["rex_order"] == 2
         and options["rex_operator"] == "uniform"
@@ -113,45 +136,62 @@ def check_fold_options(options: dict[str, Any]) -> None:
 
 
 def prepare_fold(sites: list, options: dict[str, Any], ctx: PassContext) -> list:
-    """The sites whose codes fit int8, each given its divisor m (``site.fold``); the others
-    are refused (reported) and keep their base quantization: a branch beside a folded
-    network would bring back the re-quantized sum the fold removes (the 8-bit first/last
-    layers have little residual left anyway)."""
-    kept = []
+    """The sites whose codes fit int8, each given its divisors (``site.fold``: the ladder
+    of :func:`divisor_ladder`, or ``(m,)`` for an explicit ``rex_fold_divisor``); a layer
+    folds only if its finest divisor (m = 2L, or the explicit m) fits.  The others are
+    refused (reported) and keep their base quantization: a branch beside a folded network
+    would bring back the re-quantized sum the fold removes (the 8-bit first/last layers
+    have little residual left anyway)."""
+    kept, explicit = [], options["rex_fold_divisor"]
     for site in sites:
-        divisor = options["rex_fold_divisor"] or default_divisor(site.bits)
-        reason = fold_refusal(site.bits, divisor)
+        reason = fold_refusal(site.bits, explicit or top_divisor(site.bits))
         if reason:
             ctx.refuse(f"layer {node_label(site.node)}", f"{reason}: left at its base quantization (a branch form, e.g. rex_combine='gather', expands it)")
             continue
-        site.fold = divisor
+        site.fold = (explicit,) if explicit else divisor_ladder(site.bits)
         kept.append(site)
     return kept
 
 
-def base_step_quantize(sub: np.ndarray, q1: QuantizedWeight, channels: np.ndarray, divisor: int) -> QuantizedWeight:
+def channel_divisors(ladder: tuple[int, ...], unit_rungs: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Per output channel, the divisor m of its unit's rung (``unit_rungs``: 0 = not
+    expanded, r = ``ladder[r − 1]``); 1 on the channels that are not expanded."""
+    table = np.array([1, *ladder], np.int64)
+    return table[np.asarray(unit_rungs, np.int64)[units]]
+
+
+def base_step_quantize(sub: np.ndarray, q1: QuantizedWeight, channels: np.ndarray, divisor: int | np.ndarray, out_axis: int) -> QuantizedWeight:
     """Order-k codes of the residual ``sub`` (the weight's ``channels``) on the step
-    ``s1/divisor`` of the base scales ``q1`` (clipped to the b-bit range)."""
+    ``s1/divisor`` of the base scales ``q1`` (clipped to the b-bit range); ``divisor`` is
+    one m, or one per channel of ``sub`` (then the scales are per output channel even
+    when ``q1``'s are per tensor)."""
     top = levels(q1.bits)
     base = np.asarray(q1.scales, np.float32)
-    scales = (base if q1.axis is None else base[channels]) / np.float32(divisor)
+    base = base if q1.axis is None else base[channels]
+    axis = q1.axis if np.ndim(divisor) == 0 else out_axis
+    scales = (base / np.asarray(divisor, np.float32)).astype(np.float32)
     shape = [1] * sub.ndim
-    if q1.axis is not None:
-        shape[q1.axis] = -1
+    if axis is not None:
+        shape[axis] = -1
     codes = np.clip(np.round(sub / np.reshape(scales, shape)), -top, top).astype(np.int8)
-    return QuantizedWeight(codes, scales.astype(np.float32), q1.axis, q1.bits, {"divisor": divisor})
+    return QuantizedWeight(codes, scales, axis, q1.bits, {"divisor": divisor})
 
 
-def folded_weight(expansion, out_axis: int, divisor: int) -> QuantizedWeight:
+def folded_weight(expansion, out_axis: int) -> QuantizedWeight:
     """One int8 weight holding R¹ + R²: codes ``m·q1 + q2`` with scale ``s1/m`` on the
-    order-2 channels, ``q1`` with ``s1`` elsewhere (per-output-channel scales)."""
+    order-2 channels (m: the order's divisor, one or one per channel), ``q1`` with ``s1``
+    elsewhere (per-output-channel scales)."""
     first, second = expansion.orders[0], expansion.orders[1]
+    divisor = second.q.params["divisor"]
     c = first.q.codes.shape[out_axis]
     codes = first.q.codes.astype(np.int32)
     scales = np.broadcast_to(np.asarray(first.q.scales, np.float32), (c,)).copy()
     index = [slice(None)] * codes.ndim
     index[out_axis] = second.channels
-    codes[tuple(index)] = divisor * codes[tuple(index)] + second.q.codes.astype(np.int32)
+    shape = [1] * codes.ndim
+    shape[out_axis] = -1
+    multiplier = np.reshape(np.asarray(divisor, np.int32), shape if np.ndim(divisor) else [])
+    codes[tuple(index)] = multiplier * codes[tuple(index)] + second.q.codes.astype(np.int32)
     scales[second.channels] = np.broadcast_to(second.q.scales, (len(second.channels),))
     peak = int(np.abs(codes).max(initial=0))
     if peak > INT8_PEAK:  # fold_refusal rules this out; a violation is a bug, not a user error
@@ -162,14 +202,14 @@ def folded_weight(expansion, out_axis: int, divisor: int) -> QuantizedWeight:
 def channel_bits(q: QuantizedWeight, out_axis: int) -> np.ndarray:
     """Signed bits each output channel's codes need: ⌈log2(max|code| + 1)⌉ + 1 (at least 2)."""
     moved = np.abs(np.moveaxis(q.codes.astype(np.int32), out_axis, 0)).reshape(q.codes.shape[out_axis], -1)
-    return np.maximum(np.ceil(np.log2(moved.max(axis=1) + 1)).astype(int) + 1, 2)
+    return np.atleast_1d(code_bits(moved.max(axis=1)))
 
 
 def fold_layer(graph: gs.Graph, site, expansion, names: NameFactory) -> QuantizedWeight:
     """Replace the layer's weight DequantizeLinear by the folded one and move the bias to the
     new scales (with the order-2 bias correction ``−R²·E[X]`` when the base was corrected);
     returns the folded weight.  A MatMul's correction is made by the caller, in the Add after it."""
-    folded = folded_weight(expansion, site.out_axis, site.fold)
+    folded = folded_weight(expansion, site.out_axis)
     node = site.node
     node.inputs[1] = UNIFORM.emit(graph, folded, names, f"{node_label(node)}_rex_fold_weight")
     if node.op != "MatMul":
@@ -216,4 +256,7 @@ def _current_bias(node: gs.Node) -> tuple[np.ndarray | None, bool]:
     return (codes.astype(np.float64) - zero) * scale.astype(np.float64), True
 
 
-__all__ = ["base_step_quantize", "check_fold_options", "fold_layer", "fold_peak", "fold_refusal", "folded_weight", "prepare_fold"]
+__all__ = [
+    "base_step_quantize", "channel_divisors", "check_fold_options", "code_bits", "divisor_ladder", "fold_layer", "fold_peak", "fold_refusal",
+    "folded_weight", "prepare_fold", "rung_bits", "top_divisor",
+]

@@ -34,7 +34,8 @@ class LayerSite:
     output_range: tuple[float, float] | None  #: range of the quantizer after the layer's activation
     rank: int
     combine: str = "gather"  #: how this layer's branches are added (rex_combine; "permute" → "pad" on a prefix, or "gather")
-    fold: int | None = None  #: rex_combine="fold": the divisor m of the order-2 step s1/m (None: branches)
+    #: rex_combine="fold": the divisors m (order-2 step s1/m) its channels may take, coarsest first (None: branches)
+    fold: tuple[int, ...] | None = None
 
 
 def scalar_value(tensor: gs.Tensor) -> np.float32 | None:
