@@ -9,24 +9,32 @@ codes on one grid::
 
 Order 1 is symmetric with ``|q1| ≤ L = 2^{b−1} − 1`` and leaves ``|W − R¹| ≤ s1/2`` (the
 scale is max|W|/L: nothing clips), so ``q2 = round((W − R¹)/s2)`` stays within ``±⌈m/2⌉``
-(b-bit codes as long as m ≤ 2L), and the folded codes within ``L·m + ⌈m/2⌉``.  At 4 bits
-with m = L = 7 that is ±53: int8 codes with the per-channel scale ``s2_c``.  Channels that
-are not expanded keep ``q1`` and ``s1_c``.  Per-output-channel weight scales make every
-budget a single QDQ layer: no branch, no Add, no re-quantization of a branch output, the
-base layer's latency, and the sum of the two orders is exact.
+(b-bit codes as long as m ≤ 2L), and the folded codes within ``L·m + ⌈m/2⌉``: int8 codes
+with the per-channel scale ``s2_c`` while that is ≤ 127.  Channels that are not expanded
+keep ``q1`` and ``s1_c``.  Per-output-channel weight scales make every budget a single
+QDQ layer: no branch, no Add, no re-quantization of a branch output, the base layer's
+latency, and the sum of the two orders is exact.
 
 Since ``m·q1`` is an integer, ``m·q1 + q2 = round(W/s2_c)``: a folded channel is the weight
-quantized on the grid ``s1_c/m``, i.e. with ``L·m`` levels per side (49 at 4 bits, m = 7:
-between 6 and 7 bits).  The budget γ and the network allocation keep their meaning (the
-channels whose relative error falls most per MAC, with the gain measured for this order-2
-operator), but the cost of a folded channel is MACs × its weight bits, not an extra branch:
-``bops_relative_to_base`` counts each channel's MACs × the bits its codes need.
+quantized on the grid ``s1_c/m``, i.e. with ``L·m`` levels per side, and its cost is wider
+codes, not a branch: MACs × the bits its codes need (``bops_relative_to_base``).
+
+The divisor ladder (the default): each channel takes one rung of :func:`divisor_ladder`,
+for every code width b+1 .. 8 the largest m ≤ 2L that fits it (4 bits: m = 2, 4, 8, 14 →
+5, 6, 7, 8-bit codes; m = 2L is REx's own order-2 step, 98 levels per side).  The network
+allocation (:func:`.allocation.allocate_network`) takes (layer, unit, rung) candidates by
+the relative error a rung removes (measured per unit like the orders, with that rung's
+divisor) per extra BOP (the unit's MACs × the rung's extra bits), a unit's rungs in order,
+within γ × the folding layers' base BOPs: +100 % is m = 2L on every channel.
+``rex_fold_divisor`` = m instead folds every expanded channel with that one m, counted
+as one order per channel (γ: a share of MACs, the branch forms' accounting);
+``rex_allocation="uniform"`` folds its share of every layer with the top rung m = 2L.
 
 Does not fit (refused per layer: those layers keep their base quantization and the budget
-is γ × the MACs of the layers that fold):
-weights of ≥ 5 bits (at 5 bits, m = 15: 15·15 + 8 = 233 > 127; the first/last layers at
-8 bits), a divisor m > 2L (order-2 codes would clip).  K ≥ 3 is refused for the whole run
-(4 bits: L·(m² + m) + ⌈m/2⌉ = 396 > 127).  ``rex_fold_divisor`` sets m (default L).
+counts only the layers that fold): a layer whose finest divisor (2L, or the explicit m)
+gives codes beyond ±127 — weights of ≥ 5 bits (at 5 bits, m = 30: 15·30 + 15 = 465), e.g.
+the first/last layers at 8 bits — and a divisor m > 2L (order-2 codes would clip).  K ≥ 3
+is refused for the whole run (4 bits, m = 7: L·(m² + m) + ⌈m/2⌉ = 396 > 127).
 """
 
 from __future__ import annotations
