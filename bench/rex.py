@@ -7,7 +7,7 @@ BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
 
 * ``w8a8``, ``w6a8``, ``w4a8``: ``preset="quantize"`` (SPIQ-auto, the quantize defaults);
 * ``w4a8_rex{25,50,75}``: ``preset="rex", weight_bits=4, act_bits=8, rex_order=2,
-  rex_budget=γ`` (the defaults: network allocation, permute combine: Pad + QLinearAdd);
+  rex_budget=γ`` (the defaults: network allocation, rex_combine="auto": the fold here);
   ``_uniform``: the thesis's per-layer share; ``w4a8_rex100``: every channel expanded once;
 * ``w4a8_rex{25,50,75,100}_fold``: ``rex_combine="fold"`` (order 2 on the step s1/m folded into
   the base layer's int8 codes, passes/rex/fold.py; m per channel from the ladder 2/4/8/14,
