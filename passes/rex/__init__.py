@@ -34,8 +34,8 @@ The sub-modules:
   permutable group use the Gather form.
 * :mod:`.fold`: ``rex_combine="fold"`` (K = 2, ≤ 4-bit weights): ``R¹ + R²`` is one int8
   layer with per-channel scales, no branch; each channel's order-2 step s1/m comes from a
-  ladder of divisors allocated by extra BOPs (or one ``rex_fold_divisor``).  ``"auto"`` (default) is ``"fold"`` where it
-  applies, else ``"permute"``.
+  ladder of divisors allocated by extra BOPs (or one ``rex_fold_divisor``).  ``"auto"``
+  (default) is ``"fold"`` where it applies, else ``"permute"``.
 * :mod:`.outliers`: ``rex_outliers`` (weight-only mode, Gemm/MatMul; Table 3.14): the
   weights beyond 6σ in a sparse residue added as Gather → Mul → ScatterElements(add).
 

@@ -187,7 +187,7 @@ def test_full_budget_ladder_is_the_8_bit_equivalent_grid_on_every_channel(kind):
     extra BOPs of 4 more bits on every channel: all at the top rung m = 2L = 14, the folded
     codes are round(W / (s1/14)) (98 levels per side, W8-size codes) and ORT computes the
     layer with that quantization."""
-    model, w, b, out_axis, groups = single_layer(kind)
+    model, w, b, out_axis, _ = single_layer(kind)
     base, _ = onnxopt.optimize(model, passes=["quantize"], bias_correction=False, **QUANT)
     out, report = onnxopt.optimize(model, passes=["quantize", "rex"], validate=True, bias_correction=False, rex_budget=1.0, **FOLD, **QUANT)
     assert ops(out) == ops(base)
