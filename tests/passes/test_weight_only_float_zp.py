@@ -87,10 +87,9 @@ def test_weighted_float_fit_at_most_the_weighted_uint8_search():
     assert weighted_error(weight, fitted, rows) < weighted_error(weight, unweighted, rows)
 
 
-def test_float_fit_below_hqq_style_fit_on_heavy_tails():
-    """HQQ's objective (scale from the block's range, zero point only) is a subset of the fit's
-    starting points' family: the fit reaches a lower squared error than min/max round to nearest
-    with the float zero point refined alone."""
+def test_float_fit_alternation_lowers_the_error_of_its_starts():
+    """The alternation (codes ↔ least-squares scale and zero point) improves on the best of its
+    starting points (the uint8 search's result, float min/max round to nearest)."""
     weight = heavy_tailed(1024, 64, seed=9)
     fitted = quantize_blocks(weight, 4, 32, float_zero_points=True)
     no_rounds = quantize_blocks(weight, 4, 32, float_zero_points=True, float_rounds=0)
@@ -155,3 +154,20 @@ def test_cli_zero_points_flag(tmp_path, capsys):
     assert len(err) == 1 and "cannot be 'float' with symmetric quantization" in err[0] and "Traceback" not in err[0]
     assert cli_main([str(src), "-o", str(dst), "--zero-points", "float"]) == 7
     assert "need --quantize wN" in capsys.readouterr().err
+
+
+def test_residual_order_on_a_float_zero_point_base():
+    """rex_budget with float zero points: the base has float32 zero points, the residual order
+    uint8 ones; ORT's output is x @ (Ŵ + R̂ on the chosen columns)."""
+    from tests.passes.test_weight_only_rex import base_and_residual, reconstructed, uneven_columns
+
+    weight = uneven_columns(128, 40, seed=3)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **FLOAT, rex_budget=0.5, validate=True)
+    base, residual = base_and_residual(out)
+    inits = {t.name: t for t in out.graph.initializer}
+    assert inits[base.input[3]].data_type == onnx.TensorProto.FLOAT and inits[residual.input[3]].data_type == onnx.TensorProto.UINT8
+    x = RNG.standard_normal((2, 3, 128)).astype(np.float32)
+    expected = x.astype(np.float64) @ reconstructed(out)
+    np.testing.assert_allclose(run_ort(out, {"x": x}), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
+    (layer,) = next(p for p in report.passes if p.name == "weight-only").stats["layers"]
+    assert layer["zero_points"] == "float" and layer["rex_relative_error"] < layer["relative_error"]
