@@ -17,6 +17,10 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
   the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
   (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
+* ``zero_points`` (default "uint8"; CLI ``--zero-points float``): "float" stores float32
+  zero points fitted by least squares (lower weight error; ONNX Runtime's CPU kernel leaves its
+  fast path for them at every accuracy_level, and refuses them at 8 bits, so 8-bit layers and
+  the residual order keep uint8).
 * ``keep_8bit``: node-name (or weight-name) substrings of layers kept at 8 bits, e.g.
   ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (default 4: int8
   activations inside the kernel, ORT's CPU fast path; 0: float products, slower — for 2- and
@@ -37,7 +41,7 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
   anywhere is exit 10 (nothing the option asked for was done).
 
-The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
+The stats list per layer the bits, block size, zero point type and relative weight error ‖W − Ŵ‖/‖W‖ of
 round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
 copied once (transposed, padded, float32) while it is quantized — the search's temporaries
 are bounded by :data:`.blockwise.CHUNK_ELEMENTS` — and only its packed bytes are kept.

@@ -12,7 +12,9 @@ Layout (com.microsoft ``MatMulNBits``, checked against ONNX Runtime in the tests
 * ``scales``: [N·n_blocks] in the weight's float type (column-major by block).
 * ``zero_points``: uint8 [N·ceil(n_blocks·bits/8)], each column's zero points packed like
   the codes (the column padded to whole bytes); absent when symmetric, and the kernel then
-  uses ``2^(bits−1)``.
+  uses ``2^(bits−1)``.  With ``float_zero_points``: [N·n_blocks] in the scales' float type
+  (one per block, column-major like the scales; ONNX Runtime's CPU kernel takes them for 2
+  and 4 bits, not 8, and leaves its fast path for them).
 
 Quantizers (:func:`quantize_blocks`):
 
@@ -30,8 +32,15 @@ Quantizers (:func:`quantize_blocks`):
   zero points, the offset, rounded to an integer zero point), re-round the codes, keep the
   result per block only where the error fell.  Round to nearest is the starting point and
   every later candidate is taken only where it lowers the error, so the search's error is
-  never above round to nearest's, block by block.  (Float zero points, as HQQ emits, would
-  fit better but make ONNX Runtime's CPU kernel leave its fast path.)
+  never above round to nearest's, block by block.
+* **float zero points** (``float_zero_points=True``): from the result above and from float
+  round to nearest on the block's [min, max] (shrunk by each of :data:`FLOAT_FIT_SHRINKS`
+  about its middle), ``float_rounds`` alternations of codes = clip(round(w/s + z)) and the
+  closed-form least-squares (s, z) of those codes (the line w ≈ s·q − s·z), kept per block
+  where the error fell; each step minimises the (weighted) error for the other fixed.  HQQ
+  fits the zero point alone, for an Lp (p < 1) loss, with the scale of the block's range.
+  The padding of a last partial block weighs nothing (a float zero point does not decode it
+  to 0; the kernel never reads it).
 
 With ``row_weight`` (E[x_k²] of the input feature k; the pass takes it from a LayerNorm's
 γ and β) the search minimises Σ_k E[x_k²]·(w_k − ŵ_k)², the expected output error of the
