@@ -522,8 +522,8 @@ NOTES = [
     "* accuracy_level 4 rows are the same files as their accuracy_level 0 rows with the attribute changed (same weights and weight bytes; the "
     "kernel quantizes the activations to int8 per block, hence a slightly different output error). In ONNX Runtime 1.32's CPU kernel 8-bit "
     "and 2-bit MatMulNBits are on the fast path only at accuracy_level 4 (at 0 they are dequantized on every call: W8 is timed apart, 5 runs).",
-    "* Float zero points (ORT HQQ's and onnxopt's w4_fzp) take ONNX Runtime's CPU MatMulNBits off its fast path at every accuracy_level (see "
-    "docs/weight-only.md); they are timed apart with 5 runs, round-robin among themselves, and their prefill is not timed unless --hqq-prefill.",
+    ("* Float zero points (ORT HQQ's and onnxopt's w4_fzp) take ONNX Runtime's CPU MatMulNBits off its fast path at every accuracy_level (see "
+     "docs/weight-only.md); they are timed apart with 5 runs, round-robin among themselves, and their prefill is not timed unless --hqq-prefill."),
 ]
 
 

@@ -10,12 +10,25 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnxopt.passes.weight_only.blockwise import (
+    dequantize_packed,
+    packed_tensors,
+    quantize_blocks,
+)
 
 import onnxopt
 from onnxopt.cli import main as cli_main
 from onnxopt.errors import PipelineError
-from onnxopt.passes.weight_only.blockwise import dequantize_packed, packed_tensors, quantize_blocks
-from tests.passes.test_weight_only import EXACT, RNG, attrs, decoded_weight, heavy_tailed, matmul_model, nbits_nodes, run_ort
+from tests.passes.test_weight_only import (
+    EXACT,
+    RNG,
+    attrs,
+    decoded_weight,
+    heavy_tailed,
+    matmul_model,
+    nbits_nodes,
+    run_ort,
+)
 
 FLOAT = {"zero_points": "float"}
 
@@ -71,7 +84,7 @@ def test_float_fit_error_at_most_the_uint8_search(make, bits, block_size):
     fitted = quantize_blocks(weight, bits, block_size, float_zero_points=True)
     # block by block: the fit starts from the uint8 search's result and only ever lowers a block's error
     k_blocks = 512 // block_size
-    blocks = lambda r: np.square(r.dequantized() - weight, dtype=np.float64).reshape(k_blocks, block_size, -1).sum(axis=1)  # noqa: E731
+    blocks = lambda r: np.square(r.dequantized() - weight, dtype=np.float64).reshape(k_blocks, block_size, -1).sum(axis=1)
     assert np.all(blocks(fitted) <= blocks(uint8) * (1 + 1e-5) + 1e-14)
     if bits <= 4:  # the float zero point is a real extra degree of freedom at low bit-widths
         assert fitted.relative_error < 0.97 * uint8.relative_error, (fitted.relative_error, uint8.relative_error)
@@ -159,7 +172,11 @@ def test_cli_zero_points_flag(tmp_path, capsys):
 def test_residual_order_on_a_float_zero_point_base():
     """rex_budget with float zero points: the base has float32 zero points, the residual order
     uint8 ones; ORT's output is x @ (Ŵ + R̂ on the chosen columns)."""
-    from tests.passes.test_weight_only_rex import base_and_residual, reconstructed, uneven_columns
+    from tests.passes.test_weight_only_rex import (
+        base_and_residual,
+        reconstructed,
+        uneven_columns,
+    )
 
     weight = uneven_columns(128, 40, seed=3)
     out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **FLOAT, rex_budget=0.5, validate=True)
