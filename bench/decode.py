@@ -4,6 +4,7 @@ with REx's residual order (``rex_budget``) against W4, W8 and ONNX Runtime's qua
     python -m bench decode                          # 4-layer synthetic stack + MiniLM → bench/results/decode.md (+ .json, .png)
     python -m bench decode --layers 20 --configs fp32,w8,w4,w4_rex25 --skip minilm --tag 3gb   # ≥ 3 GB stack
     python -m bench decode --combine                # how a partial residual order joins the output (→ decode_combine.md)
+    python -m bench decode --configs w4,w8,ort_rtn,ort_hqq,w4_fzp,w4_a4,w8_a4,ort_rtn_a4,ort_hqq_a4,w4_fzp_a4 --tag zero_points
 
 Models (from :mod:`bench.weight_only`):
 
@@ -20,8 +21,9 @@ Configurations: ``fp32``; ``w8`` and ``w4`` (onnxopt weight-only, clipping searc
 1.0 of the base's bytes); ``w4_rex2b`` (W4 + a 2-bit residual in blocks of 128 over all
 columns: 0.44 of the base's bytes); ``w4g64_rex2b`` (the same on a W4 base in blocks of 64:
 1.33× W4's bytes in all); ``ort_rtn`` / ``ort_hqq`` (ONNX Runtime's
-MatMulNBitsQuantizer, 4 bits, block 32; HQQ stores float zero points); ``<config>_a4``: the
-same file with ``accuracy_level`` 4 (int8 activations inside the kernel).
+MatMulNBitsQuantizer, 4 bits, block 32; HQQ stores float zero points); ``w4_fzp`` (W4 with
+``zero_points="float"``: least-squares-fitted float zero points, as HQQ's format);
+``<config>_a4``: the same file with ``accuracy_level`` 4 (int8 activations inside the kernel).
 
 Timing: all configurations of one (tokens, threads) setting in one process, round-robin
 (:func:`bench.common.time_interleaved`, spinning off), median and IQR.  The machine is shared
@@ -79,6 +81,7 @@ CONFIGS = {
     "w4g64_rex2b": "W4 block 64 + 2-bit REx (block 128, all columns)",
     "ort_rtn": "W4 ORT MatMulNBitsQuantizer RTN",
     "ort_hqq": "W4 ORT MatMulNBitsQuantizer HQQ",
+    "w4_fzp": "W4 float zero points (onnxopt)",
     "w8_a4": "W8, accuracy_level 4",
     "w4_a4": "W4, accuracy_level 4",
     "w4_rex25_a4": "W4 + REx 0.25, accuracy_level 4",
@@ -86,15 +89,20 @@ CONFIGS = {
     "w4_rex100_a4": "W4 + REx 1.0, accuracy_level 4",
     "w4_rex2b_a4": "W4 + 2-bit REx (block 128, all columns, 0.44), accuracy_level 4",
     "w4g64_rex2b_a4": "W4 block 64 + 2-bit REx (block 128, all columns), accuracy_level 4",
+    "ort_rtn_a4": "W4 ORT RTN, accuracy_level 4",
+    "ort_hqq_a4": "W4 ORT HQQ, accuracy_level 4",
+    "w4_fzp_a4": "W4 float zero points (onnxopt), accuracy_level 4",
 }
 OURS = {"w8": {"weight_bits": 8}, "w4": {}, "w4_rex25": {"rex_budget": 0.25}, "w4_rex50": {"rex_budget": 0.5}, "w4_rex100": {"rex_budget": 1.0},
         "w4_rex2b": {"rex_budget": 0.45, "rex_bits": 2, "rex_block_size": 128},
-        "w4g64_rex2b": {"block_size": 64, "rex_budget": 0.5, "rex_bits": 2, "rex_block_size": 128}}
+        "w4g64_rex2b": {"block_size": 64, "rex_budget": 0.5, "rex_bits": 2, "rex_block_size": 128}, "w4_fzp": {"zero_points": "float"}}
 #: ``<config>_a4``: the same file with every MatMulNBits at accuracy_level 4 (int8 activations inside the kernel).
 ACCURACY4 = "_a4"
 REX = ("w4_rex25", "w4_rex50", "w4_rex100", "w4_rex2b", "w4g64_rex2b")
-#: Timed apart with few runs: far off ORT's fast path (W8 at accuracy_level 0, HQQ's float zero points).
-SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", "ort_hqq")
+#: Float zero points (ORT HQQ's and ours): off ORT's fast CPU path at every accuracy_level.
+FLOAT_ZERO_POINTS = ("ort_hqq", "w4_fzp", "ort_hqq_a4", "w4_fzp_a4")
+#: Timed apart with few runs: far off ORT's fast path (W8 at accuracy_level 0, float zero points).
+SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", *FLOAT_ZERO_POINTS)
 #: Run by default: all but the 2-bit residual at accuracy_level 0 (off ORT's fast path, see the notes).
 DEFAULT_CONFIGS = [k for k in CONFIGS if k not in ("w4_rex2b", "w4g64_rex2b")]
 #: REx goal: the residual order closes at least this share of the W4 → W8 fidelity gap ...
@@ -142,13 +150,14 @@ def build_ours(src: Path, dst: Path, options: dict[str, Any], isolate: bool = Fa
 
 
 def with_accuracy_level(src: Path, dst: Path, level: int) -> dict[str, Any]:
-    """``src`` with every MatMulNBits at ``accuracy_level`` (the weights are shared)."""
+    """``src`` with every MatMulNBits at ``accuracy_level`` (the weights are shared; ORT's
+    quantizer omits the attribute at 0, so it is added where missing)."""
     model = onnx.load(str(src))
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
+            kept = [attr for attr in node.attribute if attr.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
     save_external(model, dst)
     return {"derived_from": src.stem}
 
@@ -219,7 +228,7 @@ def bench_synthetic(layers: int, only: set[str], timing: Timing, prefill: int, p
         measure_latency(paths, {"x": tokens["x"][:, :1]}, timing, records, "decode")
         if prefill:
             x = np.random.default_rng(6).standard_normal((1, prefill, D_MODEL)).astype(np.float32)
-            measure_latency(paths, {"x": x}, prefill_timing, records, "prefill", set() if slow_prefill else {"ort_hqq"})
+            measure_latency(paths, {"x": x}, prefill_timing, records, "prefill", set() if slow_prefill else set(FLOAT_ZERO_POINTS))
     return {"layers": layers, "d": D_MODEL, "ff": FF, "prefill_tokens": prefill, "fp32_gb": layers * (D_MODEL * D_MODEL + 2 * D_MODEL * FF) * 4 / 1e9, "configs": records}
 
 
@@ -411,6 +420,33 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
             if "error" in records.get("w4", {"error": 1}) or "error" in records.get(base, {"error": 1}):
                 continue
             lines.append(f"* {model}: W4 ours at least as faithful as {base} ({what}): **{'met' if better(records['w4'], records[base]) else 'NOT met'}**")
+    lines += zero_point_goal_lines(syn, mini)
+    return lines
+
+
+#: Issue 17: W4 decode latency at most this times the compared quantizer's.
+HQQ_LATENCY_FACTOR = 1.05
+
+
+def zero_point_goal_lines(syn: dict[str, dict[str, Any]], mini: dict[str, dict[str, Any]]) -> list[str]:
+    """Float zero points (w4_fzp) against ORT HQQ, and the default W4 against ORT RTN, at the
+    same accuracy level: fidelity at least theirs, decode latency at most 1.05× theirs."""
+    lines = []
+    for ours, theirs in (("w4_fzp", "ort_hqq"), ("w4", "ort_rtn")):
+        for suffix in ("", ACCURACY4):
+            a, b = ours + suffix, theirs + suffix
+            if "relative_error" in syn.get(a, {}) and "relative_error" in syn.get(b, {}):
+                ok = syn[a]["relative_error"] <= syn[b]["relative_error"]
+                parts = [f"relative error {syn[a]['relative_error']:.4f} vs {syn[b]['relative_error']:.4f}"]
+                for t in (1, 2):
+                    if f"decode_{t}t" in syn[a] and f"decode_{t}t" in syn[b]:
+                        ratio = syn[a][f"decode_{t}t"]["median_ms"] / syn[b][f"decode_{t}t"]["median_ms"]
+                        ok &= ratio <= HQQ_LATENCY_FACTOR
+                        parts.append(f"decode {t}t {ratio:.2f}× theirs")
+                lines.append(f"* synthetic {a} vs {b}: {', '.join(parts)} (goal: error ≤ theirs, decode ≤ {HQQ_LATENCY_FACTOR}× theirs): **{'met' if ok else 'NOT met'}**")
+            if "cosine_mean" in mini.get(a, {}) and "cosine_mean" in mini.get(b, {}):
+                ok = mini[a]["cosine_mean"] >= mini[b]["cosine_mean"]
+                lines.append(f"* MiniLM {a} vs {b}: mean cosine {mini[a]['cosine_mean']:.5f} vs {mini[b]['cosine_mean']:.5f}: **{'met' if ok else 'NOT met'}**")
     return lines
 
 
@@ -486,7 +522,8 @@ NOTES = [
     "* accuracy_level 4 rows are the same files as their accuracy_level 0 rows with the attribute changed (same weights and weight bytes; the "
     "kernel quantizes the activations to int8 per block, hence a slightly different output error). In ONNX Runtime 1.32's CPU kernel 8-bit "
     "and 2-bit MatMulNBits are on the fast path only at accuracy_level 4 (at 0 they are dequantized on every call: W8 is timed apart, 5 runs).",
-    "* ORT HQQ's float zero points take ONNX Runtime's CPU MatMulNBits off its fast path (see weight_only.md); its prefill is not timed unless --hqq-prefill.",
+    ("* Float zero points (ORT HQQ's and onnxopt's w4_fzp) take ONNX Runtime's CPU MatMulNBits off its fast path at every accuracy_level (see "
+     "docs/weight-only.md); they are timed apart with 5 runs, round-robin among themselves, and their prefill is not timed unless --hqq-prefill."),
 ]
 
 

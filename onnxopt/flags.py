@@ -11,7 +11,7 @@ quantize)::
 
     --prune red                  hash-weights, merge-neurons, decompose-depthwise
     --quantize wNaM              quantize            (power-quant with --power-quant)
-    --quantize wN                weight-only         (MatMulNBits; --block-size, --symmetric, --keep-8bit,
+    --quantize wN                weight-only         (MatMulNBits; --block-size, --symmetric, --zero-points, --keep-8bit,
                                                       --rex-budget G: a residual MatMulNBits order)
     --rex K                      rex                 (needs --quantize)
     --modular-accumulator BITS   modular-accumulator (needs --quantize, uniform)

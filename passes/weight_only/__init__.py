@@ -17,6 +17,10 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
   the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
   (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
+* ``zero_points`` (default "uint8"; CLI ``--zero-points float``): "float" stores float32
+  zero points fitted by least squares (lower weight error; ONNX Runtime's CPU kernel leaves its
+  fast path for them at every accuracy_level, and refuses them at 8 bits, so 8-bit layers and
+  the residual order keep uint8).
 * ``keep_8bit``: node-name (or weight-name) substrings of layers kept at 8 bits, e.g.
   ``["lm_head", "embed"]``; ``accuracy_level`` is the op's attribute (default 4: int8
   activations inside the kernel, ORT's CPU fast path; 0: float products, slower — for 2- and
@@ -37,7 +41,7 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
   anywhere is exit 10 (nothing the option asked for was done).
 
-The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
+The stats list per layer the bits, block size, zero point type and relative weight error ‖W − Ŵ‖/‖W‖ of
 round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
 copied once (transposed, padded, float32) while it is quantized — the search's temporaries
 are bounded by :data:`.blockwise.CHUNK_ELEMENTS` — and only its packed bytes are kept.
@@ -47,7 +51,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -130,6 +134,11 @@ class Packed:
         return int(sum(c.values.nbytes for c in self.constants))
 
     @property
+    def zero_point_type(self) -> str | None:
+        """"uint8" or "float" (the third constant's type), None when symmetric."""
+        return None if len(self.constants) < 3 else ("float" if self.constants[2].values.dtype.kind == "f" else "uint8")
+
+    @property
     def rex_nbytes(self) -> int:
         return int(sum(c.values.nbytes for c in self.rex_constants or ()))
 
@@ -144,6 +153,8 @@ class WeightOnlyOptions(PassOptions):
     block_size: int = option(32, flag="--block-size")
     #: no zero points
     symmetric: bool = option(False, flag="--symmetric")
+    #: "float": float32 zero points fitted by least squares (lower error, off ORT's fast CPU kernel)
+    zero_points: Literal["uint8", "float"] = option("uint8", flag="--zero-points")
     #: per-block clipping/zero-point search (False: round to nearest)
     scale_search: bool = True
     search_steps: int = 10
@@ -170,6 +181,10 @@ class WeightOnlyOptions(PassOptions):
             raise OptionProblem("weight_bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))} (MatMulNBits), got {self.weight_bits!r}")
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise OptionProblem("block_size", f"must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}, got {self.block_size!r}")
+        if self.symmetric and self.zero_points == "float":
+            raise OptionProblem("zero_points", "cannot be 'float' with symmetric quantization (symmetric stores no zero points): drop one of the two")
+        if self.weight_bits == 8 and self.zero_points == "float":
+            raise OptionProblem("zero_points", "cannot be 'float' at weight_bits 8: ONNX Runtime's CPU MatMulNBits refuses 8-bit weights with float zero points (use 2 or 4 bits)")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionProblem("accuracy_level", f"must be one of 0..4, got {self.accuracy_level!r}")
         if self.search_steps < 1:
@@ -287,7 +302,9 @@ class WeightOnlyQuantize(Pass):
         """The base (and, with ``rex_budget``, the residual order) of one weight, packed."""
         o = self.options
         matrix = layer.matrix()
-        result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight, **self._search_options())
+        result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight,
+                                 float_zero_points=o["zero_points"] == "float" and bits != 8,  # ORT's CPU kernel: no 8-bit float zero points
+                                 **self._search_options())
         packed = self._pack(result, layer, names)
         if o["rex_budget"]:
             self._add_residual(packed, matrix, result, layer, names, ctx)
@@ -475,7 +492,8 @@ def float_label(reason: str) -> str:
 def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
     record = {
         "layer": node_label(layer.node), "op": layer.node.op, "K": layer.k, "N": layer.n, "bits": result.bits,
-        "block_size": result.block_size, "symmetric": result.symmetric, "weighted_by": layer.norm,
+        "block_size": result.block_size, "symmetric": result.symmetric,
+        "zero_points": result.zero_point_type, "weighted_by": layer.norm,
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
     if result.rex_constants is not None:

@@ -1,5 +1,6 @@
 """The weight-only family's CLI flags: ``--quantize wN`` (the flag itself is declared by
-the quantize family) with ``--block-size``, ``--symmetric`` and ``--keep-8bit``."""
+the quantize family) with ``--block-size``, ``--symmetric``, ``--zero-points``,
+``--accuracy-level`` and ``--keep-8bit``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("weight-only quantization (--quantize wN: MatMul/Gemm weights to ONNX Runtime's MatMulNBits)")
     group.add_argument("--block-size", type=int, metavar="N", help="with --quantize wN: K rows per scale (16, 32, 64, 128, 256; default 32)")
     group.add_argument("--symmetric", action="store_true", help="with --quantize wN: no zero points (slightly faster kernel, larger error)")
+    group.add_argument("--zero-points", choices=("uint8", "float"), help="with --quantize wN: zero point type (default uint8: ONNX Runtime's fast CPU kernel; float: fitted float32 zero points, lower error, much slower on ORT CPU)")
     group.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="with --quantize wN: MatMulNBits accuracy_level (default 4: int8 activations inside ONNX Runtime's CPU kernel, its fast path; 0: float products, slower)")
     group.add_argument("--keep-8bit", metavar="NAME,...", help="with --quantize wN: layers whose node or weight name contains one of these stay at 8 bits (e.g. lm_head,embed)")
 
@@ -28,6 +30,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         "symmetric": True if args.symmetric else None,
         "keep_8bit": [p.strip() for p in args.keep_8bit.split(",") if p.strip()] if args.keep_8bit else None,
         "accuracy_level": args.accuracy_level,
+        "zero_points": args.zero_points,
     }
     options = {key: value for key, value in given.items() if value is not None}
     bits = parse_weight_only(args.quantize)
