@@ -106,3 +106,13 @@ def ppocr_cls_inputs(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     """(float32 [count, 3, 48, 192] classifier inputs, orientation labels) of rendered text lines."""
     images, labels = render_text_lines(count, seed)
     return np.stack([cls_preprocess(image) for image in images]), labels
+
+
+def ppocr_cls_accuracy(count: int = 200, seed: int = 0) -> tuple[int, int]:
+    """(correct, total) 0°/180° decisions of the FP32 classifier (ONNX Runtime) on rendered lines."""
+    import onnxruntime as ort
+
+    x, labels = ppocr_cls_inputs(count, seed)
+    session = ort.InferenceSession(str(ppocr_cls_path()), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)
+    return int((predicted == labels).sum()), count

@@ -126,3 +126,11 @@ def test_quantized_classifier_keeps_the_orientation(quantized_cls) -> None:
     difference = np.abs(quantized - reference)[:, 0]
     assert difference.mean() < 0.1 and difference.max() < 0.5
     assert (quantized.argmax(1) == reference.argmax(1)).sum() >= LINES - 1
+
+
+@needs_ppocr
+def test_fp32_classifier_reads_the_orientation_of_rendered_lines() -> None:
+    """The sanity figure of ``python -m onnxopt.models sanity``: the real model is right on
+    nearly every rendered line (the inputs are a fair test of it)."""
+    correct, total = ocr.ppocr_cls_accuracy(40, seed=5)
+    assert total == 40 and correct >= 38
