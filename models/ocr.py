@@ -4,7 +4,9 @@
   Paddle2ONNX, opset 11, BatchNormalization kept; a small MobileNetV3 with hard-swish and
   squeeze-excite blocks; input ``x`` [N, 3, 48, 192], output softmax over the labels ``0``
   and ``180``).
-* :func:`ppocr_rec_path`: PP-OCRv4 text recogniser (SVTR-LCNet, BN folded by the exporter).
+* :func:`ppocr_rec_path`: PP-OCRv4 text recogniser (SVTR-LCNet, BN folded by the exporter;
+  input [N, 3, 48, W], output per time step the probabilities of the blank, the ~6600
+  characters of :func:`ppocr_rec_characters` and the space; :func:`ctc_greedy_decode`).
 
 The files come from the asset cache (:func:`onnxopt.models.assets.install_wheel_asset`); a
 missing asset raises OnnxoptError naming ``python -m onnxopt.models install-assets``.
@@ -25,10 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxopt.errors import OnnxoptError
+
 from .assets import PPOCR_CLS, PPOCR_REC, wheel_asset_file
 from .datasets import _pil_image
 
 CLS_SHAPE = (3, 48, 192)
+REC_SHAPE = (3, 48, 320)
 CLS_LABELS = ("0", "180")
 _WORDS = (
     "invoice", "total", "date", "name", "address", "street", "phone", "order", "amount", "paid", "receipt",
@@ -61,6 +66,11 @@ def _random_text(rng: np.random.Generator) -> str:
 
 def render_text_line(rng: np.random.Generator) -> np.ndarray:
     """One text line image, uint8 [H, W, 3], upright."""
+    return render_labelled_line(rng)[0]
+
+
+def render_labelled_line(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(one upright text line image, uint8 [H, W, 3]; the text drawn on it)."""
     image_mod = _pil_image()
     from PIL import ImageDraw, ImageFont
 
@@ -75,7 +85,7 @@ def render_text_line(rng: np.random.Generator) -> np.ndarray:
     ImageDraw.Draw(image).text((margin_x - left, margin_y - top), text, fill=ink, font=font)
     pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels + rng.normal(0.0, float(rng.uniform(0, 12)), pixels.shape)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    return np.clip(pixels, 0, 255).astype(np.uint8), text
 
 
 def render_text_lines(count: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -87,6 +97,40 @@ def render_text_lines(count: int, seed: int = 0) -> tuple[list[np.ndarray], np.n
         line = render_text_line(rng)
         images.append(np.ascontiguousarray(line[::-1, ::-1]) if label else line)
     return images, labels
+
+
+def upright_lines(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """``count`` upright text line images and their texts (the recogniser's inputs)."""
+    rng = np.random.default_rng(seed)
+    pairs = [render_labelled_line(rng) for _ in range(count)]
+    return [image for image, _ in pairs], [text for _, text in pairs]
+
+
+def rec_preprocess(image: np.ndarray, shape: tuple[int, int, int] = REC_SHAPE) -> np.ndarray:
+    """The recogniser's input for one uint8 HWC image: like :func:`cls_preprocess` at 48×320
+    (RapidOCR's ``rec_img_shape``; it widens the batch to its widest line's aspect ratio, this
+    keeps 320)."""
+    return cls_preprocess(image, shape)
+
+
+def ctc_greedy_decode(probabilities: np.ndarray, characters: list[str]) -> list[str]:
+    """Best-path CTC decode of [N, T, C] scores: argmax per step, repeats merged, blank (0) dropped;
+    ``characters`` is indexed like the classes (index 0: the blank)."""
+    best = probabilities.argmax(axis=-1)
+    keep = (best != 0) & np.concatenate([np.ones((len(best), 1), bool), best[:, 1:] != best[:, :-1]], axis=1)
+    return ["".join(characters[k] if k < len(characters) else "?" for k in row[mask]) for row, mask in zip(best, keep)]
+
+
+def ppocr_rec_characters() -> list[str]:
+    """The recogniser's classes: the blank, the dictionary kept in the model's ``character``
+    metadata, and the space (PaddleOCR's ``use_space_char``)."""
+    import onnx
+
+    model = onnx.load(str(ppocr_rec_path()), load_external_data=False)
+    table = {p.key: p.value for p in model.metadata_props}.get("character")
+    if table is None:
+        raise OnnxoptError(f"{ppocr_rec_path()} has no 'character' metadata (not the PP-OCRv4 recogniser?)")
+    return ["", *table.split("\n"), " "]
 
 
 def cls_preprocess(image: np.ndarray, shape: tuple[int, int, int] = CLS_SHAPE) -> np.ndarray:
