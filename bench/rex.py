@@ -136,9 +136,11 @@ def bops(model: onnx.ModelProto) -> float:
 def with_static_input(model: onnx.ModelProto, shape: Sequence[int]) -> onnx.ModelProto:
     """A copy of ``model`` whose first input has the evaluation shape ``shape`` (batch 1) where
     its dims are symbolic: the PP-OCR classifier declares [-1, 3, ?, ?], and metrics counts a
-    symbolic dim as 1, so its MACs and BOPs need the 48×192 the inputs have."""
+    symbolic dim as 1, so its MACs and BOPs need the 48×192 the inputs have.  The stored
+    value_info (symbolic too) is dropped so that shape inference recomputes every shape."""
     static = onnx.ModelProto()
     static.CopyFrom(model)
+    del static.graph.value_info[:]
     dims = static.graph.input[0].type.tensor_type.shape.dim
     for dim, value in zip(dims, (1, *shape[1:])):
         if not (dim.HasField("dim_value") and dim.dim_value > 0):
