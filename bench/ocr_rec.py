@@ -40,8 +40,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -130,7 +131,11 @@ def build_onnxopt(src: Path, dst: Path, calibration: Path, act_ranges: str) -> d
 
 
 def run(count: int) -> dict[str, Any]:
-    from onnxopt.models.ocr import ctc_greedy_decode, ppocr_rec_characters, ppocr_rec_path
+    from onnxopt.models.ocr import (
+        ctc_greedy_decode,
+        ppocr_rec_characters,
+        ppocr_rec_path,
+    )
 
     src = ppocr_rec_path()
     characters = ppocr_rec_characters()

@@ -138,7 +138,7 @@ def cls_preprocess(image: np.ndarray, shape: tuple[int, int, int] = CLS_SHAPE) -
     image_mod = _pil_image()
     _, height, width = shape
     h, w = image.shape[:2]
-    resized_w = min(width, int(math.ceil(height * w / float(h))))
+    resized_w = min(width, math.ceil(height * w / float(h)))
     resized = image_mod.fromarray(image).resize((resized_w, height), image_mod.Resampling.BILINEAR)
     values = (np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
     padded = np.zeros(shape, dtype=np.float32)

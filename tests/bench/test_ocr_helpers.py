@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnxopt.models.ocr import ctc_greedy_decode
 
 from bench.common import merge_previous
 from bench.fidelity import run_model, softmax_input
 from bench.rex import with_static_input
 from onnxopt.metrics import count_macs
-from onnxopt.models.ocr import ctc_greedy_decode
 from tests.conftest import text_model
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxopt.models import assets, ocr
 
 import onnxopt
 from onnxopt.errors import OnnxoptError
 from onnxopt.metrics import _node_macs, tensor_shapes
-from onnxopt.models import assets, ocr
 
 HAVE_PPOCR = assets.asset_available("ppocr")
 needs_ppocr = pytest.mark.skipif(not HAVE_PPOCR, reason=f"asset missing: {assets.WHEEL_ASSETS['ppocr'].install_hint}")

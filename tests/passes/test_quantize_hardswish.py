@@ -10,13 +10,22 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from onnxopt.graph import import_graph, with_inferred_shapes
 from onnxopt.passes.common.ranges import RangeEstimator
 from onnxopt.passes.common.statistics import bn_statistics
+
+from onnxopt.graph import import_graph, with_inferred_shapes
 from onnxopt.verify import run
-from tests.conftest import run_passes, text_model as model
-from tests.passes.quantize_builders import KEEP_QDQ, QUANTIZE, bn, bn_params, quantize_stats, relative_error, weights
+from tests.conftest import run_passes
+from tests.conftest import text_model as model
+from tests.passes.quantize_builders import (
+    KEEP_QDQ,
+    QUANTIZE,
+    bn,
+    bn_params,
+    quantize_stats,
+    relative_error,
+    weights,
+)
 
 GAMMA = (0.5, 3.0)
 BETA = (-2.0, 2.0)
