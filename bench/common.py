@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import math
 import multiprocessing
 import os
@@ -287,6 +288,18 @@ def chosen_models(parser: argparse.ArgumentParser, only: str | None, known: Sequ
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(known)}")
     return names
+
+
+def merge_previous(path: Path, field: str, results: Mapping[str, Any], names: Sequence[str], known: Sequence[str], command: str) -> tuple[dict[str, Any], str]:
+    """``--only`` runs update their models in the results file ``path`` and keep the others:
+    (the previous file's ``field`` entries updated with ``results``, in ``known``'s order; the
+    command line "<previous> ; then <command>").  A run of every model replaces the file."""
+    if set(names) == set(known) or not path.exists():
+        return dict(results), command
+    old = json.loads(path.read_text(encoding="utf-8"))
+    merged = {**old.get(field, {}), **results}
+    order = [*known, *(k for k in merged if k not in known)]
+    return {k: merged[k] for k in order if k in merged}, f"{old.get('command', '?')} ; then {command}"
 
 
 def config_rows(

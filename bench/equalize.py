@@ -4,7 +4,9 @@ Models, images and fidelity metrics are those of :mod:`bench.fidelity` (its func
 imported): the real pretrained MobileNetV2 and EfficientNet-Lite0 (BatchNormalization kept in
 the export), the 20 ImageNet samples in the first ``--views`` deterministic views, top-1
 agreement with FP32, mean KL(FP32 || config) of the softmax outputs, cosine of the logits,
-all from ONNX Runtime at ORT_ENABLE_ALL.
+all from ONNX Runtime at ORT_ENABLE_ALL; and the PP-OCR text-orientation classifier
+(``ppocr_cls``) on 250 rendered text lines per view (2 classes, 0° / 180°: "top-1 correct"
+is the orientation accuracy; the metrics use the logits, the Softmax input).
 
 Configurations, at W8A8, W6A8 and W4A8 (weights per output channel, the quantize default;
 first and last layer at 8 bits):
@@ -23,7 +25,9 @@ BN folding, after equalize, and after equalize + absorb-high-bias (see :func:`ac
 
 Outputs: ``<out>/equalize.json`` and ``<out>/equalize.md``.
 
-    python -m bench.equalize [--out bench/results] [--views 2] [--only mobilenet_v2]
+``--only`` updates those models' entries in the existing JSON and keeps the others.
+
+    python -m bench.equalize [--out bench/results] [--views 2] [--only mobilenet_v2,ppocr_cls]
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 
 import onnxopt
-from bench.common import chosen_models, environment, json_safe, table
-from bench.fidelity import MODELS, bench_each_model, error_text, fidelity, load_data, log, run_model, with_retry
+from bench.common import chosen_models, environment, json_safe, merge_previous, table
+from bench.fidelity import ALL_MODELS, bench_each_model, error_text, fidelity, load_data, log, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 WEIGHT_BITS = (8, 6, 4)
@@ -108,9 +112,7 @@ def activation_spread(src: Path) -> dict[str, Any]:
 
 
 def bench_model(name: str, views: int, workdir: Path) -> dict[str, Any]:
-    from onnxopt.models.pretrained import export_pretrained
-
-    src = with_retry(lambda: export_pretrained(name))
+    src = with_retry(lambda: model_path(name))
     data = load_data(name, views)
     reference = run_model(src, data.inputs)
     configs: dict[str, dict[str, Any]] = {}
@@ -122,7 +124,7 @@ def bench_model(name: str, views: int, workdir: Path) -> dict[str, Any]:
         configs[key] = build_and_measure(src, workdir / f"{key}.onnx", preset, options, data, reference)
         f = configs[key].get("fidelity", {})
         log(f"  {key}: {configs[key]['status']} agreement {f.get('top1_agreement')} KL {f.get('kl_mean')}")
-    return {"name": name, "title": MODELS[name], "inputs": len(data.inputs), "configs": configs, "spread": activation_spread(src)}
+    return {"name": name, "title": ALL_MODELS[name], "inputs": len(data.inputs), "configs": configs, "spread": activation_spread(src)}
 
 
 # --------------------------------------------------------------------------- report
@@ -224,13 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.equalize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--views", type=int, default=2, help="views of the 20 ImageNet samples (1-4, default 2 = 40 inputs)")
-    parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(MODELS)})")
+    parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(ALL_MODELS)})")
     args = parser.parse_args(argv)
-    names = chosen_models(parser, args.only, list(MODELS))
+    names = chosen_models(parser, args.only, list(ALL_MODELS))
     start = time.perf_counter()
     env = environment()
     results = bench_each_model(names, "bench_equalize_", lambda name, workdir: bench_model(name, args.views, workdir))
     command = ("python -m bench.equalize " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    results, command = merge_previous(args.out / "equalize.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "equalize", "command": command, "environment": env, "views": args.views,
             "seconds": time.perf_counter() - start, "models": results}
     args.out.mkdir(parents=True, exist_ok=True)

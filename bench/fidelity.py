@@ -3,6 +3,10 @@
 * The two ImageNet models (``MODELS``, their ``NORMALIZATION``), the 20 labelled ImageNet
   samples in deterministic ``VIEWS`` and the CIFAR calibration images (:func:`load_data`,
   :func:`image_views`, :func:`calibration_images`, :func:`input_range`).
+* ``TEXT_MODELS``: the PP-OCR text-orientation classifier (real weights from the
+  ``rapidocr-onnxruntime`` wheel, :mod:`onnxopt.models.ocr`), evaluated on seeded rendered
+  text lines, half rotated 180° (labels 0 / 180); ``ALL_MODELS`` = both kinds, and
+  :func:`model_path` gives the ONNX file of any of them.
 * Running a model in ORT and comparing it with a reference: :func:`run_model`,
   :func:`fidelity` (top-1 agreement, KL, logit cosine, accuracy), :func:`log_softmax`, and
   :func:`ort_graph` (what ORT actually runs: QLinearConv / float Conv / ConvInteger counts).
@@ -36,6 +40,11 @@ from bench.common import op_counts, ort_optimized_model, ort_session
 
 MODELS = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite0": "EfficientNet-Lite0"}
 NORMALIZATION = {"mobilenet_v2": "imagenet", "efficientnet_lite0": "efficientnet"}
+TEXT_MODELS = {"ppocr_cls": "PP-OCR text-orientation classifier"}
+ALL_MODELS = {**MODELS, **TEXT_MODELS}
+#: rendered text lines per view (each view a different seed), and the calibration lines' seed
+TEXT_LINES_PER_VIEW = 250
+TEXT_CALIBRATION_SEED = 1000
 # (name, shorter side after resize, horizontal flip): deterministic views of the 20 ImageNet samples.
 VIEWS = (("center", 256, False), ("center_flip", 256, True), ("tight", 320, False), ("wide", 224, False))
 CALIBRATION_GLOB = "cifar10*_*.png"  # foolbox's 20 CIFAR-10 + 20 CIFAR-100 images
@@ -94,7 +103,7 @@ def bench_each_model(names: Sequence[str], prefix: str, bench_one: Callable[[str
                 results[name] = bench_one(name, workdir)
             except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the other
                 traceback.print_exc()
-                results[name] = {"name": name, "title": MODELS[name], "error": error_text(exc)}
+                results[name] = {"name": name, "title": ALL_MODELS[name], "error": error_text(exc)}
     return results
 
 
@@ -138,9 +147,35 @@ def calibration_images() -> tuple[np.ndarray, list[str]]:
     return np.stack([preprocess_image(p) for p in files]), [p.name for p in files]
 
 
+def model_path(name: str) -> Path:
+    """The FP32 ONNX file of ``name`` (ALL_MODELS): the cached export of a pretrained ImageNet
+    model, or the PP-OCR classifier from the asset cache."""
+    if name == "ppocr_cls":
+        from onnxopt.models.ocr import ppocr_cls_path
+
+        return ppocr_cls_path()
+    from onnxopt.models.pretrained import export_pretrained
+
+    return export_pretrained(name)
+
+
+def load_text_data(views_count: int) -> EvalData:
+    """``views_count`` × TEXT_LINES_PER_VIEW rendered text lines (view v: seed v), label 1 =
+    rotated 180°; calibration: 40 other lines (seed TEXT_CALIBRATION_SEED)."""
+    from onnxopt.models.ocr import ppocr_cls_inputs
+
+    parts = [ppocr_cls_inputs(TEXT_LINES_PER_VIEW, seed) for seed in range(views_count)]
+    calibration, _ = ppocr_cls_inputs(40, TEXT_CALIBRATION_SEED)
+    views = [f"text_lines_seed{seed}" for seed in range(views_count) for _ in range(TEXT_LINES_PER_VIEW)]
+    return EvalData(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]), views,
+                    calibration, [f"rendered text line {i} (seed {TEXT_CALIBRATION_SEED})" for i in range(len(calibration))])
+
+
 def load_data(name: str, views_count: int) -> EvalData:
     from onnxopt.models.datasets import normalize
 
+    if name in TEXT_MODELS:
+        return load_text_data(views_count)
     images, labels, views = with_retry(lambda: image_views(views_count))
     calibration, calibration_files = with_retry(calibration_images)
     norm = NORMALIZATION[name]
@@ -153,6 +188,9 @@ def load_data(name: str, views_count: int) -> EvalData:
 def input_range(name: str) -> list[float]:
     """[low, high] of the normalised input: the model's normalisation applied to pixel values 0 and 1 (no data)."""
     from onnxopt.models.datasets import normalize
+
+    if name in TEXT_MODELS:
+        return [-1.0, 1.0]  # (x / 255 − 0.5) / 0.5
 
     ends = normalize(np.stack([np.zeros((3, 1, 1)), np.ones((3, 1, 1))]).astype(np.float32), NORMALIZATION[name])
     return [float(ends.min()), float(ends.max())]
@@ -235,7 +273,23 @@ def build_ort_dynamic(src: Path, dst: Path, weight_type: str) -> Built:
 
 # --------------------------------------------------------------------------- measurements
 def run_model(path: Path, inputs: np.ndarray, chunk: int = 20) -> np.ndarray:
-    """First output of the model for every input, ORT_ENABLE_ALL; batches of ``chunk``, or one by one."""
+    """First output of the model for every input, ORT_ENABLE_ALL; batches of ``chunk``, or one by
+    one.  A model whose output is a Softmax's (the PP-OCR classifier) gives the Softmax's input,
+    its logits, instead: the metrics here take logits, and a float32 probability saturated at
+    0 or 1 has no usable logarithm."""
+    logits = softmax_input(path)
+    if logits is None:
+        return _run_first_output(path, inputs, chunk)
+    model = onnx.load(str(path))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.ValueInfoProto(name=logits))
+    with tempfile.TemporaryDirectory(prefix="bench_logits_") as tmp:
+        probe = Path(tmp) / "logits.onnx"
+        onnx.save(model, str(probe))
+        return _run_first_output(probe, inputs, chunk)
+
+
+def _run_first_output(path: Path, inputs: np.ndarray, chunk: int) -> np.ndarray:
     sess = ort_session(path, "all")
     name = sess.get_inputs()[0].name
     try:
@@ -243,6 +297,18 @@ def run_model(path: Path, inputs: np.ndarray, chunk: int = 20) -> np.ndarray:
     except Exception:  # noqa: BLE001 - a fixed batch dimension
         parts = [sess.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]
     return np.concatenate(parts).reshape(len(inputs), -1).astype(np.float64)
+
+
+def softmax_input(path: Path) -> str | None:
+    """The input tensor of the Softmax writing the model's first output (through Identity and
+    Reshape nodes: the opset-13 upgrade writes an opset-11 Softmax as Flatten → Softmax →
+    Reshape), or None when that output is not a Softmax's."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    node = producers.get(graph.output[0].name)
+    while node is not None and node.op_type in ("Identity", "Reshape"):
+        node = producers.get(node.input[0])
+    return node.input[0] if node is not None and node.op_type == "Softmax" else None
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """REx benchmark: W4A8 + residual expansion budgets against W6A8 / W8A8, and MiniLM W4 weights.
 
 Image models: the real pretrained MobileNetV2 and EfficientNet-Lite0 (``export_pretrained``,
-BN kept), data-free (BN statistics only, no calibration), inputs/fidelity from
+BN kept) and the PP-OCR text-orientation classifier (``ppocr_cls``, Paddle2ONNX, BN kept;
+2 classes), data-free (BN statistics only, no calibration), inputs/fidelity from
 :mod:`bench.fidelity` (20 labelled ImageNet samples in 4 deterministic views = 80 inputs;
-``--quick``: 3 views).  Configurations, each ``onnxopt.optimize(fp32, preset=..., ...)``:
+``--quick``: 3 views; ``ppocr_cls``: 250 rendered text lines per view).  Configurations, each ``onnxopt.optimize(fp32, preset=..., ...)``:
 
 * ``w8a8``, ``w6a8``, ``w4a8``: ``preset="quantize"`` (SPIQ-auto, the quantize defaults);
 * ``w4a8_rex{25,50,75}``: ``preset="rex", weight_bits=4, act_bits=8, rex_order=2,
@@ -34,7 +35,7 @@ FP32 and the spam/ham accuracy of a logistic regression (L2, scipy L-BFGS) train
 configuration's own embeddings of 300 ham + 300 spam SpamAssassin emails and tested on
 another 150 + 150 (EVALUATION.md).
 
-    python -m bench.rex [--out bench/results] [--quick] [--only mobilenet_v2,efficientnet_lite0,minilm]
+    python -m bench.rex [--out bench/results] [--quick] [--only mobilenet_v2,efficientnet_lite0,ppocr_cls,minilm]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from onnx import numpy_helper
 
 import onnxopt
 from onnxopt.graph import with_inferred_shapes
-from onnxopt.metrics import MAC_OPS, _node_macs, tensor_shapes
+from onnxopt.metrics import MAC_OPS, _node_macs, count_macs, tensor_shapes
 
 from .common import (
     compact_number_lists,
@@ -66,9 +67,9 @@ from .common import (
     table,
     time_interleaved,
 )
-from .fidelity import fidelity, load_data, ort_graph, run_model
+from .fidelity import fidelity, load_data, model_path, ort_graph, run_model
 
-IMAGE_MODELS = ("mobilenet_v2", "efficientnet_lite0")
+IMAGE_MODELS = ("mobilenet_v2", "efficientnet_lite0", "ppocr_cls")
 BUDGETS = (0.25, 0.5, 0.75)
 FOLD_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 THREADS = (1, 2)
@@ -137,11 +138,25 @@ def bops(model: onnx.ModelProto) -> float:
     return total
 
 
+def with_static_input(model: onnx.ModelProto, shape: Sequence[int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose first input has the evaluation shape ``shape`` (batch 1) where
+    its dims are symbolic: the PP-OCR classifier declares [-1, 3, ?, ?], and metrics counts a
+    symbolic dim as 1, so its MACs and BOPs need the 48×192 the inputs have.  The stored
+    value_info (symbolic too) is dropped so that shape inference recomputes every shape."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    del static.graph.value_info[:]
+    dims = static.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, *shape[1:])):
+        if not (dim.HasField("dim_value") and dim.dim_value > 0):
+            dim.Clear()
+            dim.dim_value = int(value)
+    return static
+
+
 # --------------------------------------------------------------------------- image models
 def bench_image(name: str, quick: bool, workdir: Path) -> dict[str, Any]:
-    from onnxopt.models.pretrained import export_pretrained
-
-    src = export_pretrained(name)
+    src = model_path(name)
     data = load_data(name, 3 if quick else 4)
     reference = run_model(src, data.inputs)
     folded, _ = onnxopt.optimize(src)
@@ -157,11 +172,12 @@ def bench_image(name: str, quick: bool, workdir: Path) -> dict[str, Any]:
         onnx.save(model, path)
         paths[key] = path
         rex = next((p for p in report.passes if p.name == "rex"), None)
+        static = with_static_input(model, data.inputs.shape)
         records[key] = {
             "options": options,
             "optimize_seconds": round(seconds, 2),
-            "macs": report.after.macs,
-            "bops": bops(model),
+            "macs": count_macs(static)[0],
+            "bops": bops(static),
             "rex_stats": None if rex is None else {k: v for k, v in rex.stats.items() if k != "layers"},
             "rex_layers": None if rex is None else rex.stats["layers"],
             "fidelity": fidelity(reference, run_model(path, data.inputs), data.labels, data.views),

@@ -4,7 +4,9 @@ options, per tensor and forced SPIQ, within a measured noise floor?
 Models, images and fidelity metrics are those of :mod:`bench.fidelity`: the real pretrained
 MobileNetV2 and EfficientNet-Lite0 (BatchNormalization kept), the 20 ImageNet samples in the
 first ``--views`` deterministic views, mean KL(FP32 || config) of the softmax outputs from ONNX
-Runtime (ORT_ENABLE_ALL).  Data-free (BN statistics as ranges), weights per output channel.
+Runtime (ORT_ENABLE_ALL); and the PP-OCR text-orientation classifier (``ppocr_cls``, Paddle2ONNX
+with BN kept) on 250 rendered text lines per view, 2 classes (0° / 180°).  Data-free (BN
+statistics as ranges), weights per output channel.
 
 Configurations: W8A8, W8A6 and W6A8, each with ``spiq="auto"``, ``spiq=True`` (SPIQ wherever
 possible) and ``spiq=False`` (per tensor): ``onnxopt.optimize(path, preset="quantize", ...)``.
@@ -24,7 +26,9 @@ configurations' jitter spreads (max − min over model and copies).
 
 Outputs: ``<out>/spiq_decision.json`` and ``<out>/spiq_decision.md``.
 
-    python -m bench.spiq_decision [--out bench/results] [--views 2] [--jitter-copies 2] [--only mobilenet_v2]
+``--only`` updates those models' entries in the existing JSON and keeps the others.
+
+    python -m bench.spiq_decision [--out bench/results] [--views 2] [--jitter-copies 2] [--only mobilenet_v2,ppocr_cls]
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import chosen_models, environment, json_safe, table
-from bench.fidelity import MODELS, bench_each_model, load_data, log, log_softmax, run_model, with_retry
+from bench.common import chosen_models, environment, json_safe, merge_previous, table
+from bench.fidelity import ALL_MODELS, bench_each_model, load_data, log, log_softmax, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 BITS = ((8, 8), (8, 6), (6, 8))
@@ -56,12 +60,14 @@ def per_input_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def jittered_copy(src: Path, dst: Path, seed: int) -> Path:
-    """``src`` with every float initializer multiplied by (1 + JITTER·N(0, 1))."""
+    """``src`` with every float initializer and Constant node value (Paddle2ONNX keeps the
+    weights in Constant nodes) multiplied by (1 + JITTER·N(0, 1))."""
     from onnx import numpy_helper
 
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
-    for tensor in model.graph.initializer:
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for tensor in [*model.graph.initializer, *constants]:
         values = numpy_helper.to_array(tensor)
         if values.dtype == np.float32 and values.size > 1:
             tensor.CopyFrom(numpy_helper.from_array((values * (1 + JITTER * rng.standard_normal(values.shape))).astype(np.float32), tensor.name))
@@ -69,12 +75,12 @@ def jittered_copy(src: Path, dst: Path, seed: int) -> Path:
     return dst
 
 
-def quantized_kl(src: Path, dst: Path, options: dict[str, Any], inputs: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
-    """(per-input KL, SPIQ coverage) of ``src`` quantized with ``options``."""
+def quantized_kl(src: Path, dst: Path, options: dict[str, Any], inputs: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """(per-input KL, SPIQ coverage, layers quantized) of ``src`` quantized with ``options``."""
     model, report = onnxopt.optimize(src, preset="quantize", allow_no_op=True, **options)
     onnxopt.save_model(model, dst)
     stats = next(p for p in report.passes if p.name == "quantize").stats
-    return per_input_kl(reference, run_model(dst, inputs)), float(stats.get("spiq_coverage", 0.0))
+    return per_input_kl(reference, run_model(dst, inputs)), float(stats.get("spiq_coverage", 0.0)), int(stats.get("layers_quantized", 0))
 
 
 def bootstrap_interval(difference: np.ndarray, seed: int = 0) -> list[float]:
@@ -85,9 +91,7 @@ def bootstrap_interval(difference: np.ndarray, seed: int = 0) -> list[float]:
 
 
 def bench_model(name: str, views: int, copies: int, workdir: Path) -> dict[str, Any]:
-    from onnxopt.models.pretrained import export_pretrained
-
-    src = with_retry(lambda: export_pretrained(name))
+    src = with_retry(lambda: model_path(name))
     data = load_data(name, views)
     reference = run_model(src, data.inputs)
     sources = [src] + [jittered_copy(src, workdir / f"jitter{seed}.onnx", seed) for seed in range(1, copies + 1)]
@@ -97,9 +101,9 @@ def bench_model(name: str, views: int, copies: int, workdir: Path) -> dict[str, 
             key = f"w{wb}a{ab}_{mode}"
             runs = [quantized_kl(s, workdir / f"{key}_{i}.onnx", {"weight_bits": wb, "act_bits": ab, "spiq": spiq}, data.inputs, reference)
                     for i, s in enumerate(sources)]
-            kls = [float(kl.mean()) for kl, _ in runs]
+            kls = [float(kl.mean()) for kl, _, _ in runs]
             configs[key] = {"kl_model": kls[0], "kl_copies": kls[1:], "kl_mean": float(np.mean(kls)), "spread": float(max(kls) - min(kls)),
-                            "spiq_coverage": runs[0][1], "per_input": runs[0][0]}
+                            "spiq_coverage": runs[0][1], "layers_quantized": runs[0][2], "per_input": runs[0][0]}
             log(f"  {key}: KL {kls[0]:.4f} (copies {', '.join(f'{k:.4f}' for k in kls[1:])}), SPIQ coverage {runs[0][1]:.0%}")
     verdicts = []
     for wb, ab in BITS:
@@ -112,7 +116,7 @@ def bench_model(name: str, views: int, copies: int, workdir: Path) -> dict[str, 
                              "bootstrap_90": bootstrap_interval(auto["per_input"] - rec["per_input"]), "ok": difference <= noise})
     for rec in configs.values():
         rec.pop("per_input")
-    return {"name": name, "title": MODELS[name], "inputs": len(data.inputs), "copies": copies, "configs": configs, "verdicts": verdicts}
+    return {"name": name, "title": ALL_MODELS[name], "inputs": len(data.inputs), "copies": copies, "configs": configs, "verdicts": verdicts}
 
 
 # --------------------------------------------------------------------------- report
@@ -137,9 +141,15 @@ def render_markdown(data: dict[str, Any]) -> str:
             for mode in MODES:
                 c = r["configs"][f"w{wb}a{ab}_{mode}"]
                 kls = [c["kl_model"], *c["kl_copies"]]
-                cells.append(f"{c['kl_model']:.4f} [{min(kls):.4f}-{max(kls):.4f}] ({c['spiq_coverage']:.0%} SPIQ)")
+                if c.get("layers_quantized", 1) == 0:  # recorded since the PP-OCR rows; older rows lack it
+                    cells.append(f"{c['kl_model']:.4f}: no layer quantized")
+                else:
+                    cells.append(f"{c['kl_model']:.4f} [{min(kls):.4f}-{max(kls):.4f}] ({c['spiq_coverage']:.0%} SPIQ)")
             rows.append([r["title"], f"W{wb}A{ab}", *cells])
     lines += table(["model", "bits", "auto (default)", "forced SPIQ", "per tensor"], rows)
+    lines += ["", "\"no layer quantized\": every layer was put back in float (below 8-bit activations the emitted Clip "
+              "before each 8-bit QuantizeLinear keeps ORT from fusing the Convs, and `unfused_conv_to_float` then restores "
+              "them with their quantizers); the model is then FP32."]
     lines += ["", "## Verdicts: auto − other (mean over model and copies) against the noise floor", "",
               "Noise floor: the larger jitter spread (max − min of KL over the model and its copies) of the two configurations. "
               "Bootstrap: 90 % interval of the mean per-input KL difference on the model itself, resampled over the inputs.", ""]
@@ -155,13 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--views", type=int, default=2, help="views of the 20 ImageNet samples (1-4, default 2 = 40 inputs)")
     parser.add_argument("--jitter-copies", type=int, default=2, help="jittered copies of each model (default 2)")
-    parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(MODELS)})")
+    parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(ALL_MODELS)})")
     args = parser.parse_args(argv)
-    names = chosen_models(parser, args.only, list(MODELS))
+    names = chosen_models(parser, args.only, list(ALL_MODELS))
     start = time.perf_counter()
     env = environment()
     results = bench_each_model(names, "bench_spiq_", lambda name, workdir: bench_model(name, args.views, args.jitter_copies, workdir))
     command = ("python -m bench.spiq_decision " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    results, command = merge_previous(args.out / "spiq_decision.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "spiq_decision", "command": command, "environment": env, "seconds": time.perf_counter() - start, "models": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spiq_decision.json").write_text(json.dumps(json_safe(data), indent=1, default=str) + "\n", encoding="utf-8")

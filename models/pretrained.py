@@ -200,4 +200,8 @@ def sanity_figures() -> dict[str, Any]:
     emb = minilm_embed([s for pair in pairs for s in pair])
     for i, (a, b) in enumerate(pairs):
         figures[f"minilm cos({a!r}, {b!r})"] = round(float(emb[2 * i] @ emb[2 * i + 1]), 4)
+    from .ocr import ppocr_cls_accuracy
+
+    correct, total = ppocr_cls_accuracy()
+    figures["ppocr_cls orientation accuracy (rendered lines)"] = f"{correct}/{total}"
     return figures

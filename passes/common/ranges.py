@@ -21,6 +21,16 @@ tensors the quantized layers actually read:
 * Add: means add; the range is either the sum of the ranges (``add_range="sum"``, a sure
   bound) or, for two Gaussian branches assumed independent, ``μ ± λ·√(σ_a² + σ_b²)``
   (``add_range="independent"``);
+* Add/Sub/Mul/Div with a constant that is a scalar or one value per channel: the range,
+  mean and statistics shifted or scaled (bounds swapped for a negative factor);
+* hard-swish, ``x · clip(αx + β, 0, 1)`` up to a constant factor, in the forms exporters
+  write: the HardSwish op, ``Mul(x, HardSigmoid(x))`` and ``Mul(x, Clip(Add(x, s), 0, u))``
+  (Paddle2ONNX / PyTorch at opset < 14, usually followed by ``Div(·, u)``): the exact image of
+  the input range per channel (the minimum −β²/4α where the range reaches it); for a BN
+  output the mean and E[y²] by Gauss–Hermite quadrature of N(β_c, γ_c²);
+* a gate: ``Mul(x, g)`` with g the output of Sigmoid or HardSigmoid of another tensor
+  (squeeze-excite), values in [0, 1]: the range of x widened to include 0 (a sure bound),
+  the mean halved (E[g] is not known without data);
 * anything else, and graph inputs: unknown (the reading layer stays float unless
   calibration data or an input range is given).
 
@@ -146,6 +156,12 @@ class RangeEstimator:
             return self._reduce_mean(node)
         if node.op == "Pad":
             return self._pad(node)
+        if node.op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2 and _constant_operand(node) is not None:
+            return self._affine(node)
+        if node.op == "HardSwish":
+            return _hard_swish(self.range(node.inputs[0]), 1 / 6, 0.5, 1.0)
+        if node.op == "Mul" and len(node.inputs) == 2:
+            return self._product(node)
         if node.op == "Add" and len(node.inputs) == 2:
             a, b = self.range(node.inputs[0]), self.range(node.inputs[1])
             if a is None or b is None or a.channels != b.channels:
@@ -172,6 +188,37 @@ class RangeEstimator:
             moment = np.minimum(r.second_moment, bound**2)
         tail = _capped(r.tail, bound) if node.op == "Min" else None
         return ChannelRange(clip(r.lo, bound), clip(r.hi, bound), clip(r.mean, bound), second_moment=moment, tail=tail)
+
+    def _affine(self, node: gs.Node) -> ChannelRange | None:
+        """x + c, x − c, c − x, x · c, x / c for a constant c (a scalar or one value per channel)."""
+        index, value = _constant_operand(node)  # type: ignore[misc]
+        r = self.range(node.inputs[1 - index])
+        if r is None or value.size not in (1, r.channels):
+            return None
+        if node.op in ("Mul", "Div"):
+            if node.op == "Div" and (index == 0 or np.any(value == 0)):
+                return None
+            return _scaled(r, value if node.op == "Mul" else 1.0 / value)
+        if node.op == "Sub" and index == 0:
+            r = _scaled(r, np.array([-1.0]))
+        return _shifted(r, -value if node.op == "Sub" and index == 1 else value)
+
+    def _product(self, node: gs.Node) -> ChannelRange | None:
+        """Mul of two tensors: hard-swish (x times a hard gate of x) or a [0, 1] gate of another tensor."""
+        for index in (0, 1):
+            x, gate = node.inputs[index], node.inputs[1 - index]
+            form = _hard_gate_of(gate, x)
+            if form is not None:
+                return _hard_swish(self.range(x), *form)
+        for index in (0, 1):
+            x, gate = node.inputs[index], node.inputs[1 - index]
+            source = producer(gate)
+            if source is not None and source.op in ("Sigmoid", "HardSigmoid") and is_default_domain(source):
+                r = self.range(x)
+                if r is None:
+                    return None
+                return ChannelRange(np.minimum(r.lo, 0.0), np.maximum(r.hi, 0.0), 0.5 * r.mean)
+        return None
 
     def _slice(self, node: gs.Node) -> ChannelRange | None:
         """A Slice that leaves the channel axis alone keeps the per-channel range."""
@@ -222,6 +269,86 @@ def _relu(r: ChannelRange | None) -> ChannelRange | None:
     else:
         mean = np.maximum(r.mean, 0.0)
     return ChannelRange(np.maximum(r.lo, 0.0), np.maximum(r.hi, 0.0), mean, second_moment=moment, tail=r.tail)
+
+
+def _constant_operand(node: gs.Node) -> tuple[int, np.ndarray] | None:
+    """(index, values as a vector of 1 or C) of the constant operand of a binary elementwise op
+    whose constant broadcasts along axis 1 of the other operand only; None otherwise."""
+    index = next((i for i in (1, 0) if constant_values(node, i) is not None), None)
+    if index is None or constant_values(node, 1 - index) is not None:
+        return None
+    value = constant_values(node, index).astype(np.float64)
+    if value.size == 1:
+        return index, value.reshape(1)
+    shape = node.inputs[1 - index].shape
+    if shape is None or value.ndim > len(shape) or len(shape) < 2:
+        return None
+    padded = (1,) * (len(shape) - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(padded) if i != 1):
+        return None
+    return index, value.reshape(-1)
+
+
+def _shifted(r: ChannelRange, shift: np.ndarray) -> ChannelRange:
+    """The range of x + shift (shift: one value or one per channel)."""
+    gaussian = None if r.gaussian is None else (r.gaussian[0] + shift, r.gaussian[1])
+    tail = None if r.tail is None else (r.tail[0] + shift, r.tail[1], r.tail[2] + shift)
+    return ChannelRange(r.lo + shift, r.hi + shift, r.mean + shift, gaussian, None, tail)
+
+
+def _scaled(r: ChannelRange, factor: np.ndarray) -> ChannelRange:
+    """The range of x · factor (one value or one per channel); bounds swap where it is negative."""
+    a, b = r.lo * factor, r.hi * factor
+    gaussian = None if r.gaussian is None else (r.gaussian[0] * factor, r.gaussian[1] * np.abs(factor))
+    moment = None if r.second_moment is None else r.second_moment * factor**2
+    tail = None
+    if r.tail is not None and np.all(factor > 0):
+        tail = (r.tail[0] * factor, r.tail[1] * factor, r.tail[2] * factor)
+    return ChannelRange(np.minimum(a, b), np.maximum(a, b), r.mean * factor, gaussian, moment, tail)
+
+
+def _hard_gate_of(gate: gs.Tensor, x: gs.Tensor) -> tuple[float, float, float] | None:
+    """(α, β, k) when ``gate`` = k · clip(αx + β, 0, 1) of ``x`` (HardSigmoid(x), or
+    Clip(x + s, 0, u) = u · clip(x/u + s/u, 0, 1)); None otherwise."""
+    node = producer(gate)
+    if node is None or not is_default_domain(node) or not node.inputs:
+        return None
+    if node.op == "HardSigmoid" and node.inputs[0] is x:
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        return (alpha, beta, 1.0) if alpha > 0 else None
+    if node.op != "Clip":
+        return None
+    low, high = _clip_bounds(node)
+    add = producer(node.inputs[0])
+    if low != 0.0 or not 0 < high < np.inf or add is None or add.op != "Add" or not is_default_domain(add):
+        return None
+    found = _constant_operand(add)
+    if found is None or found[1].size != 1 or add.inputs[1 - found[0]] is not x:
+        return None
+    return 1.0 / high, float(found[1][0]) / high, high
+
+
+_HERMITE = np.polynomial.hermite_e.hermegauss(64)
+
+
+def _hard_swish(r: ChannelRange | None, alpha: float, beta: float, k: float) -> ChannelRange | None:
+    """The range of k · x · clip(αx + β, 0, 1) (α > 0) per channel, exact on [lo, hi]."""
+    if r is None:
+        return None
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return k * x * np.clip(alpha * x + beta, 0.0, 1.0)
+
+    bottom = np.clip(-beta / (2 * alpha), r.lo, r.hi)  # the vertex of the quadratic part
+    lo, hi = np.minimum(f(bottom), np.minimum(f(r.lo), f(r.hi))), np.maximum(f(r.lo), f(r.hi))
+    if r.gaussian is None:
+        return ChannelRange(lo, hi, np.clip(f(r.mean), lo, hi))
+    mu, sigma = r.gaussian
+    nodes, weights = _HERMITE
+    values = f(mu[:, None] + sigma[:, None] * nodes[None, :])
+    weights = weights / weights.sum()
+    tail = None if r.tail is None or k <= 0 else (k * r.tail[0], k * r.tail[1], k * r.tail[2])  # f(x) = k·x above (1 − β)/α
+    return ChannelRange(lo, hi, values @ weights, second_moment=values**2 @ weights, tail=tail)
 
 
 def channel_bound(node: gs.Node) -> tuple[int, np.ndarray] | None:
