@@ -58,7 +58,9 @@ Steps (docs/quantization.md):
    output is a graph output without a quantizer) is put back in float too
    (``unfused_conv_to_float=True``, the default: a QDQ layer ORT runs in float is slower than
    the float layer, bench/results/unfused_conv.md) and counted in the coverage line with the
-   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  Layers inside
+   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  With
+   ``act_bits < 8`` (a Clip before every QuantizeLinear: ORT fuses nothing) no fallback is
+   applied: the layers keep the QDQ simulation that was asked for (LOW_BIT_ACTIVATION_NOTE).  Layers inside
    If/Loop/Scan bodies are checked the same way.
 
 Control flow: layers inside If/Loop/Scan bodies are quantized like the main graph's, one
@@ -128,6 +130,10 @@ MEASURED_RANGES = ("minmax", "percentile")
 #: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
+LOW_BIT_ACTIVATION_NOTE = (
+    "activations below 8 bits are simulated: a Clip to the b-bit range precedes each 8-bit QuantizeLinear, and ONNX Runtime's "
+    "CPU provider fuses no layer behind it (the model runs in float, slower than FP32); use it to study accuracy, act_bits=8 to deploy"
+)
 #: spiq="auto" with calibration data: per tensor everywhere.  The error estimate is built for
 #: BN-statistics ranges; with min/max ranges from samples, per tensor gave lower KL to FP32 on
 #: every model of bench/results/third_party.md (e.g. EfficientNet-Lite0 10 samples).
@@ -231,6 +237,7 @@ class Quantize(Pass):
                 **(fusion.stats() if fusion is not None else {}),
                 **self._calibration_stats,
                 **({"int4_layers": counts["int4_layers"], "int4_note": INT4_NOTE} if self.options["int4_weights"] else {}),
+                **({"low_bit_activation_note": LOW_BIT_ACTIVATION_NOTE} if self._low_bit_activations() else {}),
                 "layers": records,
             },
         )
@@ -349,6 +356,9 @@ class Quantize(Pass):
             if layer is None or self._int4_layer(layer) or (layer.op not in MATRIX_OPS and not self.options["unfused_conv_to_float"]):
                 ctx.refuse(f"layer {label}", f"not fused by ORT: {reason}")
                 continue
+            if self._low_bit_activations():
+                ctx.refuse(f"layer {label}", f"not fused by ORT ({reason}): kept as QDQ, {LOW_BIT_ACTIVATION_NOTE}")
+                continue
             changed = True
             record = next(r for r in records if r["layer"] == label)
             kept = self._quantized.layers.pop(layer.outputs[0].name, None)
@@ -368,6 +378,12 @@ class Quantize(Pass):
             for label, reason in check.not_fused.items():
                 ctx.refuse(f"layer {label}", f"not fused by ORT after the fallback: {reason}")
         return check
+
+    def _low_bit_activations(self) -> bool:
+        """Activations below 8 bits were asked for: their QDQ form is a simulation ORT never fuses
+        (LOW_BIT_ACTIVATION_NOTE), so an unfused layer keeps it instead of going back to float
+        or to the dynamic form (8-bit activations), which would drop what the user asked for."""
+        return int(self.options["act_bits"]) < 8
 
     def _int4_layer(self, layer: gs.Node) -> bool:
         """INT4 weights are never fused by ORT's CPU provider: the user asked for size (INT4_NOTE)."""

@@ -441,15 +441,12 @@ def test_a_statistics_free_cnn_asks_for_data_instead_of_quantizing_its_classifie
 
 
 # --------------------------------------------------------------------------- a final Conv writing the graph output
-def test_a_final_conv_goes_back_to_float_and_the_rest_stays_fused() -> None:
-    """Issue 14: a QDQ Conv writing a graph output gets no output quantizer, so ORT runs it in
-    float behind the DequantizeLinear of its weight (slower than the float Conv,
-    bench/results/unfused_conv.md).  By default it is put back in float with its original
-    weight and bias, counted with the reason; the layers before it stay QDQ and fused."""
-    from onnxopt.passes.quantize.fusion import ort_optimized_graph
+def three_conv_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Conv→BN→Relu twice, then a final Conv writing the graph output; BN statistics are
+    those of the returned inputs."""
     from tests.passes.quantize_builders import with_data_statistics
 
-    rng = np.random.default_rng(14)  # its own generator: the bounds below hold for these weights whatever ran before
+    rng = np.random.default_rng(14)  # its own generator: the bounds the tests check hold for these weights whatever ran before
     shapes = {"w1": (8, 3, 3, 3), "b1": (8,), "w2": (8, 8, 3, 3), "b2": (8,), "w3": (4, 8, 1, 1), "b3": (4,)}
     arrays = {name: (rng.standard_normal(shape) * 0.4).astype(np.float32) for name, shape in shapes.items()}
     for prefix in ("bn1", "bn2"):
@@ -462,7 +459,18 @@ def test_a_final_conv_goes_back_to_float_and_the_rest_stays_fused() -> None:
     ]
     x = {"x": np.clip(rng.standard_normal((32, 3, 8, 8)), -3, 3).astype(np.float32)}
     proto = with_data_statistics(text_model("(float[N,3,8,8] x) => (float[N,4,8,8] y)", body, arrays), x)  # BN statistics = the data's
-    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))
+    return proto, arrays, x
+
+
+def test_a_final_conv_goes_back_to_float_and_the_rest_stays_fused() -> None:
+    """Issue 14: a QDQ Conv writing a graph output gets no output quantizer, so ORT runs it in
+    float behind the DequantizeLinear of its weight (slower than the float Conv,
+    bench/results/unfused_conv.md).  By default it is put back in float with its original
+    weight and bias, counted with the reason; the layers before it stay QDQ and fused."""
+    from onnxopt.passes.quantize.fusion import ort_optimized_graph
+
+    proto, arrays, x = three_conv_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0))  # its own generator: the bounds below hold for these weights whatever ran before
     onnx.checker.check_model(optimized, full_check=True)
 
     coverage = report.to_dict()["coverage"]["quantize"]
@@ -493,3 +501,30 @@ def test_a_final_conv_goes_back_to_float_and_the_rest_stays_fused() -> None:
     # two 8-bit layers at BN ranges (9σ): measured 1.9 % relative RMS error (1.9 % with the last Conv kept QDQ)
     assert cosine(got, reference) > 0.9995
     assert 0 < np.linalg.norm(got - reference) < 0.04 * np.linalg.norm(reference)
+
+
+def test_low_bit_activations_stay_qdq_with_a_note_instead_of_going_back_to_float() -> None:
+    """Below 8 bits a Clip to the b-bit range precedes each 8-bit QuantizeLinear, so ORT fuses
+    no layer: the unfused-Conv fallback must not turn the asked-for W8A6 simulation into FP32
+    (it did, silently, on every layer); the layers stay QDQ, are counted in not_fused, and
+    the stats carry the note.  The outputs follow FP32 within the 6-bit activation noise."""
+    from onnxopt.passes.quantize import LOW_BIT_ACTIVATION_NOTE
+
+    proto, _, x = three_conv_model()
+    optimized, report = onnxopt.optimize(proto, preset="quantize", validate=True, input_range=(-3.0, 3.0), act_bits=6)
+    onnx.checker.check_model(optimized, full_check=True)
+    coverage = report.to_dict()["coverage"]["quantize"]
+    assert (coverage["done"], coverage["total"], coverage["reasons"]) == (3, 3, {})
+    assert coverage["not_fused"] == 3 and coverage["fused"] == {}
+    (stats,) = [p.stats for p in report.passes if p.name == "quantize"]
+    assert stats["low_bit_activation_note"] == LOW_BIT_ACTIVATION_NOTE
+    kept = [r.reason for p in report.passes for r in p.refusals if r.reason.startswith("not fused by ORT")]
+    assert len(kept) == 3 and all("kept as QDQ" in reason for reason in kept)
+    convs = [n for n in optimized.graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in optimized.graph.node for o in n.output}
+    assert len(convs) == 3 and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in convs)
+    assert ops(optimized)["Clip"] >= 2  # the 6-bit range of the activations
+
+    reference, quantized = run(proto, x)["y"], run(optimized, x)["y"]
+    error = np.linalg.norm(quantized - reference) / np.linalg.norm(reference)
+    assert 1e-4 < error < 0.1  # quantized (not float), and close to FP32
