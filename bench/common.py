@@ -299,7 +299,14 @@ def merge_previous(path: Path, field: str, results: Mapping[str, Any], names: Se
     old = json.loads(path.read_text(encoding="utf-8"))
     merged = {**old.get(field, {}), **results}
     order = [*known, *(k for k in merged if k not in known)]
-    return {k: merged[k] for k in order if k in merged}, f"{old.get('command', '?')} ; then {command}"
+    return {k: merged[k] for k in order if k in merged}, chained_command(old.get("command", "?"), command)
+
+
+def chained_command(previous: str, command: str) -> str:
+    """The command line of a results file updated by ``command``: "<previous> ; then <command>",
+    with an earlier identical run dropped (its rows were replaced by this one)."""
+    steps = [step for step in previous.split(" ; then ") if step != command]
+    return " ; then ".join([*steps, command])
 
 
 def config_rows(

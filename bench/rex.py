@@ -58,6 +58,7 @@ from onnxopt.graph import with_inferred_shapes
 from onnxopt.metrics import MAC_OPS, _node_macs, count_macs, tensor_shapes
 
 from .common import (
+    chained_command,
     compact_number_lists,
     environment,
     json_safe,
@@ -405,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(names) != {*IMAGE_MODELS, "minilm"} and previous.exists():  # --only: update those models, keep the others
         old = json.loads(previous.read_text())
         results = {**old["results"], **results}
-        command = f"{old['command']} ; then {command}"
+        command = chained_command(old["command"], command)
     data = {"command": command, "environment": environment(), "results": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "rex.json").write_text(compact_number_lists(json.dumps(json_safe(data), indent=1)) + "\n")

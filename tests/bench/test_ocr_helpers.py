@@ -38,6 +38,9 @@ def test_merge_previous_keeps_the_other_models(tmp_path: Path) -> None:
     assert list(results.items()) == [("a", 1), ("b", 2), ("c", 3)] and command == "run ; then run --only c"
     results, command = merge_previous(path, "models", {"a": 9, "b": 8, "c": 7}, known, known, "run")
     assert results == {"a": 9, "b": 8, "c": 7} and command == "run"  # every model: the file is replaced
+    path.write_text(json.dumps({"command": "run ; then run --only c ; then run --only b", "models": {"a": 1, "b": 2, "c": 0}}))
+    _, command = merge_previous(path, "models", {"c": 3}, ["c"], known, "run --only c")
+    assert command == "run ; then run --only b ; then run --only c"  # a repeated run replaces its earlier entry
 
 
 def softmax_model(form: str) -> onnx.ModelProto:
