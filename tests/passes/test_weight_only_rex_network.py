@@ -196,3 +196,16 @@ def test_cli_rex_allocation_flag(tmp_path, capsys):
     assert "'network' or 'layer'" in capsys.readouterr().err
     assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex-allocation", "network"]) == 7
     assert "needs --rex-budget" in capsys.readouterr().err
+
+
+def test_bytes_left_by_the_one_rung_choice_are_refilled():
+    # A: the greedy gives three 2-bit rungs and one 4-bit upgrade (45 bytes, mixed); one node
+    # keeps 2 bits over its three columns (30 bytes) and the 15 left buy a 2-bit column of B
+    a = table([[1.0] * 3, [0.1] * 3, [0.0] * 3], costs=(10, 25))
+    b = table([[1.0] * 4, [0.1] * 4, [0.0] * 4], signal=20.0, costs=(10, 25))
+    assert [r.tolist() for r in greedy_rungs([a, b], 45)] == [[2, 1, 1], [0, 0, 0, 0]]
+    allocation = allocate_network([a, b], 45)
+    assert allocation.mixed_layers == 1
+    assert [(c[0], c[1].tolist()) for c in allocation.choices] == [(2, [0, 1, 2]), (2, [0])]
+    assert allocation.spent == 40
+    assert allocation.kept_gain == pytest.approx(2.7 + 0.9 / 20)
