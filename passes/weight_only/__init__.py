@@ -176,7 +176,7 @@ class WeightOnlyOptions(PassOptions):
     #: the residual's block size (None: the base's)
     rex_block_size: int | None = None
     #: network: the budget over all layers where it removes most error per byte (2-bit or rex_bits rungs); layer: the same share of every layer at rex_bits
-    rex_allocation: Literal["network", "layer"] = option("layer", flag="--rex-allocation")
+    rex_allocation: Literal["network", "layer"] = option("network", flag="--rex-allocation")
 
     def check(self) -> None:
         super().check()
@@ -323,6 +323,37 @@ class WeightOnlyQuantize(Pass):
         over the layers, the allocation over the whole model, then each chosen residual from
         its weight read again (only the tables and packed bytes stay between the passes)."""
         o = self.options
+        keys, tables = self._bases_and_tables(layers, done, names, ctx)
+        budget = float(o["rex_budget"]) * sum(done[key].nbytes for key in tables)
+        self._allocation = allocate_network(list(tables.values()), budget)
+        chosen = dict(zip(tables, self._allocation.choices))
+        if tables and not any(chosen.values()):
+            cheapest = min(t.costs[0] for t in tables.values())
+            reason = (f"rex_budget {o['rex_budget']:g} of the bases' bytes ({budget:.0f} bytes over all layers) buys no residual column "
+                      f"(the cheapest, {rung_bits(o['rex_bits'])[0]}-bit, takes {cheapest} bytes): raise rex_budget")
+            for key in tables:
+                done[key].rex_skipped = reason
+        handled: set[tuple[Any, ...]] = set()
+        for layer, key in zip(layers, keys):
+            packed = done[key]
+            if key not in handled:  # a shared weight: its residual once
+                handled.add(key)
+                if chosen.get(key) is not None:
+                    self._network_residual(packed, layer, tables[key], *chosen[key], names)
+                elif not packed.rex_skipped:
+                    packed.rex_skipped = (f"network allocation: rex_budget {o['rex_budget']:g} went to layers where a residual removes more "
+                                          "of their relative error per byte")
+                if packed.rex_skipped:
+                    ctx.refuse(f"residual order of {node_label(layer.node)}", packed.rex_skipped)
+            self._rewrite(graph, layer, packed, names)
+            records.append(layer_record(layer, packed))
+            layer.tensor = None  # type: ignore[assignment]
+
+    def _bases_and_tables(self, layers: list[Layer], done: dict[tuple[Any, ...], Packed], names: NameFactory,
+                          ctx: PassContext) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], ColumnTable]]:
+        """The first pass of the network allocation: each weight's packed base and (unless
+        kept at 8 bits) its per-column error table; the layers' weight keys."""
+        o = self.options
         keys, tables, readers = [], {}, Counter()
         for layer in ctx.progress(layers, total=len(layers), label="layers (bases, error tables)"):
             bits = 8 if self._kept(layer.node) else o["weight_bits"]
@@ -341,28 +372,7 @@ class WeightOnlyQuantize(Pass):
             del matrix, result
         for key, table in tables.items():
             table.readers = readers[key]
-        budget = float(o["rex_budget"]) * sum(done[key].nbytes for key in tables)
-        self._allocation = allocate_network(list(tables.values()), budget)
-        chosen = dict(zip(tables, self._allocation.choices))
-        if tables and not any(chosen.values()):
-            cheapest = min(t.costs[0] for t in tables.values())
-            reason = (f"rex_budget {o['rex_budget']:g} of the bases' bytes ({budget:.0f} bytes over all layers) buys no residual column "
-                      f"(the cheapest, {rung_bits(o['rex_bits'])[0]}-bit, takes {cheapest} bytes): raise rex_budget")
-            for key in tables:
-                done[key].rex_skipped = reason
-            chosen = {}
-        for layer, key in zip(layers, keys):
-            packed = done[key]
-            if key in chosen and chosen[key] is not None and packed.rex_constants is None:
-                self._network_residual(packed, layer, tables[key], *chosen.pop(key), names)
-            elif key in chosen and chosen[key] is None:
-                packed.rex_skipped = (f"network allocation: rex_budget {o['rex_budget']:g} went to layers where a residual removes more "
-                                      "of their relative error per byte")
-                chosen.pop(key)
-                ctx.refuse(f"residual order of {node_label(layer.node)}", packed.rex_skipped)
-            self._rewrite(graph, layer, packed, names)
-            records.append(layer_record(layer, packed))
-            layer.tensor = None  # type: ignore[assignment]
+        return keys, tables
 
     def _network_residual(self, packed: Packed, layer: Layer, table: ColumnTable, bits: int, columns: Any, names: NameFactory) -> None:
         """The second pass for one weight: read it again, decode the base on ``columns`` from
