@@ -20,7 +20,7 @@ Configurations: ``fp32``; ``w8`` and ``w4`` (onnxopt weight-only, clipping searc
 1.0 of the base's bytes, the same share in every layer: ``rex_allocation="layer"``);
 ``w4_rex2b`` (W4 + a 2-bit residual in blocks of 128 over all columns: 0.44 of the base's
 bytes); ``w4g64_rex2b`` (the same on a W4 base in blocks of 64: 1.33× W4's bytes in all);
-``w4_rexnet25`` / ``w4_rexnet40`` (budget 0.25 / 0.4 spent over the whole model,
+``w4_rexnet25`` / ``w4_rexnet33`` / ``w4_rexnet40`` (budget 0.25 / 0.33 / 0.4 spent over the whole model,
 ``rex_allocation="network"``: 2-bit residual columns in blocks of 128, 4-bit where that removes
 more per byte, one residual width per layer); ``ort_rtn`` / ``ort_hqq`` (ONNX Runtime's
 MatMulNBitsQuantizer, 4 bits, block 32; HQQ stores float zero points); ``<config>_a4``: the
@@ -81,6 +81,7 @@ CONFIGS = {
     "w4_rex2b": "W4 + 2-bit REx (block 128, all columns, 0.44)",
     "w4g64_rex2b": "W4 block 64 + 2-bit REx (block 128, all columns)",
     "w4_rexnet25": "W4 + REx 0.25, network allocation (2/4-bit residual, block 128)",
+    "w4_rexnet33": "W4 + REx 0.33, network allocation (2/4-bit residual, block 128)",
     "w4_rexnet40": "W4 + REx 0.4, network allocation (2/4-bit residual, block 128)",
     "ort_rtn": "W4 ORT MatMulNBitsQuantizer RTN",
     "ort_hqq": "W4 ORT MatMulNBitsQuantizer HQQ",
@@ -92,6 +93,7 @@ CONFIGS = {
     "w4_rex2b_a4": "W4 + 2-bit REx (block 128, all columns, 0.44), accuracy_level 4",
     "w4g64_rex2b_a4": "W4 block 64 + 2-bit REx (block 128, all columns), accuracy_level 4",
     "w4_rexnet25_a4": "W4 + REx 0.25, network allocation (2/4-bit residual, block 128), accuracy_level 4",
+    "w4_rexnet33_a4": "W4 + REx 0.33, network allocation (2/4-bit residual, block 128), accuracy_level 4",
     "w4_rexnet40_a4": "W4 + REx 0.4, network allocation (2/4-bit residual, block 128), accuracy_level 4",
 }
 #: The per-layer rows keep ``rex_allocation="layer"`` (the same share of every layer's bytes); ``w4_rexnet*`` spend the budget
@@ -102,14 +104,14 @@ OURS = {"w8": {"weight_bits": 8}, "w4": {}, "w4_rex25": {"rex_budget": 0.25, **P
         "w4_rex100": {"rex_budget": 1.0, **PER_LAYER},
         "w4_rex2b": {"rex_budget": 0.45, "rex_bits": 2, "rex_block_size": 128, **PER_LAYER},
         "w4g64_rex2b": {"block_size": 64, "rex_budget": 0.5, "rex_bits": 2, "rex_block_size": 128, **PER_LAYER},
-        "w4_rexnet25": {"rex_budget": 0.25, **NETWORK}, "w4_rexnet40": {"rex_budget": 0.4, **NETWORK}}
+        "w4_rexnet25": {"rex_budget": 0.25, **NETWORK}, "w4_rexnet33": {"rex_budget": 0.33, **NETWORK}, "w4_rexnet40": {"rex_budget": 0.4, **NETWORK}}
 #: ``<config>_a4``: the same file with every MatMulNBits at accuracy_level 4 (int8 activations inside the kernel).
 ACCURACY4 = "_a4"
-REX = ("w4_rex25", "w4_rex50", "w4_rex100", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet40")
+REX = ("w4_rex25", "w4_rex50", "w4_rex100", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40")
 #: Timed apart with few runs: far off ORT's fast path (W8 at accuracy_level 0, HQQ's float zero points).
-SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet40", "ort_hqq")
+SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40", "ort_hqq")
 #: Run by default: all but the 2-bit residuals at accuracy_level 0 (off ORT's fast path, see the notes).
-DEFAULT_CONFIGS = [k for k in CONFIGS if k not in ("w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet40")]
+DEFAULT_CONFIGS = [k for k in CONFIGS if k not in ("w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40")]
 #: REx goal: the residual order closes at least this share of the W4 → W8 fidelity gap ...
 GAP_SHARE = 0.5
 #: ... at most this times W4's decode latency (and below W8's).
