@@ -4,6 +4,7 @@ with REx's residual order (``rex_budget``) against W4, W8 and ONNX Runtime's qua
     python -m bench decode                          # 4-layer synthetic stack + MiniLM → bench/results/decode.md (+ .json, .png)
     python -m bench decode --layers 20 --configs fp32,w8,w4,w4_rex25 --skip minilm --tag 3gb   # ≥ 3 GB stack
     python -m bench decode --combine                # how a partial residual order joins the output (→ decode_combine.md)
+    python -m bench decode --allocation --layers 2  # per-layer vs network residual allocation, fidelity and bytes (→ decode_allocation.md)
 
 Models (from :mod:`bench.weight_only`):
 
@@ -247,6 +248,87 @@ def bench_minilm(only: set[str]) -> dict[str, Any]:
         paths, records = build_all(src, work, only)
         record_embedding_cosines(paths, feeds, records)
     return {"sentences": len(next(iter(feeds.values()))), "seq_len": seq_len, "configs": records}
+
+
+# --------------------------------------------------------------------------- per-layer vs network allocation
+#: The allocation sweep's configurations (fidelity and bytes only, accuracy_level 0): per-layer budgets at 4 bits (block 32) and at
+#: 2 bits (block 128), and the network allocation with the residual in blocks of 32 (the base's) and 128.
+ALLOCATION_BUDGETS = (0.1, 0.25, 0.5)
+ALLOCATION_FORMS = {
+    "layer, 4-bit residual, block 32": {"rex_allocation": "layer"},
+    "layer, 2-bit residual, block 128": {"rex_allocation": "layer", "rex_bits": 2, "rex_block_size": 128},
+    "network, 2/4-bit residual, block 32": {"rex_allocation": "network"},
+    "network, 2/4-bit residual, block 128": {"rex_allocation": "network", "rex_block_size": 128},
+}
+ALLOCATION_STATS = ("rex_bytes_share", "rex_columns_share", "rex_one_rung_kept", "rex_mixed_layers", "rex_bits_layers")
+
+
+def allocation_sweep(src: Path, work: Path, error_of: Callable[[Path], float]) -> dict[str, Any]:
+    """W8, W4 and every (form, budget) of the sweep built from ``src`` (accuracy_level 0):
+    weight bytes, quantization time, the residual's stats and ``error_of(model)``."""
+    configs: dict[str, dict[str, Any]] = {"W8": {"weight_bits": 8}, "W4": {}}
+    configs.update({f"{form} @ {budget:g}": {"rex_budget": budget, **options} for budget in ALLOCATION_BUDGETS for form, options in ALLOCATION_FORMS.items()})
+    records = {}
+    for key, options in configs.items():
+        (model, report), seconds = timed(lambda: onnxopt.optimize(src, preset="weight-only", accuracy_level=0, **options))
+        stats = next(p for p in report.passes if p.name == "weight-only").stats
+        dst = save_external(model, work / f"sweep_{len(records)}.onnx")
+        del model
+        records[key] = {"quant_seconds": seconds, "weight_bytes": weight_bytes(dst), "error": error_of(dst), **{k: stats[k] for k in ALLOCATION_STATS if k in stats}}
+        log(f"  {key}: {records[key]}")
+    return records
+
+
+def bench_allocation(layers: int, skip: set[str]) -> dict[str, Any]:
+    """The allocation sweep on the synthetic stack (relative output error) and MiniLM (1 − mean cosine)."""
+    data: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_decode_alloc_") as tmp:
+        work = Path(tmp)
+        if "synthetic" not in skip:
+            src = save_external(synthetic_decoder(layers, D_MODEL, FF), work / "fp32.onnx")
+            tokens = {"x": np.random.default_rng(5).standard_normal((1, 16, D_MODEL)).astype(np.float32)}
+            reference = ort_session(src, "all").run(None, tokens)[0]
+
+            def output_error(path: Path) -> float:
+                out = ort_session(path, "all").run(None, tokens)[0]
+                return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+            data["synthetic"] = {"layers": layers, "error": "relative output error", "configs": allocation_sweep(src, work, output_error)}
+        if "minilm" not in skip:
+            raw, feeds, _ = minilm_inputs()
+            folded, _ = onnxopt.optimize(raw)
+            src = save_external(folded, work / "minilm.onnx")
+
+            def cosine_error(path: Path) -> float:
+                records: dict[str, dict[str, Any]] = {"fp32": {}, "q": {}}
+                record_embedding_cosines({"fp32": src, "q": path}, feeds, records)
+                return 1 - records["q"]["cosine_mean"]
+
+            data["minilm"] = {"error": "1 − mean cosine", "configs": allocation_sweep(src, work, cosine_error)}
+    return data
+
+
+def allocation_markdown(data: dict[str, Any], command: str) -> list[str]:
+    lines = ["# REx in MatMulNBits form: per-layer vs network allocation of the residual budget", "",
+             f"`{command}` — W4 base in blocks of 32 (clipping search), accuracy_level 0 (float products: the weights' effect alone); "
+             "fidelity and bytes only (decode latency: decode_network.md). Gap closed = (error(W4) − error) / (error(W4) − error(W8)). "
+             "`one rung kept`: the weighted error reduction of one residual node per layer as a share of the network greedy's with "
+             "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most).", ""]
+    for model, title in (("synthetic", "Synthetic decoder stack ({layers} layers, D 2048, FF 8192)"), ("minilm", "all-MiniLM-L6-v2")):
+        if model not in data:
+            continue
+        result, records = data[model], data[model]["configs"]
+        w4, w8 = records["W4"], records["W8"]
+        rows = []
+        for key, rec in records.items():
+            closed = (w4["error"] - rec["error"]) / (w4["error"] - w8["error"])
+            rows.append([key, f"{rec['error']:.5f}", f"{closed:.2f}", f"{rec['weight_bytes'] / w4['weight_bytes']:.3f}",
+                         str(rec.get("rex_bytes_share", "-")), str(rec.get("rex_one_rung_kept", "-")),
+                         ", ".join(f"{n} × {b}-bit" for b, n in rec.get("rex_bits_layers", {}).items()) or "-", f"{rec['quant_seconds']:.0f}"])
+        lines += [f"## {title.format(**result)}", "",
+                  *table(["configuration @ budget", result["error"], "W4→W8 gap closed", "weight bytes / W4", "residual bytes / base",
+                          "one rung kept", "residual layers", "quantization s"], rows), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- the join of a partial order
@@ -516,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hqq-prefill", action="store_true", help="also time ORT HQQ's prefill (slow)")
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--isolate", action="store_true", help="quantize in child onnxopt processes (large models: bounded memory of this one)")
+    parser.add_argument("--allocation", action="store_true", help="only the per-layer vs network allocation sweep, fidelity and bytes (→ decode_allocation.md)")
     parser.add_argument("--combine", action="store_true", help="only the join-form micro-benchmark (→ decode_combine.md)")
     parser.add_argument("--tag", default="", help="suffix of the result files (decode_<tag>.md)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -525,6 +608,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timing = Timing(warmup=2, min_runs=8, max_runs=100, target_seconds=2.0) if args.quick else Timing(warmup=3, min_runs=25, max_runs=1000, target_seconds=10.0)
+    if args.allocation:
+        skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        command = "python -m bench decode " + " ".join(argv if argv is not None else sys.argv[1:])
+        data = {"command": command.strip(), "environment": environment(), **bench_allocation(args.layers, skip)}
+        (out / "decode_allocation.json").write_text(json.dumps(json_safe(data), indent=1))
+        (out / "decode_allocation.md").write_text("\n".join(allocation_markdown(data, data["command"])) + "\n")
+        log(f"wrote {out}/decode_allocation.md")
+        return 0
     if args.combine:
         (out / "decode_combine.md").write_text("\n".join(bench_combine(timing)) + "\n")
         log(f"wrote {out}/decode_combine.md")
