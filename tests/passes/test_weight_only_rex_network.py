@@ -209,3 +209,25 @@ def test_bytes_left_by_the_one_rung_choice_are_refilled():
     assert [(c[0], c[1].tolist()) for c in allocation.choices] == [(2, [0, 1, 2]), (2, [0])]
     assert allocation.spent == 40
     assert allocation.kept_gain == pytest.approx(2.7 + 0.9 / 20)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (2, False)])
+def test_second_pass_decodes_the_base_columns_from_the_packed_bytes(bits, symmetric):
+    from onnxopt.passes.weight_only.blockwise import packed_tensors
+    from onnxopt.passes.weight_only.residual import decoded_packed_columns
+
+    weight = uneven_columns(100, 24, seed=bits)
+    base = quantize_blocks(weight, bits, 32, symmetric=symmetric)
+    columns = np.array([0, 3, 4, 17, 23])
+    decoded = decoded_packed_columns(*packed_tensors(base), columns, k=100, bits=bits, block_size=32)
+    assert np.array_equal(decoded, base.dequantized()[:, columns])
+
+
+def test_symmetric_network_residual_matches_ort():
+    weight = uneven_columns(128, 40, seed=11)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=True, rex_budget=0.3, validate=True)
+    assert weight_only_stats(report).stats["rex_layers"] == 1
+    x = RNG.standard_normal((2, 3, 128)).astype(np.float32)
+    expected = x.astype(np.float64) @ layer_weight(out, "proj")
+    assert np.allclose(run_ort(out, {"x": x}), expected, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(layer_weight(out, "proj") - weight) < np.linalg.norm(quantize_blocks(weight, 4, 32, symmetric=True).dequantized() - weight)
