@@ -270,7 +270,7 @@ def allocation_sweep(src: Path, work: Path, error_of: Callable[[Path], float]) -
     configs.update({f"{form} @ {budget:g}": {"rex_budget": budget, **options} for budget in ALLOCATION_BUDGETS for form, options in ALLOCATION_FORMS.items()})
     records = {}
     for key, options in configs.items():
-        (model, report), seconds = timed(lambda: onnxopt.optimize(src, preset="weight-only", accuracy_level=0, **options))
+        (model, report), seconds = timed(lambda options=options: onnxopt.optimize(src, preset="weight-only", accuracy_level=0, **options))
         stats = next(p for p in report.passes if p.name == "weight-only").stats
         dst = save_external(model, work / f"sweep_{len(records)}.onnx")
         del model
@@ -310,10 +310,10 @@ def bench_allocation(layers: int, skip: set[str]) -> dict[str, Any]:
 
 def allocation_markdown(data: dict[str, Any], command: str) -> list[str]:
     lines = ["# REx in MatMulNBits form: per-layer vs network allocation of the residual budget", "",
-             f"`{command}` — W4 base in blocks of 32 (clipping search), accuracy_level 0 (float products: the weights' effect alone); "
-             "fidelity and bytes only (decode latency: decode_network.md). Gap closed = (error(W4) − error) / (error(W4) − error(W8)). "
-             "`one rung kept`: the weighted error reduction of one residual node per layer as a share of the network greedy's with "
-             "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most).", ""]
+             (f"`{command}` — W4 base in blocks of 32 (clipping search), accuracy_level 0 (float products: the weights' effect alone); "
+              "fidelity and bytes only (decode latency: decode_network.md). Gap closed = (error(W4) − error) / (error(W4) − error(W8)). "
+              "`one rung kept`: the weighted error reduction of one residual node per layer as a share of the network greedy's with "
+              "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most)."), ""]
     for model, title in (("synthetic", "Synthetic decoder stack ({layers} layers, D 2048, FF 8192)"), ("minilm", "all-MiniLM-L6-v2")):
         if model not in data:
             continue
@@ -579,9 +579,9 @@ def write_markdown(data: dict[str, Any], path: Path, plot: str | None) -> None:
 
 NOTES = [
     "* W4→W8 gap closed = (error(W4) − error(config)) / (error(W4) − error(W8)), with the relative output error (synthetic) or 1 − mean cosine (MiniLM).",
-    "* The w4_rex25/50/100 and 2-bit rows cover the columns whose (LayerNorm-weighted) base error is largest, per layer, with the same share of bytes "
-    "in every layer (rex_allocation='layer'); the w4_rexnet rows spend the budget over the whole model where a residual removes the largest share "
-    "of its layer's weighted error per byte (rex_allocation='network', the default).",
+    ("* The w4_rex25/50/100 and 2-bit rows cover the columns whose (LayerNorm-weighted) base error is largest, per layer, with the same share of bytes "
+     "in every layer (rex_allocation='layer'); the w4_rexnet rows spend the budget over the whole model where a residual removes the largest share "
+     "of its layer's weighted error per byte (rex_allocation='network', the default)."),
     "* accuracy_level 4 rows are the same files as their accuracy_level 0 rows with the attribute changed (same weights and weight bytes; the "
     "kernel quantizes the activations to int8 per block, hence a slightly different output error). In ONNX Runtime 1.32's CPU kernel 8-bit "
     "and 2-bit MatMulNBits are on the fast path only at accuracy_level 4 (at 0 they are dequantized on every call: W8 is timed apart, 5 runs).",

@@ -33,9 +33,13 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   columns whose weighted base error is largest, added onto the base output (ScatterElements
   with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns), in blocks of
   ``rex_block_size`` (default: the base's ``block_size``).  The budget is
-  a fraction of the base's weight bytes, per layer; with a residual as wide as the base,
-  1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
-  anywhere is exit 10 (nothing the option asked for was done).
+  a fraction of the base's weight bytes; with a residual as wide as the base, 1.0 is a full
+  second order.  ``rex_allocation="network"`` (default) spends it over the whole model where
+  a 2-bit (or ``rex_bits``-wide) residual column removes the largest share of its layer's
+  error per byte (two passes over the weights: per-column error tables, then the chosen
+  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  Layers kept at
+  8 bits get none; a budget that buys no column anywhere is exit 10 (nothing the option asked
+  for was done).
 
 The stats list per layer the bits, block size and relative weight error ‖W − Ŵ‖/‖W‖ of
 round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
@@ -61,8 +65,8 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 from ..common.layers import transposed_weight
 from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .residual import MIN_OPSET as REX_MIN_OPSET
 from .residual import (
-    MIN_OPSET as REX_MIN_OPSET,
     Allocation,
     ColumnTable,
     Residual,

@@ -61,7 +61,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockwise import CHUNK_ELEMENTS, BlockQuantized, decode, quantize_blocks, unpack_codes
+from .blockwise import (
+    CHUNK_ELEMENTS,
+    BlockQuantized,
+    decode,
+    quantize_blocks,
+    unpack_codes,
+)
 
 #: ScatterElements with ``reduction`` (the partial order's join).
 MIN_OPSET = 16
@@ -343,5 +349,25 @@ def residual_of_columns(weight: np.ndarray, dequantized: np.ndarray, columns: np
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
 
 
-__all__ = ["MIN_OPSET", "Allocation", "ColumnTable", "Residual", "allocate_network", "base_errors", "candidate_gains", "decoded_packed_columns", "error_table",
-           "greedy_rungs", "one_rung", "refill", "residual_of_columns", "rung_bits", "budget_columns", "column_bytes", "column_errors", "decoded_columns", "largest_columns", "residual_order"]
+__all__ = [
+    "MIN_OPSET",
+    "Allocation",
+    "ColumnTable",
+    "Residual",
+    "allocate_network",
+    "base_errors",
+    "budget_columns",
+    "candidate_gains",
+    "column_bytes",
+    "column_errors",
+    "decoded_columns",
+    "decoded_packed_columns",
+    "error_table",
+    "greedy_rungs",
+    "largest_columns",
+    "one_rung",
+    "refill",
+    "residual_of_columns",
+    "residual_order",
+    "rung_bits",
+]

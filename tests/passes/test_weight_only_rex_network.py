@@ -25,7 +25,13 @@ from onnxopt.passes.weight_only.residual import (
 import onnxopt
 from onnxopt.cli import main as cli_main
 from onnxopt.errors import NothingToDoError
-from tests.passes.test_weight_only import decoded_weight, heavy_tailed, matmul_model, nbits_nodes, run_ort
+from tests.passes.test_weight_only import (
+    decoded_weight,
+    heavy_tailed,
+    matmul_model,
+    nbits_nodes,
+    run_ort,
+)
 from tests.passes.test_weight_only_rex import EXACT, uneven_columns, weight_only_stats
 
 
@@ -156,7 +162,7 @@ def test_network_puts_the_residual_on_the_layer_with_the_error_and_ort_matches()
     assert np.allclose(run_ort(out, {"x": x}), expected, rtol=1e-4, atol=1e-4)
     # and the network's residual beats the per-layer one on the product's error
     truth = x.astype(np.float64) @ first @ second
-    error = lambda m: np.linalg.norm(run_ort(m, {"x": x}) - truth)  # noqa: E731
+    error = lambda m: np.linalg.norm(run_ort(m, {"x": x}) - truth)
     assert error(out) < error(per_layer)
 
 
