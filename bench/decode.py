@@ -5,6 +5,7 @@ with REx's residual order (``rex_budget``) against W4, W8 and ONNX Runtime's qua
     python -m bench decode --layers 20 --configs fp32,w8,w4,w4_rex25 --skip minilm --tag 3gb   # ≥ 3 GB stack
     python -m bench decode --combine                # how a partial residual order joins the output (→ decode_combine.md)
     python -m bench decode --configs w4,w8,ort_rtn,ort_hqq,w4_fzp,w4_a4,w8_a4,ort_rtn_a4,ort_hqq_a4,w4_fzp_a4 --tag zero_points
+    python -m bench decode --allocation --layers 2  # per-layer vs network residual allocation, fidelity and bytes (→ decode_allocation.md)
 
 Models (from :mod:`bench.weight_only`):
 
@@ -18,9 +19,12 @@ Models (from :mod:`bench.weight_only`):
 
 Configurations: ``fp32``; ``w8`` and ``w4`` (onnxopt weight-only, clipping search, block 32);
 ``w4_rex25`` / ``w4_rex50`` / ``w4_rex100`` (W4 + a 4-bit residual order at budget 0.25 / 0.5 /
-1.0 of the base's bytes); ``w4_rex2b`` (W4 + a 2-bit residual in blocks of 128 over all
-columns: 0.44 of the base's bytes); ``w4g64_rex2b`` (the same on a W4 base in blocks of 64:
-1.33× W4's bytes in all); ``ort_rtn`` / ``ort_hqq`` (ONNX Runtime's
+1.0 of the base's bytes, the same share in every layer: ``rex_allocation="layer"``);
+``w4_rex2b`` (W4 + a 2-bit residual in blocks of 128 over all columns: 0.44 of the base's
+bytes); ``w4g64_rex2b`` (the same on a W4 base in blocks of 64: 1.33× W4's bytes in all);
+``w4_rexnet25`` / ``w4_rexnet33`` / ``w4_rexnet40`` (budget 0.25 / 0.33 / 0.4 spent over the whole model,
+``rex_allocation="network"``: 2-bit residual columns in blocks of 128, 4-bit where that removes
+more per byte, one residual width per layer); ``ort_rtn`` / ``ort_hqq`` (ONNX Runtime's
 MatMulNBitsQuantizer, 4 bits, block 32; HQQ stores float zero points); ``w4_fzp`` (W4 with
 ``zero_points="float"``: least-squares-fitted float zero points, as HQQ's format);
 ``<config>_a4``: the same file with ``accuracy_level`` 4 (int8 activations inside the kernel).
@@ -79,6 +83,9 @@ CONFIGS = {
     "w4_rex100": "W4 + REx 1.0 (onnxopt, full 2nd order)",
     "w4_rex2b": "W4 + 2-bit REx (block 128, all columns, 0.44)",
     "w4g64_rex2b": "W4 block 64 + 2-bit REx (block 128, all columns)",
+    "w4_rexnet25": "W4 + REx 0.25, network allocation (2/4-bit residual, block 128)",
+    "w4_rexnet33": "W4 + REx 0.33, network allocation (2/4-bit residual, block 128)",
+    "w4_rexnet40": "W4 + REx 0.4, network allocation (2/4-bit residual, block 128)",
     "ort_rtn": "W4 ORT MatMulNBitsQuantizer RTN",
     "ort_hqq": "W4 ORT MatMulNBitsQuantizer HQQ",
     "w4_fzp": "W4 float zero points (onnxopt)",
@@ -92,19 +99,29 @@ CONFIGS = {
     "ort_rtn_a4": "W4 ORT RTN, accuracy_level 4",
     "ort_hqq_a4": "W4 ORT HQQ, accuracy_level 4",
     "w4_fzp_a4": "W4 float zero points (onnxopt), accuracy_level 4",
+    "w4_rexnet25_a4": "W4 + REx 0.25, network allocation (2/4-bit residual, block 128), accuracy_level 4",
+    "w4_rexnet33_a4": "W4 + REx 0.33, network allocation (2/4-bit residual, block 128), accuracy_level 4",
+    "w4_rexnet40_a4": "W4 + REx 0.4, network allocation (2/4-bit residual, block 128), accuracy_level 4",
 }
-OURS = {"w8": {"weight_bits": 8}, "w4": {}, "w4_rex25": {"rex_budget": 0.25}, "w4_rex50": {"rex_budget": 0.5}, "w4_rex100": {"rex_budget": 1.0},
-        "w4_rex2b": {"rex_budget": 0.45, "rex_bits": 2, "rex_block_size": 128},
-        "w4g64_rex2b": {"block_size": 64, "rex_budget": 0.5, "rex_bits": 2, "rex_block_size": 128}, "w4_fzp": {"zero_points": "float"}}
+#: The per-layer rows keep ``rex_allocation="layer"`` (the same share of every layer's bytes); ``w4_rexnet*`` spend the budget
+#: over the whole model (the default allocation: 2-bit residual columns, upgraded to 4 bits where that removes more per byte).
+PER_LAYER = {"rex_allocation": "layer"}
+NETWORK = {"rex_allocation": "network", "rex_block_size": 128}
+OURS = {"w8": {"weight_bits": 8}, "w4": {}, "w4_rex25": {"rex_budget": 0.25, **PER_LAYER}, "w4_rex50": {"rex_budget": 0.5, **PER_LAYER},
+        "w4_rex100": {"rex_budget": 1.0, **PER_LAYER},
+        "w4_rex2b": {"rex_budget": 0.45, "rex_bits": 2, "rex_block_size": 128, **PER_LAYER},
+        "w4g64_rex2b": {"block_size": 64, "rex_budget": 0.5, "rex_bits": 2, "rex_block_size": 128, **PER_LAYER},
+        "w4_rexnet25": {"rex_budget": 0.25, **NETWORK}, "w4_rexnet33": {"rex_budget": 0.33, **NETWORK}, "w4_rexnet40": {"rex_budget": 0.4, **NETWORK},
+        "w4_fzp": {"zero_points": "float"}}
 #: ``<config>_a4``: the same file with every MatMulNBits at accuracy_level 4 (int8 activations inside the kernel).
 ACCURACY4 = "_a4"
-REX = ("w4_rex25", "w4_rex50", "w4_rex100", "w4_rex2b", "w4g64_rex2b")
+REX = ("w4_rex25", "w4_rex50", "w4_rex100", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40")
 #: Float zero points (ORT HQQ's and ours): off ORT's fast CPU path at every accuracy_level.
 FLOAT_ZERO_POINTS = ("ort_hqq", "w4_fzp", "ort_hqq_a4", "w4_fzp_a4")
-#: Timed apart with few runs: far off ORT's fast path (W8 at accuracy_level 0, float zero points).
-SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", *FLOAT_ZERO_POINTS)
-#: Run by default: all but the 2-bit residual at accuracy_level 0 (off ORT's fast path, see the notes).
-DEFAULT_CONFIGS = [k for k in CONFIGS if k not in ("w4_rex2b", "w4g64_rex2b")]
+#: Timed apart with few runs: far off ORT's fast path (W8 and the 2-bit residuals at accuracy_level 0, float zero points).
+SLOW = ("w8", "w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40", *FLOAT_ZERO_POINTS)
+#: Run by default: all but the 2-bit residuals at accuracy_level 0 (off ORT's fast path, see the notes).
+DEFAULT_CONFIGS = [k for k in CONFIGS if k not in ("w4_rex2b", "w4g64_rex2b", "w4_rexnet25", "w4_rexnet33", "w4_rexnet40")]
 #: REx goal: the residual order closes at least this share of the W4 → W8 fidelity gap ...
 GAP_SHARE = 0.5
 #: ... at most this times W4's decode latency (and below W8's).
@@ -241,6 +258,87 @@ def bench_minilm(only: set[str]) -> dict[str, Any]:
         paths, records = build_all(src, work, only)
         record_embedding_cosines(paths, feeds, records)
     return {"sentences": len(next(iter(feeds.values()))), "seq_len": seq_len, "configs": records}
+
+
+# --------------------------------------------------------------------------- per-layer vs network allocation
+#: The allocation sweep's configurations (fidelity and bytes only, accuracy_level 0): per-layer budgets at 4 bits (block 32) and at
+#: 2 bits (block 128), and the network allocation with the residual in blocks of 32 (the base's) and 128.
+ALLOCATION_BUDGETS = (0.1, 0.25, 0.5)
+ALLOCATION_FORMS = {
+    "layer, 4-bit residual, block 32": {"rex_allocation": "layer"},
+    "layer, 2-bit residual, block 128": {"rex_allocation": "layer", "rex_bits": 2, "rex_block_size": 128},
+    "network, 2/4-bit residual, block 32": {"rex_allocation": "network"},
+    "network, 2/4-bit residual, block 128": {"rex_allocation": "network", "rex_block_size": 128},
+}
+ALLOCATION_STATS = ("rex_bytes_share", "rex_columns_share", "rex_one_rung_kept", "rex_mixed_layers", "rex_bits_layers")
+
+
+def allocation_sweep(src: Path, work: Path, error_of: Callable[[Path], float]) -> dict[str, Any]:
+    """W8, W4 and every (form, budget) of the sweep built from ``src`` (accuracy_level 0):
+    weight bytes, quantization time, the residual's stats and ``error_of(model)``."""
+    configs: dict[str, dict[str, Any]] = {"W8": {"weight_bits": 8}, "W4": {}}
+    configs.update({f"{form} @ {budget:g}": {"rex_budget": budget, **options} for budget in ALLOCATION_BUDGETS for form, options in ALLOCATION_FORMS.items()})
+    records = {}
+    for key, options in configs.items():
+        (model, report), seconds = timed(lambda options=options: onnxopt.optimize(src, preset="weight-only", accuracy_level=0, **options))
+        stats = next(p for p in report.passes if p.name == "weight-only").stats
+        dst = save_external(model, work / f"sweep_{len(records)}.onnx")
+        del model
+        records[key] = {"quant_seconds": seconds, "weight_bytes": weight_bytes(dst), "error": error_of(dst), **{k: stats[k] for k in ALLOCATION_STATS if k in stats}}
+        log(f"  {key}: {records[key]}")
+    return records
+
+
+def bench_allocation(layers: int, skip: set[str]) -> dict[str, Any]:
+    """The allocation sweep on the synthetic stack (relative output error) and MiniLM (1 − mean cosine)."""
+    data: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_decode_alloc_") as tmp:
+        work = Path(tmp)
+        if "synthetic" not in skip:
+            src = save_external(synthetic_decoder(layers, D_MODEL, FF), work / "fp32.onnx")
+            tokens = {"x": np.random.default_rng(5).standard_normal((1, 16, D_MODEL)).astype(np.float32)}
+            reference = ort_session(src, "all").run(None, tokens)[0]
+
+            def output_error(path: Path) -> float:
+                out = ort_session(path, "all").run(None, tokens)[0]
+                return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+            data["synthetic"] = {"layers": layers, "error": "relative output error", "configs": allocation_sweep(src, work, output_error)}
+        if "minilm" not in skip:
+            raw, feeds, _ = minilm_inputs()
+            folded, _ = onnxopt.optimize(raw)
+            src = save_external(folded, work / "minilm.onnx")
+
+            def cosine_error(path: Path) -> float:
+                records: dict[str, dict[str, Any]] = {"fp32": {}, "q": {}}
+                record_embedding_cosines({"fp32": src, "q": path}, feeds, records)
+                return 1 - records["q"]["cosine_mean"]
+
+            data["minilm"] = {"error": "1 − mean cosine", "configs": allocation_sweep(src, work, cosine_error)}
+    return data
+
+
+def allocation_markdown(data: dict[str, Any], command: str) -> list[str]:
+    lines = ["# REx in MatMulNBits form: per-layer vs network allocation of the residual budget", "",
+             (f"`{command}` — W4 base in blocks of 32 (clipping search), accuracy_level 0 (float products: the weights' effect alone); "
+              "fidelity and bytes only (decode latency: decode_network.md). Gap closed = (error(W4) − error) / (error(W4) − error(W8)). "
+              "`one rung kept`: the weighted error reduction of one residual node per layer as a share of the network greedy's with "
+              "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most)."), ""]
+    for model, title in (("synthetic", "Synthetic decoder stack ({layers} layers, D 2048, FF 8192)"), ("minilm", "all-MiniLM-L6-v2")):
+        if model not in data:
+            continue
+        result, records = data[model], data[model]["configs"]
+        w4, w8 = records["W4"], records["W8"]
+        rows = []
+        for key, rec in records.items():
+            closed = (w4["error"] - rec["error"]) / (w4["error"] - w8["error"])
+            rows.append([key, f"{rec['error']:.5f}", f"{closed:.2f}", f"{rec['weight_bytes'] / w4['weight_bytes']:.3f}",
+                         str(rec.get("rex_bytes_share", "-")), str(rec.get("rex_one_rung_kept", "-")),
+                         ", ".join(f"{n} × {b}-bit" for b, n in rec.get("rex_bits_layers", {}).items()) or "-", f"{rec['quant_seconds']:.0f}"])
+        lines += [f"## {title.format(**result)}", "",
+                  *table(["configuration @ budget", result["error"], "W4→W8 gap closed", "weight bytes / W4", "residual bytes / base",
+                          "one rung kept", "residual layers", "quantization s"], rows), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- the join of a partial order
@@ -518,7 +616,9 @@ def write_markdown(data: dict[str, Any], path: Path, plot: str | None) -> None:
 
 NOTES = [
     "* W4→W8 gap closed = (error(W4) − error(config)) / (error(W4) − error(W8)), with the relative output error (synthetic) or 1 − mean cosine (MiniLM).",
-    "* The residual order covers the columns whose (LayerNorm-weighted) base error is largest, per layer, with the same share of bytes in every layer.",
+    ("* The w4_rex25/50/100 and 2-bit rows cover the columns whose (LayerNorm-weighted) base error is largest, per layer, with the same share of bytes "
+     "in every layer (rex_allocation='layer'); the w4_rexnet rows spend the budget over the whole model where a residual removes the largest share "
+     "of its layer's weighted error per byte (rex_allocation='network', the default)."),
     "* accuracy_level 4 rows are the same files as their accuracy_level 0 rows with the attribute changed (same weights and weight bytes; the "
     "kernel quantizes the activations to int8 per block, hence a slightly different output error). In ONNX Runtime 1.32's CPU kernel 8-bit "
     "and 2-bit MatMulNBits are on the fast path only at accuracy_level 4 (at 0 they are dequantized on every call: W8 is timed apart, 5 runs).",
@@ -536,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hqq-prefill", action="store_true", help="also time ORT HQQ's prefill (slow)")
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--isolate", action="store_true", help="quantize in child onnxopt processes (large models: bounded memory of this one)")
+    parser.add_argument("--allocation", action="store_true", help="only the per-layer vs network allocation sweep, fidelity and bytes (→ decode_allocation.md)")
     parser.add_argument("--combine", action="store_true", help="only the join-form micro-benchmark (→ decode_combine.md)")
     parser.add_argument("--tag", default="", help="suffix of the result files (decode_<tag>.md)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -545,6 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timing = Timing(warmup=2, min_runs=8, max_runs=100, target_seconds=2.0) if args.quick else Timing(warmup=3, min_runs=25, max_runs=1000, target_seconds=10.0)
+    if args.allocation:
+        skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        command = "python -m bench decode " + " ".join(argv if argv is not None else sys.argv[1:])
+        data = {"command": command.strip(), "environment": environment(), **bench_allocation(args.layers, skip)}
+        (out / "decode_allocation.json").write_text(json.dumps(json_safe(data), indent=1))
+        (out / "decode_allocation.md").write_text("\n".join(allocation_markdown(data, data["command"])) + "\n")
+        log(f"wrote {out}/decode_allocation.md")
+        return 0
     if args.combine:
         (out / "decode_combine.md").write_text("\n".join(bench_combine(timing)) + "\n")
         log(f"wrote {out}/decode_combine.md")

@@ -37,9 +37,13 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   columns whose weighted base error is largest, added onto the base output (ScatterElements
   with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns), in blocks of
   ``rex_block_size`` (default: the base's ``block_size``).  The budget is
-  a fraction of the base's weight bytes, per layer; with a residual as wide as the base,
-  1.0 is a full second order.  Layers kept at 8 bits get none; a budget that buys no column
-  anywhere is exit 10 (nothing the option asked for was done).
+  a fraction of the base's weight bytes; with a residual as wide as the base, 1.0 is a full
+  second order.  ``rex_allocation="network"`` (default) spends it over the whole model where
+  a 2-bit (or ``rex_bits``-wide) residual column removes the largest share of its layer's
+  error per byte (two passes over the weights: per-column error tables, then the chosen
+  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  Layers kept at
+  8 bits get none; a budget that buys no column anywhere is exit 10 (nothing the option asked
+  for was done).
 
 The stats list per layer the bits, block size, zero point type and relative weight error ‖W − Ŵ‖/‖W‖ of
 round to nearest and of the chosen quantization.  Memory: the matching reads only types and shapes; each weight is loaded when its turn comes,
@@ -65,7 +69,19 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 from ..common.layers import transposed_weight
 from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
-from .residual import MIN_OPSET as REX_MIN_OPSET, Residual, budget_columns, residual_order
+from .residual import MIN_OPSET as REX_MIN_OPSET
+from .residual import (
+    Allocation,
+    ColumnTable,
+    Residual,
+    allocate_network,
+    budget_columns,
+    decoded_packed_columns,
+    error_table,
+    residual_of_columns,
+    residual_order,
+    rung_bits,
+)
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -174,6 +190,8 @@ class WeightOnlyOptions(PassOptions):
     rex_bits: int = 4
     #: the residual's block size (None: the base's)
     rex_block_size: int | None = None
+    #: network: the budget over all layers where it removes most error per byte (2-bit or rex_bits rungs); layer: the same share of every layer at rex_bits
+    rex_allocation: Literal["network", "layer"] = option("network", flag="--rex-allocation")
 
     def check(self) -> None:
         super().check()
@@ -231,14 +249,11 @@ class WeightOnlyQuantize(Pass):
         names = NameFactory(graph)
         done: dict[tuple[Any, ...], Packed] = {}
         records = []
-        for layer in ctx.progress(layers, total=len(layers), label="layers"):
-            bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
-            key = (*layer.key, bits, layer.norm)
-            if key not in done:
-                done[key] = self._quantize_layer(layer, bits, names, ctx)
-            self._rewrite(graph, layer, done[key], names)
-            records.append(layer_record(layer, done[key]))
-            layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
+        self._allocation: Allocation | None = None
+        if self.options["rex_budget"] and self.options["rex_allocation"] == "network":
+            self._quantize_network(graph, layers, done, records, names, ctx)
+        else:
+            self._quantize_each(graph, layers, done, records, names, ctx)
         unmatched = [p for p in self._keep if p not in self._matched]
         for pattern in unmatched:
             ctx.refuse(f"keep_8bit {pattern!r}", "matches no quantized MatMul/Gemm (node or weight name): nothing kept at 8 bits for it")
@@ -309,6 +324,88 @@ class WeightOnlyQuantize(Pass):
         if o["rex_budget"]:
             self._add_residual(packed, matrix, result, layer, names, ctx)
         return packed
+
+    def _quantize_each(self, graph: gs.Graph, layers: list[Layer], done: dict[tuple[Any, ...], Packed], records: list[dict[str, Any]],
+                       names: NameFactory, ctx: PassContext) -> None:
+        """One pass over the layers: each weight quantized (with ``rex_allocation="layer"``,
+        its residual order too) and its nodes rewritten."""
+        for layer in ctx.progress(layers, total=len(layers), label="layers"):
+            bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
+            key = (*layer.key, bits, layer.norm)
+            if key not in done:
+                done[key] = self._quantize_layer(layer, bits, names, ctx)
+            self._rewrite(graph, layer, done[key], names)
+            records.append(layer_record(layer, done[key]))
+            layer.tensor = None  # type: ignore[assignment]  # the float weight can go once no node reads it
+
+    def _quantize_network(self, graph: gs.Graph, layers: list[Layer], done: dict[tuple[Any, ...], Packed], records: list[dict[str, Any]],
+                          names: NameFactory, ctx: PassContext) -> None:
+        """``rex_allocation="network"``: the bases and per-column error tables in a first pass
+        over the layers, the allocation over the whole model, then each chosen residual from
+        its weight read again (only the tables and packed bytes stay between the passes)."""
+        o = self.options
+        keys, tables = self._bases_and_tables(layers, done, names, ctx)
+        budget = float(o["rex_budget"]) * sum(done[key].nbytes for key in tables)
+        self._allocation = allocate_network(list(tables.values()), budget)
+        chosen = dict(zip(tables, self._allocation.choices))
+        if tables and not any(chosen.values()):
+            cheapest = min(t.costs[0] for t in tables.values())
+            reason = (f"rex_budget {o['rex_budget']:g} of the bases' bytes ({budget:.0f} bytes over all layers) buys no residual column "
+                      f"(the cheapest, {rung_bits(o['rex_bits'])[0]}-bit, takes {cheapest} bytes): raise rex_budget")
+            for key in tables:
+                done[key].rex_skipped = reason
+        handled: set[tuple[Any, ...]] = set()
+        for layer, key in zip(layers, keys):
+            packed = done[key]
+            if key not in handled:  # a shared weight: its residual once
+                handled.add(key)
+                if chosen.get(key) is not None:
+                    self._network_residual(packed, layer, tables[key], *chosen[key], names)
+                elif not packed.rex_skipped:
+                    packed.rex_skipped = (f"network allocation: rex_budget {o['rex_budget']:g} went to layers where a residual removes more "
+                                          "of their relative error per byte")
+                if packed.rex_skipped:
+                    ctx.refuse(f"residual order of {node_label(layer.node)}", packed.rex_skipped)
+            self._rewrite(graph, layer, packed, names)
+            records.append(layer_record(layer, packed))
+            layer.tensor = None  # type: ignore[assignment]
+
+    def _bases_and_tables(self, layers: list[Layer], done: dict[tuple[Any, ...], Packed], names: NameFactory,
+                          ctx: PassContext) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], ColumnTable]]:
+        """The first pass of the network allocation: each weight's packed base and (unless
+        kept at 8 bits) its per-column error table; the layers' weight keys."""
+        o = self.options
+        keys, tables, readers = [], {}, Counter()
+        for layer in ctx.progress(layers, total=len(layers), label="layers (bases, error tables)"):
+            bits = 8 if self._kept(layer.node) else o["weight_bits"]
+            key = (*layer.key, bits, layer.norm)
+            keys.append(key)
+            readers[key] += 1
+            if key in done:
+                continue
+            matrix = layer.matrix()
+            result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight, **self._search_options())
+            done[key] = self._pack(result, layer, names)
+            if bits == 8:
+                done[key].rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
+            else:
+                tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), o["rex_block_size"] or o["block_size"], layer.row_weight, **self._search_options())
+            del matrix, result
+        for key, table in tables.items():
+            table.readers = readers[key]
+        return keys, tables
+
+    def _network_residual(self, packed: Packed, layer: Layer, table: ColumnTable, bits: int, columns: Any, names: NameFactory) -> None:
+        """The second pass for one weight: read it again, decode the base on ``columns`` from
+        its packed constants and quantize their residual at ``bits``."""
+        o = self.options
+        b, scales = (c.values for c in packed.constants[:2])
+        zero_points = packed.constants[2].values if len(packed.constants) > 2 else None
+        base = decoded_packed_columns(b, scales, zero_points, columns, k=layer.k, bits=packed.bits, block_size=packed.block_size)
+        residual = residual_of_columns(layer.matrix(), base, columns, bits, o["rex_block_size"] or o["block_size"], table.plain, packed.symmetric,
+                                       layer.row_weight, **self._search_options())
+        self._pack_residual(packed, residual, layer, names)
+        packed.rex_relative_error = float(np.sqrt(residual.sq_error / max(table.sq_norm, 1e-30)))
 
     def _add_residual(self, packed: Packed, matrix: np.ndarray, base: BlockQuantized, layer: Layer, names: NameFactory, ctx: PassContext) -> None:
         """The residual order of the columns ``rex_budget`` pays for (or why there is none)."""
@@ -386,7 +483,18 @@ class WeightOnlyQuantize(Pass):
             raise NothingToDoError(f"{self.name}: rex_budget {self.options['rex_budget']:g} added no residual order to any of the "
                                    f"{len(records)} quantized layers: " + "; ".join(reasons))
         base_bytes = sum(p.nbytes for p in packed if p.bits != 8)
+        allocation = self._allocation
+        network = {} if allocation is None else {
+            "rex_budget_bytes": int(allocation.budget),
+            # the greedy's relative-error reduction with mixed rungs per layer, and the share one residual per layer keeps of it
+            "rex_network_gain": round(allocation.greedy_gain, 6),
+            "rex_one_rung_kept": round(allocation.kept_gain / allocation.greedy_gain, 4) if allocation.greedy_gain else 1.0,
+            "rex_mixed_layers": allocation.mixed_layers,
+            "rex_bits_layers": dict(sorted(Counter(r["rex_bits"] for r in expanded).items())),
+        }
         return {
+            "rex_allocation": self.options["rex_allocation"],
+            **network,
             "rex_layers": len(expanded),
             "rex_columns": int(sum(r["rex_columns"] for r in expanded)),
             "rex_columns_share": round(sum(r["rex_columns"] for r in expanded) / max(sum(r["N"] for r in records), 1), 4),
@@ -497,7 +605,8 @@ def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
     if result.rex_constants is not None:
-        record.update(rex_columns=result.rex_count, rex_bits=result.rex_bits, rex_block_size=result.rex_block_size, rex_relative_error=round(result.rex_relative_error or 0.0, 6))
+        record.update(rex_columns=result.rex_count, rex_bits=result.rex_bits, rex_block_size=result.rex_block_size, rex_bytes=result.rex_nbytes,
+                      rex_relative_error=round(result.rex_relative_error or 0.0, 6))
     return record
 
 

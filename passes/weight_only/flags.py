@@ -39,7 +39,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
             raise PipelineError(f"{', '.join(flag_of(WeightOnlyOptions, key) for key in options)} need --quantize wN (weight-only, e.g. w4)")
         return {}, []
     others = [flag for flag, value in (("--power-quant", args.power_quant), ("--modular-accumulator", args.modular_accumulator),
-                                       ("--rex-allocation", args.rex_allocation), ("--rex-combine", args.rex_combine),
+                                       ("--rex-combine", args.rex_combine),
                                        ("--rex-input-expansion", args.rex_input_expansion or None)) if value is not None]
     if others:
         raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
@@ -50,13 +50,23 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
 
 def weight_only_rex(args: argparse.Namespace) -> dict[str, Any]:
     """REx in MatMulNBits form: ``--rex-budget G`` (``--rex 2`` alone: the default budget 0.5)
-    → the weight-only pass's ``rex_budget``, a fraction of the base's weight bytes (the REx
-    family declares these flags)."""
+    → the weight-only pass's ``rex_budget``, a fraction of the base's weight bytes, and
+    ``--rex-allocation network|layer`` → ``rex_allocation`` (the REx family declares these
+    flags)."""
     if args.rex is not None and args.rex != 2:
         raise PipelineError(f"--rex {args.rex} with --quantize wN: REx in MatMulNBits form has one residual order (--rex 2, or just --rex-budget G)")
+    options: dict[str, Any] = {}
     if args.rex_budget is not None:
-        return {"rex_budget": parse_budget(args.rex_budget)}
-    return {"rex_budget": 0.5} if args.rex is not None else {}
+        options["rex_budget"] = parse_budget(args.rex_budget)
+    elif args.rex is not None:
+        options["rex_budget"] = 0.5
+    if args.rex_allocation is not None:
+        if not options:
+            raise PipelineError("--rex-allocation with --quantize wN needs --rex-budget G (the residual order it allocates)")
+        if args.rex_allocation not in ("network", "layer"):
+            raise PipelineError(f"--rex-allocation {args.rex_allocation} with --quantize wN: 'network' or 'layer' (the weight-only residual order)")
+        options["rex_allocation"] = args.rex_allocation
+    return options
 
 
 FLAGS = FlagFamily("weight-only", add_arguments, pipeline_options)

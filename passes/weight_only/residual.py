@@ -29,6 +29,22 @@ Runtime's CPU kernel runs 2-bit MatMulNBits on its fast path only with
 Memory: the base is decoded a chunk of columns at a time to rank the columns
 (``CHUNK_ELEMENTS``), and only the chosen columns' residual is materialised.
 
+**Network-wide allocation** (``rex_allocation="network"``): the budget is ``budget`` × the
+bytes of all low-bit bases together, spent where the output error falls most per byte.  A
+first pass over the layers keeps only per-column tables (:func:`error_table`): the weighted
+error e_n of the base and after a residual of each rung (2 bits, then ``rex_bits``; the
+residual of every column quantized as it would be, a chunk of columns at a time), and the
+layer's weighted signal Σ_k ρ_k Σ_n W_kn².  :func:`allocate_network` ranks the candidates
+(layer, column, rung) by the share of the layer's relative error they remove per residual
+byte — the 2-bit rung first, the wider one as its upgrade (marginal gain / marginal bytes,
+made non-increasing so the choices nest) — and takes them greedily until the bytes are spent.
+A layer's residual is one MatMulNBits with one ``bits``, so each layer then keeps the one rung
+that removes most of its error with the bytes the greedy gave it (the top columns of that
+rung's gain), and the bytes this leaves go, by the same ranking, to more columns at each
+layer's rung (:func:`refill`); what keeping one node per layer costs against the mixed
+greedy is reported.
+A second pass reads each weight again and quantizes the chosen columns' residual.
+
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
 ``python -m bench decode --combine``): ScatterElements with ``reduction="add"`` (indices
@@ -45,7 +61,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockwise import CHUNK_ELEMENTS, BlockQuantized, decode, quantize_blocks
+from .blockwise import (
+    CHUNK_ELEMENTS,
+    BlockQuantized,
+    decode,
+    quantize_blocks,
+    unpack_codes,
+)
 
 #: ScatterElements with ``reduction`` (the partial order's join).
 MIN_OPSET = 16
@@ -126,4 +148,226 @@ def residual_order(
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
 
 
-__all__ = ["MIN_OPSET", "Residual", "base_errors", "budget_columns", "column_bytes", "column_errors", "decoded_columns", "largest_columns", "residual_order"]
+# --------------------------------------------------------------------------- network allocation
+#: The residual rung every network allocation offers first: per byte, a 2-bit residual removes
+#: most of a 4-bit base's error (that error is nearly uniform within ± half a step).
+FIRST_RUNG_BITS = 2
+
+
+@dataclass
+class ColumnTable:
+    """What the network allocation keeps of one weight (no weights): ``errors`` [1 + rungs, N],
+    the weighted column errors of the base (row 0) and after a residual of each rung;
+    ``plain`` [N] the unweighted base errors; the layer's weighted signal Σ_k ρ_k Σ_n W_kn²
+    and plain ‖W‖²; each rung's bytes per column; ``readers``: layers reading the weight (its
+    gains count that many times)."""
+
+    errors: np.ndarray
+    plain: np.ndarray
+    signal: float
+    sq_norm: float
+    bits: tuple[int, ...]
+    costs: tuple[int, ...]
+    readers: int = 1
+
+
+@dataclass
+class Allocation:
+    """The network allocation: per table, (bits, columns ascending) or None; the bytes spent
+    and the budget; the greedy's (mixed-rung) relative error reduction and what the one
+    residual per layer keeps of it."""
+
+    choices: list[tuple[int, np.ndarray] | None]
+    spent: int
+    budget: float
+    greedy_gain: float
+    kept_gain: float
+    mixed_layers: int
+
+
+def rung_bits(rex_bits: int) -> tuple[int, ...]:
+    """The residual widths the network allocation offers: 2 bits, then ``rex_bits``."""
+    return tuple(sorted({FIRST_RUNG_BITS, int(rex_bits)}))
+
+
+def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...], block_size: int, row_weight: np.ndarray | None = None, **search) -> ColumnTable:
+    """The per-column error table of one weight: its residual W − Ŵ quantized at each rung
+    (blocks of ``block_size``, the same search as the residual order), a chunk of columns at
+    a time (quantize_blocks treats columns independently, so this is what the second pass
+    gets for the columns it picks)."""
+    k, n = weight.shape
+    errors, plain = np.empty((1 + len(bits), n)), np.empty(n)
+    rows = None if row_weight is None else np.asarray(row_weight, np.float32)
+    signal = sq_norm = 0.0
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        part = slice(start, min(start + step, n))
+        w = weight[:, part]
+        residual = w - decoded_columns(base, part)
+        signal += float(column_errors(w, 0.0, rows).sum())
+        sq_norm += float(column_errors(w, 0.0).sum())
+        plain[part] = column_errors(residual, 0.0)
+        errors[0, part] = column_errors(residual, 0.0, rows)
+        for rung, b in enumerate(bits, start=1):
+            quantized = quantize_blocks(residual, b, block_size, symmetric=base.symmetric, row_weight=row_weight, **search)
+            errors[rung, part] = column_errors(residual, quantized.dequantized(), rows)
+    costs = tuple(column_bytes(k, b, block_size, base.symmetric) for b in bits)
+    return ColumnTable(errors, plain, signal, sq_norm, tuple(bits), costs)
+
+
+def candidate_gains(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
+    """(gain per byte [rungs, N], marginal bytes [rungs]) of one table: rung r removes
+    e_{r−1} − e_r of the layer's weighted signal for cost_r − cost_{r−1} bytes; gains are made
+    non-increasing along the rungs so a column's rungs are taken in order."""
+    costs = np.diff(np.asarray((0, *table.costs), np.float64))
+    reduction = np.maximum(table.errors[:-1] - table.errors[1:], 0.0) * table.readers / max(table.signal, 1e-30)
+    gain = np.minimum.accumulate(reduction / np.maximum(costs, 1e-30)[:, None], axis=0)
+    return gain, costs
+
+
+def greedy_rungs(tables: list[ColumnTable], budget: float) -> list[np.ndarray]:
+    """The greedy knapsack over all (layer, column, rung): best gain per byte first (ties:
+    lower rung, then lower layer, then lower column: deterministic), a prefix of the ranking
+    while its bytes fit ``budget``.  Per table, the rungs taken per column ([N] ints, 0 = none;
+    nested: rung r is taken only with 1..r−1)."""
+    gains, costs, layer_of, rung_of, column_of = [], [], [], [], []
+    for index, table in enumerate(tables):
+        gain, cost = candidate_gains(table)
+        rungs, n = gain.shape
+        gains.append(gain.reshape(-1))
+        costs.append(np.repeat(cost, n))
+        layer_of.append(np.full(gain.size, index))
+        rung_of.append(np.repeat(np.arange(rungs), n))
+        column_of.append(np.tile(np.arange(n), rungs))
+    taken_rungs = [np.zeros(t.errors.shape[1], np.int64) for t in tables]
+    if not gains:
+        return taken_rungs
+    gain, cost, layer, rung, column = (np.concatenate(a) for a in (gains, costs, layer_of, rung_of, column_of))
+    ranking = np.lexsort((column, layer, rung, -gain))
+    taken = ranking[np.cumsum(cost[ranking]) <= budget + 1e-9]
+    taken = taken[gain[taken] > 0]
+    for index in np.unique(layer[taken]):
+        mine = taken[layer[taken] == index]
+        np.maximum.at(taken_rungs[index], column[mine], rung[mine] + 1)
+    return taken_rungs
+
+
+def one_rung(table: ColumnTable, spent: float) -> tuple[int, np.ndarray, float] | None:
+    """The layer's single residual for ``spent`` bytes: per rung, its top ⌊spent / cost⌋
+    columns by that rung's error reduction; the rung removing the most wins (ties: the
+    narrower).  (bits, columns, relative error removed) or None when no column fits."""
+    best = None
+    for rung, (bits, cost) in enumerate(zip(table.bits, table.costs), start=1):
+        count = int(min(table.errors.shape[1], np.floor(spent / cost + 1e-9)))
+        if count == 0:
+            continue
+        reduction = table.errors[0] - table.errors[rung]
+        columns = largest_columns(reduction, count)
+        gain = float(reduction[columns].sum()) * table.readers / max(table.signal, 1e-30)
+        if best is None or gain > best[2]:
+            best = (bits, columns, gain)
+    return best
+
+
+def allocate_network(tables: list[ColumnTable], budget: float) -> Allocation:
+    """Spend ``budget`` bytes of residual over all ``tables`` (see the module docstring):
+    the greedy over (layer, column, rung), then one residual (one rung) per layer."""
+    taken = greedy_rungs(tables, budget)
+    choices: list[tuple[int, np.ndarray] | None] = []
+    spent, greedy_gain, kept_gain, mixed = 0, 0.0, 0.0, 0
+    for table, rungs in zip(tables, taken):
+        if not rungs.any():
+            choices.append(None)
+            continue
+        n = rungs.size
+        marginal = np.diff(np.asarray((0, *table.costs)))
+        layer_bytes = float(sum(marginal[r] * np.count_nonzero(rungs > r) for r in range(len(table.costs))))
+        greedy_gain += float((table.errors[0] - table.errors[rungs, np.arange(n)]).sum()) * table.readers / max(table.signal, 1e-30)
+        mixed += int(np.unique(rungs[rungs > 0]).size > 1)
+        single = one_rung(table, layer_bytes)
+        if single is None:
+            choices.append(None)
+            continue
+        bits, columns, gain = single
+        choices.append((bits, columns))
+        kept_gain += gain
+        spent += int(columns.size * table.costs[table.bits.index(bits)])
+    added_gain, added_bytes = refill(tables, choices, budget - spent)
+    return Allocation(choices, spent + added_bytes, float(budget), greedy_gain, kept_gain + added_gain, mixed)
+
+
+def refill(tables: list[ColumnTable], choices: list[tuple[int, np.ndarray] | None], leftover: float) -> tuple[float, int]:
+    """Spend the bytes the one-rung choice left (``leftover``) on more columns at each
+    layer's rung (the first rung where a layer has none), best gain per byte first, a prefix
+    of the ranking; ``choices`` is updated in place.  (gain added, bytes added)."""
+    gains, costs, layer_of, column_of, rung_of = [], [], [], [], []
+    for index, (table, choice) in enumerate(zip(tables, choices)):
+        rung = 1 if choice is None else table.bits.index(choice[0]) + 1
+        free = np.ones(table.errors.shape[1], bool)
+        if choice is not None:
+            free[choice[1]] = False
+        columns = np.flatnonzero(free)
+        cost = float(table.costs[rung - 1])
+        gains.append((table.errors[0, columns] - table.errors[rung, columns]) * table.readers / max(table.signal, 1e-30) / cost)
+        costs.append(np.full(columns.size, cost))
+        layer_of.append(np.full(columns.size, index))
+        column_of.append(columns)
+        rung_of.append(rung)
+    if not gains or leftover <= 0:
+        return 0.0, 0
+    gain, cost, layer, column = (np.concatenate(a) for a in (gains, costs, layer_of, column_of))
+    ranking = np.lexsort((column, layer, -gain))
+    taken = ranking[np.cumsum(cost[ranking]) <= leftover + 1e-9]
+    taken = taken[gain[taken] > 0]
+    for index in np.unique(layer[taken]):
+        mine = column[taken[layer[taken] == index]]
+        bits = tables[index].bits[rung_of[index] - 1]
+        old = choices[index][1] if choices[index] is not None else np.zeros(0, np.int64)
+        choices[index] = (bits, np.sort(np.concatenate([old, mine])).astype(np.int64))
+    return float((gain[taken] * cost[taken]).sum()), int(cost[taken].sum())
+
+
+def decoded_packed_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, columns: np.ndarray, *, k: int, bits: int, block_size: int) -> np.ndarray:
+    """Ŵ[:, columns] (float32 [K, |columns|]) from the MatMulNBits inputs of a base (the
+    second pass of the network allocation: the codes are not kept)."""
+    n, n_blocks = b.shape[0], b.shape[1]
+    codes = unpack_codes(b[columns], bits)
+    if zero_points is None:
+        zeros = np.full((columns.size, n_blocks), 2 ** (bits - 1), dtype=np.uint8)
+    else:
+        zeros = unpack_codes(zero_points.reshape(n, -1)[columns], bits)[:, :n_blocks]
+    return decode(codes, scales.reshape(n, n_blocks)[columns], zeros)[:, :k].T
+
+
+def residual_of_columns(weight: np.ndarray, dequantized: np.ndarray, columns: np.ndarray, bits: int, block_size: int, plain: np.ndarray,
+                        symmetric: bool, row_weight: np.ndarray | None = None, **search) -> Residual:
+    """The residual order of the chosen ``columns`` given their decoded base ``dequantized``
+    ([K, |columns|]) and the table's unweighted base errors ``plain``."""
+    residual = weight[:, columns] - dequantized
+    quantized = quantize_blocks(residual, bits, block_size, symmetric=symmetric, row_weight=row_weight, **search)
+    sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
+    return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
+
+
+__all__ = [
+    "MIN_OPSET",
+    "Allocation",
+    "ColumnTable",
+    "Residual",
+    "allocate_network",
+    "base_errors",
+    "budget_columns",
+    "candidate_gains",
+    "column_bytes",
+    "column_errors",
+    "decoded_columns",
+    "decoded_packed_columns",
+    "error_table",
+    "greedy_rungs",
+    "largest_columns",
+    "one_rung",
+    "refill",
+    "residual_of_columns",
+    "residual_order",
+    "rung_bits",
+]

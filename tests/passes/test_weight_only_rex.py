@@ -36,6 +36,9 @@ from tests.passes.test_weight_only import (
 #: the numerics checks compare ORT with x @ dequant(W): float products (accuracy_level 0), not
 #: the default 4 (int8 activations inside the kernel, checked separately)
 EXACT = {"accuracy_level": 0}
+#: the per-layer budget (rex_allocation="layer": the same share of every layer's bytes at
+#: rex_bits); the network allocation is tested in test_weight_only_rex_network.py
+LAYER = {"rex_allocation": "layer"}
 
 RNG = np.random.default_rng(23)
 
@@ -73,7 +76,7 @@ def reconstructed(model: onnx.ModelProto) -> np.ndarray:
 def test_packed_model_matches_numpy_reference_and_ort(budget, k, block_size):
     n = 40
     weight = uneven_columns(k, n, seed=k)
-    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=budget, block_size=block_size, validate=True)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **LAYER, rex_budget=budget, block_size=block_size, validate=True)
     base, residual = base_and_residual(out)
     count = int(np.floor(budget * n + 1e-9))
     assert attrs(residual) == {"K": k, "N": count, "bits": 4, "block_size": block_size, "accuracy_level": 0}
@@ -114,7 +117,7 @@ def test_budget_picks_the_columns_with_the_largest_error():
 def test_the_graph_adds_the_residual_on_the_chosen_columns():
     """The model's residual columns are the numpy choice, and the columns left out equal the base alone."""
     weight = uneven_columns(64, 32, seed=9)
-    out, _ = onnxopt.optimize(matmul_model(weight, x_shape=(5, None)), preset="weight-only", **EXACT, rex_budget=0.25, validate=True)
+    out, _ = onnxopt.optimize(matmul_model(weight, x_shape=(5, None)), preset="weight-only", **EXACT, **LAYER, rex_budget=0.25, validate=True)
     base, _ = base_and_residual(out)
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     columns = inits[next(n.input[0] for n in out.graph.node if n.op_type == "Expand")]
@@ -130,7 +133,7 @@ def test_the_graph_adds_the_residual_on_the_chosen_columns():
 def test_full_budget_is_a_second_order_strictly_better_than_w4(symmetric):
     weight = heavy_tailed(256, 48, seed=11)
     w4, r4 = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=symmetric)
-    full, rf = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=symmetric, rex_budget=1.0, validate=True)
+    full, rf = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, symmetric=symmetric, **LAYER, rex_budget=1.0, validate=True)
     error_w4 = np.linalg.norm(decoded_weight(w4, nbits_nodes(w4)[0]) - weight)
     error_full = np.linalg.norm(reconstructed(full) - weight)
     assert error_full < error_w4 / 8  # a 4-bit residual of a 4-bit base: close to an 8-bit weight
@@ -146,7 +149,7 @@ def test_bytes_stay_within_the_budget_and_8bit_residuals_cost_twice():
     assert column_bytes(k, 4, 32, False) == 8 * 16 + 8 * 4 + 4
     assert budget_columns(k, n, 0.5, 4, 8, 32, False) < budget_columns(k, n, 0.5, 4, 4, 32, False) == 32
     for budget, bits in ((0.3, 4), (0.5, 8), (2.0, 4)):
-        _, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=budget, rex_bits=bits, validate=True)
+        _, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **LAYER, rex_budget=budget, rex_bits=bits, validate=True)
         stats = weight_only_stats(report).stats
         assert stats["rex_bytes_share"] <= min(budget, 1.0 if bits == 4 else 2.0) + 1e-9
         assert stats["rex_columns"] == budget_columns(k, n, budget, 4, bits, 32, False)
@@ -160,7 +163,7 @@ def test_two_bit_residual_in_long_blocks_over_all_columns():
     weight = heavy_tailed(k, n, seed=12)
     options = {"rex_bits": 2, "rex_block_size": 128}
     full_budget = column_bytes(k, 2, 128, False) / column_bytes(k, 4, 32, False)
-    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=full_budget, validate=True, **options)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **LAYER, rex_budget=full_budget, validate=True, **options)
     base, residual = base_and_residual(out)
     assert attrs(residual) == {"K": k, "N": n, "bits": 2, "block_size": 128, "accuracy_level": 0}
     assert Counter(node.op_type for node in out.graph.node) == {"MatMulNBits": 2, "Add": 1}
@@ -171,10 +174,10 @@ def test_two_bit_residual_in_long_blocks_over_all_columns():
     x = RNG.standard_normal((2, 3, k)).astype(np.float32)
     expected = x.astype(np.float64) @ expected_w
     np.testing.assert_allclose(run_ort(out, {"x": x}), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
-    level4, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", rex_budget=full_budget, accuracy_level=4, **options)
+    level4, _ = onnxopt.optimize(matmul_model(weight), preset="weight-only", **LAYER, rex_budget=full_budget, accuracy_level=4, **options)
     np.testing.assert_allclose(run_ort(level4, {"x": x}), expected, rtol=0, atol=0.02 * np.abs(expected).max())
     two_bit = weight_only_stats(report).stats
-    _, four = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, rex_budget=full_budget)
+    _, four = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **LAYER, rex_budget=full_budget)
     four_bit = weight_only_stats(four).stats
     assert two_bit["rex_bytes_share"] <= full_budget + 1e-9 and four_bit["rex_bytes_share"] <= full_budget + 1e-9
     assert two_bit["rex_relative_error_mean"] < 0.8 * four_bit["rex_relative_error_mean"]
@@ -204,7 +207,7 @@ def test_opset_upgraded_for_scatter_reduction_and_outputs_match():
 # --------------------------------------------------------------------------- errors and CLI
 def test_budget_buying_no_column_is_exit_10():
     with pytest.raises(NothingToDoError, match="buys no 4-bit residual column"):
-        onnxopt.optimize(matmul_model(heavy_tailed(64, 8)), preset="weight-only", **EXACT, rex_budget=0.05)
+        onnxopt.optimize(matmul_model(heavy_tailed(64, 8)), preset="weight-only", **EXACT, **LAYER, rex_budget=0.05)
 
 
 @pytest.mark.parametrize("options", [{"rex_budget": -0.1}, {"rex_bits": 3}, {"rex_budget": 0.5, "weight_bits": 8}, {"rex_budget": True}, {"rex_block_size": 48}])
@@ -216,12 +219,12 @@ def test_bad_rex_options(options):
 def test_cli_rex_flags_with_weight_only(tmp_path, capsys):
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(matmul_model(uneven_columns(128, 16)), str(src))
-    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex-budget", "25%", "-q"]) == 0
+    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex-budget", "25%", "--rex-allocation", "layer", "-q"]) == 0
     out = onnx.load(str(dst))
     assert attrs(base_and_residual(out)[1])["N"] == 4
-    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex", "2", "--verify", "-q"]) == 0  # default budget 0.5
+    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex", "2", "--rex-allocation", "layer", "--verify", "-q"]) == 0  # default budget 0.5
     assert attrs(base_and_residual(onnx.load(str(dst)))[1])["N"] == 8
-    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex-budget", "1", "-q"]) == 0
+    assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex-budget", "1", "--rex-allocation", "layer", "-q"]) == 0
     assert Counter(n.op_type for n in onnx.load(str(dst)).graph.node) == {"MatMulNBits": 2, "Add": 1}
     capsys.readouterr()
     assert cli_main([str(src), "-o", str(dst), "--quantize", "w4", "--rex", "3"]) == 7
