@@ -313,13 +313,18 @@ class WeightOnlyQuantize(Pass):
         o = self.options
         return {"search": o["scale_search"], "steps": o["search_steps"], "min_shrink": float(o["min_shrink"]), "refine_rounds": o["refine_rounds"]}
 
+    def _quantize_base(self, matrix: np.ndarray, layer: Layer, bits: int) -> BlockQuantized:
+        """The block-wise base of one weight (the one place both allocations quantize it)."""
+        o = self.options
+        return quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight,
+                               float_zero_points=o["zero_points"] == "float" and bits != 8,  # ORT's CPU kernel: no 8-bit float zero points
+                               **self._search_options())
+
     def _quantize_layer(self, layer: Layer, bits: int, names: NameFactory, ctx: PassContext) -> Packed:
         """The base (and, with ``rex_budget``, the residual order) of one weight, packed."""
         o = self.options
         matrix = layer.matrix()
-        result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight,
-                                 float_zero_points=o["zero_points"] == "float" and bits != 8,  # ORT's CPU kernel: no 8-bit float zero points
-                                 **self._search_options())
+        result = self._quantize_base(matrix, layer, bits)
         packed = self._pack(result, layer, names)
         if o["rex_budget"]:
             self._add_residual(packed, matrix, result, layer, names, ctx)
@@ -384,7 +389,7 @@ class WeightOnlyQuantize(Pass):
             if key in done:
                 continue
             matrix = layer.matrix()
-            result = quantize_blocks(matrix, bits, o["block_size"], symmetric=o["symmetric"], row_weight=layer.row_weight, **self._search_options())
+            result = self._quantize_base(matrix, layer, bits)
             done[key] = self._pack(result, layer, names)
             if bits == 8:
                 done[key].rex_skipped = "kept at 8 bits (keep_8bit): no residual order"

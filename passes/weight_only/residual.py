@@ -329,11 +329,15 @@ def refill(tables: list[ColumnTable], choices: list[tuple[int, np.ndarray] | Non
 
 def decoded_packed_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, columns: np.ndarray, *, k: int, bits: int, block_size: int) -> np.ndarray:
     """Ŵ[:, columns] (float32 [K, |columns|]) from the MatMulNBits inputs of a base (the
-    second pass of the network allocation: the codes are not kept)."""
+    second pass of the network allocation: the codes are not kept).  Zero points are packed
+    uint8 codes, float32 values (``zero_points="float"``, laid out like the scales) or absent
+    (symmetric: the middle code)."""
     n, n_blocks = b.shape[0], b.shape[1]
     codes = unpack_codes(b[columns], bits)
     if zero_points is None:
         zeros = np.full((columns.size, n_blocks), 2 ** (bits - 1), dtype=np.uint8)
+    elif np.issubdtype(zero_points.dtype, np.floating):
+        zeros = zero_points.reshape(n, n_blocks)[columns]
     else:
         zeros = unpack_codes(zero_points.reshape(n, -1)[columns], bits)[:, :n_blocks]
     return decode(codes, scales.reshape(n, n_blocks)[columns], zeros)[:, :k].T

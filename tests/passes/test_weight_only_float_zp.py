@@ -169,9 +169,11 @@ def test_cli_zero_points_flag(tmp_path, capsys):
     assert "need --quantize wN" in capsys.readouterr().err
 
 
-def test_residual_order_on_a_float_zero_point_base():
+@pytest.mark.parametrize("allocation", ["network", "layer"])
+def test_residual_order_on_a_float_zero_point_base(allocation: str):
     """rex_budget with float zero points: the base has float32 zero points, the residual order
-    uint8 ones; ORT's output is x @ (Ŵ + R̂ on the chosen columns)."""
+    uint8 ones; ORT's output is x @ (Ŵ + R̂ on the chosen columns).  The network allocation
+    decodes the base from its packed constants in its second pass: float zero points too."""
     from tests.passes.test_weight_only_rex import (
         base_and_residual,
         reconstructed,
@@ -179,7 +181,7 @@ def test_residual_order_on_a_float_zero_point_base():
     )
 
     weight = uneven_columns(128, 40, seed=3)
-    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **FLOAT, rex_budget=0.5, validate=True)
+    out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **FLOAT, rex_budget=0.5, rex_allocation=allocation, validate=True)
     base, residual = base_and_residual(out)
     inits = {t.name: t for t in out.graph.initializer}
     assert inits[base.input[3]].data_type == onnx.TensorProto.FLOAT and inits[residual.input[3]].data_type == onnx.TensorProto.UINT8
