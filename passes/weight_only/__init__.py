@@ -36,7 +36,9 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   (:mod:`.residual`): a second MatMulNBits (``rex_bits`` wide, 4 by default) over the output
   columns whose weighted base error is largest, added onto the base output (ScatterElements
   with ``reduction="add"``, opset ≥ 16; an Add when it covers all N columns), in blocks of
-  ``rex_block_size`` (default: the base's ``block_size``).  The budget is
+  ``rex_block_size`` (default: 128 with the network allocation — a 2-bit column's scales
+  are a large share of its bytes, and longer blocks removed more error per byte on both
+  benchmark models —, the base's ``block_size`` with ``"layer"``).  The budget is
   a fraction of the base's weight bytes; with a residual as wide as the base, 1.0 is a full
   second order.  ``rex_allocation="network"`` (default) spends it over the whole model where
   a 2-bit (or ``rex_bits``-wide) residual column removes the largest share of its layer's
@@ -159,6 +161,9 @@ class Packed:
         return int(sum(c.values.nbytes for c in self.rex_constants or ()))
 
 
+#: The residual order's default block size under rex_allocation="network" (see rex_block_size).
+NETWORK_REX_BLOCK_SIZE = 128
+
 @dataclass(frozen=True)
 class WeightOnlyOptions(PassOptions):
     """weight-only's options: bits, block size, zero points, the data-free scale search and
@@ -188,7 +193,7 @@ class WeightOnlyOptions(PassOptions):
     #: residual order's bytes as a fraction of the base's (0: none; 1.0 at 4 bits: a full second order)
     rex_budget: float = option(0.0, flag="--rex-budget")
     rex_bits: int = 4
-    #: the residual's block size (None: the base's)
+    #: the residual's block size (None: NETWORK_REX_BLOCK_SIZE with the network allocation, the base's with "layer")
     rex_block_size: int | None = None
     #: network: the budget over all layers where it removes most error per byte (2-bit or rex_bits rungs); layer: the same share of every layer at rex_bits
     rex_allocation: Literal["network", "layer"] = option("network", flag="--rex-allocation")
@@ -394,11 +399,15 @@ class WeightOnlyQuantize(Pass):
             if bits == 8:
                 done[key].rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
             else:
-                tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), o["rex_block_size"] or o["block_size"], layer.row_weight, **self._search_options())
+                tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), self._network_block_size(), layer.row_weight, **self._search_options())
             del matrix, result
         for key, table in tables.items():
             table.readers = readers[key]
         return keys, tables
+
+    def _network_block_size(self) -> int:
+        """The residual's block size under the network allocation."""
+        return self.options["rex_block_size"] or NETWORK_REX_BLOCK_SIZE
 
     def _network_residual(self, packed: Packed, layer: Layer, table: ColumnTable, bits: int, columns: Any, names: NameFactory) -> None:
         """The second pass for one weight: read it again, decode the base on ``columns`` from
@@ -407,7 +416,7 @@ class WeightOnlyQuantize(Pass):
         b, scales = (c.values for c in packed.constants[:2])
         zero_points = packed.constants[2].values if len(packed.constants) > 2 else None
         base = decoded_packed_columns(b, scales, zero_points, columns, k=layer.k, bits=packed.bits, block_size=packed.block_size)
-        residual = residual_of_columns(layer.matrix(), base, columns, bits, o["rex_block_size"] or o["block_size"], table.plain, packed.symmetric,
+        residual = residual_of_columns(layer.matrix(), base, columns, bits, self._network_block_size(), table.plain, packed.symmetric,
                                        layer.row_weight, **self._search_options())
         self._pack_residual(packed, residual, layer, names)
         packed.rex_relative_error = float(np.sqrt(residual.sq_error / max(table.sq_norm, 1e-30)))

@@ -215,12 +215,18 @@ def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...],
     return ColumnTable(errors, plain, signal, sq_norm, tuple(bits), costs)
 
 
+#: A rung removing less than this share of its layer's weighted signal gains nothing (float
+#: rounding: a weight exactly on its 4-bit grid still shows errors of about 1e-16).
+NEGLIGIBLE_REDUCTION = 1e-12
+
+
 def candidate_gains(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
     """(gain per byte [rungs, N], marginal bytes [rungs]) of one table: rung r removes
     e_{r−1} − e_r of the layer's weighted signal for cost_r − cost_{r−1} bytes; gains are made
     non-increasing along the rungs so a column's rungs are taken in order."""
     costs = np.diff(np.asarray((0, *table.costs), np.float64))
     reduction = np.maximum(table.errors[:-1] - table.errors[1:], 0.0) * table.readers / max(table.signal, 1e-30)
+    reduction[reduction < NEGLIGIBLE_REDUCTION] = 0.0  # rounding of a weight already on its grid, not an error a residual removes
     gain = np.minimum.accumulate(reduction / np.maximum(costs, 1e-30)[:, None], axis=0)
     return gain, costs
 
@@ -308,7 +314,8 @@ def refill(tables: list[ColumnTable], choices: list[tuple[int, np.ndarray] | Non
             free[choice[1]] = False
         columns = np.flatnonzero(free)
         cost = float(table.costs[rung - 1])
-        gains.append((table.errors[0, columns] - table.errors[rung, columns]) * table.readers / max(table.signal, 1e-30) / cost)
+        reduction = (table.errors[0, columns] - table.errors[rung, columns]) * table.readers / max(table.signal, 1e-30)
+        gains.append(np.where(reduction < NEGLIGIBLE_REDUCTION, 0.0, reduction) / cost)
         costs.append(np.full(columns.size, cost))
         layer_of.append(np.full(columns.size, index))
         column_of.append(columns)
