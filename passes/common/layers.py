@@ -6,7 +6,10 @@ quantization, REx, channel permutation, modular accumulation).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxopt.graph import constant_values
 
 
 def transposed_weight(node: gs.Node) -> bool:
@@ -39,3 +42,31 @@ def weight_axis(node: gs.Node) -> int | None:
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
     return 1  # MatMul: B is [K, N]
+
+
+def weight_rows(layer: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """The layer's weight as rows = output channels, plus the input channel of every entry
+    (None when the weight is not a constant, or for a grouped ConvTranspose)."""
+    weight = constant_values(layer, 1)
+    if weight is None:
+        return None
+    weight = weight.astype(np.float64)
+    if layer.op == "Conv":
+        groups = int(layer.attrs.get("group", 1))
+        out, per_group = weight.shape[0], weight.shape[1]
+        rows = weight.reshape(out, -1)
+        kernel = rows.shape[1] // per_group
+        group_of_row = np.arange(out) // (out // groups)
+        channel = group_of_row[:, None] * per_group + np.repeat(np.arange(per_group), kernel)[None, :]
+        return rows, channel
+    if layer.op == "ConvTranspose":
+        if int(layer.attrs.get("group", 1)) != 1:
+            return None  # its weight is quantized per tensor (emit.weight_axis)
+        c_in, out = weight.shape[0], weight.shape[1]
+        rows = np.moveaxis(weight, 1, 0).reshape(out, -1)  # [C_out, C_in·k]
+        kernel = rows.shape[1] // c_in
+        return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
+    if layer.op in ("Gemm", "MatMul"):
+        rows = weight if transposed_weight(layer) else weight.T
+        return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
+    return None

@@ -63,10 +63,18 @@ from scipy.special import ndtr
 from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.graph import all_graphs, constant_values, is_default_domain, producer
 
+from .layers import weight_rows
 from .ops import LAYER_OPS
-
 from .tensor_probe import Source, expose_tensors, forced_if, has_if
 
+#: Share of the values of a layer's *inputs* assumed to follow the heavy (Student t(3)) tail in
+#: the clipping estimate of the SPIQ decision (the rest is taken as Gaussian); the share on the
+#: layer's output follows from its weights (:func:`heavy_tail_share`).  Chosen on
+#: bench/results/spiq_decision.md.
+HEAVY_TAIL_SHARE = 0.1
+
+#: (μ, σ, cap, share) per channel: see ChannelRange.tail
+Tail = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 PASS_THROUGH_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout", "Flatten"})
 
@@ -80,10 +88,11 @@ class ChannelRange:
     gaussian: tuple[np.ndarray, np.ndarray] | None = None
     #: E[x²] per channel when known (BN output, or a rectified BN output), for error estimates
     second_moment: np.ndarray | None = None
-    #: (μ, σ, cap) of the BN output these values come from through Relu/Clip/Min and
-    #: pass-through ops (cap: the smallest upper clip on the way, inf when none), for the
-    #: clipping-error estimate of the SPIQ decision
-    tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    #: (μ, σ, cap, share) of the BN output these values come from through Relu/Clip/Min and
+    #: pass-through ops (cap: the smallest upper clip on the way, inf when none; share: the
+    #: heavy-tail share of each channel, :func:`heavy_tail_share`), for the clipping-error
+    #: estimate of the SPIQ decision
+    tail: Tail | None = None
     #: measured with the If conditions forced: no calibration sample takes the branch computing it
     forced_branch: bool = False
 
@@ -132,7 +141,7 @@ class RangeEstimator:
             return self.known[tensor.name]
         if tensor.name in self.stats:
             mean, std = self.stats[tensor.name]
-            tail = (mean, std, np.full(mean.shape, np.inf))
+            tail = (mean, std, np.full(mean.shape, np.inf), self._heavy_tail_share(tensor, len(mean)))
             return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std), mean**2 + std**2, tail)
         node = producer(tensor)
         if node is None or not is_default_domain(node):
@@ -172,6 +181,22 @@ class RangeEstimator:
             return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
         return None
 
+
+    def _heavy_tail_share(self, tensor: gs.Tensor, channels: int) -> np.ndarray:
+        """The heavy-tail share of the BN output ``tensor`` per channel: :func:`heavy_tail_share`
+        of the layer computing it (through the BN when it is still in the graph), its inputs
+        weighted by their own tail scale σ when known; HEAVY_TAIL_SHARE when no layer is found."""
+        node = producer(tensor)
+        if node is not None and node.op == "BatchNormalization":
+            node = producer(node.inputs[0])
+        found = weight_rows(node) if node is not None and node.op in LAYER_OPS and len(node.inputs) > 1 else None
+        if found is None or found[0].shape[0] != channels:
+            return np.full(channels, HEAVY_TAIL_SHARE)
+        rows, channel = found
+        source = self.range(node.inputs[0])
+        if source is not None and source.tail is not None and len(source.tail[1]) > int(channel.max()):
+            rows = rows * source.tail[1][channel]
+        return heavy_tail_share(rows)
 
     def _bound(self, node: gs.Node) -> ChannelRange | None:
         """Min/Max of a tensor and a per-channel (or scalar) constant: the range clipped per channel."""
@@ -255,6 +280,24 @@ class RangeEstimator:
         return ChannelRange(lo, hi, np.concatenate([zeros(before), r.mean, zeros(after)]))
 
 
+def heavy_tail_share(rows: np.ndarray) -> np.ndarray:
+    """Heavy-tail share per output channel of ``y = Σ_i a_i·x_i`` (``rows``: the a_i of each
+    output channel, weights times the inputs' scales) when each input x_i has HEAVY_TAIL_SHARE
+    of its values on a unit-variance t(3) tail, independently.
+
+    A t(3) tail is regularly varying, P(Z > t) ≈ C·t⁻³, and a sum of independent such terms
+    exceeds a large t through one term alone ("one big jump"): P(y > t) ≈ Σ_i s·C·|a_i|³·t⁻³.
+    On the scale of y (σ_y = √Σa_i²) that is the tail of a share s·Σ|a_i|³/(Σa_i²)^{3/2} of a
+    unit-variance t(3): s for a single input, s/√K for K equal ones.  The far tail, which is
+    all the clipping estimate sees, is thus thin after a layer summing many comparable inputs.
+    """
+    rows = np.abs(rows.astype(np.float64))
+    rows = rows / np.maximum(rows.max(axis=1, keepdims=True), 1e-300)  # the ratio is scale-free; avoids under/overflow
+    power = np.sum(rows**2, axis=1) ** 1.5
+    concentration = np.divide(np.sum(rows**3, axis=1), power, out=np.ones(len(rows)), where=power > 0)  # an all-zero row: one input
+    return HEAVY_TAIL_SHARE * np.minimum(concentration, 1.0)
+
+
 def _relu(r: ChannelRange | None) -> ChannelRange | None:
     if r is None:
         return None
@@ -292,7 +335,7 @@ def _constant_operand(node: gs.Node) -> tuple[int, np.ndarray] | None:
 def _shifted(r: ChannelRange, shift: np.ndarray) -> ChannelRange:
     """The range of x + shift (shift: one value or one per channel)."""
     gaussian = None if r.gaussian is None else (r.gaussian[0] + shift, r.gaussian[1])
-    tail = None if r.tail is None else (r.tail[0] + shift, r.tail[1], r.tail[2] + shift)
+    tail = None if r.tail is None else (r.tail[0] + shift, r.tail[1], r.tail[2] + shift, r.tail[3])
     return ChannelRange(r.lo + shift, r.hi + shift, r.mean + shift, gaussian, None, tail)
 
 
@@ -303,7 +346,7 @@ def _scaled(r: ChannelRange, factor: np.ndarray) -> ChannelRange:
     moment = None if r.second_moment is None else r.second_moment * factor**2
     tail = None
     if r.tail is not None and np.all(factor > 0):
-        tail = (r.tail[0] * factor, r.tail[1] * factor, r.tail[2] * factor)
+        tail = (r.tail[0] * factor, r.tail[1] * factor, r.tail[2] * factor, r.tail[3])
     return ChannelRange(np.minimum(a, b), np.maximum(a, b), r.mean * factor, gaussian, moment, tail)
 
 
@@ -347,7 +390,7 @@ def _hard_swish(r: ChannelRange | None, alpha: float, beta: float, k: float) -> 
     nodes, weights = _HERMITE
     values = f(mu[:, None] + sigma[:, None] * nodes[None, :])
     weights = weights / weights.sum()
-    tail = None if r.tail is None or k <= 0 else (k * r.tail[0], k * r.tail[1], k * r.tail[2])  # f(x) = k·x above (1 − β)/α
+    tail = None if r.tail is None or k <= 0 else (k * r.tail[0], k * r.tail[1], k * r.tail[2], r.tail[3])  # f(x) = k·x above (1 − β)/α
     return ChannelRange(lo, hi, values @ weights, second_moment=values**2 @ weights, tail=tail)
 
 
@@ -388,12 +431,12 @@ def _clip(r: ChannelRange | None, low: float, high: float) -> ChannelRange | Non
     return ChannelRange(np.clip(base.lo, low, high), np.clip(base.hi, low, high), np.clip(base.mean, low, high), second_moment=moment, tail=tail)
 
 
-def _capped(tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None, high: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _capped(tail: Tail | None, high: float | np.ndarray) -> Tail | None:
     """``tail`` with its upper clip lowered to ``high`` (a scalar or one value per channel)."""
     if tail is None:
         return None
-    mean, std, cap = tail
-    return mean, std, np.minimum(cap, np.broadcast_to(high, cap.shape))
+    mean, std, cap, share = tail
+    return mean, std, np.minimum(cap, np.broadcast_to(high, cap.shape)), share
 
 
 # --------------------------------------------------------------------------- calibration

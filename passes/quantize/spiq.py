@@ -28,19 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import NameFactory, constant_values, is_graph_output, node_label, producer, set_constant_input
+from onnxopt.graph import (
+    NameFactory,
+    constant_values,
+    is_graph_output,
+    node_label,
+    producer,
+    set_constant_input,
+)
 
 from ..common.absorb import absorb_input, absorb_output, expressive_refusal
-from ..common.layers import transposed_weight
+from ..common.layers import weight_rows
 from ..common.numerics import dequantize_weight, quantize_weight
 from ..common.ops import AVERAGING_OPS, LAYER_OPS, SCALE_COMMUTING_OPS, SHAPE_READERS
-from ..common.ranges import channel_bound
-
-#: Share of the values assumed to follow the heavy (Student t(3)) tail in the clipping estimate
-#: (the rest is taken as Gaussian, whose clipping at the BN range is negligible).  Chosen on
-#: bench/results/spiq_decision.md: a full t(3) tail keeps MobileNetV2 per tensor where SPIQ
-#: wins, a Gaussian one lets SPIQ clip EfficientNet-Lite0's depthwise outputs.
-HEAVY_TAIL_SHARE = 0.1
+from ..common.ranges import Tail, channel_bound
 
 #: Smallest r_c: a channel that is (almost) always zero must not blow its producer's rows up.
 MIN_RATIO = 1e-3
@@ -167,45 +168,27 @@ def ratios(step: np.ndarray) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- SPIQ or not
 def reader_columns(reader: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """The reader's weight as rows = output channels, plus the input channel of every entry
-    (None for layers the estimate does not model: a grouped ConvTranspose)."""
-    weight = constant_values(reader, 1).astype(np.float64)
-    if reader.op == "Conv":
-        groups = int(reader.attrs.get("group", 1))
-        out, per_group = weight.shape[0], weight.shape[1]
-        rows = weight.reshape(out, -1)
-        kernel = rows.shape[1] // per_group
-        group_of_row = np.arange(out) // (out // groups)
-        channel = group_of_row[:, None] * per_group + np.repeat(np.arange(per_group), kernel)[None, :]
-        return rows, channel
-    if reader.op == "ConvTranspose":
-        if int(reader.attrs.get("group", 1)) != 1:
-            return None  # its weight is quantized per tensor (emit.weight_axis)
-        c_in, out = weight.shape[0], weight.shape[1]
-        rows = np.moveaxis(weight, 1, 0).reshape(out, -1)  # [C_out, C_in·k]
-        kernel = rows.shape[1] // c_in
-        return rows, np.broadcast_to(np.repeat(np.arange(c_in), kernel), rows.shape)
-    if reader.op in ("Gemm", "MatMul"):
-        rows = weight if transposed_weight(reader) else weight.T
-        return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
-    return None
+    (:func:`..common.layers.weight_rows`; None for a grouped ConvTranspose)."""
+    return weight_rows(reader)
 
 
-def clipping_error(tail: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: np.ndarray, signed: bool) -> np.ndarray:
+def clipping_error(tail: Tail, threshold: np.ndarray, signed: bool) -> np.ndarray:
     """Expected squared error per channel of clipping the values at ``threshold`` (and at
-    ``−threshold`` when ``signed``), for the values ``min(μ + σ·Z, cap)`` of ``tail = (μ, σ, cap)``.
+    ``−threshold`` when ``signed``), for the values ``min(μ + σ·Z, cap)`` of ``tail = (μ, σ, cap, share)``.
 
-    Z has unit variance but a heavy tail: a Student t with 3 degrees of freedom, scaled.  A
+    Z has unit variance; a share ``share`` (per channel, ChannelRange.tail) of it follows a
+    heavy tail, a Student t with 3 degrees of freedom, scaled.  A
     Gaussian makes clipping at the BN range negligible (P(Z > 4) ≈ 3e-5), while the activations
     of trained networks (depthwise outputs in particular) exceed it far more often; the t
     tail is what lets the decision see that SPIQ clips each channel at its own range while a
     per-tensor quantizer clips at the widest one.
     """
-    mean, std, cap = tail
+    mean, std, cap, share = tail
     std = np.maximum(std, 1e-12)
     upper = _tail_error((threshold - mean) / std, (cap - mean) / std)
     if signed:
         upper = upper + _tail_error((threshold + mean) / std, np.full_like(mean, np.inf))
-    return HEAVY_TAIL_SHARE * std**2 * upper
+    return share * std**2 * upper
 
 
 def _tail_error(k: np.ndarray, k_cap: np.ndarray) -> np.ndarray:
@@ -270,7 +253,7 @@ def estimated_errors(
     tensor_step: float,
     weight_bits: int,
     per_channel: bool,
-    tail: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    tail: Tail | None = None,
     levels: int = 255,
     signed: bool = False,
 ) -> tuple[float, float] | None:
@@ -278,12 +261,19 @@ def estimated_errors(
 
     With ``tail`` (the BN statistics the values come from, ChannelRange.tail) both include the
     clipping error at the quantizer's top code, ``levels`` steps (per channel with SPIQ, at the
-    widest channel's range per tensor)."""
+    widest channel's range per tensor).  The tail stops at the per-tensor quantizer's top: the
+    data-free ranges assume every value of the tensor within the widest channel's range (that
+    is how the per-tensor range is set); what the tail models is a narrow channel leaving its
+    own range, which SPIQ clips and the per-tensor quantizer does not.  Unbounded, the t(3)
+    tail's clipping error decays only as 1/threshold: at 8 bits it outweighs the rounding
+    noise of both options even at the widest channel's range, and the relative gain the
+    decision needs (SPIQ_MIN_GAIN) is then out of reach wherever no ReLU6 caps the values."""
     ratio = spiq_step / spiq_step.max()
     ones = np.ones_like(spiq_step)
     tensor_steps = ones * tensor_step
     clip_spiq = clip_tensor = None
     if tail is not None:
+        tail = (tail[0], tail[1], np.minimum(tail[2], tensor_step * levels), tail[3])  # see the docstring
         clip_spiq = clipping_error(tail, spiq_step * levels, signed)
         clip_tensor = clipping_error(tail, tensor_steps * levels, signed)
     with_spiq = estimated_error(readers, second_moment, ratio, spiq_step, weight_bits, per_channel, clip_spiq)

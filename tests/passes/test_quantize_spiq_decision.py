@@ -9,6 +9,10 @@ Conv2 is the quantized reader whose input gets per-tensor or SPIQ scales.
 * Per tensor must win: channel widths within a factor 2, heavy-tailed (Student t, 3 degrees
   of freedom) data with those statistics, W8A6 (λ = 4) — SPIQ clips each channel at its own
   4σ, per tensor at the widest channel's, and the clipped tail costs more than the levels won.
+* SPIQ must win after a mixing layer (x → Conv1 over 32 inputs → BN → ReLU → Conv2, no ReLU6
+  cap; channel widths spread ×3 to ×10, Gaussian data, W8A8): the mis-estimate found on the
+  PP-OCR classifier, where an unbounded t(3) tail on every BN output swamped both options'
+  estimates with clipping error and kept per tensor.
 
 Each test checks the mode the pass chose and, in ONNX Runtime, that the chosen model's output
 error against the float model is below the other option's (forced with ``spiq=True/False``).
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxopt.passes.common.ranges import HEAVY_TAIL_SHARE, heavy_tail_share
 
 from onnxopt.verify import run
-from tests.conftest import run_passes, text_model as model
+from tests.conftest import run_passes
+from tests.conftest import text_model as model
 from tests.passes.quantize_builders import KEEP_QDQ, QUANTIZE, quantize_stats
 
 C, K, HW, SAMPLES = 8, 16, 8, 64
@@ -80,3 +86,37 @@ def test_auto_keeps_per_tensor_where_spiq_would_clip_heavy_tails() -> None:
     assert results["True"][1] == "spiq"
     assert results["auto"][0] == pytest.approx(results["False"][0])
     assert results["auto"][0] < results["True"][0]
+
+
+def mixing_relu_layer(gamma: np.ndarray, beta: np.ndarray, inputs: int) -> "onnx.ModelProto":  # noqa: F821
+    """x → Conv1 (``inputs`` → C, unit-norm rows: N(0, 1) outputs for N(0, 1) inputs) → BN → ReLU → Conv2 → y."""
+    w1 = RNG.standard_normal((C, inputs))
+    w1 /= np.linalg.norm(w1, axis=1, keepdims=True)
+    arrays = {
+        "w1": w1.reshape(C, inputs, 1, 1).astype(np.float32),
+        "g": gamma.astype(np.float32), "b": beta.astype(np.float32),
+        "m": np.zeros(C, np.float32), "v": np.full(C, 1 - 1e-5, np.float32),
+        "w2": (RNG.standard_normal((K, C, 1, 1)) * 0.3).astype(np.float32), "b2": np.zeros(K, np.float32),
+    }
+    body = ["c1 = Conv(x, w1)", "z = BatchNormalization <epsilon = 0.00001> (c1, g, b, m, v)", "a = Relu(z)", "y = Conv(a, w2, b2)"]
+    return model(f"(float[N,{inputs},{HW},{HW}] x) => (float[N,{K},{HW},{HW}] y)", body, arrays)
+
+
+@pytest.mark.parametrize("spread", [3.0, 10.0])
+def test_auto_chooses_spiq_on_an_uncapped_relu_after_a_mixing_layer(spread: float) -> None:
+    inputs = 32
+    gamma = np.geomspace(1.0 / spread, 1.0, C)
+    x = RNG.standard_normal((SAMPLES, inputs, HW, HW)).astype(np.float32)
+    results = decide(mixing_relu_layer(gamma, np.zeros(C), inputs), x, {"weight_bits": 8, "act_bits": 8})
+
+    assert results["True"][1] == "spiq" and results["False"][1] == "per-tensor"
+    assert results["True"][0] < 0.75 * results["False"][0]  # SPIQ wins in ORT
+    assert results["auto"][1] == "spiq"
+    assert results["auto"][0] == pytest.approx(results["True"][0])
+
+
+def test_heavy_tail_share_thins_with_the_number_of_comparable_inputs() -> None:
+    rows = np.array([[3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    share = heavy_tail_share(rows)
+    # one input: its own share; K equal inputs: share/√K (signs do not matter); an all-zero row: one input
+    np.testing.assert_allclose(share, HEAVY_TAIL_SHARE * np.array([1.0, 0.5, 1 / np.sqrt(2), 1.0]))
