@@ -58,7 +58,12 @@ Steps (docs/quantization.md):
    output is a graph output without a quantizer) is put back in float too
    (``unfused_conv_to_float=True``, the default: a QDQ layer ORT runs in float is slower than
    the float layer, bench/results/unfused_conv.md) and counted in the coverage line with the
-   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  With
+   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  A depthwise
+   Conv ORT runs as an *isolated* QLinearConv (its input quantized from float, its output only
+   dequantized: hard-swish or squeeze-excite neighbours, as in MobileNetV3) goes back to float
+   with its output quantizer (``isolated_depthwise_to_float=True``, ISOLATED_DEPTHWISE): the two
+   conversions buy nothing and ORT's int8 depthwise kernel is slower than its float one
+   (docs/quantization.md, "Isolated depthwise Convs").  With
    ``act_bits < 8`` (a Clip before every QuantizeLinear: ORT fuses nothing) no fallback is
    applied: the layers keep the QDQ simulation that was asked for (LOW_BIT_ACTIVATION_NOTE).  Layers inside
    If/Loop/Scan bodies are checked the same way.
