@@ -59,11 +59,11 @@ Steps (docs/quantization.md):
    (``unfused_conv_to_float=True``, the default: a QDQ layer ORT runs in float is slower than
    the float layer, bench/results/unfused_conv.md) and counted in the coverage line with the
    reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  A depthwise
-   Conv ORT runs as an *isolated* QLinearConv (its input quantized from float, its output only
-   dequantized: hard-swish or squeeze-excite neighbours, as in MobileNetV3) goes back to float
-   with its output quantizer (``isolated_depthwise_to_float=True``, ISOLATED_DEPTHWISE): the two
-   conversions buy nothing and ORT's int8 depthwise kernel is slower than its float one
-   (docs/quantization.md, "Isolated depthwise Convs").  With
+   Conv whose QLinearConv output ORT only dequantizes (float readers: hard-swish or a
+   squeeze-excite gate, as in MobileNetV3) goes back to float with its output quantizer
+   (``float_depthwise_before_float=True``, DEPTHWISE_BEFORE_FLOAT): its output must be converted
+   anyway, and ORT's int8 depthwise kernel is slower than its float one (docs/quantization.md,
+   "Depthwise Convs before float ops").  With
    ``act_bits < 8`` (a Clip before every QuantizeLinear: ORT fuses nothing) no fallback is
    applied: the layers keep the QDQ simulation that was asked for (LOW_BIT_ACTIVATION_NOTE).  Layers inside
    If/Loop/Scan bodies are checked the same way.
@@ -143,9 +143,9 @@ MEASURED_RANGES = ("minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
-ISOLATED_DEPTHWISE = (
-    "isolated depthwise Conv: ORT quantizes its input from float and dequantizes its output for float readers, and its "
-    "int8 depthwise kernel is no faster than the float one: put back in float (--no-isolated-depthwise-float keeps it)"
+DEPTHWISE_BEFORE_FLOAT = (
+    "depthwise before float ops: ORT dequantizes its int8 output for float readers (e.g. hard-swish, a squeeze-excite gate) "
+    "and its int8 depthwise kernel is slower than the float one: put back in float (--no-float-depthwise-before-float keeps it)"
 )
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 LOW_BIT_ACTIVATION_NOTE = (
@@ -175,8 +175,8 @@ class QuantizeOptions(QuantizationOptions):
     check_fusion: bool = option(True, flag="--no-check-fusion")
     #: put a QDQ Conv ORT does not fuse back in float (False: keep its QDQ form, reported as not fused)
     unfused_conv_to_float: bool = option(True, flag="--no-unfused-conv-float")
-    #: put a depthwise Conv back in float when ORT converts both its input and its output (float neighbours)
-    isolated_depthwise_to_float: bool = option(True, flag="--no-isolated-depthwise-float")
+    #: put a depthwise Conv back in float when only float ops read its output
+    float_depthwise_before_float: bool = option(True, flag="--no-float-depthwise-before-float")
 
 
 class Quantize(Pass):
@@ -370,7 +370,7 @@ class Quantize(Pass):
             ctx.refuse("ORT fusion check", f"not run ({check.error}): which layers ORT fuses is unknown")
             return check
         by_label = {node_label(layer): layer for layer in static_layers}
-        changed = self._isolated_to_float(graph, ctx, check, by_label, records, weights, names)
+        changed = self._depthwise_to_float(graph, ctx, check, by_label, records, weights, names)
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
             if layer is None or self._int4_layer(layer) or (layer.op not in MATRIX_OPS and not self.options["unfused_conv_to_float"]):
@@ -393,28 +393,31 @@ class Quantize(Pass):
         if changed:
             cleanup(graph)
             check = check_fusion(ctx.export(graph), weights)
+            if self._depthwise_to_float(graph, ctx, check, by_label, records, weights, names):  # e.g. an SE Conv put back in float
+                cleanup(graph)  # above leaves the depthwise Conv before it with only float readers
+                check = check_fusion(ctx.export(graph), weights)
             for label, reason in check.not_fused.items():
                 ctx.refuse(f"layer {label}", f"not fused by ORT after the fallback: {reason}")
         return check
 
-    def _isolated_to_float(
+    def _depthwise_to_float(
         self, graph: gs.Graph, ctx: PassContext, check: FusionCheck, by_label: dict[str, gs.Node], records: list[dict[str, Any]],
         weights: dict[str, str], names: NameFactory,
     ) -> bool:
-        """Put back in float every depthwise Conv ORT runs as an *isolated* QLinearConv (its input
-        quantized from float, its output only dequantized: float neighbours such as hard-swish or
-        a squeeze-excite gate), with its output quantizer: the two conversions buy nothing, and
-        ORT's int8 depthwise kernel is not faster than its float one (docs/quantization.md).
+        """Put back in float every depthwise Conv whose QLinearConv output ORT only dequantizes
+        (float readers such as hard-swish or a squeeze-excite gate), with its output quantizer:
+        that conversion is paid anyway (at its input instead when the layer before is int8),
+        and ORT's int8 depthwise kernel is slower than its float one (docs/quantization.md).
         Whether the model gets changed."""
-        if not self.options["isolated_depthwise_to_float"] or self._low_bit_activations():
+        if not self.options["float_depthwise_before_float"] or self._low_bit_activations():
             return False
         changed = False
-        for label in sorted(check.isolated):
+        for label in sorted(check.dequantized_only):
             layer = by_label.get(label)
             if layer is None or not depthwise(layer) or self._int4_layer(layer):
                 continue
             kept = self._quantized.layers.pop(layer.outputs[0].name, None)
-            self._to_float(graph, ctx, layer, kept.float_weight if kept is not None else None, records, weights, names, ISOLATED_DEPTHWISE)
+            self._to_float(graph, ctx, layer, kept.float_weight if kept is not None else None, records, weights, names, DEPTHWISE_BEFORE_FLOAT)
             drop_output_quantizer(layer)
             check.fused.pop(label, None)
             changed = True

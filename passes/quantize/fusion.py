@@ -13,9 +13,9 @@ ORT uses by default) with ``optimized_model_filepath`` set, loads the graph ORT 
 up each layer by the name of its weight-codes initializer (in the main graph or in an
 If/Loop/Scan body, where ORT applies the same fusions): the node reading it is the kernel
 ORT runs.  A weight read by a DequantizeLinear (or no longer present) means the layer was not
-fused.  A fused layer is *isolated* when ORT converts both sides of its kernel: its input comes
-from a QuantizeLinear of a float tensor and every reader of its output is a DequantizeLinear
-(through ORT's NHWC Transposes): its float neighbours gain nothing from its integer output.
+fused.  A fused layer's output is *dequantized only* when every reader of its kernel's output
+is a DequantizeLinear (through ORT's NHWC Transposes): only float ops read it, and nothing
+gains from its integer output.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ INTEGER_OPS = frozenset({
 @dataclass
 class FusionCheck:
     """The kernel ORT runs for each layer (``fused``: label → op type) and why the others are
-    not integer (``not_fused``: label → reason); ``isolated``: the fused layers whose input ORT
-    quantizes from float and whose output it only dequantizes; ``error`` when the check could not run."""
+    not integer (``not_fused``: label → reason); ``dequantized_only``: the fused QLinearConvs whose
+    output ORT only dequantizes; ``error`` when the check could not run."""
 
     fused: dict[str, str] = field(default_factory=dict)
     not_fused: dict[str, str] = field(default_factory=dict)
-    isolated: set[str] = field(default_factory=set)
+    dequantized_only: set[str] = field(default_factory=set)
     error: str | None = None
 
     def counts(self) -> dict[str, int]:
@@ -69,32 +69,24 @@ def check_fusion(model: onnx.ModelProto, weights: Mapping[str, str]) -> FusionCh
     except Exception as exc:  # noqa: BLE001 - any ORT failure means: not checked
         return FusionCheck(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
     readers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
     for node in _all_nodes(optimized.graph):
         for name in node.input:
             readers.setdefault(name, []).append(node)
-        producer.update((name, node) for name in node.output)
     result = FusionCheck()
     for label, weight in weights.items():
         kernel, reason = classify(readers.get(weight, []), readers)
         if kernel is not None:
             result.fused[label] = kernel
             node = next(n for n in readers[weight] if n.op_type == kernel)
-            if kernel == "QLinearConv" and _isolated(node, producer, readers):
-                result.isolated.add(label)
+            if kernel == "QLinearConv" and _dequantized_only(node, readers):
+                result.dequantized_only.add(label)
         else:
             result.not_fused[label] = reason
     return result
 
 
-def _isolated(kernel: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]]) -> bool:
-    """ORT quantizes ``kernel``'s input from float (a QuantizeLinear produces it) and only
-    dequantizes its output (every reader is a DequantizeLinear), looking through Transposes."""
-    source = producer.get(kernel.input[0])
-    while source is not None and source.op_type == "Transpose":
-        source = producer.get(source.input[0])
-    if source is None or source.op_type != "QuantizeLinear":
-        return False
+def _dequantized_only(kernel: onnx.NodeProto, readers: Mapping[str, list[onnx.NodeProto]]) -> bool:
+    """Every reader of ``kernel``'s output is a DequantizeLinear, looking through Transposes."""
     pending, seen = list(kernel.output[:1]), 0
     while pending:
         for reader in readers.get(pending.pop(), []):
