@@ -128,14 +128,13 @@ from .fallback import (
     MOVEMENT_OPS,
     depthwise,
     dequantized_input,
-    drop_output_quantizer,
     float_source,
     read_float_where_unfused,
     static_weight_name,
     unquantize,
 )
 from .fusion import FusionCheck, check_fusion
-from .outputs import chain_end, quantize_outputs
+from .outputs import chain_end, drop_output_quantizer, quantize_outputs
 
 #: act_ranges values whose ranges are measured extrema (no statistics for the SPIQ estimate);
 #: "moments" measures statistics and decides like the data-free path.

@@ -4,7 +4,7 @@ under the quantize pass's Q/DQ.
 :func:`read_float_where_unfused` gives readers of an activation quantizer that ORT cannot
 fuse (e.g. a post-LN residual Add) the float tensor; :func:`unquantize` puts a static QDQ
 layer ORT does not fuse back in float (the fusion check of the quantize pass), and
-:func:`drop_output_quantizer` removes a float layer's output Q→DQ that only float ops read.
+:func:`depthwise` tells the depthwise Convs the fusion check may put back in float.
 :func:`float_source`, :func:`dequantized_input` and :func:`static_weight_name` read through
 the emitted Q/DQ.
 """
@@ -63,26 +63,6 @@ def _reaches_quantize(tensor: gs.Tensor) -> bool:
         ):
             return True
     return False
-
-
-def drop_output_quantizer(layer: gs.Node) -> int:
-    """Give the readers of the output quantizer of ``layer`` (the Q→DQ after its Relu/Clip that
-    :func:`.outputs.quantize_outputs` inserted) the float tensor, unless a Conv/Gemm/MatMul reads
-    it; the number of inputs given back (the orphaned Q/DQ go with the next cleanup)."""
-    from .outputs import chain_end  # outputs imports MOVEMENT_OPS from here
-
-    end = chain_end(layer.outputs[0])
-    dqs = [dq for q in end.outputs if q.op == "QuantizeLinear" for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"]
-    if any(reader.op in LAYER_OPS for dq in dqs for reader in dq.outputs[0].outputs):
-        return 0
-    restored = 0
-    for dq in dqs:
-        for reader in list(dq.outputs[0].outputs):
-            for index, value in enumerate(reader.inputs):
-                if value is dq.outputs[0]:
-                    reader.inputs[index] = end
-                    restored += 1
-    return restored
 
 
 def depthwise(layer: gs.Node) -> bool:

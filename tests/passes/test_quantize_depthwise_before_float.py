@@ -17,12 +17,18 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-
 from onnxopt.passes.quantize.fusion import ort_optimized_graph
+
 from onnxopt.verify import run
 from tests.conftest import run_passes
 from tests.conftest import text_model as model
-from tests.passes.quantize_builders import bn, intermediate, quantize_stats, relative_error, with_data_statistics
+from tests.passes.quantize_builders import (
+    bn,
+    intermediate,
+    quantize_stats,
+    relative_error,
+    with_data_statistics,
+)
 from tests.passes.test_quantize_hardswish import CONSTANTS, paddle_hardswish
 
 QUANTIZE = ("fold-batchnorm", "quantize")  # the statistics of the folded BN give the ranges
