@@ -22,6 +22,7 @@ from .layers import transposed_weight
 FLOAT_LABELS = (
     ("no statistics", "no statistics"),
     ("not fused by ORT", "not fused by ORT"),
+    ("depthwise before float ops", "depthwise before float ops"),
     ("weight is not a float initializer", "non-constant weight"),
     ("float16", "float16 layers"),
     ("float64", "float64 layers"),

@@ -58,7 +58,12 @@ Steps (docs/quantization.md):
    output is a graph output without a quantizer) is put back in float too
    (``unfused_conv_to_float=True``, the default: a QDQ layer ORT runs in float is slower than
    the float layer, bench/results/unfused_conv.md) and counted in the coverage line with the
-   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  With
+   reason; ``False`` keeps its QDQ form and only reports it in ``not_fused``.  A depthwise
+   Conv whose QLinearConv output ORT only dequantizes (float readers: hard-swish or a
+   squeeze-excite gate, as in MobileNetV3) goes back to float with its output quantizer
+   (``float_depthwise_before_float=True``, DEPTHWISE_BEFORE_FLOAT): its output must be converted
+   anyway, and ORT's int8 depthwise kernel is slower than its float one (docs/quantization.md,
+   "Depthwise Convs before float ops").  With
    ``act_bits < 8`` (a Clip before every QuantizeLinear: ORT fuses nothing) no fallback is
    applied: the layers keep the QDQ simulation that was asked for (LOW_BIT_ACTIVATION_NOTE).  Layers inside
    If/Loop/Scan bodies are checked the same way.
@@ -119,9 +124,17 @@ from ..common.ranges import ChannelRange, default_lambda
 from . import spiq as spiq_rewrite
 from .activation_ranges import activation_ranges
 from .dynamic import can_be_dynamic, dequantized_weight_codes, emit_dynamic, quantize_dynamic_layer
-from .fallback import MOVEMENT_OPS, dequantized_input, float_source, read_float_where_unfused, static_weight_name, unquantize
+from .fallback import (
+    MOVEMENT_OPS,
+    depthwise,
+    dequantized_input,
+    float_source,
+    read_float_where_unfused,
+    static_weight_name,
+    unquantize,
+)
 from .fusion import FusionCheck, check_fusion
-from .outputs import chain_end, quantize_outputs
+from .outputs import chain_end, drop_output_quantizer, quantize_outputs
 
 #: act_ranges values whose ranges are measured extrema (no statistics for the SPIQ estimate);
 #: "moments" measures statistics and decides like the data-free path.
@@ -129,6 +142,10 @@ MEASURED_RANGES = ("minmax", "percentile")
 #: spiq="auto" folds the scales only where the estimated error is at most this share of the
 #: per-tensor one: a near tie (< 5 % estimated gain) stays per tensor (see _spiq_pays).
 SPIQ_MIN_GAIN = 0.95
+DEPTHWISE_BEFORE_FLOAT = (
+    "depthwise before float ops: ORT dequantizes its int8 output for float readers (e.g. hard-swish, a squeeze-excite gate) "
+    "and its int8 depthwise kernel is slower than the float one: put back in float (--no-float-depthwise-before-float keeps it)"
+)
 INT4_NOTE = "INT4 weights shrink the file; ONNX Runtime's CPU provider does not fuse INT4 DequantizeLinear (those layers run in float)"
 LOW_BIT_ACTIVATION_NOTE = (
     "activations below 8 bits are simulated: a Clip to the b-bit range precedes each 8-bit QuantizeLinear, and ONNX Runtime's "
@@ -157,6 +174,8 @@ class QuantizeOptions(QuantizationOptions):
     check_fusion: bool = option(True, flag="--no-check-fusion")
     #: put a QDQ Conv ORT does not fuse back in float (False: keep its QDQ form, reported as not fused)
     unfused_conv_to_float: bool = option(True, flag="--no-unfused-conv-float")
+    #: put a depthwise Conv back in float when only float ops read its output
+    float_depthwise_before_float: bool = option(True, flag="--no-float-depthwise-before-float")
 
 
 class Quantize(Pass):
@@ -350,7 +369,7 @@ class Quantize(Pass):
             ctx.refuse("ORT fusion check", f"not run ({check.error}): which layers ORT fuses is unknown")
             return check
         by_label = {node_label(layer): layer for layer in static_layers}
-        changed = False
+        changed = self._depthwise_to_float(graph, ctx, check, by_label, records, weights, names)
         for label, reason in check.not_fused.items():
             layer = by_label.get(label)
             if layer is None or self._int4_layer(layer) or (layer.op not in MATRIX_OPS and not self.options["unfused_conv_to_float"]):
@@ -368,16 +387,51 @@ class Quantize(Pass):
                 record.update(mode="dynamic", static_not_fused=reason)
                 ctx.refuse(f"static QDQ of {label}", f"not fused by ORT ({reason}): emitted in the dynamic form instead")
             else:
-                unquantize(graph, layer, names, float_weight, self._float_biases.get(id(layer)))
-                records.remove(record)
-                weights.pop(label)
-                self._keep_float(ctx, layer, f"not fused by ORT ({reason}): put back in float (a QDQ layer ORT runs in float is slower than FP32)")
+                self._to_float(graph, ctx, layer, float_weight, records, weights, names,
+                               f"not fused by ORT ({reason}): put back in float (a QDQ layer ORT runs in float is slower than FP32)")
         if changed:
             cleanup(graph)
             check = check_fusion(ctx.export(graph), weights)
+            if self._depthwise_to_float(graph, ctx, check, by_label, records, weights, names):  # e.g. an SE Conv put back in float
+                cleanup(graph)  # above leaves the depthwise Conv before it with only float readers
+                check = check_fusion(ctx.export(graph), weights)
             for label, reason in check.not_fused.items():
                 ctx.refuse(f"layer {label}", f"not fused by ORT after the fallback: {reason}")
         return check
+
+    def _depthwise_to_float(
+        self, graph: gs.Graph, ctx: PassContext, check: FusionCheck, by_label: dict[str, gs.Node], records: list[dict[str, Any]],
+        weights: dict[str, str], names: NameFactory,
+    ) -> bool:
+        """Put back in float every depthwise Conv whose QLinearConv output ORT only dequantizes
+        (float readers such as hard-swish or a squeeze-excite gate), with its output quantizer:
+        that conversion is paid anyway (at its input instead when the layer before is int8),
+        and ORT's int8 depthwise kernel is slower than its float one (docs/quantization.md).
+        Whether the model gets changed."""
+        if not self.options["float_depthwise_before_float"] or self._low_bit_activations():
+            return False
+        changed = False
+        for label in sorted(check.dequantized_only):
+            layer = by_label.get(label)
+            if layer is None or not depthwise(layer) or self._int4_layer(layer):
+                continue
+            kept = self._quantized.layers.pop(layer.outputs[0].name, None)
+            self._to_float(graph, ctx, layer, kept.float_weight if kept is not None else None, records, weights, names, DEPTHWISE_BEFORE_FLOAT)
+            drop_output_quantizer(layer)
+            check.fused.pop(label, None)
+            changed = True
+        return changed
+
+    def _to_float(
+        self, graph: gs.Graph, ctx: PassContext, layer: gs.Node, float_weight: np.ndarray | None, records: list[dict[str, Any]],
+        weights: dict[str, str], names: NameFactory, reason: str,
+    ) -> None:
+        """Put a static QDQ ``layer`` back in float (its float weight and its bias before bias correction), reported with ``reason``."""
+        label = node_label(layer)
+        unquantize(graph, layer, names, float_weight, self._float_biases.get(id(layer)))
+        records.remove(next(r for r in records if r["layer"] == label))
+        weights.pop(label)
+        self._keep_float(ctx, layer, reason)
 
     def _low_bit_activations(self) -> bool:
         """Activations below 8 bits were asked for: their QDQ form is a simulation ORT never fuses

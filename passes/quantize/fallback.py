@@ -3,7 +3,8 @@ under the quantize pass's Q/DQ.
 
 :func:`read_float_where_unfused` gives readers of an activation quantizer that ORT cannot
 fuse (e.g. a post-LN residual Add) the float tensor; :func:`unquantize` puts a static QDQ
-layer ORT does not fuse back in float (the fusion check of the quantize pass).
+layer ORT does not fuse back in float (the fusion check of the quantize pass), and
+:func:`depthwise` tells the depthwise Convs the fusion check may put back in float.
 :func:`float_source`, :func:`dequantized_input` and :func:`static_weight_name` read through
 the emitted Q/DQ.
 """
@@ -62,6 +63,16 @@ def _reaches_quantize(tensor: gs.Tensor) -> bool:
         ):
             return True
     return False
+
+
+def depthwise(layer: gs.Node) -> bool:
+    """A depthwise Conv: one input channel per group (``group`` > 1, weight [C_out, 1, k, k])."""
+    if layer.op != "Conv" or int(layer.attrs.get("group", 1)) <= 1 or len(layer.inputs) < 2:
+        return False
+    weight = layer.inputs[1]
+    if weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+        weight = weight.inputs[0].inputs[0]  # the weight codes
+    return weight.shape is not None and len(weight.shape) > 1 and weight.shape[1] == 1
 
 
 def static_weight_name(layer: gs.Node) -> str:

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a QDQ Conv ORT runs in float is slower than the float Conv); --no-unfused-conv-float keeps its QDQ form (reported as not fused)",
     )
     quant.add_argument(
+        "--float-depthwise-before-float", action=argparse.BooleanOptionalAction, default=None,
+        help="a depthwise Conv whose int8 output ONNX Runtime only dequantizes (float readers: hard-swish, squeeze-excite) "
+        "is put back in float (default: ORT's int8 depthwise kernel is slower than the float one and the conversion is paid "
+        "anyway); --no-float-depthwise-before-float keeps it quantized",
+    )
+    quant.add_argument(
         "--int4-weights", action="store_true",
         help="store weights of <= 4 bits as INT4 (needs opset >= 21): a smaller file, but ONNX Runtime's CPU provider does not fuse "
         "INT4 DequantizeLinear, so those layers run in float (slower than the default int8 storage)",
@@ -77,6 +83,7 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         "dynamic_fallback": {"auto": "auto", "on": True, "off": False, "all": "all", None: None}[args.dynamic_fallback],
         "check_fusion": False if args.no_check_fusion else None,
         "unfused_conv_to_float": args.unfused_conv_float,
+        "float_depthwise_before_float": args.float_depthwise_before_float,
     }
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):

@@ -13,7 +13,9 @@ ORT uses by default) with ``optimized_model_filepath`` set, loads the graph ORT 
 up each layer by the name of its weight-codes initializer (in the main graph or in an
 If/Loop/Scan body, where ORT applies the same fusions): the node reading it is the kernel
 ORT runs.  A weight read by a DequantizeLinear (or no longer present) means the layer was not
-fused.
+fused.  A fused layer's output is *dequantized only* when every reader of its kernel's output
+is a DequantizeLinear (through ORT's NHWC Transposes): only float ops read it, and nothing
+gains from its integer output.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ INTEGER_OPS = frozenset({
 @dataclass
 class FusionCheck:
     """The kernel ORT runs for each layer (``fused``: label → op type) and why the others are
-    not integer (``not_fused``: label → reason); ``error`` when the check could not run."""
+    not integer (``not_fused``: label → reason); ``dequantized_only``: the fused QLinearConvs whose
+    output ORT only dequantizes; ``error`` when the check could not run."""
 
     fused: dict[str, str] = field(default_factory=dict)
     not_fused: dict[str, str] = field(default_factory=dict)
+    dequantized_only: set[str] = field(default_factory=set)
     error: str | None = None
 
     def counts(self) -> dict[str, int]:
@@ -73,9 +77,26 @@ def check_fusion(model: onnx.ModelProto, weights: Mapping[str, str]) -> FusionCh
         kernel, reason = classify(readers.get(weight, []), readers)
         if kernel is not None:
             result.fused[label] = kernel
+            node = next(n for n in readers[weight] if n.op_type == kernel)
+            if kernel == "QLinearConv" and _dequantized_only(node, readers):
+                result.dequantized_only.add(label)
         else:
             result.not_fused[label] = reason
     return result
+
+
+def _dequantized_only(kernel: onnx.NodeProto, readers: Mapping[str, list[onnx.NodeProto]]) -> bool:
+    """Every reader of ``kernel``'s output is a DequantizeLinear, looking through Transposes."""
+    pending, seen = list(kernel.output[:1]), 0
+    while pending:
+        for reader in readers.get(pending.pop(), []):
+            if reader.op_type == "Transpose":
+                pending.append(reader.output[0])
+            elif reader.op_type == "DequantizeLinear":
+                seen += 1
+            else:
+                return False
+    return seen > 0
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -1,6 +1,7 @@
 """The quantizers on the quantized layers' outputs (after their Relu/Clip), so ORT fuses
 each layer into QLinearConv/QGemm: :func:`quantize_outputs`, and :func:`chain_end`, the
-tensor ORT quantizes after a layer.
+tensor ORT quantizes after a layer; :func:`drop_output_quantizer` removes one again (a layer
+put back in float whose output only float ops read).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from onnxopt.pass_base import PassContext
 
 from ..common.emit import quantize_activation
 from ..common.numerics import ActivationQuant, activation_quant
-from ..common.ops import FOLLOWING_ACTIVATIONS
+from ..common.ops import FOLLOWING_ACTIVATIONS, LAYER_OPS
 from ..common.ranges import ChannelRange, channel_bound
 from .fallback import MOVEMENT_OPS
 
@@ -48,6 +49,24 @@ def quantize_outputs(
         dq_of[end.name] = quantize_activation(graph, end, quant, names)
         count += 1
     return count
+
+
+def drop_output_quantizer(layer: gs.Node) -> int:
+    """Give the readers of the output quantizer of ``layer`` (the Q→DQ after its Relu/Clip that
+    :func:`quantize_outputs` inserted) the float tensor, unless a Conv/Gemm/MatMul reads
+    it; the number of inputs given back (the orphaned Q/DQ go with the next cleanup)."""
+    end = chain_end(layer.outputs[0])
+    dqs = [dq for q in end.outputs if q.op == "QuantizeLinear" for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"]
+    if any(reader.op in LAYER_OPS for dq in dqs for reader in dq.outputs[0].outputs):
+        return 0
+    restored = 0
+    for dq in dqs:
+        for reader in list(dq.outputs[0].outputs):
+            for index, value in enumerate(reader.inputs):
+                if value is dq.outputs[0]:
+                    reader.inputs[index] = end
+                    restored += 1
+    return restored
 
 
 def downstream_quant(tensor: gs.Tensor, quants: dict[str, ActivationQuant]) -> ActivationQuant | None:

@@ -95,5 +95,7 @@ def test_fusion_check_flags_reach_the_quantize_options():
     assert "quantize" in names and options["check_fusion"] is False and options["unfused_conv_to_float"] is False
     assert compose("--quantize", "w8a8", "--unfused-conv-float")[1]["unfused_conv_to_float"] is True
     assert not {"check_fusion", "unfused_conv_to_float"} & set(compose("--quantize", "w8a8")[1])  # the pass defaults: True, True
+    assert compose("--quantize", "w8a8", "--no-float-depthwise-before-float")[1]["float_depthwise_before_float"] is False
+    assert "float_depthwise_before_float" not in compose("--quantize", "w8a8")[1]  # the pass default: True
     with pytest.raises(PipelineError, match="--no-check-fusion need --quantize"):
         compose("--no-check-fusion")
