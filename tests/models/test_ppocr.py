@@ -91,22 +91,27 @@ def quantized_cls() -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
 
 @needs_ppocr
 def test_default_quantization_covers_the_classifier(quantized_cls) -> None:
-    """W8A8 data-free: every Conv outside the squeeze-excite blocks is quantized and fused by
-    ORT (≥ 95 % of the Conv MACs); the SE Convs (on 1×1 pooled tensors, whose ranges the BN
-    statistics do not give) stay float, each with its reason."""
+    """W8A8 data-free: every dense Conv outside the squeeze-excite blocks is quantized and
+    fused by ORT; the SE Convs (on 1×1 pooled tensors, whose ranges the BN statistics do not
+    give) stay float, and so do the depthwise Convs between float hard-swish / SE ops (ORT's
+    int8 depthwise kernel is slower than its float one there: "depthwise before float ops"),
+    each counted with its reason."""
     folded, model, report = quantized_cls
     onnx.checker.check_model(model, full_check=True)
     ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (entry,) = [p for p in report.passes if p.name == "quantize"]
     quantized = {layer["layer"] for layer in entry.stats["layers"]} - {item["layer"] for item in entry.stats.get("not_fused", [])}
     macs = conv_macs(folded)
-    assert len(macs) == 53 and len(quantized & set(macs)) >= 35
-    assert sum(macs[name] for name in quantized & set(macs)) >= 0.95 * sum(macs.values())
+    assert len(macs) == 53 and len(quantized & set(macs)) >= 26
+    assert sum(macs[name] for name in quantized & set(macs)) >= 0.7 * sum(macs.values())
     assert entry.stats["fused_by_ort"] == {"QLinearConv": len(quantized & set(macs))}
     float_convs = set(macs) - quantized
     shapes = tensor_shapes(onnx.shape_inference.infer_shapes(folded))
     readers = {n.name: n for n in folded.graph.node}
-    assert all(shapes[readers[name].input[0]][2:] == [1, 1] for name in float_convs)  # SE Convs only
+    group = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in folded.graph.node}
+    depthwise = {name for name in float_convs if group[name] > 1 and group[name] == shapes[readers[name].input[0]][1]}
+    assert all(shapes[readers[name].input[0]][2:] == [1, 1] for name in float_convs - depthwise)  # the rest: SE Convs only
+    assert entry.stats["coverage"]["reasons"]["depthwise before float ops"] == len(depthwise) > 0
 
 
 @needs_ppocr
