@@ -63,13 +63,11 @@ from scipy.special import ndtr
 from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.graph import all_graphs, constant_values, is_default_domain, producer
 
-from .layers import weight_rows
 from .ops import LAYER_OPS
 from .tensor_probe import Source, expose_tensors, forced_if, has_if
 
-#: Share of the values of a layer's *inputs* assumed to follow the heavy (Student t(3)) tail in
-#: the clipping estimate of the SPIQ decision (the rest is taken as Gaussian); the share on the
-#: layer's output follows from its weights (:func:`heavy_tail_share`).  Chosen on
+#: Share of the values of a BN output assumed to follow the heavy (Student t(3)) tail in the
+#: clipping estimate of the SPIQ decision (the rest is taken as Gaussian).  Chosen on
 #: bench/results/spiq_decision.md.
 HEAVY_TAIL_SHARE = 0.1
 
@@ -90,7 +88,7 @@ class ChannelRange:
     second_moment: np.ndarray | None = None
     #: (μ, σ, cap, share) of the BN output these values come from through Relu/Clip/Min and
     #: pass-through ops (cap: the smallest upper clip on the way, inf when none; share: the
-    #: heavy-tail share of each channel, :func:`heavy_tail_share`), for the clipping-error
+    #: heavy-tail share of each channel, HEAVY_TAIL_SHARE), for the clipping-error
     #: estimate of the SPIQ decision
     tail: Tail | None = None
     #: measured with the If conditions forced: no calibration sample takes the branch computing it
@@ -141,7 +139,7 @@ class RangeEstimator:
             return self.known[tensor.name]
         if tensor.name in self.stats:
             mean, std = self.stats[tensor.name]
-            tail = (mean, std, np.full(mean.shape, np.inf), self._heavy_tail_share(tensor, len(mean)))
+            tail = (mean, std, np.full(mean.shape, np.inf), np.full(mean.shape, HEAVY_TAIL_SHARE))
             return ChannelRange(mean - self.lam * std, mean + self.lam * std, mean.copy(), (mean, std), mean**2 + std**2, tail)
         node = producer(tensor)
         if node is None or not is_default_domain(node):
@@ -181,22 +179,6 @@ class RangeEstimator:
             return ChannelRange(a.lo + b.lo, a.hi + b.hi, a.mean + b.mean)
         return None
 
-
-    def _heavy_tail_share(self, tensor: gs.Tensor, channels: int) -> np.ndarray:
-        """The heavy-tail share of the BN output ``tensor`` per channel: :func:`heavy_tail_share`
-        of the layer computing it (through the BN when it is still in the graph), its inputs
-        weighted by their own tail scale σ when known; HEAVY_TAIL_SHARE when no layer is found."""
-        node = producer(tensor)
-        if node is not None and node.op == "BatchNormalization":
-            node = producer(node.inputs[0])
-        found = weight_rows(node) if node is not None and node.op in LAYER_OPS and len(node.inputs) > 1 else None
-        if found is None or found[0].shape[0] != channels:
-            return np.full(channels, HEAVY_TAIL_SHARE)
-        rows, channel = found
-        source = self.range(node.inputs[0])
-        if source is not None and source.tail is not None and len(source.tail[1]) > int(channel.max()):
-            rows = rows * source.tail[1][channel]
-        return heavy_tail_share(rows)
 
     def _bound(self, node: gs.Node) -> ChannelRange | None:
         """Min/Max of a tensor and a per-channel (or scalar) constant: the range clipped per channel."""
@@ -278,24 +260,6 @@ class RangeEstimator:
         lo = np.concatenate([zeros(before), np.minimum(r.lo, 0.0), zeros(after)])
         hi = np.concatenate([zeros(before), np.maximum(r.hi, 0.0), zeros(after)])
         return ChannelRange(lo, hi, np.concatenate([zeros(before), r.mean, zeros(after)]))
-
-
-def heavy_tail_share(rows: np.ndarray) -> np.ndarray:
-    """Heavy-tail share per output channel of ``y = Σ_i a_i·x_i`` (``rows``: the a_i of each
-    output channel, weights times the inputs' scales) when each input x_i has HEAVY_TAIL_SHARE
-    of its values on a unit-variance t(3) tail, independently.
-
-    A t(3) tail is regularly varying, P(Z > t) ≈ C·t⁻³, and a sum of independent such terms
-    exceeds a large t through one term alone ("one big jump"): P(y > t) ≈ Σ_i s·C·|a_i|³·t⁻³.
-    On the scale of y (σ_y = √Σa_i²) that is the tail of a share s·Σ|a_i|³/(Σa_i²)^{3/2} of a
-    unit-variance t(3): s for a single input, s/√K for K equal ones.  The far tail, which is
-    all the clipping estimate sees, is thus thin after a layer summing many comparable inputs.
-    """
-    rows = np.abs(rows.astype(np.float64))
-    rows = rows / np.maximum(rows.max(axis=1, keepdims=True), 1e-300)  # the ratio is scale-free; avoids under/overflow
-    power = np.sum(rows**2, axis=1) ** 1.5
-    concentration = np.divide(np.sum(rows**3, axis=1), power, out=np.ones(len(rows)), where=power > 0)  # an all-zero row: one input
-    return HEAVY_TAIL_SHARE * np.minimum(concentration, 1.0)
 
 
 def _relu(r: ChannelRange | None) -> ChannelRange | None:
