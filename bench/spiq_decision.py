@@ -147,9 +147,10 @@ def render_markdown(data: dict[str, Any]) -> str:
                     cells.append(f"{c['kl_model']:.4f} [{min(kls):.4f}-{max(kls):.4f}] ({c['spiq_coverage']:.0%} SPIQ)")
             rows.append([r["title"], f"W{wb}A{ab}", *cells])
     lines += table(["model", "bits", "auto (default)", "forced SPIQ", "per tensor"], rows)
-    lines += ["", "\"no layer quantized\": every layer was put back in float (below 8-bit activations the emitted Clip "
-              "before each 8-bit QuantizeLinear keeps ORT from fusing the Convs, and `unfused_conv_to_float` then restores "
-              "them with their quantizers); the model is then FP32."]
+    if any(c.get("layers_quantized", 1) == 0 for r in data["models"].values() if "configs" in r for c in r["configs"].values()):
+        lines += ["", "\"no layer quantized\": every layer was put back in float; the model is then FP32."]
+    lines += ["", "W8A6 rows are a simulation: below 8-bit activations a Clip precedes each 8-bit QuantizeLinear, ORT fuses no "
+              "layer and the model runs in float (the quantizer keeps the QDQ form and says so, docs/quantization.md)."]
     lines += ["", "## Verdicts: auto − other (mean over model and copies) against the noise floor", "",
               "Noise floor: the larger jitter spread (max − min of KL over the model and its copies) of the two configurations. "
               "Bootstrap: 90 % interval of the mean per-input KL difference on the model itself, resampled over the inputs.", ""]
