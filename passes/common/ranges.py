@@ -363,19 +363,7 @@ def channel_bound(node: gs.Node) -> tuple[int, np.ndarray] | None:
     whose constant broadcasts along axis 1 of the other operand only; None otherwise."""
     if node.op not in ("Min", "Max") or len(node.inputs) != 2 or not is_default_domain(node):
         return None
-    index = next((i for i in (1, 0) if constant_values(node, i) is not None), None)
-    if index is None or constant_values(node, 1 - index) is not None:
-        return None
-    bound = constant_values(node, index).astype(np.float64)
-    if bound.size == 1:
-        return index, bound.reshape(1)
-    shape = node.inputs[1 - index].shape
-    if shape is None or bound.ndim > len(shape) or len(shape) < 2:
-        return None
-    padded = (1,) * (len(shape) - bound.ndim) + bound.shape
-    if any(d != 1 for i, d in enumerate(padded) if i != 1):
-        return None
-    return index, bound.reshape(-1)
+    return _constant_operand(node)
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:
