@@ -1,7 +1,7 @@
 """The calibration probe: a copy of the model whose outputs also carry the tensors to
 measure (:func:`expose_tensors`), threaded out of If/Loop/Scan bodies level by level, and
 the same probe with every If condition forced to a constant (:func:`forced_if`) for the
-branches no calibration sample takes.  Used by :func:`.ranges.calibrated_ranges`.
+branches no calibration sample takes.  Used by :func:`.measured_ranges.calibrated_ranges`.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ from ..common.numerics import checked_scales
 from ..common.operators import QuantizedWeight, register_operator
 from ..common.ops import WITHOUT_TRANSPOSE_OPS
 from ..common.quantization import QuantizationOptions, float_label, layer_refusal, mean_shift, no_layer_message
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda, moment_ranges, statistics_sites
+from ..common.measured_ranges import calibrated_ranges, moment_ranges, statistics_sites
+from ..common.ranges import ChannelRange, RangeEstimator, default_lambda
 from ..common.statistics import bn_statistics
 
 EXPONENT_BOUNDS = (0.05, 1.0)

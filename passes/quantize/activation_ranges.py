@@ -1,6 +1,6 @@
 """The activation ranges the quantize pass quantizes with: per-channel ranges of the layers'
 inputs and outputs, propagated from BN/LayerNorm statistics (:class:`..common.ranges.RangeEstimator`)
-or measured on calibration data (:func:`..common.ranges.calibrated_ranges`; ``act_ranges="moments"``
+or measured on calibration data (:func:`..common.measured_ranges.calibrated_ranges`; ``act_ranges="moments"``
 measures per-channel mean/std at the layer outputs and propagates them like BN statistics), and the user's
 ``input_range`` for the graph inputs.
 """
@@ -16,7 +16,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.pass_base import PassContext
 
 from ..common.calibration import calibration_samples
-from ..common.ranges import ChannelRange, RangeEstimator, calibrated_ranges, default_lambda, moment_ranges, statistics_sites
+from ..common.measured_ranges import calibrated_ranges, moment_ranges, statistics_sites
+from ..common.ranges import ChannelRange, RangeEstimator, default_lambda
 from ..common.statistics import bn_statistics
 
 

@@ -1,4 +1,4 @@
-"""Calibration data (passes/common/calibration.py) and streaming calibration (ranges.py).
+"""Calibration data (passes/common/calibration.py) and streaming calibration (measured_ranges.py).
 
 * the three formats (.npz, a folder of .npy files, a folder of images) load to the same
   arrays; the image preprocessing against an independent numpy/Pillow computation;
@@ -23,7 +23,7 @@ from PIL import Image
 
 from onnxopt.cli import main
 from onnxopt.errors import InputDataError, PipelineError
-from onnxopt.passes.common import ranges
+from onnxopt.passes.common import measured_ranges
 from onnxopt.passes.common.numerics import activation_quant
 from onnxopt.passes.common.calibration import (
     IMAGENET_MEAN,
@@ -263,16 +263,16 @@ def test_batched_minmax_equals_one_sample_per_run(monkeypatch) -> None:
     proto = conv_model(side=9)
     samples = {"x": RNG.standard_normal((21, 3, 9, 9)).astype(np.float32)}
     runs: list[int] = []
-    original = ranges.sample_batches
+    original = measured_ranges.sample_batches
 
     def counting(*args, **kwargs):
         batches = original(*args, **kwargs)
         runs.append(len(batches))
         return batches
 
-    monkeypatch.setattr(ranges, "sample_batches", counting)
-    batched = ranges.calibrated_ranges(proto, TENSORS, samples, "minmax")
-    single = ranges.calibrated_ranges(proto, TENSORS, samples, "minmax", batch=1)
+    monkeypatch.setattr(measured_ranges, "sample_batches", counting)
+    batched = measured_ranges.calibrated_ranges(proto, TENSORS, samples, "minmax")
+    single = measured_ranges.calibrated_ranges(proto, TENSORS, samples, "minmax", batch=1)
     assert runs == [2, 21]  # 16 + 5 samples per ORT run vs one each
     values = {name: v for name, v in zip(TENSORS, _intermediates(proto, samples))}
     for name in TENSORS:
@@ -289,8 +289,8 @@ def test_a_graph_that_breaks_at_batch_above_one_is_calibrated_one_sample_per_run
     arrays = {"shape": np.array([1, 48], np.int64), "w": RNG.standard_normal((48, 5)).astype(np.float32)}
     proto = model("(float[N,3,4,4] x) => (float[1,5] y)", ["f = Reshape(x, shape)", "y = MatMul(f, w)"], arrays)
     samples = {"x": RNG.standard_normal((6, 3, 4, 4)).astype(np.float32)}
-    got = ranges.calibrated_ranges(proto, ["f", "y"], samples, "minmax")
-    reference = ranges.calibrated_ranges(proto, ["f", "y"], samples, "minmax", batch=1)
+    got = measured_ranges.calibrated_ranges(proto, ["f", "y"], samples, "minmax")
+    reference = measured_ranges.calibrated_ranges(proto, ["f", "y"], samples, "minmax", batch=1)
     for name in ("f", "y"):
         np.testing.assert_array_equal(got[name].lo, reference[name].lo)
         np.testing.assert_array_equal(got[name].hi, reference[name].hi)
@@ -299,7 +299,7 @@ def test_a_graph_that_breaks_at_batch_above_one_is_calibrated_one_sample_per_run
 def test_fixed_batch_model_is_fed_by_its_batch_size_with_the_last_batch_filled() -> None:
     proto = conv_model(side=5, batch="2")
     samples = {"x": RNG.standard_normal((5, 3, 5, 5)).astype(np.float32)}
-    got = ranges.calibrated_ranges(proto, TENSORS, samples, "minmax")
+    got = measured_ranges.calibrated_ranges(proto, TENSORS, samples, "minmax")
     values = {name: v for name, v in zip(TENSORS, _intermediates(proto, samples, step=1, pad_to=2))}
     for name in TENSORS:
         np.testing.assert_array_equal(got[name].lo, values[name].min(axis=(0, 2, 3)))
@@ -309,7 +309,7 @@ def test_fixed_batch_model_is_fed_by_its_batch_size_with_the_last_batch_filled()
 def test_percentile_equals_numpy_over_all_values() -> None:
     proto = conv_model(side=30)
     samples = {"x": RNG.standard_normal((10, 3, 30, 30)).astype(np.float32)}
-    got = ranges.calibrated_ranges(proto, TENSORS, samples, "percentile", batch=4)
+    got = measured_ranges.calibrated_ranges(proto, TENSORS, samples, "percentile", batch=4)
     for name, values in zip(TENSORS, _intermediates(proto, samples)):
         rows = np.moveaxis(values, 1, -1).reshape(-1, values.shape[1]).astype(np.float64)
         np.testing.assert_allclose(got[name].lo, np.percentile(rows, 0.01, axis=0), rtol=1e-6, atol=1e-6)
@@ -324,7 +324,7 @@ def test_running_percentile_keeps_just_enough_tail_values(shapes: list[tuple[int
     chunks = [RNG.standard_cauchy(shape).astype(np.float32) for shape in shapes]
     if ties:
         chunks = [np.round(c * 4) for c in chunks]
-    reducer = ranges.RunningRange("percentile", len(shapes))
+    reducer = measured_ranges.RunningRange("percentile", len(shapes))
     for chunk in chunks:
         reducer.update(chunk)
     everything = np.concatenate([np.moveaxis(c, 1, -1).reshape(-1, 3) for c in chunks]).astype(np.float64)
@@ -400,7 +400,7 @@ def relu6_net() -> onnx.ModelProto:
 @pytest.mark.parametrize("shapes", [[(5, 3)], [(2, 3, 4, 5), (2, 3, 4, 5), (1, 3, 4, 5)], [(16, 3, 7, 7), (3, 3, 7, 7)]])
 def test_running_moments_equal_numpy_mean_and_std_over_all_values(shapes: list[tuple[int, ...]]) -> None:
     chunks = [(RNG.standard_normal(shape) * 3 + 100).astype(np.float32) for shape in shapes]  # a large mean: no cancellation
-    reducer = ranges.RunningRange("moments", len(shapes))
+    reducer = measured_ranges.RunningRange("moments", len(shapes))
     for chunk in chunks:
         reducer.update(chunk)
     everything = np.concatenate([np.moveaxis(c, 1, -1).reshape(-1, 3) for c in chunks]).astype(np.float64)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 import onnxopt
-from onnxopt.passes.common.ranges import calibrated_ranges, expose_tensors
+from onnxopt.passes.common.measured_ranges import calibrated_ranges, expose_tensors
 from onnxopt.passes.quantize.fusion import ort_optimized_graph
 from onnxopt.verify import run
 from tests.passes.control_flow_builders import if_cnn, loop_mlp
