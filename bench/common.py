@@ -333,6 +333,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def write_json_and_markdown(out: Path, stem: str, data: Mapping[str, Any], markdown: str) -> Path:
+    """``<out>/<stem>.json`` (the raw numbers, :func:`json_safe`, one space of indent) and
+    ``<out>/<stem>.md``; returns the Markdown file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(json_safe(data), indent=1, default=str) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    return out / f"{stem}.md"
+
+
 def json_safe(value: Any) -> Any:
     """Replace non-finite floats (not valid JSON) with strings; keys become strings."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -33,7 +33,6 @@ Outputs: ``<out>/equalize.json`` and ``<out>/equalize.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -43,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import onnxopt
-from bench.common import chosen_models, environment, json_safe, merge_previous, table
+from bench.common import chosen_models, environment, merge_previous, table, write_json_and_markdown
 from bench.fidelity import ALL_MODELS, bench_each_model, error_text, fidelity, load_data, log, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -236,10 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, command = merge_previous(args.out / "equalize.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "equalize", "command": command, "environment": env, "views": args.views,
             "seconds": time.perf_counter() - start, "models": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "equalize.json").write_text(json.dumps(json_safe(data), indent=1, default=str) + "\n", encoding="utf-8")
-    (args.out / "equalize.md").write_text(render_markdown(data), encoding="utf-8")
-    log(f"wrote {args.out / 'equalize.md'} ({data['seconds']:.0f} s)")
+    written = write_json_and_markdown(args.out, "equalize", data, render_markdown(data))
+    log(f"wrote {written} ({data['seconds']:.0f} s)")
     return 0
 
 

@@ -36,7 +36,6 @@ Outputs: ``<out>/ocr_rec.json`` and ``<out>/ocr_rec.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import environment, json_safe, ort_session, table
+from bench.common import environment, ort_session, table, write_json_and_markdown
 from bench.fidelity import EvalData, build_ort_static, error_text, log, quiet_quantizer
 from bench.third_party_cases import coverage
 
@@ -206,10 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args.lines)
     command = ("python -m bench.ocr_rec " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = {"benchmark": "ocr_rec", "command": command, "environment": env, "seconds": time.perf_counter() - start, "result": result}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ocr_rec.json").write_text(json.dumps(json_safe(data), indent=1, default=str) + "\n", encoding="utf-8")
-    (args.out / "ocr_rec.md").write_text(render_markdown(data), encoding="utf-8")
-    log(f"wrote {args.out / 'ocr_rec.md'} ({data['seconds']:.0f} s)")
+    written = write_json_and_markdown(args.out, "ocr_rec", data, render_markdown(data))
+    log(f"wrote {written} ({data['seconds']:.0f} s)")
     return 0
 
 

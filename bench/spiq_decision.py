@@ -34,7 +34,6 @@ Outputs: ``<out>/spiq_decision.json`` and ``<out>/spiq_decision.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import chosen_models, environment, json_safe, merge_previous, table
+from bench.common import chosen_models, environment, merge_previous, table, write_json_and_markdown
 from bench.fidelity import ALL_MODELS, bench_each_model, load_data, log, log_softmax, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -175,10 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = ("python -m bench.spiq_decision " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     results, command = merge_previous(args.out / "spiq_decision.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "spiq_decision", "command": command, "environment": env, "seconds": time.perf_counter() - start, "models": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "spiq_decision.json").write_text(json.dumps(json_safe(data), indent=1, default=str) + "\n", encoding="utf-8")
-    (args.out / "spiq_decision.md").write_text(render_markdown(data), encoding="utf-8")
-    log(f"wrote {args.out / 'spiq_decision.md'} ({data['seconds']:.0f} s)")
+    written = write_json_and_markdown(args.out, "spiq_decision", data, render_markdown(data))
+    log(f"wrote {written} ({data['seconds']:.0f} s)")
     return 0
 
 
