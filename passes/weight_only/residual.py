@@ -121,9 +121,9 @@ def base_errors(weight: np.ndarray, base: BlockQuantized, row_weight: np.ndarray
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         part = slice(start, min(start + step, n))
-        w = weight[:, part]
-        plain[part] = column_errors(w, decoded_columns(base, part))
-        weighted[part] = plain[part] if row_weight is None else column_errors(w, decoded_columns(base, part), row_weight)
+        w, decoded = weight[:, part], decoded_columns(base, part)
+        plain[part] = column_errors(w, decoded)
+        weighted[part] = plain[part] if row_weight is None else column_errors(w, decoded, row_weight)
     return weighted, plain
 
 
