@@ -134,6 +134,7 @@ class Packed:
         return int(sum(c.values.nbytes for c in self.rex_constants or ()))
 
 
+KEPT_8BIT_NO_RESIDUAL = "kept at 8 bits (keep_8bit): no residual order"
 #: The residual order's default block size under rex_allocation="network" (see rex_block_size).
 NETWORK_REX_BLOCK_SIZE = 128
 
@@ -313,8 +314,7 @@ class WeightOnlyQuantize(Pass):
         """One pass over the layers: each weight quantized (with ``rex_allocation="layer"``,
         its residual order too) and its nodes rewritten."""
         for layer in ctx.progress(layers, total=len(layers), label="layers"):
-            bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
-            key = (*layer.key, bits, layer.norm)
+            bits, key = self._bits_and_key(layer)
             if key not in done:
                 done[key] = self._quantize_layer(layer, bits, names, ctx)
             self._rewrite(graph, layer, done[key], names)
@@ -360,8 +360,7 @@ class WeightOnlyQuantize(Pass):
         o = self.options
         keys, tables, readers = [], {}, Counter()
         for layer in ctx.progress(layers, total=len(layers), label="layers (bases, error tables)"):
-            bits = 8 if self._kept(layer.node) else o["weight_bits"]
-            key = (*layer.key, bits, layer.norm)
+            bits, key = self._bits_and_key(layer)
             keys.append(key)
             readers[key] += 1
             if key in done:
@@ -370,13 +369,19 @@ class WeightOnlyQuantize(Pass):
             result = self._quantize_base(matrix, layer, bits)
             done[key] = self._pack(result, layer, names)
             if bits == 8:
-                done[key].rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
+                done[key].rex_skipped = KEPT_8BIT_NO_RESIDUAL
             else:
                 tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), self._network_block_size(), layer.row_weight, **self._search_options())
             del matrix, result
         for key, table in tables.items():
             table.readers = readers[key]
         return keys, tables
+
+    def _bits_and_key(self, layer: Layer) -> tuple[int, tuple[Any, ...]]:
+        """The layer's weight bits (8 when ``keep_8bit`` names it) and the key under which its
+        quantized weight is shared (the same weight, bits and input statistics)."""
+        bits = 8 if self._kept(layer.node) else self.options["weight_bits"]
+        return bits, (*layer.key, bits, layer.norm)
 
     def _network_block_size(self) -> int:
         """The residual's block size under the network allocation."""
@@ -398,7 +403,7 @@ class WeightOnlyQuantize(Pass):
         """The residual order of the columns ``rex_budget`` pays for (or why there is none)."""
         o = self.options
         if base.bits == 8:
-            packed.rex_skipped = "kept at 8 bits (keep_8bit): no residual order"
+            packed.rex_skipped = KEPT_8BIT_NO_RESIDUAL
         else:
             count = budget_columns(layer.k, layer.n, float(o["rex_budget"]), base.bits, o["rex_bits"], base.block_size, base.symmetric, o["rex_block_size"])
             if count == 0:
