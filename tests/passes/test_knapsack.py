@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnxopt.passes.common.knapsack import gains_per_cost, greedy_nested_rungs, greedy_prefix
+from onnxopt.passes.common.knapsack import (
+    gains_per_cost,
+    greedy_nested_rungs,
+    greedy_prefix,
+)
 
 
 def test_gains_are_per_cost_and_non_increasing_along_the_rungs():
