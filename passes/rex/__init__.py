@@ -275,11 +275,13 @@ class Rex(Pass):
     @staticmethod
     def _rung_errors(site: LayerSite, operator: WeightOperator, weights: np.ndarray | None) -> np.ndarray:
         """The [1 + rungs, units] error table of the fold's ladder: the base, then every unit
-        folded with each rung's divisor (each row a dense order-2 expansion on step s1/m)."""
-        rows = []
+        folded with each rung's divisor (each row a dense order-2 expansion on step s1/m; the
+        base is quantized once, by the first rung's expansion, and reused by the others)."""
+        rows, first = [], None
         for m in site.fold:
             dense = expand_weight(site.weight, site.bits, site.axis, site.out_axis, operator, 2, 1.0, site.groups,
-                                  error_weights=weights, step_divisor=m)
+                                  error_weights=weights, step_divisor=m, first_order=first)
+            first = dense.orders[0] if first is None else first
             rows = rows or [dense.unit_errors[0]]
             rows.append(dense.unit_errors[1])
         return np.array(rows)

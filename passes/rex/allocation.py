@@ -18,6 +18,7 @@ from onnxopt.graph import with_inferred_shapes
 from onnxopt.metrics import tensor_shapes
 from onnxopt.pass_base import PassContext
 
+from ..common.knapsack import greedy_nested_rungs
 from .site import LayerSite, output_channel_axis
 
 
@@ -39,32 +40,20 @@ def allocate_network(unit_errors: list[np.ndarray], signals: np.ndarray, costs: 
     with no measured gain are left out, unless ``spend_all`` (the fold's ladder): then
     they come last, taken only with budget left after every one that helps (the gains
     rest on data-free input statistics; at γ = 100 % every channel gets the top rung).
-    Returns, per layer, the sorted units of orders 2..K."""
-    gains, layer_of, unit_of, order_of, cost_of = [], [], [], [], []
+    Returns, per layer, the sorted units of orders 2..K (the shared
+    :func:`..common.knapsack.greedy_nested_rungs`, its rungs read back as nested selections)."""
+    reductions, step_costs = [], []
     for layer, errors in enumerate(unit_errors):
         errors = np.asarray(errors, np.float64)
-        if len(errors) < 2:
+        if len(errors) < 2:  # no order to expand
+            reductions.append(np.zeros((0, 0)))
+            step_costs.append(0.0)
             continue
-        n_orders, n_units = len(errors) - 1, errors.shape[1]
-        step_cost = np.broadcast_to(np.asarray(costs[layer], np.float64).reshape(-1, 1), (n_orders, n_units))
-        reduction = np.maximum(errors[:-1] - errors[1:], 0.0) / max(float(signals[layer]), 1e-30)
-        gains.append(np.minimum.accumulate(reduction / np.maximum(step_cost, 1e-30), axis=0).reshape(-1))
-        layer_of.append(np.full(reduction.size, layer))
-        unit_of.append(np.tile(np.arange(n_units), n_orders))
-        order_of.append(np.repeat(np.arange(n_orders), n_units))
-        cost_of.append(step_cost.reshape(-1))
-    selections = [[np.zeros(0, np.int64) for _ in range(max(len(e) - 1, 0))] for e in unit_errors]
-    if not gains:
-        return selections
-    gain, layer, unit, order, cost = (np.concatenate(a) for a in (gains, layer_of, unit_of, order_of, cost_of))
-    ranking = np.lexsort((order, -gain))  # best gain per MAC first; lower orders first on ties
-    taken = ranking[np.cumsum(cost[ranking]) <= budget * (1 + 1e-9)]  # 1e-9: a budget equal to the total cost takes it all
-    taken = taken if spend_all else taken[gain[taken] > 0]
-    for l in np.unique(layer[taken]):
-        mine = taken[layer[taken] == l]
-        for k in range(len(selections[l])):
-            selections[l][k] = np.sort(unit[mine[order[mine] == k]])
-    return selections
+        reductions.append(np.maximum(errors[:-1] - errors[1:], 0.0) / max(float(signals[layer]), 1e-30))
+        step_costs.append(costs[layer])
+    # relative slack 1e-9: a budget equal to the total cost takes it all
+    rungs = greedy_nested_rungs(reductions, step_costs, budget, relative_slack=1e-9, spend_all=spend_all)
+    return [[np.flatnonzero(reached > k) for k in range(max(len(e) - 1, 0))] for reached, e in zip(rungs, unit_errors)]
 
 
 def unit_rungs(selection: list[np.ndarray], n_units: int) -> np.ndarray:

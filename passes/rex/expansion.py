@@ -47,7 +47,7 @@ def channel_units(out_channels: int, groups: int) -> np.ndarray:
 def expand_weight(
     weight: np.ndarray, bits: int, axis: int | None, out_axis: int, operator: WeightOperator, order: int, budget: float, groups: int = 1,
     outliers: int = 0, window: bool = False, selections: list[np.ndarray] | None = None,
-    error_weights: np.ndarray | None = None, step_divisor: int | np.ndarray | None = None,
+    error_weights: np.ndarray | None = None, step_divisor: int | np.ndarray | None = None, first_order: Order | None = None,
 ) -> Expansion:
     """Algorithm 2 with sparse orders (eq. 3.22): order 1 dense, orders 2..K each keep the
     ``round(budget/(K−1))`` share of output units (channels, or groups) with the largest
@@ -57,7 +57,9 @@ def expand_weight(
     weight multiplies) weights the squared residuals of :attr:`Expansion.unit_errors`.
     ``step_divisor`` m (one, or one per output channel): order k uses the step
     ``s1/m^{k−1}`` of the base scale instead of the residual's own ``max|r|/(2^{b−1}−1)``
-    (the fold's operator, :mod:`.fold`)."""
+    (the fold's operator, :mod:`.fold`).  ``first_order``: the order 1 of an earlier call on
+    the same weight, bits, axis, operator and outliers, reused instead of quantizing the base
+    again (the fold ladder's error table: one base, one expansion per rung)."""
     weight = np.asarray(weight, np.float64)
     out_channels = weight.shape[out_axis]
     units = channel_units(out_channels, groups)
@@ -69,8 +71,11 @@ def expand_weight(
     if mask.any():  # order 1 on the weights clipped to the inliers' range: the outliers no longer stretch the scale
         spread = np.abs(weight - weight.mean())[~mask].max(initial=0.0)
         base = np.clip(weight, weight.mean() - spread, weight.mean() + spread)
-    q1 = operator.quantize(base.astype(np.float32), bits, axis)
-    r1 = operator.dequantize(q1).astype(np.float64)
+    if first_order is None:
+        q1 = operator.quantize(base.astype(np.float32), bits, axis)
+        r1 = operator.dequantize(q1).astype(np.float64)
+    else:
+        q1, r1 = first_order.q, first_order.dequantized
     residual = weight - r1
     result = Expansion([Order(1, np.arange(out_channels), q1, r1)])
     if mask.any():  # sparse residue: codes of W − R¹ at the outliers, one scale

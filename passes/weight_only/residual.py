@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..common.knapsack import gains_per_cost, greedy_nested_rungs, greedy_prefix
 from .blockwise import (
     CHUNK_ELEMENTS,
     BlockQuantized,
@@ -220,42 +221,32 @@ def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...],
 NEGLIGIBLE_REDUCTION = 1e-12
 
 
-def candidate_gains(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
-    """(gain per byte [rungs, N], marginal bytes [rungs]) of one table: rung r removes
-    e_{r−1} − e_r of the layer's weighted signal for cost_r − cost_{r−1} bytes; gains are made
-    non-increasing along the rungs so a column's rungs are taken in order."""
+def candidate_reductions(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
+    """(reduction [rungs, N], marginal bytes [rungs]) of one table: rung r removes
+    e_{r−1} − e_r (times the readers) of the layer's weighted signal for cost_r − cost_{r−1}
+    bytes; a reduction below NEGLIGIBLE_REDUCTION counts as none."""
     costs = np.diff(np.asarray((0, *table.costs), np.float64))
     reduction = np.maximum(table.errors[:-1] - table.errors[1:], 0.0) * table.readers / max(table.signal, 1e-30)
     reduction[reduction < NEGLIGIBLE_REDUCTION] = 0.0  # rounding of a weight already on its grid, not an error a residual removes
-    gain = np.minimum.accumulate(reduction / np.maximum(costs, 1e-30)[:, None], axis=0)
-    return gain, costs
+    return reduction, costs
+
+
+def candidate_gains(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
+    """(gain per byte [rungs, N], marginal bytes [rungs]) of one table: the reductions of
+    :func:`candidate_reductions` per byte, made non-increasing along the rungs so a column's
+    rungs are taken in order (:func:`..common.knapsack.gains_per_cost`)."""
+    reduction, costs = candidate_reductions(table)
+    return gains_per_cost(reduction, costs), costs
 
 
 def greedy_rungs(tables: list[ColumnTable], budget: float) -> list[np.ndarray]:
-    """The greedy knapsack over all (layer, column, rung): best gain per byte first (ties:
-    lower rung, then lower layer, then lower column: deterministic), a prefix of the ranking
-    while its bytes fit ``budget``.  Per table, the rungs taken per column ([N] ints, 0 = none;
-    nested: rung r is taken only with 1..r−1)."""
-    gains, costs, layer_of, rung_of, column_of = [], [], [], [], []
-    for index, table in enumerate(tables):
-        gain, cost = candidate_gains(table)
-        rungs, n = gain.shape
-        gains.append(gain.reshape(-1))
-        costs.append(np.repeat(cost, n))
-        layer_of.append(np.full(gain.size, index))
-        rung_of.append(np.repeat(np.arange(rungs), n))
-        column_of.append(np.tile(np.arange(n), rungs))
-    taken_rungs = [np.zeros(t.errors.shape[1], np.int64) for t in tables]
-    if not gains:
-        return taken_rungs
-    gain, cost, layer, rung, column = (np.concatenate(a) for a in (gains, costs, layer_of, rung_of, column_of))
-    ranking = np.lexsort((column, layer, rung, -gain))
-    taken = ranking[np.cumsum(cost[ranking]) <= budget + 1e-9]
-    taken = taken[gain[taken] > 0]
-    for index in np.unique(layer[taken]):
-        mine = taken[layer[taken] == index]
-        np.maximum.at(taken_rungs[index], column[mine], rung[mine] + 1)
-    return taken_rungs
+    """The greedy knapsack over all (layer, column, rung) (the shared
+    :func:`..common.knapsack.greedy_nested_rungs`): best gain per byte first (ties: lower
+    rung, then lower layer, then lower column: deterministic), a prefix of the ranking while
+    its bytes fit ``budget`` (+ 1e-9), candidates without gain left out.  Per table, the rungs
+    taken per column ([N] ints, 0 = none; nested: rung r is taken only with 1..r−1)."""
+    parts = [candidate_reductions(table) for table in tables]
+    return greedy_nested_rungs([r for r, _ in parts], [c for _, c in parts], budget, absolute_slack=1e-9)
 
 
 def one_rung(table: ColumnTable, spent: float) -> tuple[int, np.ndarray, float] | None:
@@ -323,9 +314,7 @@ def refill(tables: list[ColumnTable], choices: list[tuple[int, np.ndarray] | Non
     if not gains or leftover <= 0:
         return 0.0, 0
     gain, cost, layer, column = (np.concatenate(a) for a in (gains, costs, layer_of, column_of))
-    ranking = np.lexsort((column, layer, -gain))
-    taken = ranking[np.cumsum(cost[ranking]) <= leftover + 1e-9]
-    taken = taken[gain[taken] > 0]
+    taken = greedy_prefix(gain, cost, leftover, (layer, column), absolute_slack=1e-9)  # ties: lower layer, then lower column
     for index in np.unique(layer[taken]):
         mine = column[taken[layer[taken] == index]]
         bits = tables[index].bits[rung_of[index] - 1]
@@ -369,6 +358,7 @@ __all__ = [
     "base_errors",
     "budget_columns",
     "candidate_gains",
+    "candidate_reductions",
     "column_bytes",
     "column_errors",
     "decoded_columns",

@@ -7,12 +7,15 @@ fit int8 are refused with the reason."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from onnxopt.passes import rex as rex_module
+from onnxopt.passes.common.operators import UniformWeightOperator
 from onnxopt.passes.rex import allocate_network, expand_weight
 from onnxopt.passes.rex.allocation import unit_rungs
 from onnxopt.passes.rex.fold import divisor_ladder, fold_peak, fold_refusal, folded_weight, rung_bits
@@ -254,3 +257,27 @@ def test_ladder_allocation_takes_rungs_in_order_by_gain_per_extra_bit_within_the
     for budget in (0.0, 10.0, 55.0, 139.9, 140.0, 260.0, 480.0, 1e6):
         assert spent(rungs(budget)) <= budget
     assert spent(rungs(480.0)) == 480.0 and rungs(480.0) == [[3, 3], [3]]  # the budget of every rung takes them all
+
+
+@pytest.mark.parametrize("shape, axis, out_axis, groups", [((24, 8, 3, 3), 0, 0, 1), ((20, 16), 1, 1, 4), ((20, 16), None, 0, 1)])
+def test_ladder_error_table_quantizes_the_base_once_and_matches_one_expansion_per_rung(shape, axis, out_axis, groups):
+    """Rex._rung_errors: the base row, then each rung's dense order-2 expansion on step s1/m,
+    exactly as separate expand_weight calls give them, with the base quantized once (not once
+    per rung)."""
+    w = weights(*shape, rng=np.random.default_rng(5))
+    error_weights = np.random.default_rng(6).random(shape) + 0.5
+    site = SimpleNamespace(weight=w, bits=4, axis=axis, out_axis=out_axis, groups=groups, fold=divisor_ladder(4))
+    calls = []
+
+    class Counting(UniformWeightOperator):
+        def quantize(self, *args, **kwargs):
+            calls.append(args[0].shape)
+            return super().quantize(*args, **kwargs)
+
+    table = rex_module.Rex._rung_errors(site, Counting(), error_weights)
+    assert calls == [shape]  # the base only (the rungs use the base's step, no quantize call of their own)
+    separate = [expand_weight(w, 4, axis, out_axis, UniformWeightOperator(), 2, 1.0, groups, error_weights=error_weights, step_divisor=m)
+                for m in site.fold]
+    want = np.array([separate[0].unit_errors[0], *(e.unit_errors[1] for e in separate)])
+    assert table.shape == (1 + len(site.fold), shape[out_axis] if groups == 1 else groups)
+    np.testing.assert_array_equal(table, want)
