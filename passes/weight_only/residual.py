@@ -231,14 +231,6 @@ def candidate_reductions(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
     return reduction, costs
 
 
-def candidate_gains(table: ColumnTable) -> tuple[np.ndarray, np.ndarray]:
-    """(gain per byte [rungs, N], marginal bytes [rungs]) of one table: the reductions of
-    :func:`candidate_reductions` per byte, made non-increasing along the rungs so a column's
-    rungs are taken in order (:func:`..common.knapsack.gains_per_cost`)."""
-    reduction, costs = candidate_reductions(table)
-    return gains_per_cost(reduction, costs), costs
-
-
 def greedy_rungs(tables: list[ColumnTable], budget: float) -> list[np.ndarray]:
     """The greedy knapsack over all (layer, column, rung) (the shared
     :func:`..common.knapsack.greedy_nested_rungs`): best gain per byte first (ties: lower
@@ -357,7 +349,6 @@ __all__ = [
     "allocate_network",
     "base_errors",
     "budget_columns",
-    "candidate_gains",
     "candidate_reductions",
     "column_bytes",
     "column_errors",
