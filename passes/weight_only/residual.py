@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.knapsack import gains_per_cost, greedy_nested_rungs, greedy_prefix
+from ..common.knapsack import greedy_nested_rungs, greedy_prefix
 from .blockwise import (
     CHUNK_ELEMENTS,
     BlockQuantized,
