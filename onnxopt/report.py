@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ._version import __version__
 from .metrics import ModelMetrics
@@ -142,9 +143,7 @@ class Report:
             lines.append("")
             for name, c in coverage:
                 lines.append(coverage_line(name, c))
-                fused = fusion_line(name, c)
-                if fused:
-                    lines.append(fused)
+                lines += [line for line in (fusion_line(name, c), slow_kernel_line(name, c)) if line]
         refusals = self.refusals
         if refusals:
             lines.append("")
@@ -183,6 +182,17 @@ def fusion_line(pass_name: str, coverage: dict[str, Any]) -> str | None:
     line = f"{pass_name}: ORT runs {fused}"
     missing = coverage.get("not_fused", 0)
     return f"warning: {line}; {missing} quantized layer(s) not fused: ORT runs them in float (see not rewritten)" if missing else line
+
+
+def slow_kernel_line(pass_name: str, coverage: dict[str, Any]) -> str | None:
+    """``warning: weight-only: 12 MatMulNBits run off ONNX Runtime's CPU fast path …`` from the
+    coverage's ``slow_kernel`` counts (reason → nodes); None when every node is on it."""
+    slow = coverage.get("slow_kernel")
+    if not slow:
+        return None
+    detail = "; ".join(f"{n} with {reason}" for reason, n in slow.items())
+    return (f"warning: {pass_name}: {sum(slow.values())} MatMulNBits run off ONNX Runtime's CPU fast path (the kernel decodes the "
+            f"whole weight on every call: decoding is many times slower, possibly slower than the float model): {detail}")
 
 
 def _changes(p: PassReport) -> str:

@@ -69,6 +69,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .kernels import slow_nodes
 from .layers import Layer, norm_statistics, plan_gemm, plan_matmul
 from .residual import MIN_OPSET as REX_MIN_OPSET
 from .residual import (
@@ -252,7 +253,7 @@ class WeightOnlyQuantize(Pass):
                 "weight_bytes_after": after,
                 **rex,
                 **summarize_errors(records),
-                "coverage": self._coverage(len(candidates), len(layers)),
+                "coverage": self._coverage(len(candidates), len(layers), records),
                 "layers": records,
             },
         )
@@ -495,8 +496,10 @@ class WeightOnlyQuantize(Pass):
             "rex_relative_error_mean": round(float(np.mean([r.get("rex_relative_error", r["relative_error"]) for r in records])), 6),
         }
 
-    def _coverage(self, total: int, done: int) -> dict[str, Any]:
-        return {"verb": "quantized", "unit": "MatMul/Gemm layers", "done": done, "total": total, "left": "float", "reasons": dict(self._reasons)}
+    def _coverage(self, total: int, done: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The coverage line's counts, and the nodes written in a form ORT's CPU kernel runs off its fast path."""
+        return {"verb": "quantized", "unit": "MatMul/Gemm layers", "done": done, "total": total, "left": "float", "reasons": dict(self._reasons),
+                "slow_kernel": slow_nodes(records, int(self.options["accuracy_level"]))}
 
 
 def keep_patterns(value: Any) -> tuple[str, ...]:
