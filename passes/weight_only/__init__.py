@@ -17,6 +17,12 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
   the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
   (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
+* ``calibration_data`` (CLI ``--calibration-data`` with ``--quantize wN``; an .npz, .npy files
+  or images, :mod:`..common.calibration`): E[x_k²] of every layer's input measured on the
+  samples in one ONNX Runtime session (:mod:`.calibration`) replaces the data-free row
+  weights, for every layer (also the residual order's); ``calibration_mask`` ("auto":
+  the ``attention_mask`` input) leaves padding positions out.  The stats say per layer where
+  its row weights came from (``row_weights``: "layernorm", "calibration" or null).
 * ``zero_points`` (default "uint8"; CLI ``--zero-points float``): "float" stores float32
   zero points fitted by least squares (lower weight error; ONNX Runtime's CPU kernel leaves its
   fast path for them at every accuracy_level, and refuses them at 8 bits, so 8-bit layers and
