@@ -183,9 +183,9 @@ def log(message: str) -> None:
 
 def markdown(data: dict[str, Any]) -> str:
     lines = ["# Weight-only W4 with row weights measured on calibration samples", "",
-             f"`{data['command']}` — W4, block 32, uint8 zero points, clipping search, accuracy_level 0. Default: row weights "
-             "γ² + β² where a LayerNorm feeds the layer, none elsewhere; calibration: E[x_k²] of every layer input measured on the "
-             "samples (`calibration_data`). Samples are never evaluation inputs.", ""]
+             (f"`{data['command']}` — W4, block 32, uint8 zero points, clipping search, accuracy_level 0. Default: row weights "
+              "γ² + β² where a LayerNorm feeds the layer, none elsewhere; calibration: E[x_k²] of every layer input measured on the "
+              "samples (`calibration_data`). Samples are never evaluation inputs."), ""]
     if "minilm" in data:
         m = data["minilm"]
         rows = [[key, f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}",
@@ -193,8 +193,8 @@ def markdown(data: dict[str, Any]) -> str:
                  "-" if key == "default" else f"{r['sentences_better']}/{m['sentences']}",
                  ", ".join(f"{n} {s}" for s, n in r["layers_row_weights"].items()), str(r["calibration_mask"] or "-")]
                 for key, r in m["configs"].items()]
-        lines += [f"## all-MiniLM-L6-v2 ({m['sentences']} evaluation sentences, padded to {m['seq_len']} tokens; "
-                  f"calibration sets A and B of {m['calibration_sentences'][0]} and {m['calibration_sentences'][1]} other sentences)", "",
+        lines += [(f"## all-MiniLM-L6-v2 ({m['sentences']} evaluation sentences, padded to {m['seq_len']} tokens; "
+                   f"calibration sets A and B of {m['calibration_sentences'][0]} and {m['calibration_sentences'][1]} other sentences)"), "",
                   *table(["row weights", "mean cosine", "min cosine", "paired gain over default (± s.e.)", "sentences better",
                           "layers by row-weight source", "token mask"], rows), ""]
     if "synthetic" in data:

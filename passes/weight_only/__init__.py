@@ -70,7 +70,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import NothingToDoError, PipelineError
 from onnxopt.graph import NameFactory, cleanup, detach, is_default_domain, node_label
-from onnxopt.options import OptionProblem, PassOptions, option
+from onnxopt.options import OptionProblem, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.calibration import CalibrationOptions, calibration_samples

@@ -19,14 +19,20 @@ tensors whose axis 0 is the batch).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxopt.errors import InputDataError, PipelineError
 
-from ..common.measured_ranges import CALIBRATION_BATCH, _failed, fixed_batch, sample_batches
+from ..common.measured_ranges import (
+    CALIBRATION_BATCH,
+    _failed,
+    fixed_batch,
+    sample_batches,
+)
 from ..common.tensor_probe import expose_tensors
 
 #: ``calibration_mask="auto"`` uses the graph input of this name when it has rank 2.
@@ -105,7 +111,7 @@ def measured_row_weights(
     sess = session(probe)
     try:
         return _reduce(sess, outputs, samples, step, fixed is not None, count, mask_input)
-    except Exception as exc:  # noqa: BLE001 - ORT's errors have no common base class
+    except Exception as exc:  # ORT's errors have no common base class
         if step > 1 and fixed is None and not isinstance(exc, InputDataError):
             return _reduce(sess, outputs, samples, 1, False, count, mask_input)
         raise _failed(exc) from exc

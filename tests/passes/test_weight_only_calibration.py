@@ -9,13 +9,18 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnxopt.passes.weight_only.blockwise import quantize_blocks
+from onnxopt.passes.weight_only.calibration import measured_row_weights, row_weights_for
 
 import onnxopt
 from onnxopt.cli import main as cli_main
 from onnxopt.errors import InputDataError, PipelineError
-from onnxopt.passes.weight_only.blockwise import quantize_blocks
-from onnxopt.passes.weight_only.calibration import measured_row_weights, row_weights_for
-from tests.passes.test_weight_only import decoded_weight, heavy_tailed, nbits_nodes, run_ort
+from tests.passes.test_weight_only import (
+    decoded_weight,
+    heavy_tailed,
+    nbits_nodes,
+    run_ort,
+)
 
 K, FF, T = 64, 96, 5
 EXACT = {"accuracy_level": 0}
