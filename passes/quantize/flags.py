@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Quantize flags the weight-only family (``--quantize wN``) reads too: its calibration samples.
+WEIGHT_ONLY_SHARED = ("calibration_data", "calibration_mean", "calibration_std", "calibration_layout")
+
+
 def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """Options of the quantize pass (also read by power-quant) and the pass itself."""
     given = {
@@ -88,6 +92,8 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
     options = {key: value for key, value in given.items() if value is not None}
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):
         raise PipelineError(f"bad --lambda {args.lam!r}: expected a finite number of standard deviations > 0, e.g. 6")
+    if args.quantize is not None and parse_weight_only(args.quantize) is not None:
+        options = {key: value for key, value in options.items() if key not in WEIGHT_ONLY_SHARED}  # read by the weight-only family
     if args.quantize is None or parse_weight_only(args.quantize) is not None:
         if options:
             raise PipelineError(f"{', '.join(flag_of(QuantizeOptions, key) for key in options)} need --quantize wNaM")

@@ -17,6 +17,12 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   constants, last axis) produces x, the search minimises Σ_k E[x_k²]·(W_kn − Ŵ_kn)² with
   the data-free E[x_k²] ≈ γ_k² + β_k² — the expected output error, not the weight error —
   (the reported errors stay unweighted, so there the chosen one can exceed round to nearest's).
+* ``calibration_data`` (CLI ``--calibration-data`` with ``--quantize wN``; an .npz, .npy files
+  or images, :mod:`..common.calibration`): E[x_k²] of every layer's input measured on the
+  samples in one ONNX Runtime session (:mod:`.calibration`) replaces the data-free row
+  weights, for every layer (also the residual order's); ``calibration_mask`` ("auto":
+  the ``attention_mask`` input) leaves padding positions out.  The stats say per layer where
+  its row weights came from (``row_weights``: "layernorm", "calibration" or null).
 * ``zero_points`` (default "uint8"; CLI ``--zero-points float``): "float" stores float32
   zero points fitted by least squares (lower weight error; ONNX Runtime's CPU kernel leaves its
   fast path for them at every accuracy_level, and refuses them at 8 bits, so 8-bit layers and
@@ -64,11 +70,13 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import NothingToDoError, PipelineError
 from onnxopt.graph import NameFactory, cleanup, detach, is_default_domain, node_label
-from onnxopt.options import OptionProblem, PassOptions, option
+from onnxopt.options import OptionProblem, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
+from ..common.calibration import CalibrationOptions, calibration_samples
 from ..common.ops import MATRIX_OPS
 from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .calibration import measured_row_weights, token_mask_input
 from .kernels import slow_nodes
 from .layers import Layer, norm_statistics, plan_gemm, plan_matmul
 from .residual import MIN_OPSET as REX_MIN_OPSET
@@ -140,9 +148,10 @@ KEPT_8BIT_NO_RESIDUAL = "kept at 8 bits (keep_8bit): no residual order"
 NETWORK_REX_BLOCK_SIZE = 128
 
 @dataclass(frozen=True)
-class WeightOnlyOptions(PassOptions):
-    """weight-only's options: bits, block size, zero points, the data-free scale search and
-    the residual order (REx in MatMulNBits form)."""
+class WeightOnlyOptions(CalibrationOptions):
+    """weight-only's options: bits, block size, zero points, the scale search (its row
+    weights data-free or measured on ``calibration_data``) and the residual order (REx in
+    MatMulNBits form)."""
 
     weight_bits: int = option(4, flag="--quantize")
     #: K rows per scale
@@ -165,6 +174,8 @@ class WeightOnlyOptions(PassOptions):
     keep_8bit: tuple[str, ...] | str | None = option((), flag="--keep-8bit")
     #: weight the rows by the LayerNorm (γ² + β²) feeding the layer
     norm_weighting: bool = True
+    #: with calibration_data: the [batch, tokens] graph input whose zeros mark padding left out of E[x²] ("auto": attention_mask; "none")
+    calibration_mask: str | None = "auto"
     #: residual order's bytes as a fraction of the base's (0: none; 1.0 at 4 bits: a full second order)
     rex_budget: float = option(0.0, flag="--rex-budget")
     rex_bits: int = 4
@@ -197,6 +208,8 @@ class WeightOnlyOptions(PassOptions):
             raise OptionProblem("rex_bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.rex_bits!r}")
         if self.rex_block_size is not None and self.rex_block_size not in SUPPORTED_BLOCK_SIZES:
             raise OptionProblem("rex_block_size", f"must be one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))} (or unset: the base's), got {self.rex_block_size!r}")
+        if self.calibration_mask not in ("auto", "none", None) and not self.calibration_data:
+            raise OptionProblem("calibration_mask", "names the token mask of the calibration samples; give them with calibration_data")
         if self.rex_budget and self.weight_bits == 8:
             raise OptionProblem("rex_budget", "expands a low-bit base; at weight_bits 8 the base is already finer than a residual order (use weight_bits 4)")
 
@@ -226,6 +239,7 @@ class WeightOnlyQuantize(Pass):
         self._reasons: Counter[str] = Counter()
         self._matched: set[str] = set()
         layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
+        calibration = self._calibrate(graph, layers, ctx) if self.options["calibration_data"] and layers else {}
         names = NameFactory(graph)
         done: dict[tuple[Any, ...], Packed] = {}
         records = []
@@ -249,6 +263,8 @@ class WeightOnlyQuantize(Pass):
                 "weights_quantized": len(done),
                 "layers_8bit": sum(1 for r in records if r["bits"] == 8 and self.options["weight_bits"] != 8),
                 **({"keep_8bit_unmatched": unmatched} if unmatched else {}),
+                **calibration,
+                "layers_row_weights": dict(Counter(r["row_weights"] or "none" for r in records)),
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
                 **rex,
@@ -281,7 +297,25 @@ class WeightOnlyQuantize(Pass):
             found = norm_statistics(node.inputs[0], plan.k)
             if found is not None:
                 plan.norm, plan.row_weight = found
+                plan.row_source = "layernorm"
         return plan
+
+    def _calibrate(self, graph: gs.Graph, layers: list[Layer], ctx: PassContext) -> dict[str, Any]:
+        """E[x_k²] of every layer's input measured on ``calibration_data`` (one ORT session)
+        replaces the LayerNorm-derived row weights (:mod:`.calibration`); the calibration stats."""
+        model = ctx.export(graph)
+        data = calibration_samples(self.name, self.options, model)
+        mask = token_mask_input(model, self.options["calibration_mask"], self.name)
+        measured = measured_row_weights(model, [layer.node.inputs[0].name for layer in layers], data.feeds, mask)
+        for layer in layers:
+            found = measured.get(layer.node.inputs[0].name)
+            if found is not None and found.shape == (layer.k,):
+                layer.row_weight, layer.norm, layer.row_source = found, layer.node.inputs[0].name, "calibration"
+        missed = sum(1 for layer in layers if layer.row_source != "calibration")
+        if missed:
+            ctx.refuse("calibration", f"{missed} layer(s) got no measured input statistics (input not computed on the samples): "
+                                      "they keep the data-free row weights")
+        return {**data.stats(), "calibration_mask": mask}
 
     def _kept(self, node: gs.Node) -> bool:
         """Whether a keep_8bit pattern is in the node's or its weight's name (matches are recorded)."""
@@ -521,7 +555,7 @@ def layer_record(layer: Layer, result: Packed) -> dict[str, Any]:
     record = {
         "layer": node_label(layer.node), "op": layer.node.op, "K": layer.k, "N": layer.n, "bits": result.bits,
         "block_size": result.block_size, "symmetric": result.symmetric,
-        "zero_points": result.zero_point_type, "weighted_by": layer.norm,
+        "zero_points": result.zero_point_type, "row_weights": layer.row_source, "weighted_by": layer.norm,
         "rtn_relative_error": round(result.rtn_relative_error, 6), "relative_error": round(result.relative_error, 6),
     }
     if result.rex_constants is not None:

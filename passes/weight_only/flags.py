@@ -1,6 +1,6 @@
 """The weight-only family's CLI flags: ``--quantize wN`` (the flag itself is declared by
 the quantize family) with ``--block-size``, ``--symmetric``, ``--zero-points``,
-``--accuracy-level`` and ``--keep-8bit``."""
+``--accuracy-level``, ``--keep-8bit`` and the quantize family's ``--calibration-data``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from onnxopt.errors import PipelineError
-from onnxopt.flags import FlagFamily, parse_budget, parse_weight_only
+from onnxopt.flags import FlagFamily, parse_budget, parse_floats, parse_weight_only
 from onnxopt.options import flag_of
 
 from . import WeightOnlyOptions
@@ -44,8 +44,21 @@ def pipeline_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
     if others:
         raise PipelineError(f"{', '.join(others)} need --quantize wNaM (QDQ quantization); --quantize w{bits} is weight-only")
     options["weight_bits"] = bits
+    options.update(weight_only_calibration(args))
     options.update(weight_only_rex(args))
     return options, ["weight-only"]
+
+
+def weight_only_calibration(args: argparse.Namespace) -> dict[str, Any]:
+    """``--calibration-data`` (and the image preprocessing flags; the quantize family declares
+    them) with ``--quantize wN``: the row weights of the search measured on the samples."""
+    given = {
+        "calibration_data": args.calibration_data,
+        "calibration_mean": parse_floats("--calibration-mean", args.calibration_mean),
+        "calibration_std": parse_floats("--calibration-std", args.calibration_std),
+        "calibration_layout": args.calibration_layout,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def weight_only_rex(args: argparse.Namespace) -> dict[str, Any]:

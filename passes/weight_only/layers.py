@@ -30,9 +30,13 @@ class Layer:
     trans_b: int = 0
     alpha: float = 1.0
     bias: np.ndarray | None = None
-    #: E[x_k²] per input row from the normalization producing x (None: unweighted search).
+    #: E[x_k²] per input row, from the normalization producing x or measured on calibration
+    #: data (None: unweighted search).
     row_weight: np.ndarray | None = None
+    #: What the row weights come from: the norm's node, or the measured input tensor.
     norm: str | None = None
+    #: "layernorm", "calibration" or None.
+    row_source: str | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
