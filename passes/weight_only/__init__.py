@@ -43,7 +43,9 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   second order.  ``rex_allocation="network"`` (default) spends it over the whole model where
   a 2-bit (or ``rex_bits``-wide) residual column removes the largest share of its layer's
   error per byte (two passes over the weights: per-column error tables, then the chosen
-  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  Layers kept at
+  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  There the
+  residual has no zero points (``rex_symmetric``) and the base codes of its columns are
+  rounded together with it (``rex_joint``: one finer grid; :func:`.residual.joint_rounding`).  Layers kept at
   8 bits get none; a budget that buys no column anywhere is exit 10 (nothing the option asked
   for was done).
 

@@ -43,7 +43,10 @@ that removes most of its error with the bytes the greedy gave it (the top column
 rung's gain), and the bytes this leaves go, by the same ranking, to more columns at each
 layer's rung (:func:`refill`); what keeping one node per layer costs against the mixed
 greedy is reported.
-A second pass reads each weight again and quantizes the chosen columns' residual.
+A second pass reads each weight again and quantizes the chosen columns' residual.  With
+``joint`` (the pass's ``rex_joint``) the tables and the second pass round the base codes of
+a column together with its residual (:func:`joint_rounding`); the second pass then rewrites
+those columns of the packed base.
 
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
