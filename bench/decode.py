@@ -269,7 +269,7 @@ ALLOCATION_BUDGETS = (0.1, 0.25, 0.5)
 ALLOCATION_FORMS = {
     "layer, 4-bit residual, block 32": {"rex_allocation": "layer"},
     "layer, 2-bit residual, block 128": {"rex_allocation": "layer", "rex_bits": 2, "rex_block_size": 128},
-    "network, 2/4-bit residual, block 32": {"rex_allocation": "network"},
+    "network, 2/4-bit residual, block 32": {"rex_allocation": "network", "rex_block_size": 32},  # the network default is 128
     "network, 2/4-bit residual, block 128": {"rex_allocation": "network", "rex_block_size": 128},
 }
 ALLOCATION_STATS = ("rex_bytes_share", "rex_columns_share", "rex_one_rung_kept", "rex_mixed_layers", "rex_bits_layers")
@@ -325,7 +325,9 @@ def allocation_markdown(data: dict[str, Any], command: str) -> list[str]:
              (f"`{command}` — W4 base in blocks of 32 (clipping search), accuracy_level 0 (float products: the weights' effect alone); "
               "fidelity and bytes only (decode latency: decode_network.md). Gap closed = (error(W4) − error) / (error(W4) − error(W8)). "
               "`one rung kept`: the weighted error reduction of one residual node per layer as a share of the network greedy's with "
-              "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most)."), ""]
+              "mixed 2/4-bit columns in a layer (what a second residual node per layer could add at most). The network rows have the "
+              "pass's defaults: a residual without zero points whose codes are rounded together with its columns' base codes "
+              "(rex_symmetric, rex_joint; docs/weight-only.md)."), ""]
     for model, title in (("synthetic", "Synthetic decoder stack ({layers} layers, D 2048, FF 8192)"), ("minilm", "all-MiniLM-L6-v2")):
         if model not in data:
             continue

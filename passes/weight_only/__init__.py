@@ -49,7 +49,9 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   second order.  ``rex_allocation="network"`` (default) spends it over the whole model where
   a 2-bit (or ``rex_bits``-wide) residual column removes the largest share of its layer's
   error per byte (two passes over the weights: per-column error tables, then the chosen
-  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  Layers kept at
+  residuals; :mod:`.residual`), ``"layer"`` the same share in every layer.  There the
+  residual has no zero points (``rex_symmetric``) and the base codes of its columns are
+  rounded together with it (``rex_joint``: one finer grid; :func:`.residual.joint_rounding`).  Layers kept at
   8 bits get none; a budget that buys no column anywhere is exit 10 (nothing the option asked
   for was done).
 
@@ -75,7 +77,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
 from ..common.calibration import CalibrationOptions, calibration_samples
 from ..common.ops import MATRIX_OPS
-from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, packed_tensors, quantize_blocks
+from .blockwise import SUPPORTED_BITS, SUPPORTED_BLOCK_SIZES, BlockQuantized, pack_codes, packed_tensors, quantize_blocks
 from .calibration import measured_row_weights, token_mask_input
 from .kernels import slow_nodes
 from .layers import Layer, norm_statistics, plan_gemm, plan_matmul
@@ -86,7 +88,7 @@ from .residual import (
     Residual,
     allocate_network,
     budget_columns,
-    decoded_packed_columns,
+    packed_base_columns,
     error_table,
     residual_of_columns,
     residual_order,
@@ -183,6 +185,10 @@ class WeightOnlyOptions(CalibrationOptions):
     rex_block_size: int | None = None
     #: network: the budget over all layers where it removes most error per byte (2-bit or rex_bits rungs); layer: the same share of every layer at rex_bits
     rex_allocation: Literal["network", "layer"] = option("network", flag="--rex-allocation")
+    #: network allocation: the residual without zero points (the middle code; a negative scale flips its levels)
+    rex_symmetric: bool = True
+    #: network allocation: round the base codes of the residual's columns together with the residual (one finer grid)
+    rex_joint: bool = True
 
     def check(self) -> None:
         super().check()
@@ -406,7 +412,8 @@ class WeightOnlyQuantize(Pass):
             if bits == 8:
                 done[key].rex_skipped = KEPT_8BIT_NO_RESIDUAL
             else:
-                tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), self._network_block_size(), layer.row_weight, **self._search_options())
+                tables[key] = error_table(matrix, result, rung_bits(o["rex_bits"]), self._network_block_size(), layer.row_weight,
+                                          symmetric=o["rex_symmetric"], joint=o["rex_joint"], **self._search_options())
             del matrix, result
         for key, table in tables.items():
             table.readers = readers[key]
@@ -428,9 +435,11 @@ class WeightOnlyQuantize(Pass):
         o = self.options
         b, scales = (c.values for c in packed.constants[:2])
         zero_points = packed.constants[2].values if len(packed.constants) > 2 else None
-        base = decoded_packed_columns(b, scales, zero_points, columns, k=layer.k, bits=packed.bits, block_size=packed.block_size)
-        residual = residual_of_columns(layer.matrix(), base, columns, bits, self._network_block_size(), table.plain, packed.symmetric,
-                                       layer.row_weight, **self._search_options())
+        base = packed_base_columns(b, scales, zero_points, columns, bits=packed.bits, block_size=packed.block_size)
+        residual = residual_of_columns(layer.matrix(), base, columns, bits, table.block_size, table.plain, table.symmetric,
+                                       layer.row_weight, joint=o["rex_joint"], **self._search_options())
+        if residual.base_codes is not None:  # the base codes of these columns were rounded with the residual
+            b[columns] = pack_codes(residual.base_codes, packed.bits)
         self._pack_residual(packed, residual, layer, names)
         packed.rex_relative_error = float(np.sqrt(residual.sq_error / max(table.sq_norm, 1e-30)))
 

@@ -43,7 +43,10 @@ that removes most of its error with the bytes the greedy gave it (the top column
 rung's gain), and the bytes this leaves go, by the same ranking, to more columns at each
 layer's rung (:func:`refill`); what keeping one node per layer costs against the mixed
 greedy is reported.
-A second pass reads each weight again and quantizes the chosen columns' residual.
+A second pass reads each weight again and quantizes the chosen columns' residual.  With
+``joint`` (the pass's ``rex_joint``) the tables and the second pass round the base codes of
+a column together with its residual (:func:`joint_rounding`); the second pass then rewrites
+those columns of the packed base.
 
 How the partial order joins the output was measured in ONNX Runtime 1.32 (CPU, one 2048 ×
 8192 layer, 4 bits, a quarter of the columns, 1 and 2 threads, one token and 128 tokens;
@@ -64,10 +67,12 @@ import numpy as np
 from ..common.knapsack import greedy_nested_rungs, greedy_prefix
 from .blockwise import (
     CHUNK_ELEMENTS,
+    TINY,
     BlockQuantized,
     decode,
     quantize_blocks,
     unpack_codes,
+    unpack_zero_points,
 )
 
 #: ScatterElements with ``reduction`` (the partial order's join).
@@ -83,6 +88,8 @@ class Residual:
     quantized: BlockQuantized
     sq_error: float
     full: bool
+    #: The base's codes of ``columns`` where they were rounded jointly with the residual.
+    base_codes: np.ndarray | None = None
 
 
 def column_bytes(k: int, bits: int, block_size: int, symmetric: bool) -> int:
@@ -149,6 +156,102 @@ def residual_order(
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
 
 
+# --------------------------------------------------------------------------- joint rounding
+#: Alternations of the joint rounding: (base code ± 1, residual code) per weight for the
+#: residual's scales, then the residual's least-squares scales for those codes.
+JOINT_ROUNDS = 3
+
+
+@dataclass
+class BaseColumns:
+    """The base of some columns as codes [n, n_blocks, block_size] with their scales and zero
+    points [n, n_blocks] (float32 or uint8), ``bits`` and ``block_size``."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    bits: int
+    block_size: int
+
+    @classmethod
+    def of(cls, base: BlockQuantized, columns: np.ndarray | slice) -> "BaseColumns":
+        return cls(base.codes[columns], base.scales[columns], base.zero_points[columns], base.bits, base.block_size)
+
+    def decoded(self, k: int) -> np.ndarray:
+        """Ŵ[:, these columns] (float32 [K, n])."""
+        return decode(self.codes, self.scales, self.zero_points)[:, :k].T
+
+
+def _per_weight(values: np.ndarray, block_size: int, k: int) -> np.ndarray:
+    """[n, n_blocks] per-block values → float32 [n, K], one per weight."""
+    return np.repeat(np.asarray(values, np.float32), block_size, axis=1)[:, :k]
+
+
+def _block_sums(values: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
+    """[n, K] → float64 [n, n_blocks] sums over each block's rows (zero-padded)."""
+    padded = np.zeros((values.shape[0], n_blocks * block_size), np.float64)
+    padded[:, : values.shape[1]] = values
+    return padded.reshape(values.shape[0], n_blocks, block_size).sum(axis=-1)
+
+
+def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized, row_weight: np.ndarray | None = None,
+                   rounds: int = JOINT_ROUNDS) -> tuple[np.ndarray, BlockQuantized]:
+    """Base and residual codes of W[K, n] chosen together: each weight takes the base code
+    q − 1, q or q + 1 (within range) with the residual code that, for the residual's scales
+    and zero points, makes Ŵ + R̂ nearest to it ((weighted) squared error), then each
+    residual block's scale is refitted by least squares for those codes; ``rounds`` times.
+    Rounding the base alone to nearest leaves a residual in ± half its step, which a 2-bit
+    residual (levels −2..1 or −1..2 steps: 0 is always one) covers unevenly; choosing the
+    pair makes the two grids one finer grid.  The sequential result is one of the choices
+    and each step lowers the error for the other fixed, so it never rises.  (new base codes
+    [n, n_blocks, block_size] uint8, the residual with its new codes, scales and error)."""
+    k, n = weight.shape
+    w = np.ascontiguousarray(weight.T, dtype=np.float32)
+    rows = np.ones(k, np.float32) if row_weight is None else np.asarray(row_weight, np.float32) / max(float(np.mean(row_weight)), TINY)
+    base_codes = base.codes.reshape(n, -1)[:, :k].astype(np.float32)
+    base_scale, base_zero = _per_weight(base.scales, base.block_size, k), _per_weight(base.zero_points, base.block_size, k)
+    base_top, top = 2**base.bits - 1, 2**residual.bits - 1
+    size, n_blocks = residual.block_size, residual.scales.shape[1]
+    zero = _per_weight(residual.zero_points, size, k)
+    scales = residual.scales.astype(np.float32).copy()
+    for round_ in range(rounds + 1):
+        scale = _per_weight(scales, size, k)
+        best = None
+        for shift in (0.0, -1.0, 1.0):
+            q = np.clip(base_codes + shift, 0, base_top)
+            target = w - base_scale * (q - base_zero)
+            code = np.clip(np.rint(target / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
+            error = np.square(target - scale * (code - zero))
+            if best is None:
+                best = [error, q, code, target]
+            else:
+                better = error < best[0]
+                for slot, value in enumerate((error, q, code, target)):
+                    best[slot] = np.where(better, value, best[slot])
+        if round_ == rounds:
+            break
+        d = best[2] - zero  # least-squares scale per residual block for these codes
+        dd = _block_sums(rows * np.square(d), size, n_blocks)
+        scales = np.where(dd > 0, _block_sums(rows * d * best[3], size, n_blocks) / np.where(dd > 0, dd, 1.0), scales).astype(np.float32)
+        scales = np.where(scales == 0, residual.scales, scales).astype(np.float32)
+    error, q, code, _ = best
+    new_base = base.codes.reshape(n, -1).copy()
+    new_base[:, :k] = q.astype(np.uint8)
+    codes = np.repeat(residual.zero_points.astype(np.uint8), size, axis=1)  # the padding decodes to 0
+    codes[:, :k] = code.astype(np.uint8)
+    quantized = BlockQuantized(codes.reshape(n, n_blocks, size), scales.astype(residual.scales.dtype), residual.zero_points, residual.bits, size,
+                               residual.k, residual.symmetric, residual.rtn_sq_error, float(error.sum(dtype=np.float64)), residual.sq_norm)
+    return new_base.reshape(base.codes.shape), quantized
+
+
+def joint_column_errors(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized, row_weight: np.ndarray | None = None) -> np.ndarray:
+    """The weighted column errors e_n of W against the jointly rounded base + residual."""
+    codes, quantized = joint_rounding(weight, base, residual, row_weight)
+    k = weight.shape[0]
+    joint = BaseColumns(codes, base.scales, base.zero_points, base.bits, base.block_size).decoded(k)
+    return column_errors(weight, joint + quantized.dequantized(), row_weight)
+
+
 # --------------------------------------------------------------------------- network allocation
 #: The residual rung every network allocation offers first: per byte, a 2-bit residual removes
 #: most of a 4-bit base's error (that error is nearly uniform within ± half a step).
@@ -170,6 +273,9 @@ class ColumnTable:
     bits: tuple[int, ...]
     costs: tuple[int, ...]
     readers: int = 1
+    #: The residual's format: block size and whether it has zero points.
+    block_size: int = 0
+    symmetric: bool = False
 
 
 @dataclass
@@ -191,12 +297,15 @@ def rung_bits(rex_bits: int) -> tuple[int, ...]:
     return tuple(sorted({FIRST_RUNG_BITS, int(rex_bits)}))
 
 
-def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...], block_size: int, row_weight: np.ndarray | None = None, **search) -> ColumnTable:
+def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...], block_size: int, row_weight: np.ndarray | None = None,
+                symmetric: bool | None = None, joint: bool = False, **search) -> ColumnTable:
     """The per-column error table of one weight: its residual W − Ŵ quantized at each rung
     (blocks of ``block_size``, the same search as the residual order), a chunk of columns at
     a time (quantize_blocks treats columns independently, so this is what the second pass
-    gets for the columns it picks)."""
+    gets for the columns it picks).  ``symmetric``: the residual's (default the base's);
+    ``joint``: the errors of base and residual codes rounded together (:func:`joint_rounding`)."""
     k, n = weight.shape
+    symmetric = base.symmetric if symmetric is None else symmetric
     errors, plain = np.empty((1 + len(bits), n)), np.empty(n)
     rows = None if row_weight is None else np.asarray(row_weight, np.float32)
     signal = sq_norm = 0.0
@@ -210,10 +319,13 @@ def error_table(weight: np.ndarray, base: BlockQuantized, bits: tuple[int, ...],
         plain[part] = column_errors(residual, 0.0)
         errors[0, part] = column_errors(residual, 0.0, rows)
         for rung, b in enumerate(bits, start=1):
-            quantized = quantize_blocks(residual, b, block_size, symmetric=base.symmetric, row_weight=row_weight, **search)
-            errors[rung, part] = column_errors(residual, quantized.dequantized(), rows)
-    costs = tuple(column_bytes(k, b, block_size, base.symmetric) for b in bits)
-    return ColumnTable(errors, plain, signal, sq_norm, tuple(bits), costs)
+            quantized = quantize_blocks(residual, b, block_size, symmetric=symmetric, row_weight=row_weight, **search)
+            if joint:
+                errors[rung, part] = joint_column_errors(w, BaseColumns.of(base, part), quantized, rows)
+            else:
+                errors[rung, part] = column_errors(residual, quantized.dequantized(), rows)
+    costs = tuple(column_bytes(k, b, block_size, symmetric) for b in bits)
+    return ColumnTable(errors, plain, signal, sq_norm, tuple(bits), costs, block_size=block_size, symmetric=symmetric)
 
 
 #: A rung removing less than this share of its layer's weighted signal gains nothing (float
@@ -315,11 +427,10 @@ def refill(tables: list[ColumnTable], choices: list[tuple[int, np.ndarray] | Non
     return float((gain[taken] * cost[taken]).sum()), int(cost[taken].sum())
 
 
-def decoded_packed_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, columns: np.ndarray, *, k: int, bits: int, block_size: int) -> np.ndarray:
-    """Ŵ[:, columns] (float32 [K, |columns|]) from the MatMulNBits inputs of a base (the
-    second pass of the network allocation: the codes are not kept).  Zero points are packed
-    uint8 codes, float32 values (``zero_points="float"``, laid out like the scales) or absent
-    (symmetric: the middle code)."""
+def packed_base_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, columns: np.ndarray, *, bits: int, block_size: int) -> BaseColumns:
+    """The base of ``columns`` from its MatMulNBits inputs (the second pass of the network
+    allocation: the codes are not kept).  Zero points are packed uint8 codes, float32 values
+    (``zero_points="float"``, laid out like the scales) or absent (symmetric: the middle code)."""
     n, n_blocks = b.shape[0], b.shape[1]
     codes = unpack_codes(b[columns], bits)
     if zero_points is None:
@@ -327,23 +438,34 @@ def decoded_packed_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.nd
     elif np.issubdtype(zero_points.dtype, np.floating):
         zeros = zero_points.reshape(n, n_blocks)[columns]
     else:
-        zeros = unpack_codes(zero_points.reshape(n, -1)[columns], bits)[:, :n_blocks]
-    return decode(codes, scales.reshape(n, n_blocks)[columns], zeros)[:, :k].T
+        zeros = unpack_zero_points(zero_points, bits, n, n_blocks)[columns]
+    return BaseColumns(codes, scales.reshape(n, n_blocks)[columns], zeros, bits, block_size)
 
 
-def residual_of_columns(weight: np.ndarray, dequantized: np.ndarray, columns: np.ndarray, bits: int, block_size: int, plain: np.ndarray,
-                        symmetric: bool, row_weight: np.ndarray | None = None, **search) -> Residual:
-    """The residual order of the chosen ``columns`` given their decoded base ``dequantized``
-    ([K, |columns|]) and the table's unweighted base errors ``plain``."""
-    residual = weight[:, columns] - dequantized
-    quantized = quantize_blocks(residual, bits, block_size, symmetric=symmetric, row_weight=row_weight, **search)
+def decoded_packed_columns(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, columns: np.ndarray, *, k: int, bits: int, block_size: int) -> np.ndarray:
+    """Ŵ[:, columns] (float32 [K, |columns|]) from the MatMulNBits inputs of a base."""
+    return packed_base_columns(b, scales, zero_points, columns, bits=bits, block_size=block_size).decoded(k)
+
+
+def residual_of_columns(weight: np.ndarray, base: BaseColumns, columns: np.ndarray, bits: int, block_size: int, plain: np.ndarray,
+                        symmetric: bool, row_weight: np.ndarray | None = None, joint: bool = False, **search) -> Residual:
+    """The residual order of the chosen ``columns`` given their base ``base`` and the table's
+    unweighted base errors ``plain``; ``joint``: base and residual codes rounded together
+    (:func:`joint_rounding`; the new base codes are in ``base_codes``)."""
+    k = weight.shape[0]
+    w = weight[:, columns]
+    quantized = quantize_blocks(w - base.decoded(k), bits, block_size, symmetric=symmetric, row_weight=row_weight, **search)
+    base_codes = None
+    if joint:
+        base_codes, quantized = joint_rounding(w, base, quantized, row_weight)
     sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
-    return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1])
+    return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1], base_codes)
 
 
 __all__ = [
     "MIN_OPSET",
     "Allocation",
+    "BaseColumns",
     "ColumnTable",
     "Residual",
     "allocate_network",
@@ -356,6 +478,9 @@ __all__ = [
     "decoded_packed_columns",
     "error_table",
     "greedy_rungs",
+    "joint_column_errors",
+    "joint_rounding",
+    "packed_base_columns",
     "largest_columns",
     "one_rung",
     "refill",

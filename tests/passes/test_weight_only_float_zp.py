@@ -172,7 +172,7 @@ def test_cli_zero_points_flag(tmp_path, capsys):
 @pytest.mark.parametrize("allocation", ["network", "layer"])
 def test_residual_order_on_a_float_zero_point_base(allocation: str):
     """rex_budget with float zero points: the base has float32 zero points, the residual order
-    uint8 ones; ORT's output is x @ (Ŵ + R̂ on the chosen columns).  The network allocation
+    uint8 ones (per layer) or none (network: ``rex_symmetric``); ORT's output is x @ (Ŵ + R̂ on the chosen columns).  The network allocation
     decodes the base from its packed constants in its second pass: float zero points too."""
     from tests.passes.test_weight_only_rex import (
         base_and_residual,
@@ -184,7 +184,11 @@ def test_residual_order_on_a_float_zero_point_base(allocation: str):
     out, report = onnxopt.optimize(matmul_model(weight), preset="weight-only", **EXACT, **FLOAT, rex_budget=0.5, rex_allocation=allocation, validate=True)
     base, residual = base_and_residual(out)
     inits = {t.name: t for t in out.graph.initializer}
-    assert inits[base.input[3]].data_type == onnx.TensorProto.FLOAT and inits[residual.input[3]].data_type == onnx.TensorProto.UINT8
+    assert inits[base.input[3]].data_type == onnx.TensorProto.FLOAT
+    if allocation == "layer":
+        assert inits[residual.input[3]].data_type == onnx.TensorProto.UINT8
+    else:
+        assert len(residual.input) == 3  # x, B, scales: the network residual is symmetric by default
     x = RNG.standard_normal((2, 3, 128)).astype(np.float32)
     expected = x.astype(np.float64) @ reconstructed(out)
     np.testing.assert_allclose(run_ort(out, {"x": x}), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
