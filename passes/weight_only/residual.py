@@ -244,6 +244,31 @@ def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantiz
     return new_base.reshape(base.codes.shape), quantized
 
 
+def joint_rounding_chunked(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized,
+                           row_weight: np.ndarray | None = None) -> tuple[np.ndarray, BlockQuantized]:
+    """:func:`joint_rounding` a chunk of columns at a time (its temporaries are a dozen
+    float32 copies of the columns it gets; columns are independent), joined back."""
+    k, n = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if n <= step:
+        return joint_rounding(weight, base, residual, row_weight)
+    parts = [joint_rounding(weight[:, s], BaseColumns(base.codes[s], base.scales[s], base.zero_points[s], base.bits, base.block_size),
+                            _columns_of(residual, s), row_weight) for s in (slice(i, min(i + step, n)) for i in range(0, n, step))]
+    codes = np.concatenate([c for c, _ in parts])
+    joined = [q for _, q in parts]
+    quantized = BlockQuantized(np.concatenate([q.codes for q in joined]), np.concatenate([q.scales for q in joined]),
+                               np.concatenate([q.zero_points for q in joined]), residual.bits, residual.block_size, residual.k,
+                               residual.symmetric, residual.rtn_sq_error, float(sum(q.sq_error for q in joined)), residual.sq_norm)
+    return codes, quantized
+
+
+def _columns_of(quantized: BlockQuantized, columns: slice) -> BlockQuantized:
+    """The block-wise quantization of some columns (codes, scales, zero points sliced; the
+    errors are the whole weight's, as joint_rounding only reads the format from them)."""
+    return BlockQuantized(quantized.codes[columns], quantized.scales[columns], quantized.zero_points[columns], quantized.bits,
+                          quantized.block_size, quantized.k, quantized.symmetric, quantized.rtn_sq_error, quantized.sq_error, quantized.sq_norm)
+
+
 def joint_column_errors(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized, row_weight: np.ndarray | None = None) -> np.ndarray:
     """The weighted column errors e_n of W against the jointly rounded base + residual."""
     codes, quantized = joint_rounding(weight, base, residual, row_weight)
@@ -457,7 +482,7 @@ def residual_of_columns(weight: np.ndarray, base: BaseColumns, columns: np.ndarr
     quantized = quantize_blocks(w - base.decoded(k), bits, block_size, symmetric=symmetric, row_weight=row_weight, **search)
     base_codes = None
     if joint:
-        base_codes, quantized = joint_rounding(w, base, quantized, row_weight)
+        base_codes, quantized = joint_rounding_chunked(w, base, quantized, row_weight)
     sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1], base_codes)
 
