@@ -160,6 +160,8 @@ def residual_order(
 #: Alternations of the joint rounding: (base code ± 1, residual code) per weight for the
 #: residual's scales, then the residual's least-squares scales for those codes.
 JOINT_ROUNDS = 3
+#: The base code moves the joint rounding tries, in order of preference on a tie.
+JOINT_SHIFTS = (0.0, -1.0, 1.0)
 
 
 @dataclass
@@ -214,27 +216,19 @@ def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantiz
     size, n_blocks = residual.block_size, residual.scales.shape[1]
     zero = _per_weight(residual.zero_points, size, k)
     scales = residual.scales.astype(np.float32).copy()
+    # the base codes q − 1, q, q + 1 and what each leaves for the residual: fixed across rounds
+    shifted = [np.clip(base_codes + shift, 0, base_top) for shift in JOINT_SHIFTS]
+    targets = [w - base_scale * (q - base_zero) for q in shifted]
     for round_ in range(rounds + 1):
         scale = _per_weight(scales, size, k)
-        best = None
-        for shift in (0.0, -1.0, 1.0):
-            q = np.clip(base_codes + shift, 0, base_top)
-            target = w - base_scale * (q - base_zero)
-            code = np.clip(np.rint(target / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
-            error = np.square(target - scale * (code - zero))
-            if best is None:
-                best = [error, q, code, target]
-            else:
-                better = error < best[0]
-                for slot, value in enumerate((error, q, code, target)):
-                    best[slot] = np.where(better, value, best[slot])
+        error, code, choice = _nearest_pair(targets, scale, zero, top)
         if round_ == rounds:
             break
-        d = best[2] - zero  # least-squares scale per residual block for these codes
+        d = code - zero  # least-squares scale per residual block for these codes
         dd = _block_sums(rows * np.square(d), size, n_blocks)
-        scales = np.where(dd > 0, _block_sums(rows * d * best[3], size, n_blocks) / np.where(dd > 0, dd, 1.0), scales).astype(np.float32)
+        scales = np.where(dd > 0, _block_sums(rows * d * np.choose(choice, targets), size, n_blocks) / np.where(dd > 0, dd, 1.0), scales).astype(np.float32)
         scales = np.where(scales == 0, residual.scales, scales).astype(np.float32)
-    error, q, code, _ = best
+    q = np.choose(choice, shifted)
     new_base = base.codes.reshape(n, -1).copy()
     new_base[:, :k] = q.astype(np.uint8)
     codes = np.repeat(residual.zero_points.astype(np.uint8), size, axis=1)  # the padding decodes to 0
@@ -242,6 +236,49 @@ def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantiz
     quantized = BlockQuantized(codes.reshape(n, n_blocks, size), scales.astype(residual.scales.dtype), residual.zero_points, residual.bits, size,
                                residual.k, residual.symmetric, residual.rtn_sq_error, float(error.sum(dtype=np.float64)), residual.sq_norm)
     return new_base.reshape(base.codes.shape), quantized
+
+
+def _nearest_pair(targets: list[np.ndarray], scale: np.ndarray, zero: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each weight, the target (one per base shift) whose nearest residual code leaves
+    the least squared error: (error, residual code, index of the target); ties keep the
+    earlier target."""
+    divisor = np.where(scale == 0, 1.0, scale)
+    best_error = best_code = choice = None
+    for index, target in enumerate(targets):
+        code = np.clip(np.rint(target / divisor) + zero, 0, top)
+        error = np.square(target - scale * (code - zero))
+        if best_error is None:
+            best_error, best_code, choice = error, code, np.zeros(error.shape, np.int8)
+            continue
+        better = error < best_error
+        best_error, best_code = np.where(better, error, best_error), np.where(better, code, best_code)
+        choice = np.where(better, np.int8(index), choice)
+    return best_error, best_code, choice
+
+
+def joint_rounding_chunked(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized,
+                           row_weight: np.ndarray | None = None) -> tuple[np.ndarray, BlockQuantized]:
+    """:func:`joint_rounding` a chunk of columns at a time (its temporaries are a dozen
+    float32 copies of the columns it gets; columns are independent), joined back."""
+    k, n = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if n <= step:
+        return joint_rounding(weight, base, residual, row_weight)
+    parts = [joint_rounding(weight[:, s], BaseColumns(base.codes[s], base.scales[s], base.zero_points[s], base.bits, base.block_size),
+                            _columns_of(residual, s), row_weight) for s in (slice(i, min(i + step, n)) for i in range(0, n, step))]
+    codes = np.concatenate([c for c, _ in parts])
+    joined = [q for _, q in parts]
+    quantized = BlockQuantized(np.concatenate([q.codes for q in joined]), np.concatenate([q.scales for q in joined]),
+                               np.concatenate([q.zero_points for q in joined]), residual.bits, residual.block_size, residual.k,
+                               residual.symmetric, residual.rtn_sq_error, float(sum(q.sq_error for q in joined)), residual.sq_norm)
+    return codes, quantized
+
+
+def _columns_of(quantized: BlockQuantized, columns: slice) -> BlockQuantized:
+    """The block-wise quantization of some columns (codes, scales, zero points sliced; the
+    errors are the whole weight's, as joint_rounding only reads the format from them)."""
+    return BlockQuantized(quantized.codes[columns], quantized.scales[columns], quantized.zero_points[columns], quantized.bits,
+                          quantized.block_size, quantized.k, quantized.symmetric, quantized.rtn_sq_error, quantized.sq_error, quantized.sq_norm)
 
 
 def joint_column_errors(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized, row_weight: np.ndarray | None = None) -> np.ndarray:
@@ -457,7 +494,7 @@ def residual_of_columns(weight: np.ndarray, base: BaseColumns, columns: np.ndarr
     quantized = quantize_blocks(w - base.decoded(k), bits, block_size, symmetric=symmetric, row_weight=row_weight, **search)
     base_codes = None
     if joint:
-        base_codes, quantized = joint_rounding(w, base, quantized, row_weight)
+        base_codes, quantized = joint_rounding_chunked(w, base, quantized, row_weight)
     sq_error = float(plain.sum() - plain[columns].sum()) + quantized.sq_error
     return Residual(columns, quantized, max(sq_error, 0.0), columns.size == weight.shape[1], base_codes)
 

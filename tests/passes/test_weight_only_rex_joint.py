@@ -74,3 +74,20 @@ def test_network_residual_is_symmetric_by_default_and_matches_ort():
         assert all(len(n.input) == 4 for n in bases)  # the base keeps its zero points
         expected = (x.astype(np.float64) @ layer_weight(out, "first")) @ layer_weight(out, "second")
         assert np.allclose(run_ort(out, {"x": x}), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_joint_rounding_a_chunk_of_columns_at_a_time_equals_all_at_once(monkeypatch):
+    """The second pass rounds a layer's chosen columns a chunk at a time (bounded
+    temporaries); the columns are independent, so the result is the same."""
+    import onnxopt.passes.weight_only.residual as residual_module
+
+    weight = uneven_columns(200, 37, seed=5)
+    base = quantize_blocks(weight, 4, 32)
+    sequential = quantize_blocks(weight - base.dequantized(), 2, 128, symmetric=True)
+    rows = RNG.uniform(0.5, 2.0, 200).astype(np.float32)
+    whole_codes, whole = joint_rounding(weight, BaseColumns.of(base, slice(None)), sequential, rows)
+    monkeypatch.setattr(residual_module, "CHUNK_ELEMENTS", 200 * 8)  # 8 columns per chunk: 5 chunks, the last partial
+    codes, chunked = residual_module.joint_rounding_chunked(weight, BaseColumns.of(base, slice(None)), sequential, rows)
+    assert np.array_equal(codes, whole_codes) and np.array_equal(chunked.codes, whole.codes)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    assert chunked.sq_error == pytest.approx(whole.sq_error, rel=1e-9)
