@@ -160,8 +160,6 @@ def residual_order(
 #: Alternations of the joint rounding: (base code ± 1, residual code) per weight for the
 #: residual's scales, then the residual's least-squares scales for those codes.
 JOINT_ROUNDS = 3
-#: The base code moves the joint rounding tries, in order of preference on a tie.
-JOINT_SHIFTS = (0.0, -1.0, 1.0)
 
 
 @dataclass
@@ -216,19 +214,27 @@ def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantiz
     size, n_blocks = residual.block_size, residual.scales.shape[1]
     zero = _per_weight(residual.zero_points, size, k)
     scales = residual.scales.astype(np.float32).copy()
-    # the base codes q − 1, q, q + 1 and what each leaves for the residual: fixed across rounds
-    shifted = [np.clip(base_codes + shift, 0, base_top) for shift in JOINT_SHIFTS]
-    targets = [w - base_scale * (q - base_zero) for q in shifted]
     for round_ in range(rounds + 1):
         scale = _per_weight(scales, size, k)
-        error, code, choice = _nearest_pair(targets, scale, zero, top)
+        best = None
+        for shift in (0.0, -1.0, 1.0):
+            q = np.clip(base_codes + shift, 0, base_top)
+            target = w - base_scale * (q - base_zero)
+            code = np.clip(np.rint(target / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
+            error = np.square(target - scale * (code - zero))
+            if best is None:
+                best = [error, q, code, target]
+            else:
+                better = error < best[0]
+                for slot, value in enumerate((error, q, code, target)):
+                    best[slot] = np.where(better, value, best[slot])
         if round_ == rounds:
             break
-        d = code - zero  # least-squares scale per residual block for these codes
+        d = best[2] - zero  # least-squares scale per residual block for these codes
         dd = _block_sums(rows * np.square(d), size, n_blocks)
-        scales = np.where(dd > 0, _block_sums(rows * d * np.choose(choice, targets), size, n_blocks) / np.where(dd > 0, dd, 1.0), scales).astype(np.float32)
+        scales = np.where(dd > 0, _block_sums(rows * d * best[3], size, n_blocks) / np.where(dd > 0, dd, 1.0), scales).astype(np.float32)
         scales = np.where(scales == 0, residual.scales, scales).astype(np.float32)
-    q = np.choose(choice, shifted)
+    error, q, code, _ = best
     new_base = base.codes.reshape(n, -1).copy()
     new_base[:, :k] = q.astype(np.uint8)
     codes = np.repeat(residual.zero_points.astype(np.uint8), size, axis=1)  # the padding decodes to 0
@@ -236,24 +242,6 @@ def joint_rounding(weight: np.ndarray, base: BaseColumns, residual: BlockQuantiz
     quantized = BlockQuantized(codes.reshape(n, n_blocks, size), scales.astype(residual.scales.dtype), residual.zero_points, residual.bits, size,
                                residual.k, residual.symmetric, residual.rtn_sq_error, float(error.sum(dtype=np.float64)), residual.sq_norm)
     return new_base.reshape(base.codes.shape), quantized
-
-
-def _nearest_pair(targets: list[np.ndarray], scale: np.ndarray, zero: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each weight, the target (one per base shift) whose nearest residual code leaves
-    the least squared error: (error, residual code, index of the target); ties keep the
-    earlier target."""
-    divisor = np.where(scale == 0, 1.0, scale)
-    best_error = best_code = choice = None
-    for index, target in enumerate(targets):
-        code = np.clip(np.rint(target / divisor) + zero, 0, top)
-        error = np.square(target - scale * (code - zero))
-        if best_error is None:
-            best_error, best_code, choice = error, code, np.zeros(error.shape, np.int8)
-            continue
-        better = error < best_error
-        best_error, best_code = np.where(better, error, best_error), np.where(better, code, best_code)
-        choice = np.where(better, np.int8(index), choice)
-    return best_error, best_code, choice
 
 
 def joint_rounding_chunked(weight: np.ndarray, base: BaseColumns, residual: BlockQuantized,
