@@ -75,10 +75,12 @@ def _run_probe(
     except Exception as exc:  # noqa: BLE001 - ORT's errors have no common base class
         if step > 1 and not fixed:
             return _reduce_batches(sess, sources, sample_batches(samples, 1), method)
-        raise _failed(exc) from exc
+        raise calibration_run_error(exc) from exc
 
 
-def _failed(exc: Exception) -> Exception:
+def calibration_run_error(exc: Exception) -> Exception:
+    """The error to raise when ONNX Runtime fails on the calibration samples: an onnxopt
+    error as it is, anything else as an InputDataError (exit 11) with ORT's first line."""
     if isinstance(exc, OnnxoptError):
         return exc
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -173,7 +175,7 @@ def _reduce_batches(sess: Any, sources: Mapping[str, list[Source]], batches: lis
         try:
             values = dict(zip(outputs, sess.run(outputs, feeds)))
         except Exception as exc:  # noqa: BLE001
-            raise _failed(exc) from exc
+            raise calibration_run_error(exc) from exc
         for name, places in sources.items():
             for out, depth in places:
                 value = np.asarray(values[out])

@@ -29,7 +29,7 @@ from onnxopt.errors import InputDataError, PipelineError
 
 from ..common.measured_ranges import (
     CALIBRATION_BATCH,
-    _failed,
+    calibration_run_error,
     fixed_batch,
     sample_batches,
 )
@@ -114,7 +114,7 @@ def measured_row_weights(
     except Exception as exc:  # ORT's errors have no common base class
         if step > 1 and fixed is None and not isinstance(exc, InputDataError):
             return _reduce(sess, outputs, samples, 1, False, count, mask_input)
-        raise _failed(exc) from exc
+        raise calibration_run_error(exc) from exc
 
 
 def _reduce(sess: Any, outputs: Mapping[str, str], samples: Mapping[str, np.ndarray], step: int, fill: bool, count: int,
