@@ -52,6 +52,7 @@ import onnx
 import onnxopt
 from bench.bn_fold_report import render_markdown
 from bench.common import (
+    command_line,
     compact_number_lists,
     count_bn,
     count_bn_as_nchwc_conv,
@@ -378,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated model names (default: all)")
     args = parser.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    command = "python -m bench.bn_fold " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("python -m bench.bn_fold", argv)
     data = run(collect_models(only), Settings.for_mode(args.quick), command.strip())
     json_path, md_path = write_results(data, args.out)
     log(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

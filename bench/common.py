@@ -20,6 +20,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import sys
 import multiprocessing
 import os
 import platform
@@ -300,6 +301,12 @@ def merge_previous(path: Path, field: str, results: Mapping[str, Any], names: Se
     merged = {**old.get(field, {}), **results}
     order = [*known, *(k for k in merged if k not in known)]
     return {k: merged[k] for k in order if k in merged}, chained_command(old.get("command", "?"), command)
+
+
+def command_line(program: str, argv: Sequence[str] | None) -> str:
+    """The command a results file records: ``program`` and the arguments it ran with
+    (``argv``, or the process's own when None)."""
+    return (program + " " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
 
 
 def chained_command(previous: str, command: str) -> str:

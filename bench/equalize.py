@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import onnxopt
-from bench.common import chosen_models, environment, merge_previous, table, write_json_and_markdown
+from bench.common import chosen_models, command_line, environment, merge_previous, table, write_json_and_markdown
 from bench.fidelity import ALL_MODELS, bench_each_model, error_text, fidelity, load_data, log, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     env = environment()
     results = bench_each_model(names, "bench_equalize_", lambda name, workdir: bench_model(name, args.views, workdir))
-    command = ("python -m bench.equalize " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("python -m bench.equalize", argv)
     results, command = merge_previous(args.out / "equalize.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "equalize", "command": command, "environment": env, "views": args.views,
             "seconds": time.perf_counter() - start, "models": results}

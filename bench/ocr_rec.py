@@ -47,7 +47,13 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import environment, ort_session, table, write_json_and_markdown
+from bench.common import (
+    command_line,
+    environment,
+    ort_session,
+    table,
+    write_json_and_markdown,
+)
 from bench.fidelity import EvalData, build_ort_static, error_text, log, quiet_quantizer
 from bench.third_party_cases import coverage
 
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     env = environment()
     result = run(args.lines)
-    command = ("python -m bench.ocr_rec " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("python -m bench.ocr_rec", argv)
     data = {"benchmark": "ocr_rec", "command": command, "environment": env, "seconds": time.perf_counter() - start, "result": result}
     written = write_json_and_markdown(args.out, "ocr_rec", data, render_markdown(data))
     log(f"wrote {written} ({data['seconds']:.0f} s)")

@@ -97,6 +97,7 @@ import onnx
 import onnxopt
 from bench.common import (
     chosen_models,
+    command_line,
     compact_number_lists,
     environment,
     json_safe,
@@ -542,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated model names (default: {','.join(MODELS)})")
     args = parser.parse_args(argv)
     names = chosen_models(parser, args.only, list(MODELS))
-    command = ("python -m bench.quantize " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("python -m bench.quantize", argv)
     data = run(names, Settings.for_mode(args.quick), command)
     json_path, md_path = write_results(data, args.out)
     log(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 import onnxopt
-from bench.common import chosen_models, environment, merge_previous, table, write_json_and_markdown
+from bench.common import chosen_models, command_line, environment, merge_previous, table, write_json_and_markdown
 from bench.fidelity import ALL_MODELS, bench_each_model, load_data, log, log_softmax, model_path, run_model, with_retry
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     env = environment()
     results = bench_each_model(names, "bench_spiq_", lambda name, workdir: bench_model(name, args.views, args.jitter_copies, workdir))
-    command = ("python -m bench.spiq_decision " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("python -m bench.spiq_decision", argv)
     results, command = merge_previous(args.out / "spiq_decision.json", "models", results, names, list(ALL_MODELS), command)
     data = {"benchmark": "spiq_decision", "command": command, "environment": env, "seconds": time.perf_counter() - start, "models": results}
     written = write_json_and_markdown(args.out, "spiq_decision", data, render_markdown(data))

@@ -81,6 +81,7 @@ import onnx
 from bench.common import (
     Timing,
     chosen_models,
+    command_line,
     compact_number_lists,
     environment,
     json_safe,
@@ -424,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated models ({', '.join(TITLES)}); default: all")
     args = parser.parse_args(argv)
     models = chosen_models(parser, args.only, list(TITLES))
-    command = ("python -m bench third-party " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("python -m bench third-party", argv)
     cases = [c for c in CASES if c.model in models]
     data = run(cases, Settings.for_mode(args.quick), command, bn_preserved="mobilenet_v2" in models)
     json_path, md_path = write_results(data, args.out)
