@@ -35,7 +35,8 @@ CPU kernels (MLAS) dequantize block by block inside the product.
   weight, ``beta·C`` of shape [N] (or [1, N] or a scalar) becomes the op's bias input.
   Refused with the reason: Gemm with ``transA``, a bias C of another shape or not constant.
 * Refused (counted in the coverage line): weights that are not float32 initializers,
-  weights of rank ≠ 2, a constant left operand, inputs whose rank is unknown or < 2.
+  weights of rank ≠ 2, a constant left operand, inputs whose rank is unknown or < 2, and
+  layers inside If/Loop/Scan bodies (only the main graph is rewritten).
   A weight read by several layers is quantized once and shared.
 
 * ``rex_budget`` (default 0: off): REx's residual order in MatMulNBits form
@@ -71,7 +72,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import NothingToDoError, PipelineError
-from onnxopt.graph import NameFactory, cleanup, detach, is_default_domain, node_label
+from onnxopt.graph import NameFactory, all_graphs, cleanup, detach, is_default_domain, node_label
 from onnxopt.options import OptionProblem, option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Refusal, Stage
 
@@ -105,7 +106,10 @@ FLOAT_LABELS = (
     ("weight of rank", "weight rank ≠ 2"),
     ("input rank", "input rank unknown or < 2"),
     ("Gemm", "Gemm form"),
+    ("inside a control-flow body", "inside If/Loop/Scan"),
 )
+#: Why a MatMul/Gemm of an If/Loop/Scan body is not rewritten.
+NESTED_REASON = "inside a control-flow body (If/Loop/Scan): weight-only rewrites the main graph's layers only"
 
 
 @dataclass
@@ -245,6 +249,7 @@ class WeightOnlyQuantize(Pass):
         self._reasons: Counter[str] = Counter()
         self._matched: set[str] = set()
         layers = [layer for layer in (self._plan(node, ctx) for node in candidates) if layer is not None]
+        nested = self._refuse_nested(graph, ctx)
         calibration = self._calibrate(graph, layers, ctx) if self.options["calibration_data"] and layers else {}
         names = NameFactory(graph)
         done: dict[tuple[Any, ...], Packed] = {}
@@ -275,7 +280,7 @@ class WeightOnlyQuantize(Pass):
                 "weight_bytes_after": after,
                 **rex,
                 **summarize_errors(records),
-                "coverage": self._coverage(len(candidates), len(layers), records),
+                "coverage": self._coverage(len(candidates) + nested, len(layers), records),
                 "layers": records,
             },
         )
@@ -305,6 +310,16 @@ class WeightOnlyQuantize(Pass):
                 plan.norm, plan.row_weight = found
                 plan.row_source = "layernorm"
         return plan
+
+    def _refuse_nested(self, graph: gs.Graph, ctx: PassContext) -> int:
+        """MatMul/Gemm layers inside If/Loop/Scan bodies stay float (only the main graph is
+        rewritten): each is counted with the reason, so a model whose layers all sit in a
+        body is told why nothing was quantized.  Returns their count."""
+        nested = [n for body in all_graphs(graph)[1:] for n in body.nodes if n.op in MATRIX_OPS and is_default_domain(n)]
+        for node in nested:
+            ctx.refuse(f"layer {node_label(node)}", NESTED_REASON)
+            self._reasons[float_label(NESTED_REASON)] += 1
+        return len(nested)
 
     def _calibrate(self, graph: gs.Graph, layers: list[Layer], ctx: PassContext) -> dict[str, Any]:
         """E[x_k²] of every layer's input measured on ``calibration_data`` (one ORT session)

@@ -364,6 +364,47 @@ def test_no_constant_weight_is_a_no_op_error():
         onnxopt.optimize(onnx.parser.parse_model(no_layers), preset="weight-only", **EXACT)
 
 
+def if_model(weight: np.ndarray, with_outer_layer: bool) -> onnx.ModelProto:
+    """y = If(c, x @ W, x @ W) (the MatMuls in the branches), then optionally @ W2 in the main graph."""
+    k, n = weight.shape
+    branch = lambda name: helper.make_graph([helper.make_node("MatMul", ["x", "W"], [f"{name}_y"], name=f"{name}_mm")], name, [],
+                                           [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, [2, n])])
+    nodes = [helper.make_node("If", ["c"], ["h"], name="branch", then_branch=branch("then"), else_branch=branch("else"))]
+    inits = [numpy_helper.from_array(weight, "W")]
+    out = "h"
+    if with_outer_layer:
+        nodes.append(helper.make_node("MatMul", ["h", "W2"], ["y"], name="outer"))
+        inits.append(numpy_helper.from_array(heavy_tailed(n, 16, seed=4), "W2"))
+        out = "y"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [2, 16 if with_outer_layer else n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_layers_inside_control_flow_bodies_are_counted_with_the_reason():
+    """A MatMul in an If branch stays float and says why: alone, the run is exit 10 naming
+    the reason (not "no MatMul"); beside a main-graph layer, the coverage line counts it."""
+    weight = heavy_tailed(64, 32, seed=3)
+    with pytest.raises(NothingToDoError, match=r"0 of 2 MatMul/Gemm layers quantized: 2 inside If/Loop/Scan"):
+        onnxopt.optimize(if_model(weight, False), preset="weight-only", **EXACT)
+    model = if_model(weight, True)
+    out, report = onnxopt.optimize(model, preset="weight-only", **EXACT, validate=True)
+    stats = next(p for p in report.passes if p.name == "weight-only")
+    assert stats.stats["coverage"]["done"] == 1 and stats.stats["coverage"]["total"] == 3
+    assert stats.stats["coverage"]["reasons"] == {"inside If/Loop/Scan": 2}
+    assert sum(r.reason.startswith("inside a control-flow body") for r in stats.refusals) == 2
+    assert [n.name for n in nbits_nodes(out)] and "quantized 1/3 MatMul/Gemm layers" in report.format_table()
+    rng = np.random.default_rng(12)  # its own generator: the result must not depend on test order
+    for condition in (True, False):
+        x = rng.standard_normal((2, 64)).astype(np.float32)
+        reference = run(model, {"c": np.array(condition), "x": x})["y"]
+        got = run(out, {"c": np.array(condition), "x": x})["y"]
+        assert np.linalg.norm(got - reference) <= 0.15 * np.linalg.norm(reference)  # W4 of one 32-row block of t(3) weights: about 0.1
+
+
 @pytest.mark.parametrize("options", [{"weight_bits": 3}, {"block_size": 48}, {"accuracy_level": 7}, {"keep_8bit": 5}, {"min_shrink": 0}])
 def test_bad_options(options):
     with pytest.raises(PipelineError):
